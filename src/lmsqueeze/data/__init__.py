@@ -1,0 +1,1 @@
+"""Offline data: corpora, calibration batches, long-context task generators."""
