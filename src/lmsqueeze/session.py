@@ -77,7 +77,7 @@ class Session:
                 raise LmsqueezeError("the patched model was called without going through its decoder")
             state, valid = self._oneshot.layers[idx], self._oneshot.pending_valid
         step = Step(cos=cos, sin=sin, positions=positions, valid=valid, scaling=module.scaling,
-                    window=sliding_window(module), layer_idx=idx)
+                    window=sliding_window(module), layer_idx=idx, rotary=self.model.model.rotary_emb)
         return state.attend(q, k, v, step)
 
     def _dense_foreign(self, module, q, k, v, cos, sin, cache) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -22,7 +23,9 @@ class Step:
 
     cos, sin: [B, T, D] rotary tables of the new tokens; positions: [B, T] their RoPE positions;
     valid: [B, T] bool (False = padding) or None when nothing is padded; scaling: softmax scale;
-    window: sliding window length or None; layer_idx: the decoder layer.
+    window: sliding window length or None; layer_idx: the decoder layer; rotary: the model's rotary
+    embedding module (`lmsqueeze.models.rope.rope_tables(rotary, positions, dtype)` gives cos/sin for any
+    positions, e.g. to rotate stored pre-RoPE keys).
     """
 
     cos: torch.Tensor
@@ -32,6 +35,7 @@ class Step:
     scaling: float
     window: int | None
     layer_idx: int
+    rotary: Any = None
 
 
 class LayerState(CacheLayerMixin):

@@ -18,8 +18,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def rope_tables(model, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [B, T, D] for positions: [B, T], from the model's own rotary embedding module."""
-    rotary = model.model.rotary_emb
+def rope_tables(rotary, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [B, T, D] for positions: [B, T], from a model's rotary embedding (`model.model.rotary_emb`)."""
     dummy = torch.empty(0, dtype=dtype, device=positions.device)
     return rotary(dummy, positions)
