@@ -58,8 +58,6 @@ class Session:
             raise LmsqueezeError(
                 f"the {self.method.name} method needs its own cache: pass past_key_values=session.new_cache()"
             )
-        if isinstance(cache, Cache):
-            cache._lmsqueeze_seen = True
         self._oneshot = self.new_cache()
         self._oneshot.begin_forward(attention_mask, num_new)
 
@@ -75,6 +73,8 @@ class Session:
         else:
             if self._oneshot is None:
                 raise LmsqueezeError("the patched model was called without going through its decoder")
+            if isinstance(cache, Cache):  # mark it: reusing it later would silently drop this context
+                cache._lmsqueeze_seen = True
             state, valid = self._oneshot.layers[idx], self._oneshot.pending_valid
         step = Step(cos=cos, sin=sin, positions=positions, valid=valid, scaling=module.scaling,
                     window=sliding_window(module), layer_idx=idx, rotary=self.model.model.rotary_emb)
