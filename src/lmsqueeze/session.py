@@ -66,8 +66,11 @@ class Session:
         idx = module.layer_idx
         if positions is None:
             positions = torch.arange(q.shape[2], device=q.device)[None].expand(q.shape[0], -1)
+        static = {}
         if isinstance(cache, SqueezeCache):
             state, valid = cache.layers[idx], cache.pending_valid
+            if cache.slot is not None and q.shape[2] == 1:
+                static = dict(lengths=cache.lengths, slot=cache.slot, starts=cache.starts)
         elif isinstance(self.method, Dense):
             return self._dense_foreign(module, q, k, v, cos, sin, cache)
         else:
@@ -77,7 +80,7 @@ class Session:
                 cache._lmsqueeze_seen = True
             state, valid = self._oneshot.layers[idx], self._oneshot.pending_valid
         step = Step(cos=cos, sin=sin, positions=positions, valid=valid, scaling=module.scaling,
-                    window=sliding_window(module), layer_idx=idx, rotary=self.model.model.rotary_emb)
+                    window=sliding_window(module), layer_idx=idx, rotary=self.model.model.rotary_emb, **static)
         return state.attend(q, k, v, step)
 
     def _dense_foreign(self, module, q, k, v, cos, sin, cache) -> torch.Tensor:

@@ -26,6 +26,11 @@ class Step:
     window: sliding window length or None; layer_idx: the decoder layer; rotary: the model's rotary
     embedding module (`lmsqueeze.models.rope.rope_tables(rotary, positions, dtype)` gives cos/sin for any
     positions, e.g. to rotate stored pre-RoPE keys).
+
+    Static decode (T == 1 inside the fast generation path; see docs/architecture.md): `slot: [1] int64` is
+    where the new token goes (the same slot for every sequence), `lengths: [B] int32` the filled slots
+    including it, `starts: [B] int32` the first non-padding slot. All are device tensors that the decode
+    step advances, so one captured CUDA graph serves every step. None outside static decode.
     """
 
     cos: torch.Tensor
@@ -36,6 +41,9 @@ class Step:
     window: int | None
     layer_idx: int
     rotary: Any = None
+    lengths: torch.Tensor | None = None
+    slot: torch.Tensor | None = None
+    starts: torch.Tensor | None = None
 
 
 class LayerState(CacheLayerMixin):
@@ -98,6 +106,40 @@ class SqueezeCache(Cache):
         self.batch_size_hint = batch_size
         self.max_length = max_length
         self.pending_valid: torch.Tensor | None = None  # [B, T] bool for the forward in flight
+        # static decode state (device tensors), set by `start_static`
+        self.slot: torch.Tensor | None = None
+        self.lengths: torch.Tensor | None = None
+        self.starts: torch.Tensor | None = None
+
+    def start_static(self, starts: torch.Tensor) -> None:
+        """Enter static decode: from now on one-token forwards read and advance device-side lengths.
+
+        starts: [B] int32, the first non-padding slot of each sequence (left padding only).
+        """
+        n = self.get_seq_length()
+        if self.slot is None or self.starts.shape != starts.shape:  # else refill in place: graphs hold these
+            self.slot = torch.empty(1, dtype=torch.int64, device=starts.device)
+            self.lengths = torch.empty(starts.shape, dtype=torch.int32, device=starts.device)
+            self.starts = torch.empty(starts.shape, dtype=torch.int32, device=starts.device)
+        self.slot.fill_(n)
+        self.lengths.fill_(n + 1)
+        self.starts.copy_(starts)
+
+    def reset(self) -> None:
+        """Forget every token (buffers and static tensors are kept, so captured graphs stay valid)."""
+        for layer in self.layers:
+            layer.reset()
+        self.pending_valid = None
+
+    def advance_device(self) -> None:
+        """After a static one-token forward: the next token goes one slot further (no host sync)."""
+        self.slot.add_(1)
+        self.lengths.add_(1)
+
+    def advance_host(self, n: int = 1) -> None:
+        """Keep the Python-side lengths in step with `n` static forwards that ran inside a graph."""
+        for layer in self.layers:
+            layer.length += n
 
     @property
     def is_compileable(self) -> bool:  # generate must not auto-compile around our Python-level states

@@ -65,10 +65,22 @@ class DenseState(LayerState):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         q = apply_rope(q, step.cos, step.sin)
         k = apply_rope(k, step.cos, step.sin)
+        if step.slot is not None:
+            return self.attend_static(q, k, v, step)
         start = self.append(k, v, step.valid)
         end = self.length
         valid = self.valid[:, :end] if self.has_padding else None
         return slot_attention(q, self.k[:, :, :end], self.v[:, :, :end], start, valid, step.window, step.scaling)
+
+    def attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """One token per sequence, lengths on the device (graph-capturable). q: [B, Hq, 1, D] rotated."""
+        from lmsqueeze.kernels.decode_attention import decode_attention
+
+        self.k.index_copy_(2, step.slot, k)
+        self.v.index_copy_(2, step.slot, v)
+        out = decode_attention(q[:, :, 0], self.k, self.v, step.lengths, step.scaling,
+                               starts=step.starts, window=step.window)
+        return out[:, :, None]
 
     def reset(self) -> None:
         super().reset()
