@@ -46,6 +46,17 @@ class Step:
     starts: torch.Tensor | None = None
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in obj (a tensor, or a list/tuple/dict of them); 0 for anything else."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(o) for o in obj.values())
+    return 0
+
+
 class LayerState(CacheLayerMixin):
     """Base of every backend's per-layer state. Subclasses implement `attend` (and usually `crop`)."""
 
@@ -88,6 +99,10 @@ class LayerState(CacheLayerMixin):
 
     def reset(self) -> None:
         self.length = 0
+
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor this state holds (allocated, not just filled)."""
+        return sum(tensor_bytes(v) for v in vars(self).values())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise LmsqueezeError("beam search is not supported by lmsqueeze caches; use greedy or sampling")
@@ -159,3 +174,7 @@ class SqueezeCache(Cache):
     def crop(self, max_length: int) -> None:
         for layer in self.layers:
             layer.crop(max_length)
+
+    def memory_bytes(self) -> int:
+        """Bytes allocated by every layer's state."""
+        return sum(layer.memory_bytes() for layer in self.layers)

@@ -1,0 +1,106 @@
+"""`lmsqueeze demo`: every available method on one model, quality / memory / speed in one table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+
+log = logging.getLogger(__name__)
+
+
+def demo_model(path: Path | None, device: str):
+    """The model to demo: the given path, else the bundled zoo model, else a tiny random one (warned)."""
+    import lmsqueeze
+    from lmsqueeze.models.loading import default_model_path
+
+    if path is not None or default_model_path().exists():
+        model, tok = lmsqueeze.load_model(path, device=device)
+        return model, tok, str(path or default_model_path())
+    from lmsqueeze.models.tiny import tiny_model
+
+    log.warning("the bundled zoo model is not installed: demo runs on a TINY RANDOM model; "
+                "its quality numbers mean nothing")
+    return tiny_model("llama").to(device), None, "tiny-random-llama (no zoo model bundled)"
+
+
+def demo_methods() -> list:
+    """Dense plus each registered method's demo configurations (`demo_configs()` classmethod)."""
+    from lmsqueeze.methods import METHODS, Dense
+
+    configs = [Dense()]
+    for name, cls in sorted(METHODS.items()):
+        if name != "dense" and hasattr(cls, "demo_configs"):
+            configs.extend(cls.demo_configs())
+    return configs
+
+
+def demo_tokens(tok, n: int, vocab: int) -> torch.Tensor:
+    """n held-out tokens (the bundled held-out text when there is a tokenizer, else seeded random ids)."""
+    if tok is None:
+        return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0))
+    try:
+        from lmsqueeze.data.heldout import load_heldout_text
+
+        text = load_heldout_text()
+    except ImportError:
+        from lmsqueeze.data.corpus import read_texts
+
+        text = "\n\n".join(read_texts(split="test", max_chars=n * 8))
+    ids = tok(text[: n * 8], add_special_tokens=False)["input_ids"][:n]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def run_demo(path: Path | None = None, device: str = "cpu", tokens: int = 4096, out: Path | None = None) -> list:
+    """Score, size and time every demo method; print a table; return its rows."""
+    import lmsqueeze
+    from lmsqueeze.data.calibration import calibration_batches
+    from lmsqueeze.eval.perplexity import PerplexityConfig, perplexity
+    from lmsqueeze.generate import generate
+
+    if tokens < 256:
+        raise LmsqueezeError(f"--tokens must be at least 256, got {tokens}")
+    model, tok, name = demo_model(path, device)
+    ids = demo_tokens(tok, tokens, model.config.vocab_size)
+    context = min(1024, len(ids))
+    batches = (calibration_batches(tok, 4, 256) if tok is not None
+               else [torch.randint(0, model.config.vocab_size, (1, 256))])
+    rows = []
+    for config in demo_methods():
+        t0 = time.perf_counter()
+        method = config.calibrate(model, batches) if config.needs_calibration else config
+        calib_s = time.perf_counter() - t0
+        ppl = perplexity(model, ids, method, PerplexityConfig(context_length=context, chunk_size=256),
+                         progress=False)
+        with lmsqueeze.apply(model, method) as session, torch.inference_mode():
+            cache = session.new_cache(batch_size=1, max_length=context)
+            model(ids[None, :context].to(model.device), past_key_values=cache, logits_to_keep=1)
+            kv_bytes = cache.memory_bytes() / context
+        gen = generate(model, ids[None, :256], max_new_tokens=32, method=method, stop_tokens=[])
+        rows.append({"method": getattr(config, "label", config.name), "ppl": ppl.ppl,
+                     "kv_bytes_per_token": kv_bytes, "decode_tokens_per_s": gen.decode_tokens_per_s,
+                     "calibration_s": calib_s})
+    dense = rows[0]["ppl"]
+    _print_table(name, device, ppl.tokens, rows, dense)
+    if out is not None:
+        Path(out).write_text(json.dumps({"model": name, "device": device, "rows": rows}, indent=2))
+    return rows
+
+
+def _print_table(name: str, device: str, scored: int, rows: list, dense_ppl: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"lmsqueeze demo: {name} on {device} ({scored} held-out tokens)")
+    for col in ("method", "perplexity", "vs dense", "KV bytes/token", "decode tok/s", "calibration s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["method"], f"{r['ppl']:.3f}", f"{100 * (r['ppl'] / dense_ppl - 1):+.2f}%",
+                      f"{r['kv_bytes_per_token']:.0f}", f"{r['decode_tokens_per_s']:.1f}",
+                      f"{r['calibration_s']:.1f}")
+    Console().print(table)
