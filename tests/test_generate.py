@@ -5,7 +5,7 @@ import torch
 
 import lmsqueeze
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.generate import CAPTURES, clear_runners, generate, left_padding_starts
+from lmsqueeze.generation import CAPTURES, clear_runners, generate, left_padding_starts
 from lmsqueeze.models.tiny import tiny_model
 from lmsqueeze.sampling import Sampling, select_tokens
 

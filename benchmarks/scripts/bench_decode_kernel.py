@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmsqueeze.kernels import decode_attention as da
+da = importlib.import_module("lmsqueeze.kernels.decode_attention")  # the module, not the re-exported function
 from lmsqueeze.kernels.reference import decode_attention_reference
 
 PEAK_TBPS = 3.0

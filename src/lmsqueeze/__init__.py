@@ -6,13 +6,7 @@ from lmsqueeze.methods.base import Artifact, load_artifact
 from lmsqueeze.models.loading import default_model_path, load_model
 from lmsqueeze.session import Session, apply
 
-
-def generate(*args, **kwargs):
-    """See `lmsqueeze.generate.generate`: chunked prefill, then a CUDA-graphed decode step."""
-    from lmsqueeze.generate import generate as _generate
-
-    return _generate(*args, **kwargs)
-
+from lmsqueeze.generation import generate
 
 __version__ = "0.1.0"
 __all__ = ["Artifact", "LmsqueezeError", "Session", "apply", "default_model_path", "generate", "load_artifact",

@@ -91,7 +91,7 @@ def generate(
 ) -> None:
     """Generate text, streaming tokens as they come."""
     import lmsqueeze
-    from lmsqueeze.generate import generate as run_generate
+    from lmsqueeze.generation import generate as run_generate
 
     if prompt.startswith("@"):
         path = Path(prompt[1:])

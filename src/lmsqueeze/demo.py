@@ -61,7 +61,7 @@ def run_demo(path: Path | None = None, device: str = "cpu", tokens: int = 4096, 
     import lmsqueeze
     from lmsqueeze.data.calibration import calibration_batches
     from lmsqueeze.eval.perplexity import PerplexityConfig, perplexity
-    from lmsqueeze.generate import generate
+    from lmsqueeze.generation import generate
 
     if tokens < 256:
         raise LmsqueezeError(f"--tokens must be at least 256, got {tokens}")
