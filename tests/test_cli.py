@@ -59,3 +59,25 @@ def test_usage_error_exit_code(capsys):
 def test_in_process(args, capsys):
     assert main(args) == 0
     assert "dense" in capsys.readouterr().out
+
+
+def test_demo_bad_tokens():
+    assert_one_line_error(run_cli("demo", "--tokens", "10"), "--tokens")
+
+
+def test_calibration_batches_bad_inputs(tmp_path):
+    from lmsqueeze.data.calibration import calibration_batches
+    from lmsqueeze.errors import LmsqueezeError
+
+    with pytest.raises(LmsqueezeError, match="num_samples"):
+        calibration_batches(None, 0, 16)
+    (tmp_path / "t.txt").write_text("tiny")
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    with pytest.raises(LmsqueezeError, match="fewer than seq_len"):
+        calibration_batches(Tok(), 2, 1000, roots=[tmp_path / "t.txt"])
+    batches = calibration_batches(Tok(), 3, 4, roots=[tmp_path / "t.txt"])
+    assert len(batches) == 3 and all(b.shape == (1, 4) for b in batches)

@@ -73,11 +73,20 @@ class DenseState(LayerState):
         return slot_attention(q, self.k[:, :, :end], self.v[:, :, :end], start, valid, step.window, step.scaling)
 
     def attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
-        """One token per sequence, lengths on the device (graph-capturable). q: [B, Hq, 1, D] rotated."""
+        """One token per sequence, lengths on the device (graph-capturable). q: [B, Hq, 1, D] rotated.
+
+        The Python-side length is advanced by the caller (`SqueezeCache.advance_host`), not here. On CUDA
+        the Triton decode kernel reads the device lengths; on the CPU (no graphs) SDPA reads the filled
+        slots, known on the host.
+        """
         from lmsqueeze.kernels.decode_attention import decode_attention
 
         self.k.index_copy_(2, step.slot, k)
         self.v.index_copy_(2, step.slot, v)
+        if not q.is_cuda:
+            n = self.length + 1
+            valid = self.valid[:, :n] if self.has_padding else None
+            return slot_attention(q, self.k[:, :, :n], self.v[:, :, :n], n - 1, valid, step.window, step.scaling)
         out = decode_attention(q[:, :, 0], self.k, self.v, step.lengths, step.scaling,
                                starts=step.starts, window=step.window)
         return out[:, :, None]
