@@ -86,12 +86,18 @@ def memory_report(model: nn.Module, lengths: Sequence[int], batches: Sequence[in
             gen = torch.Generator(device=device).manual_seed(0)
             prompt = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen, device=device)
             for name in prefill_variants:
-                bench = PREFILL_VARIANTS[name](model, prompt, chunk)
-                _reset_peak(device)
-                with torch.no_grad():
-                    bench.fn()
-                rows.append(dict(case, method=name, stage="prefill", chunk=bench.chunk,
-                                 peak_gib=_gib(_peak(device)), expected_gib=_gib(weights + shape.nbytes(batch, length))))
-                del bench
+                row = dict(case, method=name, stage="prefill",
+                           expected_gib=_gib(weights + shape.nbytes(batch, length)))
+                try:
+                    bench = PREFILL_VARIANTS[name](model, prompt, chunk)
+                    _reset_peak(device)
+                    with torch.no_grad():
+                        bench.fn()
+                    row.update(chunk=bench.chunk, peak_gib=_gib(_peak(device)))
+                    del bench
+                except torch.OutOfMemoryError:
+                    row.update(peak_gib=None, note="out of memory")
+                    log.warning("B=%d N=%d %s prefill: out of memory", batch, length, name)
+                rows.append(row)
             _reset_peak(device)
     return rows, skipped
