@@ -138,7 +138,7 @@ def test_cpu_dispatch_is_reference_and_bad_inputs_raise():
 
 
 def test_default_num_splits_depends_on_shapes_only():
-    assert default_num_splits(1, 8, 131072, 64) == 66  # 528 programs on 132 SMs
-    assert default_num_splits(1, 8, 100, 64) == 2  # never more splits than tiles
-    assert default_num_splits(64, 8, 131072, 64) == 2
-    assert default_num_splits(256, 8, 131072, 64) == 1
+    assert default_num_splits(1, 8, 131072, 64, sms=132, programs_per_sm=2) == 33  # 264 programs, 132 SMs
+    assert default_num_splits(1, 8, 100, 64, sms=132, programs_per_sm=2) == 2  # never more splits than tiles
+    assert default_num_splits(16, 8, 131072, 64, sms=132, programs_per_sm=2) == 3
+    assert default_num_splits(256, 8, 131072, 64, sms=132, programs_per_sm=2) == 1

@@ -41,7 +41,10 @@ from lmsqueeze.kernels.reference import decode_attention_reference
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 128
-PROGRAMS_PER_SM = 4  # split-kernel programs to aim for per SM (see benchmarks/results/decode_kernel_*.json)
+# Split-kernel programs to aim for per SM. With BLOCK_N=64, 4 warps, 3 stages (96 KB shared memory) two
+# programs fit on an H100 SM, so 2 per SM is one full wave; 4 per SM (two waves) was slower at 128K in the
+# sweeps of benchmarks/results/decode_kernel_h100_first_sweep.json and decode_kernel_h100.json.
+PROGRAMS_PER_SM = 2
 
 
 @functools.cache
