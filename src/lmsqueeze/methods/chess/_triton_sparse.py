@@ -1,0 +1,126 @@
+"""Triton kernels of CHESS's sparse GEMVs. Imported lazily (this module needs triton).
+
+`_input_sparse_kernel`, grid (cdiv(N, BLOCK_N), num_splits): y = threshold(x) @ W_t for x: [B, K] and the
+transposed weight W_t: [K, N] (row k = the weights of input channel k, contiguous). Each program owns
+BLOCK_N outputs and one contiguous K range; a weight row is loaded only if some x[b, k] survives the
+threshold (masked loads issue no memory traffic), so bytes read scale with the union density. It writes
+float32 partials [num_splits, B, N]; `_reduce_kernel` sums them, adds the bias and casts.
+
+`_gate_up_kernel`, grid (cdiv(I, BLOCK_I),): h = silu(x W_gate^T) * (x W_up^T), zeroed where
+|silu(gate)| <= t_i. The gate rows are read densely (they decide the mask); an up row is read only if its
+channel survives for some batch row. No partials: each program finishes its BLOCK_I channels.
+
+BLOCK_B == 1 uses broadcast-multiply-and-sum; BLOCK_B >= 16 uses tl.dot over the padded batch.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _input_sparse_kernel(
+    X, W, Part, B, K, N, k_per_split, threshold,
+    stride_xb, stride_wk, stride_ps, stride_pb,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_hi
+        x = tl.load(X + offs_b[:, None] * stride_xb + offs_k[None, :], mask=b_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        keep = tl.abs(x) > threshold
+        x = tl.where(keep, x, 0.0)
+        need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: union over the batch
+        w = tl.load(W + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :],
+                    mask=need[:, None] & n_ok[None, :], other=0.0)
+        if BLOCK_B == 1:
+            xk = tl.sum(x, axis=0)  # [BLOCK_K]
+            acc += tl.sum(xk[:, None] * w.to(tl.float32), axis=0)[None, :]
+        else:
+            if IEEE_DOT:
+                acc += tl.dot(x, w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x.to(w.dtype), w)
+    tl.store(Part + pid_s * stride_ps + offs_b[:, None] * stride_pb + offs_n[None, :], acc,
+             mask=b_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _reduce_kernel(Part, Bias, Y, N, num_splits, stride_ps, stride_pb, stride_yb,
+                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = offs < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(0, num_splits):
+        acc += tl.load(Part + s * stride_ps + b * stride_pb + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + b * stride_yb + offs, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gate_up_kernel(
+    X, WG, WU, T, Hout, B, H, I,
+    stride_xb, stride_wg, stride_wu, stride_hb,
+    BLOCK_B: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_ok = offs_i < I
+    offs_b = tl.arange(0, BLOCK_B)
+    b_ok = offs_b < B
+    rows_g = WG + offs_i.to(tl.int64)[:, None] * stride_wg
+    rows_u = WU + offs_i.to(tl.int64)[:, None] * stride_wu
+
+    g = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < H
+        x = tl.load(X + offs_b[:, None] * stride_xb + offs_h[None, :], mask=b_ok[:, None] & h_ok[None, :],
+                    other=0.0)
+        w = tl.load(rows_g + offs_h[None, :], mask=i_ok[:, None] & h_ok[None, :], other=0.0)
+        if BLOCK_B == 1:
+            g += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+        else:
+            if IEEE_DOT:
+                g += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                g += tl.dot(x.to(w.dtype), tl.trans(w))
+
+    a = g * tl.sigmoid(g)
+    t = tl.load(T + offs_i, mask=i_ok, other=float("inf"))
+    keep = (tl.abs(a) > t[None, :]) & b_ok[:, None]
+    a = tl.where(keep, a, 0.0)
+    need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_I]: union over the batch
+
+    u = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
+    if tl.max(need.to(tl.int32), axis=0) > 0:
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_ok = offs_h < H
+            x = tl.load(X + offs_b[:, None] * stride_xb + offs_h[None, :], mask=b_ok[:, None] & h_ok[None, :],
+                        other=0.0)
+            w = tl.load(rows_u + offs_h[None, :], mask=need[:, None] & h_ok[None, :], other=0.0)
+            if BLOCK_B == 1:
+                u += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            else:
+                if IEEE_DOT:
+                    u += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                else:
+                    u += tl.dot(x.to(w.dtype), tl.trans(w))
+    h = a * u
+    tl.store(Hout + offs_b[:, None] * stride_hb + offs_i[None, :], h.to(Hout.dtype.element_ty),
+             mask=b_ok[:, None] & i_ok[None, :])

@@ -1,0 +1,189 @@
+"""Calibration of activation thresholds for CHESS, CATS and TEAL: forward hooks on the dense model.
+
+Every threshold is computed per calibration batch and then averaged over batches (the CHESS reference
+code does the same over its 16 groups of 8,192 tokens), so memory stays at one layer's activations of one
+batch. CHESS needs two passes: the first accumulates E[(W_up x)^2] per channel, the second computes the
+per-layer importance quantile tau with it.
+
+Threshold sites (artifact tensor `layers.{i}.{site}`):
+  gate    [I]  keep FFN channel i iff |act(W_gate x)_i| > t_i       (CHESS: per channel; CATS: one value)
+  q_in    [1]  input of q_proj (k_proj, v_proj stay dense)            (CHESS attention)
+  qkv_in  [1]  input of q_proj, k_proj, v_proj                        (TEAL)
+  o_in    [1]  input of o_proj                                        (CHESS attention, TEAL)
+  mlp_in  [1]  input of gate_proj and up_proj                         (TEAL)
+  down_in [1]  input of down_proj                                     (TEAL)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.chess.thresholds import (
+    channel_thresholds,
+    check_finite,
+    importance_threshold,
+    magnitude_threshold,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("chess", "cats", "teal")
+
+
+def as_batches(batches) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Normalise calibration batches to a list of (input_ids [B, T], attention_mask [B, T] | None).
+
+    Accepts tensors of token ids ([T] or [B, T]) or mappings with `input_ids` (and `attention_mask`).
+    """
+    if batches is None:
+        raise LmsqueezeError("calibration needs batches of token ids: e.g. [torch.tensor([[1, 2, 3, ...]])]")
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        batches = [batches]
+    out = []
+    for b in batches:
+        mask = None
+        if isinstance(b, Mapping):
+            if "input_ids" not in b:
+                raise LmsqueezeError("a calibration batch given as a dict needs an 'input_ids' entry")
+            ids, mask = b["input_ids"], b.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.shape != torch.as_tensor(ids).shape:
+                raise LmsqueezeError("a calibration batch's attention_mask must have the shape of its input_ids")
+        else:
+            ids = b
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.as_tensor(ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+            mask = mask[None] if isinstance(mask, torch.Tensor) and mask.dim() == 1 else mask
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.numel() == 0:
+            raise LmsqueezeError(
+                f"calibration batches must be integer token ids of shape [B, T], got {tuple(ids.shape)} "
+                f"{ids.dtype}"
+            )
+        out.append((ids, None if mask is None else torch.as_tensor(mask).bool()))
+    if not out:
+        raise LmsqueezeError("calibration got no batches; pass at least one batch of token ids")
+    return out
+
+
+class _Recorder:
+    """Per-batch statistics of hooked activations, keyed by (layer, site)."""
+
+    def __init__(self) -> None:
+        self.valid: torch.Tensor | None = None  # [B, T] bool for the batch being run
+        self.per_batch: dict[tuple[int, str], list[torch.Tensor]] = defaultdict(list)
+        self.sq_sum: dict[int, torch.Tensor] = {}
+        self.count: dict[int, int] = defaultdict(int)
+
+    def tokens(self, x: torch.Tensor, where: str) -> torch.Tensor:
+        """x: [B, T, C] -> [N, C] (the valid tokens), after a NaN check."""
+        check_finite(x, where)
+        x = x.detach()
+        if self.valid is not None:
+            return x[self.valid.to(x.device)]
+        return x.reshape(-1, x.shape[-1])
+
+
+def _scalar_pre_hook(rec: _Recorder, layer: int, site: str, sparsity: float):
+    def hook(module, args):
+        x = rec.tokens(args[0], f"layer {layer} {site}")
+        rec.per_batch[(layer, site)].append(magnitude_threshold(x, sparsity))
+    return hook
+
+
+def _cats_gate_hook(rec: _Recorder, layer: int, act, sparsity: float):
+    def hook(module, args, out):
+        g = rec.tokens(out, f"layer {layer} gate_proj")
+        rec.per_batch[(layer, "gate")].append(magnitude_threshold(act(g.float()), sparsity))
+    return hook
+
+
+def _up_square_hook(rec: _Recorder, layer: int):
+    def hook(module, args, out):
+        u = rec.tokens(out, f"layer {layer} up_proj").float()
+        s = u.square().sum(0)
+        rec.sq_sum[layer] = s if layer not in rec.sq_sum else rec.sq_sum[layer] + s
+        rec.count[layer] += u.shape[0]
+    return hook
+
+
+def _chess_gate_hook(rec: _Recorder, layer: int, act, up_sq_mean: torch.Tensor, sparsity: float):
+    def hook(module, args, out):
+        g = rec.tokens(out, f"layer {layer} gate_proj")
+        rec.per_batch[(layer, "tau")].append(importance_threshold(act(g.float()), up_sq_mean, sparsity))
+    return hook
+
+
+@torch.no_grad()
+def _run(model, batches, rec: _Recorder, hooks: list) -> None:
+    """Run the dense model over every batch with `hooks` = [(module, kind, fn)] installed, then remove them."""
+    device = next(model.parameters()).device
+    handles = []
+    try:
+        for module, kind, fn in hooks:
+            if kind == "pre":
+                handles.append(module.register_forward_pre_hook(fn))
+            else:
+                handles.append(module.register_forward_hook(fn))
+        for ids, mask in batches:
+            rec.valid = mask
+            model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device).long(),
+                  use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        rec.valid = None
+
+
+def _mean(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([v.float().cpu() for v in values]).mean(0)
+
+
+def calibrate_thresholds(model, batches, kind: str, sparsity: float, attention_sparsity: float | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """Thresholds for `kind` ('chess', 'cats' or 'teal') on the dense model, as artifact tensors.
+
+    sparsity: target fraction of zeroed FFN activations (TEAL: of every linear's input); attention_sparsity:
+    CHESS's fraction for the q_proj/o_proj inputs (None: no attention sparsification).
+    Returns {"layers.{i}.{site}": float32 tensor} (sites in the module docstring).
+    """
+    if kind not in KINDS:
+        raise LmsqueezeError(f"unknown threshold kind {kind!r}; use one of {', '.join(KINDS)}")
+    data = as_batches(batches)
+    layers = model.model.layers
+    rec = _Recorder()
+    hooks = []
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if kind == "teal":
+            hooks += [(attn.q_proj, "pre", _scalar_pre_hook(rec, i, "qkv_in", sparsity)),
+                      (attn.o_proj, "pre", _scalar_pre_hook(rec, i, "o_in", sparsity)),
+                      (mlp.gate_proj, "pre", _scalar_pre_hook(rec, i, "mlp_in", sparsity)),
+                      (mlp.down_proj, "pre", _scalar_pre_hook(rec, i, "down_in", sparsity))]
+        elif kind == "cats":
+            hooks.append((mlp.gate_proj, "post", _cats_gate_hook(rec, i, mlp.act_fn, sparsity)))
+        else:
+            hooks.append((mlp.up_proj, "post", _up_square_hook(rec, i)))
+            if attention_sparsity is not None:
+                hooks += [(attn.q_proj, "pre", _scalar_pre_hook(rec, i, "q_in", attention_sparsity)),
+                          (attn.o_proj, "pre", _scalar_pre_hook(rec, i, "o_in", attention_sparsity))]
+    _run(model, data, rec, hooks)
+    out = {f"layers.{i}.{site}": _mean(v).reshape(-1) for (i, site), v in rec.per_batch.items()}
+    if kind == "chess":
+        up_sq_mean = {i: (rec.sq_sum[i] / max(rec.count[i], 1)) for i in range(len(layers))}
+        if any(rec.count[i] == 0 for i in range(len(layers))):
+            raise LmsqueezeError("calibration saw no valid tokens; pass batches with unpadded tokens")
+        rec2 = _Recorder()
+        hooks = [(layer.mlp.gate_proj, "post", _chess_gate_hook(rec2, i, layer.mlp.act_fn, up_sq_mean[i], sparsity))
+                 for i, layer in enumerate(layers)]
+        _run(model, data, rec2, hooks)
+        for i in range(len(layers)):
+            tau = _mean(rec2.per_batch[(i, "tau")])
+            out[f"layers.{i}.gate"] = channel_thresholds(tau, up_sq_mean[i].float().cpu())
+    log.info("calibrated %s thresholds for %d layers on %d batches", kind, len(layers), len(data))
+    return dict(sorted(out.items()))
