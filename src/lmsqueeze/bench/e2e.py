@@ -1,0 +1,90 @@
+"""`lmsqueeze bench e2e`: lmsqueeze's CUDA-graphed decode step against transformers' paths, in one run.
+
+The lmsqueeze step is the one `lmsqueeze.generate` replays: the patched model over a preallocated
+`SqueezeCache` whose decode reads device-side lengths (Triton decode attention over the filled slots).
+Every cache holds the same random K/V (no 128K-token prefill), so first-step logits are compared too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from torch import nn
+
+from lmsqueeze.bench.caches import kv_shape, random_kv
+from lmsqueeze.bench.model import StepBench, decode_inputs, decode_step_bytes, register_step_variant
+
+E2E_VARIANTS = "lmsqueeze-graph,hf-static-compile,hf-static-graph,hf-dynamic-eager"
+
+
+def random_dense_cache(model: nn.Module, batch: int, length: int, seed: int = 0):
+    """A Dense `SqueezeCache` holding `length` random tokens per sequence (the bench's shared random K/V),
+    with room for one more, in static-decode mode."""
+    from lmsqueeze.session import apply
+
+    shape = kv_shape(model)
+    with apply(model) as session:
+        cache = session.new_cache(batch_size=batch, max_length=length + 1)
+    for state, (k, v) in zip(cache.layers, random_kv(shape, batch, length, seed)):
+        state.max_length = length + 1
+        state.reserve(k, length + 1)
+        state.k[:, :, :length].copy_(k)
+        state.v[:, :, :length].copy_(v)
+        state.length = length
+    cache.start_static(torch.zeros(batch, dtype=torch.int32, device=shape.device))
+    return cache
+
+
+@register_step_variant("lmsqueeze-graph")
+def lmsqueeze_graph(model: nn.Module, batch: int, length: int) -> StepBench:
+    """lmsqueeze's decode step (Dense method), replayed as one CUDA graph."""
+    from lmsqueeze.session import apply
+
+    cache = random_dense_cache(model, batch, length)
+    ids, pos = decode_inputs(model, batch, length)
+
+    def step() -> torch.Tensor:  # writes slot `length` and reads length + 1 slots; replayable as is
+        with apply(model):
+            return model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1).logits
+    return StepBench(step, decode_step_bytes(model, batch, length), model.device.type == "cuda", batch)
+
+
+Opt = typer.Option
+
+
+def e2e(preset: Annotated[str, Opt(help="model shape preset")] = "llama3-8b",
+        lengths: Annotated[str, Opt(help="context lengths, comma-separated")] = "8192,32768,131072",
+        batch: Annotated[str, Opt(help="batch sizes, comma-separated")] = "1,8",
+        dtype: Annotated[str, Opt(help="bf16, fp16 or fp32")] = "bf16",
+        variants: Annotated[str, Opt(help="comma-separated step variants")] = E2E_VARIANTS,
+        baseline: Annotated[str, Opt(help="the variant the others are compared with")] = "hf-dynamic-eager",
+        out: Annotated[Path | None, Opt(help="write the result JSON here")] = None,
+        iters: int = 30, warmup: int = 5,
+        device: Annotated[str, Opt(help="auto, cuda or cpu (cpu: tiny preset only)")] = "auto",
+        peak_tbps: Annotated[float, Opt("--peak-tbps", help="bandwidth of the bytes floor")] = 3.0,
+        num_layers: Annotated[int | None, Opt(help="keep only the first N layers")] = None) -> None:
+    """End-to-end decode step: lmsqueeze's graphed path vs transformers eager/static/compiled, bytes floor."""
+    from lmsqueeze.bench.cli import _finish, _model
+    from lmsqueeze.bench.model import STEP_VARIANTS, run_step_sweep, weight_bytes
+    from lmsqueeze.bench.options import parse_int_list, parse_names
+
+    lens, batches = parse_int_list(lengths, "lengths"), parse_int_list(batch, "batch sizes")
+    names = parse_names(variants, STEP_VARIANTS, "step variant")
+    parse_names([baseline], STEP_VARIANTS, "baseline variant")
+    dev, dt, model = _model(preset, device, dtype, num_layers)
+    rows, skipped = run_step_sweep(model, lens, batches, names, baseline, warmup, iters, peak_tbps,
+                                   preset=preset, dtype=str(dt), num_layers=model.config.num_hidden_layers)
+    for row in rows:  # timing_row gives floor_ms = bytes / peak bandwidth
+        row["x_floor"] = row["ms"] / row["floor_ms"]
+    extra = dict(options=dict(preset=preset, lengths=lens, batch=batches, dtype=str(dt), variants=names,
+                              baseline=baseline, iters=iters, warmup=warmup, num_layers=num_layers),
+                 weight_bytes=weight_bytes(model), peak_tb_per_s=peak_tbps)
+    _finish("decode_e2e", rows, skipped, extra, out, dev, [
+        ("B", "batch", ""), ("N", "length", ""), ("method", "method", ""), ("ms", "ms", ".3f"),
+        ("floor ms", "floor_ms", ".3f"), ("x floor", "x_floor", ".2f"), ("tok/s", "tokens_per_s", ",.1f"),
+        (f"vs {baseline}", "speedup", ".2f"), ("logits err", "logits_rel_err", ".1e"), ("graph", "graph", "")],
+        f"end-to-end decode step, {preset}, {dt}")
