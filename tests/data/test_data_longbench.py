@@ -2,8 +2,14 @@ import json
 
 import pytest
 
-from lmsqueeze.data.longbench import (PROMPTS, LongBenchSample, build_prompt, load_longbench, prompt_ids,
-                                      truncate_middle)
+from lmsqueeze.data.longbench import (
+    PROMPTS,
+    LongBenchSample,
+    build_prompt,
+    load_longbench,
+    prompt_ids,
+    truncate_middle,
+)
 from lmsqueeze.errors import LmsqueezeError
 
 

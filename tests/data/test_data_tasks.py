@@ -1,9 +1,17 @@
+import itertools
 import re
 
 import pytest
 
-from lmsqueeze.data.tasks import (FORMATS, TASKS, TaskOptions, count_tokens, fixed_context_sample, make_sample,
-                                  make_samples)
+from lmsqueeze.data.tasks import (
+    FORMATS,
+    TASKS,
+    TaskOptions,
+    count_tokens,
+    fixed_context_sample,
+    make_sample,
+    make_samples,
+)
 from lmsqueeze.errors import LmsqueezeError
 
 LENGTH = 700
@@ -72,7 +80,7 @@ def test_variable_tracking_chain(tokenizer, haystack):
     assert len(names) == 4
     value = re.search(rf"VAR {names[0]} = (\d+)", s.prompt).group(1)
     order = [s.prompt.index(f"VAR {names[0]} = {value}")]
-    order += [s.prompt.index(f"VAR {b} = VAR {a}") for a, b in zip(names, names[1:])]
+    order += [s.prompt.index(f"VAR {b} = VAR {a}") for a, b in itertools.pairwise(names)]
     assert order == sorted(order)
     assert s.prompt.endswith("they are:")
 
@@ -100,10 +108,10 @@ def test_fixed_context_sample(tokenizer, haystack, kind, fmt):
         assert (key.replace("-", "_").upper() if kind == "needles" and fmt == "code" else key) in q
 
 
-@pytest.mark.parametrize("kwargs", [dict(task="nope"), dict(fmt="yaml"), dict(depth=1.5), dict(length=0),
-                                    dict(length=20)])
+@pytest.mark.parametrize("kwargs", [{"task": "nope"}, {"fmt": "yaml"}, {"depth": 1.5}, {"length": 0},
+                                    {"length": 20}])
 def test_bad_inputs_are_user_errors(tokenizer, haystack, kwargs):
-    args = dict(task="passkey", length=LENGTH, depth=0.5, fmt="prose") | kwargs
+    args = {"task": "passkey", "length": LENGTH, "depth": 0.5, "fmt": "prose"} | kwargs
     with pytest.raises(LmsqueezeError):
         make_sample(args["task"], tokenizer, haystack, args["length"], args["depth"], fmt=args["fmt"])
 

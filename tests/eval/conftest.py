@@ -2,11 +2,15 @@
 
 import pytest
 
-from lmsqueeze.data.corpus import read_texts
+from lmsqueeze.data.corpus import python_source_roots, read_texts
+
+STDLIB = python_source_roots()[0]
+TRAIN_FILES = [STDLIB / "textwrap.py", STDLIB / "string.py"]  # single files: fast, no directory walk
+HAYSTACK_FILES = [STDLIB / "argparse.py", STDLIB / "difflib.py"]
 
 
 def train_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer (BOS '<s>' prepended, EOS '</s>') trained on ~20 KB of stdlib source."""
+    """A byte-level BPE tokenizer (BOS '<s>' prepended, EOS '</s>') trained on ~20 KB of two stdlib files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
@@ -16,7 +20,7 @@ def train_tokenizer(vocab_size: int = 384):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<s>", "</s>"], show_progress=False)
-    tok.train_from_iterator(list(read_texts(None, "train", max_chars=20_000)), trainer)
+    tok.train_from_iterator(list(read_texts(TRAIN_FILES, "train", max_chars=20_000)), trainer)
     tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
@@ -28,7 +32,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def haystack():
-    return "\n".join(read_texts(None, "test", max_chars=60_000))
+    return "\n".join(read_texts(HAYSTACK_FILES, "test", max_chars=60_000))
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,18 @@
 import pytest
 
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.eval.longbench_metrics import (classification_score, code_sim_score, count_score, lcs_length,
-                                              normalize_answer, qa_f1_score, retrieval_score, rouge_l,
-                                              score_dataset, score_sample)
+from lmsqueeze.eval.longbench_metrics import (
+    classification_score,
+    code_sim_score,
+    count_score,
+    lcs_length,
+    normalize_answer,
+    qa_f1_score,
+    retrieval_score,
+    rouge_l,
+    score_dataset,
+    score_sample,
+)
 
 
 def test_normalize_answer():

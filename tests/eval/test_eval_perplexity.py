@@ -9,7 +9,7 @@ from lmsqueeze.models.tiny import tiny_model
 
 MODELS = [
     ("llama", {}),                                                              # GQA 4:2, head_dim 16
-    ("llama", dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)),  # head_dim 64, MQA
+    ("llama", {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}),  # head_dim 64, MQA
     ("qwen3", {}),                                                              # q/k norms
     ("mistral", {}),                                                            # sliding window 24
 ]
@@ -35,8 +35,10 @@ def hf_guide_nll(model, ids: torch.Tensor, context_length: int, stride: int) -> 
     return total, count
 
 
-@pytest.mark.parametrize("family,overrides", MODELS)
-@pytest.mark.parametrize("context_length,stride,chunk_size", [(64, 64, 16), (64, 24, 17), (50, 37, 64)])
+CASES = [(f, o, 64, 24, 17) for f, o in MODELS] + [("llama", {}, 64, 64, 16), ("llama", {}, 50, 37, 64)]
+
+
+@pytest.mark.parametrize("family,overrides,context_length,stride,chunk_size", CASES)
 def test_dense_perplexity_equals_plain_transformers(family, overrides, context_length, stride, chunk_size):
     model = tiny_model(family, seed=1, **overrides)
     ids = torch.randint(0, model.config.vocab_size, (203,), generator=torch.Generator().manual_seed(2))
@@ -70,8 +72,8 @@ def test_windows_score_each_token_once(n, ctx, stride):
         assert scored == list(range(1, n))
 
 
-@pytest.mark.parametrize("kwargs", [dict(context_length=1), dict(context_length=8, stride=9),
-                                    dict(context_length=8, stride=0), dict(chunk_size=0), dict(max_tokens=1)])
+@pytest.mark.parametrize("kwargs", [{"context_length": 1}, {"context_length": 8, "stride": 9},
+                                    {"context_length": 8, "stride": 0}, {"chunk_size": 0}, {"max_tokens": 1}])
 def test_bad_config_is_a_user_error(kwargs):
     with pytest.raises(LmsqueezeError):
         PerplexityConfig(**kwargs)

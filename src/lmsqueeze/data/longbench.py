@@ -87,7 +87,7 @@ class LongBenchSample:
 
 def base_dataset(name: str) -> str:
     """'hotpotqa_e' -> 'hotpotqa' (LongBench-E files use the same templates and metrics)."""
-    return name[:-2] if name.endswith("_e") else name
+    return name.removesuffix("_e")
 
 
 def _parse(line: str, where: str, default_dataset: str) -> LongBenchSample:

@@ -15,6 +15,7 @@ fixed-context mode (one prefill, many answers).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -234,8 +235,8 @@ def _needle_task(task: str, fmt: str, rng: random.Random, depth: float, opts: Ta
         if fmt == "code":
             return ("# A constant named PASS_KEY is defined somewhere in the code below. Remember its value.\n",
                     [(depth, f'PASS_KEY = "{value}"')], 'assert PASS_KEY == "', [value])
-        return ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-                "I will quiz you about the pass key.\n",
+        return (("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+                "I will quiz you about the pass key.\n"),
                 [(depth, f"The pass key is {value}. Remember it. {value} is the pass key.")],
                 "What is the pass key? The pass key is", [value])
     used: set[str] = set()
@@ -273,11 +274,11 @@ def _vt_task(fmt: str, rng: random.Random, depth: float, opts: TaskOptions):
     n = len(names)
     depths = [depth + (1.0 - depth) * i / n for i in range(n)]
     if fmt == "code":
-        lines = [f"{names[0]} = {value}"] + [f"{b} = {a}" for a, b in zip(names, names[1:])]
+        lines = [f"{names[0]} = {value}"] + [f"{b} = {a}" for a, b in itertools.pairwise(names)]
         intro = "# Track the chain of assignments hidden in the code below.\n"
         question = f"# The {n} variables above that hold the value {value}, in order of assignment:"
     else:
-        lines = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a}" for a, b in zip(names, names[1:])]
+        lines = [f"VAR {names[0]} = {value}"] + [f"VAR {b} = VAR {a}" for a, b in itertools.pairwise(names)]
         intro = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
         question = (f"Question: Find all variables that are assigned the value {value} in the text above. "
                     f"Answer: According to the chain(s) of variable assignment in the text above, {n} variables "

@@ -88,8 +88,9 @@ def answer_questions(model, tokenizer, session, context_ids: list[int], question
 def run_fixed_context(model, tokenizer, samples: Sequence[FixedContextSample], method=None,
                       config: FixedContextConfig | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
     """Answer every question of every sample after one prefill of its context; return (summary, records)."""
-    import lmsqueeze
     from tqdm.auto import tqdm
+
+    import lmsqueeze
 
     config = config or FixedContextConfig()
     if not samples:

@@ -39,8 +39,9 @@ def run_longbench(model, tokenizer, samples: Sequence[LongBenchSample], method=N
 
     summary: {'scores': {dataset: 0-100}, 'average': mean over datasets, 'samples': {dataset: n}}.
     """
-    import lmsqueeze
     from tqdm.auto import tqdm
+
+    import lmsqueeze
 
     config = config or LongBenchConfig()
     if not samples:

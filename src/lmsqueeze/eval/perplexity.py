@@ -104,8 +104,9 @@ def perplexity(model, token_ids: Sequence[int] | torch.Tensor, method=None,
 
     token_ids: [N] one token stream. Each window runs inside `lmsqueeze.apply(model, method)`.
     """
-    import lmsqueeze
     from tqdm.auto import tqdm
+
+    import lmsqueeze
 
     config = config or PerplexityConfig()
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()

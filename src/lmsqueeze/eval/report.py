@@ -156,8 +156,8 @@ def markdown_report(results: list[dict]) -> str:
         tkeys, varying = _time_keys(rows), _varying(rows)
         header = ["series", ck] + tkeys
         table = [[_row_label(row, varying), row[ck]] + [row.get(k) for k in tkeys] for row in rows]
-        parts += [f"## latency: `{r['_file']}`", "", f"device: {_device(r)}, commit: {_commit(r)}, "
-                  f"date: {r.get('date', '')}", "", _table(header, table), ""]
+        parts += [f"## latency: `{r['_file']}`", "", (f"device: {_device(r)}, commit: {_commit(r)}, "
+                  f"date: {r.get('date', '')}"), "", _table(header, table), ""]
     if len(parts) == 2:
         parts.append("No eval or benchmark results found.")
     return "\n".join(parts) + "\n"

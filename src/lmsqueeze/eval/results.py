@@ -27,12 +27,12 @@ def git_commit(path: str | Path | None = None) -> str | None:
     """HEAD of the git repository holding `path` (default: this package), '+dirty' when files changed."""
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], check=False, capture_output=True,
+                              text=True, timeout=10)
         if head.returncode != 0:
             return None
         dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+                               check=False, capture_output=True, text=True, timeout=10)
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None

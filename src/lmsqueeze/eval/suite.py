@@ -6,6 +6,7 @@ The primary score is RULER's string_match_all (fraction of expected strings foun
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -62,6 +63,10 @@ class SuiteConfig:
                 "options": asdict(self.options)}
 
 
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def answer_budget(tokenizer, answers: Sequence[str], max_new_tokens: int | None = None) -> int:
     """Tokens to generate for these answers: `max_new_tokens`, or their token count + 8."""
     if max_new_tokens is not None:
@@ -81,8 +86,9 @@ def answer_prompt(model, tokenizer, session, prompt_ids: list[int], max_new_toke
 def run_samples(model, tokenizer, samples: Sequence[TaskSample], method=None, chunk_size: int = 2048,
                 max_new_tokens: int | None = None, progress: bool = True) -> list[dict]:
     """Answer each sample with `model` patched by `method`; one record (sample + prediction + scores) each."""
-    import lmsqueeze
     from tqdm.auto import tqdm
+
+    import lmsqueeze
 
     records = []
     with lmsqueeze.apply(model, method) as session:
@@ -93,7 +99,7 @@ def run_samples(model, tokenizer, samples: Sequence[TaskSample], method=None, ch
             pred = answer_prompt(model, tokenizer, session, ids, budget, chunk_size)
             records.append({
                 "task": s.task, "format": s.format, "length": s.length, "depth": s.depth, "index": s.index,
-                "seed": s.seed, "num_tokens": len(ids), "answers": list(s.answers), "prediction": pred,
+                "seed": s.seed, "num_tokens": len(ids), "prompt_sha256": _sha(s.prompt), "answers": list(s.answers), "prediction": pred,
                 "string_match_all": string_match_all(pred, s.answers), "exact_match": exact_match(pred, s.answers),
                 "seconds": time.perf_counter() - t0,
             })
