@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 
 def threshold_input(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """x with entries |x| <= threshold set to zero. x: any shape."""
-    return torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    """x with entries |x| <= threshold set to zero (compared in float32, like the kernels). x: any shape."""
+    return torch.where(x.float().abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def input_sparse_matvec_reference(x: torch.Tensor, w_t: torch.Tensor, threshold: float = 0.0,
