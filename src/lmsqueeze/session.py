@@ -12,6 +12,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.kernels.rmsnorm import fused_rms_norm_forward
 from lmsqueeze.methods.base import Artifact, Method
 from lmsqueeze.methods.cache import SqueezeCache, Step
 from lmsqueeze.methods.dense import Dense
@@ -134,6 +135,8 @@ def apply(model, method=None) -> Iterator[Session]:
     `past_key_values` gets `session.new_cache()` automatically.
     """
     modules = attention_modules(model)
+    rms_norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")
+                 and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None]
     if getattr(model, "_lmsqueeze_session", None) is not None:
         raise LmsqueezeError("this model is already patched by lmsqueeze; nest no apply() blocks")
     method, artifact = _as_method(method)
@@ -162,6 +165,8 @@ def apply(model, method=None) -> Iterator[Session]:
 
         model.generate = generate
         model._lmsqueeze_session = session
+        for m in rms_norms:  # one fused launch on CUDA, transformers' own math elsewhere
+            m.forward = types.MethodType(fused_rms_norm_forward, m)
         undo_modules = method.install(model, artifact)
         yield session
     finally:
@@ -170,6 +175,8 @@ def apply(model, method=None) -> Iterator[Session]:
         for m in modules:
             m.__dict__.pop("forward", None)
             m.__dict__.pop("_lmsqueeze_session", None)
+        for m in rms_norms:
+            m.__dict__.pop("forward", None)
         if handle is not None:
             handle.remove()
         model.__dict__.pop("generate", None)

@@ -63,6 +63,8 @@ class DenseState(LayerState):
         return start
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        if step.slot is not None and q.is_cuda:
+            return self.attend_static_cuda(q, k, v, step)
         q = apply_rope(q, step.cos, step.sin)
         k = apply_rope(k, step.cos, step.sin)
         if step.slot is not None:
@@ -72,24 +74,28 @@ class DenseState(LayerState):
         valid = self.valid[:, :end] if self.has_padding else None
         return slot_attention(q, self.k[:, :, :end], self.v[:, :, :end], start, valid, step.window, step.scaling)
 
-    def attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
-        """One token per sequence, lengths on the device (graph-capturable). q: [B, Hq, 1, D] rotated.
+    def attend_static_cuda(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """One token per sequence, lengths on the device: graph-capturable. q: [B, Hq, 1, D] pre-RoPE.
 
-        The Python-side length is advanced by the caller (`SqueezeCache.advance_host`), not here. On CUDA
-        the Triton decode kernel reads the device lengths; on the CPU (no graphs) SDPA reads the filled
-        slots, known on the host.
+        One fused launch rotates q/k and writes k/v at `step.slot`; the Triton decode kernel then reads the
+        filled slots [starts, lengths). The Python-side length is advanced by the caller
+        (`SqueezeCache.advance_host`), not here.
         """
         from lmsqueeze.kernels.decode_attention import decode_attention
+        from lmsqueeze.kernels.rope_append import rope_append
 
+        q_rot = rope_append(q, k, v, step.cos, step.sin, self.k, self.v, step.slot)
+        out = decode_attention(q_rot, self.k, self.v, step.lengths, step.scaling, starts=step.starts,
+                               window=step.window)
+        return out[:, :, None]
+
+    def attend_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """The CPU form of the static step (no graphs): q, k rotated; SDPA over the slots filled so far."""
         self.k.index_copy_(2, step.slot, k)
         self.v.index_copy_(2, step.slot, v)
-        if not q.is_cuda:
-            n = self.length + 1
-            valid = self.valid[:, :n] if self.has_padding else None
-            return slot_attention(q, self.k[:, :, :n], self.v[:, :, :n], n - 1, valid, step.window, step.scaling)
-        out = decode_attention(q[:, :, 0], self.k, self.v, step.lengths, step.scaling,
-                               starts=step.starts, window=step.window)
-        return out[:, :, None]
+        n = self.length + 1
+        valid = self.valid[:, :n] if self.has_padding else None
+        return slot_attention(q, self.k[:, :, :n], self.v[:, :, :n], n - 1, valid, step.window, step.scaling)
 
     def reset(self) -> None:
         super().reset()
