@@ -62,3 +62,22 @@ def test_crop_restores_the_context_length(model_and_tokenizer, haystack, monkeyp
 def test_bad_rollback_is_a_user_error():
     with pytest.raises(LmsqueezeError):
         FixedContextConfig(rollback="undo")
+
+
+def test_a_calibrated_method_rolls_back_the_same_way_as_it_copies(tokenizer, haystack):
+    """KVQuant's cache, filled under inference mode, is cropped back; crop and copy give the same answers."""
+    kvquant = pytest.importorskip("lmsqueeze.methods.kvquant.method")
+    tok = tokenizer
+    model = tiny_model("llama", seed=6, vocab_size=len(tok), hidden_size=128, num_attention_heads=2,
+                       num_key_value_heads=1, initializer_range=0.3)
+    batches = [torch.randint(0, len(tok), (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    artifact = kvquant.KVQuant(bits=3, fisher=False).calibrate(model, batches)
+    s = fixed_context_sample(tok, haystack, 300, num_facts=3, num_questions=3, seed=3, kind="needles", fmt="code")
+    preds = {}
+    for rollback in ("crop", "copy"):
+        summary, records = run_fixed_context(model, tok, [s], artifact,
+                                             FixedContextConfig(chunk_size=64, max_new_tokens=3, rollback=rollback),
+                                             progress=False)
+        preds[rollback] = [r["prediction"] for r in records]
+        assert summary["questions"] == 3
+    assert preds["crop"] == preds["copy"]

@@ -49,6 +49,7 @@ def _croppable(cache) -> bool:
         cache, "crop")
 
 
+@torch.inference_mode()
 def answer_questions(model, tokenizer, session, context_ids: list[int], questions: Sequence[list[int]],
                      budgets: Sequence[int], config: FixedContextConfig) -> tuple[list[list[int]], dict]:
     """Prefill context_ids once, then answer each question (token ids) greedily from that same state.

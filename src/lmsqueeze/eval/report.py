@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 HEADLINE = {"eval.ppl": ("ppl", "perplexity"), "eval.suite": ("mean_accuracy", "suite accuracy"),
             "eval.fixed": ("accuracy", "fixed-context accuracy"), "eval.longbench": ("average", "LongBench average")}
 X_FIELDS = {"bits": "KV bits", "kv_bits": "KV bits", "nbits": "KV bits", "budget": "budget",
-            "token_budget": "token budget", "budget_fraction": "budget fraction", "keep_fraction": "budget fraction"}
+            "token_budget": "token budget", "budget_fraction": "budget fraction", "keep_fraction": "budget fraction",
+            "sparsity": "sparsity"}
 CONTEXT_KEYS = ("context_length", "context", "context_len", "seq_len", "seqlen", "kv_length", "length", "tokens")
 ROW_LISTS = ("rows", "results", "measurements")
 LABEL_KEYS = ("method", "impl", "name", "variant", "backend", "baseline", "batch", "chunk", "stage", "dtype")

@@ -74,6 +74,7 @@ def answer_budget(tokenizer, answers: Sequence[str], max_new_tokens: int | None 
     return len(tokenizer(", ".join(answers), add_special_tokens=False)["input_ids"]) + 8
 
 
+@torch.inference_mode()
 def answer_prompt(model, tokenizer, session, prompt_ids: list[int], max_new_tokens: int,
                   chunk_size: int) -> str:
     """Prefill prompt_ids in chunks through a fresh cache of `session`, decode greedily, return the text."""
