@@ -182,6 +182,15 @@ def memory(preset: Preset = "llama3-8b", lengths: Lengths = "32768", batch: Batc
         ("expected GiB", "expected_gib", ".3f")], f"memory, {preset}, {dt}")
 
 
+@app.command()
+def plot(result: Annotated[Path, typer.Argument(help="a decode_attention result JSON")],
+         png: Annotated[Path, typer.Argument(help="where to write the PNG")]) -> None:
+    """Plot achieved TB/s per method from a decode-attention result JSON."""
+    from lmsqueeze.bench.plot import plot_attention
+
+    typer.echo(f"wrote {plot_attention(result, png)}")
+
+
 def main() -> None:
     """Entry point for `python -m lmsqueeze.bench.cli`: LmsqueezeError -> one line on stderr, exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

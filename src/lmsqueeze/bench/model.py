@@ -95,7 +95,7 @@ def static_step_fn(forward: Callable, cache, ids: torch.Tensor, pos: torch.Tenso
 def _static(model: nn.Module, batch: int, length: int, use_graph: bool, forward: Callable | None = None):
     cache = random_static_cache(model, batch, length)
     ids, pos = decode_inputs(model, batch, length)
-    fn = static_step_fn(forward or model, cache, ids, pos)
+    fn = static_step_fn(model if forward is None else forward, cache, ids, pos)
     return StepBench(fn, decode_step_bytes(model, batch, length), use_graph, batch)
 
 

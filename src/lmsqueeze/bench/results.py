@@ -66,6 +66,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _lmsqueeze_version() -> str | None:
+    """The package's own version when it runs from a source tree that is not installed (PYTHONPATH=src)."""
+    import lmsqueeze
+
+    return getattr(lmsqueeze, "__version__", None)
+
+
 def device_info(device: str | torch.device | None = None) -> dict[str, Any]:
     """Name and memory of `device` (default: CUDA device 0 if there is one, else the CPU)."""
     if device is None:
@@ -94,7 +101,7 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
             "cuda": torch.version.cuda,
             "triton": _version("triton"),
             "transformers": _version("transformers"),
-            "lmsqueeze": _version("lmsqueeze"),
+            "lmsqueeze": _version("lmsqueeze") or _lmsqueeze_version(),
         },
     }
 
