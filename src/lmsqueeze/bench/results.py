@@ -39,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-c", "safe.directory=*", *args], check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -48,7 +48,8 @@ def _git(*args: str) -> str | None:
 def git_state() -> tuple[str, bool | None]:
     """(commit, dirty) of the repository; falls back to $LMSQUEEZE_GIT_COMMIT / $LMSQUEEZE_GIT_DIRTY.
 
-    The fallback is for copies of the tree without `.git` (e.g. a GPU machine): the caller passes the commit.
+    The fallback is for copies of the tree where git cannot answer (no `.git`, no git): the caller passes the
+    commit. `safe.directory=*` lets git read a copied tree owned by another user.
     """
     commit = _git("rev-parse", "HEAD")
     if commit:
