@@ -34,6 +34,7 @@ def _input_sparse_kernel(
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)  # BLOCK_B == 1: reduce over k once, at the end
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_hi
@@ -46,12 +47,14 @@ def _input_sparse_kernel(
                     mask=need[:, None] & n_ok[None, :], other=0.0)
         if BLOCK_B == 1:
             xk = tl.sum(x, axis=0)  # [BLOCK_K]
-            acc += tl.sum(xk[:, None] * w.to(tl.float32), axis=0)[None, :]
+            acc2 += xk[:, None] * w.to(tl.float32)
         else:
             if IEEE_DOT:
                 acc += tl.dot(x, w.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(x.to(w.dtype), w)
+    if BLOCK_B == 1:
+        acc += tl.sum(acc2, axis=0)[None, :]
     tl.store(Part + pid_s * stride_ps + offs_b[:, None] * stride_pb + offs_n[None, :], acc,
              mask=b_ok[:, None] & n_ok[None, :])
 
@@ -86,6 +89,7 @@ def _gate_up_kernel(
     rows_u = WU + offs_i.to(tl.int64)[:, None] * stride_wu
 
     g = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
+    g2 = tl.zeros([BLOCK_I, BLOCK_H], dtype=tl.float32)  # BLOCK_B == 1: reduce over h once, at the end
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_ok = offs_h < H
@@ -93,12 +97,14 @@ def _gate_up_kernel(
                     other=0.0)
         w = tl.load(rows_g + offs_h[None, :], mask=i_ok[:, None] & h_ok[None, :], other=0.0)
         if BLOCK_B == 1:
-            g += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+            g2 += w.to(tl.float32) * x.to(tl.float32)
         else:
             if IEEE_DOT:
                 g += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
             else:
                 g += tl.dot(x.to(w.dtype), tl.trans(w))
+    if BLOCK_B == 1:
+        g += tl.sum(g2, axis=1)[None, :]
 
     a = g * tl.sigmoid(g)
     t = tl.load(T + offs_i, mask=i_ok, other=float("inf"))
@@ -107,6 +113,7 @@ def _gate_up_kernel(
     need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_I]: union over the batch
 
     u = tl.zeros([BLOCK_B, BLOCK_I], dtype=tl.float32)
+    u2 = tl.zeros([BLOCK_I, BLOCK_H], dtype=tl.float32)
     if tl.max(need.to(tl.int32), axis=0) > 0:
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -115,12 +122,14 @@ def _gate_up_kernel(
                         other=0.0)
             w = tl.load(rows_u + offs_h[None, :], mask=need[:, None] & h_ok[None, :], other=0.0)
             if BLOCK_B == 1:
-                u += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
+                u2 += w.to(tl.float32) * x.to(tl.float32)
             else:
                 if IEEE_DOT:
                     u += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
                 else:
                     u += tl.dot(x.to(w.dtype), tl.trans(w))
+        if BLOCK_B == 1:
+            u += tl.sum(u2, axis=1)[None, :]
     h = a * u
     tl.store(Hout + offs_b[:, None] * stride_hb + offs_i[None, :], h.to(Hout.dtype.element_ty),
              mask=b_ok[:, None] & i_ok[None, :])

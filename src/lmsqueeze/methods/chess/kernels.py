@@ -52,13 +52,14 @@ class GateUpConfig:
 SPMV_CONFIGS_B1 = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(256, 32, 4, 4), SpmvConfig(128, 128, 8, 4), SpmvConfig(256, 64, 8, 2),
     SpmvConfig(128, 64, 4, 8), SpmvConfig(64, 128, 4, 4), SpmvConfig(256, 64, 8, 4), SpmvConfig(512, 32, 8, 4),
+    SpmvConfig(128, 32, 4, 8), SpmvConfig(128, 64, 4, 16), SpmvConfig(256, 32, 4, 8), SpmvConfig(64, 64, 2, 8),
 )
 SPMV_CONFIGS_DOT = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(64, 64, 4, 4), SpmvConfig(128, 32, 4, 8), SpmvConfig(256, 64, 8, 2),
 )
 GATE_UP_CONFIGS_B1 = (
     GateUpConfig(16, 256, 4), GateUpConfig(8, 512, 4), GateUpConfig(32, 256, 8), GateUpConfig(16, 512, 8),
-    GateUpConfig(8, 256, 2), GateUpConfig(32, 128, 4),
+    GateUpConfig(8, 256, 2), GateUpConfig(32, 128, 4), GateUpConfig(32, 256, 4),
 )
 GATE_UP_CONFIGS_DOT = (
     GateUpConfig(16, 128, 4), GateUpConfig(32, 128, 4), GateUpConfig(64, 64, 4), GateUpConfig(32, 256, 8),

@@ -1,0 +1,352 @@
+"""GPU check and benchmark of CHESS's Triton sparse GEMVs and of a CHESS decode step (H100).
+
+    LMSQUEEZE_GIT_COMMIT=$(git rev-parse HEAD) python benchmarks/scripts/bench_chess_gpu.py --out $OUT
+
+1. correctness on the GPU vs the float32 references (bf16 / fp16 / fp32, batch 1 and 4, Llama-3-8B and odd
+   shapes), with the weight rows that no surviving activation needs set to NaN: a finite output proves the
+   kernels never read them;
+2. GEMVs at Llama-3-8B MLP shapes (down_proj 14336 -> 4096, q/o 4096 -> 4096, fused gate+up 4096 -> 14336),
+   batch 1 (and 4), against dense cuBLAS (F.linear) in the same run. Both sides are CUDA graphs of one call
+   per weight copy, rotating copies so the 50 MB L2 cannot serve repeats; CUDA events, median of 30
+   replays after warm-up; bytes moved / measured copy bandwidth gives each kernel's floor;
+3. a decode step of a Llama-3-8B-shaped model (random weights, all 32 layers, bf16), lmsqueeze's static
+   decode step (`lmsqueeze.apply` + SqueezeCache) replayed as one CUDA graph, Dense vs CHESS(0.5) calibrated
+   on random tokens (dense timed before and after), with the logits of the sparse kernels checked against
+   CHESS's masked dense math, and the activation sparsity actually reached in the timed step.
+Writes chess_gpu_h100.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+import lmsqueeze  # noqa: E402
+from lmsqueeze.bench.device import measure_copy_bandwidth  # noqa: E402
+from lmsqueeze.bench.results import command_line, timing_row, write_result  # noqa: E402
+from lmsqueeze.bench.timing import time_cuda  # noqa: E402
+from lmsqueeze.methods.chess import CHESS, SparseLinear, SparseMLP  # noqa: E402
+from lmsqueeze.methods.chess import kernels as K  # noqa: E402
+from lmsqueeze.methods.chess.reference import gate_up_sparse_reference, input_sparse_matvec_reference  # noqa: E402
+
+DEV = torch.device("cuda")
+ROTATE_BYTES = 300e6
+ITERS = 30
+PRESET = "llama3-8b"
+MLP = (4096, 14336)  # hidden, intermediate (Llama-3-8B)
+ODD = (1000, 300)
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def sparse_x(B: int, n: int, s: float, dtype) -> torch.Tensor:
+    """[B, n] random values with a fraction s of exact zeros (independent per row)."""
+    x = torch.randn(B, n, device=DEV)
+    return (x * (torch.rand(B, n, device=DEV) >= s)).to(dtype)
+
+
+# 1. correctness ----------------------------------------------------------------------------------------
+def check_kernels() -> list[dict]:
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for B in (1, 4):
+            for (Kd, N) in ((MLP[1], MLP[0]), ODD):
+                x = torch.randn(B, Kd, device=DEV).to(dtype)
+                thr = 0.67  # ~50% of |N(0,1)| below
+                w_t = (torch.randn(Kd, N, device=DEV) * 0.02).to(dtype)
+                bias = torch.randn(N, device=DEV).to(dtype)
+                ref = input_sparse_matvec_reference(x, w_t, thr, bias)
+                dead = (x.float().abs() <= thr).all(0)
+                w_t[dead] = float("nan")
+                y = K.input_sparse_matvec_triton(x, w_t, thr, bias)
+                rows.append({"kernel": "input_sparse_matvec", "dtype": str(dtype), "batch": B, "K": Kd, "N": N,
+                             "rel_err": rel(y, ref), "finite": bool(torch.isfinite(y).all()),
+                             "rows_skipped": float(dead.float().mean()),
+                             "ok": bool(torch.isfinite(y).all()) and rel(y, ref) < TOL[dtype]})
+                del w_t
+            for (H, I) in (MLP, ODD[::-1]):
+                x = torch.randn(B, H, device=DEV).to(dtype)
+                wg = (torch.randn(I, H, device=DEV) / H**0.5).to(dtype)
+                wu = (torch.randn(I, H, device=DEV) * 0.02).to(dtype)
+                a = F.silu(x.float() @ wg.float().t())
+                t = a.abs().median(0).values.float() * (0.6 + 0.8 * torch.rand(I, device=DEV))
+                near = ((a.abs() - t).abs() < 0.03 * t + 1e-3).any(0)
+                t[near] = float("inf")  # no activation within rounding of its threshold
+                ref = gate_up_sparse_reference(x, wg, wu, t)
+                dead = (a.abs() <= t).all(0)
+                wu[dead] = float("nan")
+                h = K.gate_up_sparse_triton(x, wg, wu, t)
+                rows.append({"kernel": "gate_up_sparse", "dtype": str(dtype), "batch": B, "H": H, "I": I,
+                             "rel_err": rel(h, ref), "finite": bool(torch.isfinite(h).all()),
+                             "rows_skipped": float(dead.float().mean()),
+                             "ok": bool(torch.isfinite(h).all()) and rel(h, ref) < TOL[dtype]})
+                del wg, wu
+    torch.cuda.empty_cache()
+    return rows
+
+
+# 2. GEMVs ------------------------------------------------------------------------------------------------
+def _copies(nbytes: int) -> int:
+    return max(2, math.ceil(ROTATE_BYTES / nbytes))
+
+
+def gemv_rows(bw: float) -> list[dict]:
+    rows = []
+    dt = torch.bfloat16
+    H, I = MLP
+    for name, Kd, N, B, s in (("down_proj", I, H, 1, 0.5), ("down_proj", I, H, 1, 0.0), ("down_proj", I, H, 1, 0.7),
+                              ("down_proj", I, H, 4, 0.5), ("q_proj/o_proj", H, H, 1, 0.5)):
+        n = _copies(Kd * N * 2)
+        ws = [(torch.randn(N, Kd, device=DEV) * 0.02).to(dt) for _ in range(n)]
+        wts = [w.t().contiguous() for w in ws]
+        x = sparse_x(B, Kd, s, dt)
+        outs = [None]
+
+        def dense():
+            for w in ws:
+                outs[0] = F.linear(x, w)
+
+        def sparse():
+            for wt in wts:
+                outs[0] = K.input_sparse_matvec_triton(x, wt)
+
+        sparse()  # picks the tile config (timed candidates) outside any graph
+        err = rel(K.input_sparse_matvec_triton(x, wts[0]), F.linear(x.float(), ws[0].float()))
+        td = time_cuda(dense, warmup=5, iters=ITERS, calls_per_iter=n)
+        ts = time_cuda(sparse, warmup=5, iters=ITERS, calls_per_iter=n)
+        need = int((x != 0).any(0).sum())
+        b_dense, b_sparse = Kd * N * 2, need * N * 2
+        key = [k for k in K._CHOICE if k[0] == "spmv" and k[1] == Kd and k[2] == N and k[3] == (1 if B == 1 else 16)]
+        rows.append(timing_row("chess-triton", ts, baseline="cublas-dense", baseline_timing=td, bytes_moved=b_sparse,
+                               peak_tb_per_s=bw, kernel=name, K=Kd, N=N, batch=B, sparsity=s,
+                               rows_read_frac=need / Kd, rel_err_vs_fp32=err,
+                               dense_tb_per_s=b_dense / (td.median_ms * 1e-3) / 1e12,
+                               dense_floor_ms=b_dense / (bw * 1e12) * 1e3,
+                               config=str(K._CHOICE.get(key[0])) if key else None))
+        del ws, wts
+        torch.cuda.empty_cache()
+
+    # fused gate + threshold + up (CHESS's up_proj reads only surviving rows) vs two cuBLAS GEMVs + SiLU*mul,
+    # and the whole MLP (+ input-sparse down) vs the dense MLP.
+    n = _copies(3 * I * H * 2)
+    mats = [tuple((torch.randn(I, H, device=DEV) * s_).to(dt) for s_ in (H**-0.5, 0.02)) + (
+        (torch.randn(H, I, device=DEV) * 0.02).to(dt),) for _ in range(n)]
+    wdts = [m[2].t().contiguous() for m in mats]
+    x = torch.randn(1, H, device=DEV).to(dt)
+    a = F.silu(x.float() @ mats[0][0].float().t())
+    t = torch.full((I,), float(a.abs().median()), device=DEV)  # half of this row's channels survive
+    outs = [None]
+
+    def dense_gu():
+        for wg, wu, _ in mats:
+            outs[0] = F.silu(F.linear(x, wg)) * F.linear(x, wu)
+
+    def sparse_gu():
+        for wg, wu, _ in mats:
+            outs[0] = K.gate_up_sparse_triton(x, wg, wu, t)
+
+    def dense_mlp():
+        for wg, wu, wd in mats:
+            outs[0] = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+    def sparse_mlp():
+        for (wg, wu, _), wdt in zip(mats, wdts):
+            outs[0] = K.input_sparse_matvec_triton(K.gate_up_sparse_triton(x, wg, wu, t), wdt)
+
+    sparse_gu()
+    sparse_mlp()
+    kept = int((a.abs() > t).sum())
+    ref_mlp = gate_up_sparse_reference(x, mats[0][0], mats[0][1], t).float() @ mats[0][2].float().t()
+    sp_mlp = K.input_sparse_matvec_triton(K.gate_up_sparse_triton(x, mats[0][0], mats[0][1], t), wdts[0])
+    for name, fd, fs, b_dense, b_sparse, err in (
+            ("gate+up", dense_gu, sparse_gu, 2 * I * H * 2, (I + kept) * H * 2,
+             rel(K.gate_up_sparse_triton(x, mats[0][0], mats[0][1], t),
+                 gate_up_sparse_reference(x, mats[0][0], mats[0][1], t))),
+            ("mlp", dense_mlp, sparse_mlp, 3 * I * H * 2, (I + 2 * kept) * H * 2, rel(sp_mlp, ref_mlp))):
+        td = time_cuda(fd, warmup=5, iters=ITERS, calls_per_iter=n)
+        ts = time_cuda(fs, warmup=5, iters=ITERS, calls_per_iter=n)
+        rows.append(timing_row("chess-triton", ts, baseline="cublas-dense", baseline_timing=td, bytes_moved=b_sparse,
+                               peak_tb_per_s=bw, kernel=name, K=H, N=I, batch=1, sparsity=1 - kept / I,
+                               rows_read_frac=kept / I, rel_err_vs_fp32=err,
+                               dense_tb_per_s=b_dense / (td.median_ms * 1e-3) / 1e12,
+                               dense_floor_ms=b_dense / (bw * 1e12) * 1e3))
+    del mats, wdts
+    torch.cuda.empty_cache()
+    return rows
+
+
+# 3. decode step --------------------------------------------------------------------------------------------
+def _sparsity_probe(model):
+    """Hooks that record, for the next forward, the fraction of weight bytes each sparse module can skip."""
+    stats = {"skipped_bytes": 0, "mlp_keep": [], "q_keep": [], "o_keep": []}
+    handles = []
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if isinstance(mlp, SparseMLP):
+            def pre_mlp(m, args):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                a = m.act_fn(F.linear(x, m.gate_proj.weight))
+                keep = (a.abs() > m.thresholds).any(0).float().mean().item()
+                stats["mlp_keep"].append(keep)
+                w = m.up_proj.weight
+                stats["skipped_bytes"] += (1 - keep) * 2 * w.numel() * w.element_size()
+            handles.append(mlp.register_forward_pre_hook(pre_mlp))
+        for name in ("q_proj", "o_proj"):
+            mod = getattr(layer.self_attn, name)
+            if isinstance(mod, SparseLinear):
+                def pre_lin(m, args, name=name):
+                    x = args[0].reshape(-1, args[0].shape[-1])
+                    keep = (x.float().abs() > m.threshold).any(0).float().mean().item()
+                    stats[name[0] + "_keep"].append(keep)
+                    w = m.weight
+                    stats["skipped_bytes"] += (1 - keep) * w.numel() * w.element_size()
+                handles.append(mod.register_forward_pre_hook(pre_lin))
+    return stats, handles
+
+
+def decode_rows(bw: float, num_layers: int, length: int) -> tuple[list[dict], dict]:
+    from lmsqueeze.bench.e2e import random_dense_cache
+    from lmsqueeze.bench.model import decode_inputs, decode_step_bytes
+    from lmsqueeze.bench.presets import build_random_model
+
+    t0 = time.time()
+    model = build_random_model(PRESET, torch.bfloat16, DEV, num_layers=num_layers)
+    info = {"build_s": time.time() - t0, "num_layers": num_layers, "length": length,
+            "params_b": sum(p.numel() for p in model.parameters()) / 1e9}
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    batches = [torch.randint(0, model.config.vocab_size, (1, 512), generator=gen, device=DEV) for _ in range(4)]
+    t0 = time.time()
+    art = CHESS(sparsity=0.5).calibrate(model, batches)
+    info["calibrate_s"] = time.time() - t0
+    cache = random_dense_cache(model, 1, length)
+    ids, pos = decode_inputs(model, 1, length)
+
+    def step() -> torch.Tensor:
+        return model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                     logits_to_keep=1).logits
+
+    rows = []
+    with torch.no_grad():
+        with lmsqueeze.apply(model):
+            dense_logits = step().float().clone()
+            td = time_cuda(step, warmup=5, iters=ITERS)
+        mem0 = torch.cuda.memory_allocated()
+        with lmsqueeze.apply(model, art):
+            info["extra_bytes_after_install"] = torch.cuda.memory_allocated() - mem0
+            stats, handles = _sparsity_probe(model)
+            step()
+            for h in handles:
+                h.remove()
+            sparse_logits = step().float().clone()
+            ts = time_cuda(step, warmup=5, iters=ITERS)
+        art.method.max_kernel_rows = 0  # CHESS's masked dense math: the same function, every weight read
+        with lmsqueeze.apply(model, art):
+            masked_logits = step().float().clone()
+        art.method.max_kernel_rows = K.MAX_KERNEL_BATCH
+        with lmsqueeze.apply(model):
+            td2 = time_cuda(step, warmup=5, iters=ITERS)
+    dense_bytes = decode_step_bytes(model, 1, length)
+    sparse_bytes = dense_bytes - int(stats["skipped_bytes"])
+    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
+    common = dict(preset=PRESET, num_layers=num_layers, batch=1, length=length, sparsity=0.5,
+                  mlp_keep=mean(stats["mlp_keep"]), q_keep=mean(stats["q_keep"]), o_keep=mean(stats["o_keep"]),
+                  logits_rel_err_vs_masked_dense=rel(sparse_logits, masked_logits),
+                  logits_rel_change_vs_dense=rel(sparse_logits, dense_logits),
+                  dense_bytes=dense_bytes, dense_floor_ms=dense_bytes / (bw * 1e12) * 1e3)
+    rows.append(timing_row("chess-graph", ts, baseline="dense-graph", baseline_timing=td, bytes_moved=sparse_bytes,
+                           peak_tb_per_s=bw, **common))
+    rows.append(timing_row("dense-graph (again)", td2, baseline="dense-graph", baseline_timing=td,
+                           bytes_moved=dense_bytes, peak_tb_per_s=bw, **{k: common[k] for k in
+                                                                            ("preset", "num_layers", "batch", "length")}))
+    del model, cache
+    torch.cuda.empty_cache()
+    return rows, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: check,gemv,decode")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter): a dry run")
+    args = ap.parse_args()
+    if args.smoke:
+        _smoke()
+    skip = set(filter(None, args.skip.split(",")))
+    bw = measure_copy_bandwidth(DEV) or 3.0
+    print(f"copy bandwidth {bw:.2f} TB/s", flush=True)
+    extra: dict = {"copy_tb_per_s": bw, "errors": {}}
+    rows: list[dict] = []
+    out = args.out / "chess_gpu_h100.json"
+
+    def save():
+        write_result(out, "chess_gpu", command_line(), rows, extra, device=DEV)
+
+    parts = (("check", lambda: extra.__setitem__("checks", check_kernels())),
+             ("gemv", lambda: rows.extend(gemv_rows(bw))),
+             ("decode", lambda: _decode(rows, extra, bw, args.layers, args.length)))
+    for name, fn in parts:
+        if name in skip:
+            continue
+        t0 = time.time()
+        try:
+            fn()
+        except Exception as e:  # keep the other parts' results
+            traceback.print_exc()
+            extra["errors"][name] = f"{type(e).__name__}: {e}"[:500]
+        print(f"[{name}] {time.time() - t0:.1f} s", flush=True)
+        save()
+    extra["tile_choices"] = {str(k[:-1]): str(v) for k, v in K._CHOICE.items()}
+    save()
+
+    checks = extra.get("checks", [])
+    print(f"\ncorrectness: {sum(c['ok'] for c in checks)}/{len(checks)} ok; worst rel err "
+          f"{max((c['rel_err'] for c in checks), default=float('nan')):.2e}")
+    for c in checks:
+        if not c["ok"]:
+            print("  FAILED", c)
+    print(f"\n{'kernel/step':<22}{'B':>3}{'s':>6}{'read':>7}{'dense ms':>11}{'sparse ms':>11}{'speedup':>9}"
+          f"{'TB/s sp':>9}{'floor sp':>10}")
+    for r in rows:
+        name = r.get("kernel", r["method"])
+        print(f"{name:<22}{r['batch']:>3}{r.get('sparsity', 0):>6.2f}{r.get('rows_read_frac', r.get('mlp_keep')) or 0:>7.2f}"
+              f"{r.get('baseline_ms', float('nan')):>11.4f}{r['ms']:>11.4f}{r.get('speedup', float('nan')):>9.3f}"
+              f"{r.get('tb_per_s', float('nan')):>9.2f}{r.get('floor_ms', float('nan')):>10.4f}")
+    print("errors:", extra["errors"] or "none")
+
+
+def _smoke() -> None:
+    """Dry run on this CPU: tiny shapes, Triton interpreter, perf_counter timing (numbers meaningless)."""
+    import os
+
+    global DEV, ROTATE_BYTES, PRESET, MLP, ODD, time_cuda
+    os.environ["TRITON_INTERPRET"] = "1"
+    from lmsqueeze.bench.timing import time_cpu
+
+    DEV, ROTATE_BYTES, PRESET, MLP, ODD = torch.device("cpu"), 1e4, "tiny", (64, 128), (40, 24)
+    time_cuda = lambda fn, warmup, iters, calls_per_iter=1, use_graph=True: time_cpu(  # noqa: E731
+        fn, 1, 20, calls_per_iter)
+
+
+def _decode(rows, extra, bw, layers, length):
+    r, info = decode_rows(bw, layers, length)
+    rows.extend(r)
+    extra["decode"] = info
+
+
+if __name__ == "__main__":
+    main()
