@@ -1,0 +1,1 @@
+"""lmsqueeze.train"""
