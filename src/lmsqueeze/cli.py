@@ -136,7 +136,10 @@ def report(
 ) -> None:
     """Turn result JSON files into a markdown table and PNG plots."""
     mod = importlib.import_module("lmsqueeze.eval.report")
-    mod.report(results, out)
+    table, plots = mod.report(results, out)
+    typer.echo(f"wrote {table}")
+    for plot in plots:
+        typer.echo(f"wrote {plot}")
 
 
 def _mount_subapps() -> None:

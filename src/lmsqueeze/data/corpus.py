@@ -6,6 +6,7 @@ found under, so the split is the same on every machine that has the same files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import site
 import sysconfig
@@ -56,6 +57,12 @@ def python_source_roots(include_packages: bool = False) -> list[Path]:
     return roots
 
 
+@functools.lru_cache(maxsize=32)
+def _listing(root: Path, suffixes: tuple[str, ...]) -> tuple[Path, ...]:
+    """Sorted files under a directory with one of `suffixes` (cached: the stdlib walk takes seconds)."""
+    return tuple(sorted(p for p in root.rglob("*") if p.suffix in suffixes))
+
+
 def iter_files(
     roots: list[Path], split: str, suffixes: tuple[str, ...] = (".py",),
     fractions: SplitFractions = SplitFractions(), max_bytes: int = 1_000_000,
@@ -67,10 +74,10 @@ def iter_files(
     if split not in SPLITS:
         raise LmsqueezeError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     for root in roots:
-        root = Path(root)
+        root = Path(root).resolve()
         if not root.exists():
             raise LmsqueezeError(f"corpus path {root} does not exist; pass an existing file or directory")
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in suffixes)
+        files = [root] if root.is_file() else _listing(root, suffixes)
         for path in files:
             rel = path.name if root.is_file() else path.relative_to(root).as_posix()
             if "site-packages/" in rel and root.name != "site-packages" and "site-packages" not in root.parts:
