@@ -1,0 +1,94 @@
+"""Regenerate the README's results section from the JSON files in benchmarks/results/.
+
+Each table names its source file; nothing is typed in by hand. Run: python benchmarks/scripts/update_readme.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def device_line(d: dict, name: str) -> str:
+    dev = d.get("device")
+    dev = dev.get("name") if isinstance(dev, dict) else dev
+    commit = d.get("commit") or d.get("git_commit") or "?"
+    return f"_Source: `benchmarks/results/{name}` ({dev}, commit {str(commit)[:7]})._"
+
+
+def e2e_table(name: str) -> list[str]:
+    d = load(name)
+    if d is None:
+        return []
+    out = ["| batch | context | method | step ms | bytes floor ms | x floor | tokens/s | vs eager DynamicCache |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        out.append(f"| {r['batch']} | {r['length'] // 1024}K | {r['method']} | {r['ms']:.2f} | {r['floor_ms']:.2f} | "
+                   f"{r['x_floor']:.2f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
+    return out + ["", device_line(d, name), ""]
+
+
+def kernel_table(name: str) -> list[str]:
+    d = load(name)
+    if d is None:
+        return []
+    out = ["| batch | context | implementation | µs | TB/s | vs SDPA |", "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        if r["impl"] == "ours_smax_2x":
+            continue
+        vs = f"{r['speedup_vs_sdpa']:.2f}x" if "speedup_vs_sdpa" in r else "1.00x"
+        out.append(f"| {r['batch']} | {r['length'] // 1024}K | {r['impl']} | {r['ms'] * 1e3:.1f} | {r['tbps']:.2f} | {vs} |")
+    return out + ["", device_line(d, name), ""]
+
+
+def generic_sections() -> list[str]:
+    """Method result files that carry a `readme` block: {title, columns, rows} written by their scripts."""
+    out = []
+    for path in sorted(RESULTS.glob("*.json")):
+        d = json.loads(path.read_text())
+        block = d.get("readme") if isinstance(d, dict) else None
+        if not block:
+            continue
+        out += [f"### {block['title']}", "", "| " + " | ".join(block["columns"]) + " |",
+                "|" + "---|" * len(block["columns"])]
+        out += ["| " + " | ".join(str(c) for c in row) + " |" for row in block["rows"]]
+        out += ["", device_line(d, path.name), ""]
+    return out
+
+
+def render() -> str:
+    lines = ["### End-to-end decode step (Llama-3-8B shape, random weights, bf16, H100)", "",
+             "One decode step of the whole model over an N-token cache; every row timed in the same run "
+             "(CUDA events, median of 30 after warm-up; `graph` rows replay a CUDA graph). The bytes floor is "
+             "(weights + KV read) / 3.0 TB/s.", ""]
+    lines += e2e_table("bench_e2e_llama3-8b_b1_h100.json")
+    lines += e2e_table("bench_e2e_llama3-8b_b8_h100.json")
+    lines += ["### Decode attention kernel (32 query / 8 KV heads, D=128, bf16)", ""]
+    lines += kernel_table("decode_kernel_h100.json")
+    lines += generic_sections()
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    block = f"{START}\n{render()}{END}"
+    if START in text:
+        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    else:
+        text = text.replace("_No GPU results committed yet._", block)
+    readme.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
