@@ -153,10 +153,6 @@ def _mount_subapps() -> None:
             if e.name != module:
                 raise
             continue
-        if name == "bench":
-            from lmsqueeze.bench.e2e import e2e
-
-            sub.command("e2e")(e2e)
         app.add_typer(sub, name=name, help=help_text)
 
 

@@ -117,6 +117,18 @@ def step(preset: Preset = "llama3-8b", lengths: Lengths = "32768", batch: Batch 
          out: Out = None, iters: int = 30, warmup: int = 5, device: Device = "auto", peak_tbps: Peak = 3.0,
          num_layers: NumLayers = None) -> None:
     """Whole-model decode step over an N-token cache (random weights): latency, TB/s and tokens/s at batch B."""
+    run_step_command("decode_step", preset, lengths, batch, dtype, variants, baseline, out, iters, warmup,
+                     device, peak_tbps, num_layers, [
+                         ("tok/s", "tokens_per_s", ",.1f"), ("TB/s", "tb_per_s", ".3f"),
+                         ("of peak", "frac_of_peak", ".1%")], "decode step")
+
+
+def run_step_command(kind: str, preset: str, lengths: str, batch: str, dtype: str, variants: str, baseline: str,
+                     out: Path | None, iters: int, warmup: int, device: str, peak_tbps: float,
+                     num_layers: int | None, columns: list, title: str) -> list[dict[str, Any]]:
+    """Parse the options, time every step variant over the sweep, print a table with `columns` and write JSON.
+
+    Shared by `bench step` and `bench e2e`; rows also get `x_floor` (time over the bytes floor)."""
     from lmsqueeze.bench.model import STEP_VARIANTS, run_step_sweep, weight_bytes
     from lmsqueeze.bench.options import parse_int_list, parse_names
 
@@ -126,14 +138,16 @@ def step(preset: Preset = "llama3-8b", lengths: Lengths = "32768", batch: Batch 
     dev, dt, model = _model(preset, device, dtype, num_layers)
     rows, skipped = run_step_sweep(model, lens, batches, names, baseline, warmup, iters, peak_tbps,
                                    preset=preset, dtype=str(dt), num_layers=model.config.num_hidden_layers)
+    for row in rows:
+        row["x_floor"] = row["ms"] / row["floor_ms"]
     extra = dict(options=dict(preset=preset, lengths=lens, batch=batches, dtype=str(dt), variants=names,
                               baseline=baseline, iters=iters, warmup=warmup, num_layers=num_layers),
                  weight_bytes=weight_bytes(model), peak_tb_per_s=peak_tbps)
-    _finish("decode_step", rows, skipped, extra, out, dev, [
-        ("B", "batch", ""), ("N", "length", ""), ("method", "method", ""), ("ms", "ms", ".3f"),
-        ("tok/s", "tokens_per_s", ",.1f"), ("TB/s", "tb_per_s", ".3f"), ("of peak", "frac_of_peak", ".1%"),
+    _finish(kind, rows, skipped, extra, out, dev, [
+        ("B", "batch", ""), ("N", "length", ""), ("method", "method", ""), ("ms", "ms", ".3f"), *columns,
         (f"vs {baseline}", "speedup", ".3f"), ("logits err", "logits_rel_err", ".1e"), ("graph", "graph", "")],
-        f"decode step, {preset}, {dt}")
+        f"{title}, {preset}, {dt}")
+    return rows
 
 
 @app.command()
@@ -189,6 +203,15 @@ def plot(result: Annotated[Path, typer.Argument(help="a decode_attention result 
     from lmsqueeze.bench.plot import plot_attention
 
     typer.echo(f"wrote {plot_attention(result, png)}")
+
+
+def _register_e2e() -> None:
+    from lmsqueeze.bench.e2e import e2e
+
+    app.command("e2e")(e2e)
+
+
+_register_e2e()
 
 
 def main() -> None:

@@ -68,23 +68,9 @@ def e2e(preset: Annotated[str, Opt(help="model shape preset")] = "llama3-8b",
         peak_tbps: Annotated[float, Opt("--peak-tbps", help="bandwidth of the bytes floor")] = 3.0,
         num_layers: Annotated[int | None, Opt(help="keep only the first N layers")] = None) -> None:
     """End-to-end decode step: lmsqueeze's graphed path vs transformers eager/static/compiled, bytes floor."""
-    from lmsqueeze.bench.cli import _finish, _model
-    from lmsqueeze.bench.model import STEP_VARIANTS, run_step_sweep, weight_bytes
-    from lmsqueeze.bench.options import parse_int_list, parse_names
+    from lmsqueeze.bench.cli import run_step_command
 
-    lens, batches = parse_int_list(lengths, "lengths"), parse_int_list(batch, "batch sizes")
-    names = parse_names(variants, STEP_VARIANTS, "step variant")
-    parse_names([baseline], STEP_VARIANTS, "baseline variant")
-    dev, dt, model = _model(preset, device, dtype, num_layers)
-    rows, skipped = run_step_sweep(model, lens, batches, names, baseline, warmup, iters, peak_tbps,
-                                   preset=preset, dtype=str(dt), num_layers=model.config.num_hidden_layers)
-    for row in rows:  # timing_row gives floor_ms = bytes / peak bandwidth
-        row["x_floor"] = row["ms"] / row["floor_ms"]
-    extra = dict(options=dict(preset=preset, lengths=lens, batch=batches, dtype=str(dt), variants=names,
-                              baseline=baseline, iters=iters, warmup=warmup, num_layers=num_layers),
-                 weight_bytes=weight_bytes(model), peak_tb_per_s=peak_tbps)
-    _finish("decode_e2e", rows, skipped, extra, out, dev, [
-        ("B", "batch", ""), ("N", "length", ""), ("method", "method", ""), ("ms", "ms", ".3f"),
-        ("floor ms", "floor_ms", ".3f"), ("x floor", "x_floor", ".2f"), ("tok/s", "tokens_per_s", ",.1f"),
-        (f"vs {baseline}", "speedup", ".2f"), ("logits err", "logits_rel_err", ".1e"), ("graph", "graph", "")],
-        f"end-to-end decode step, {preset}, {dt}")
+    run_step_command("decode_e2e", preset, lengths, batch, dtype, variants, baseline, out, iters, warmup, device,
+                     peak_tbps, num_layers, [
+                         ("floor ms", "floor_ms", ".3f"), ("x floor", "x_floor", ".2f"),
+                         ("tok/s", "tokens_per_s", ",.1f")], "end-to-end decode step")
