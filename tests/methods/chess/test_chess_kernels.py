@@ -63,6 +63,8 @@ triton = pytest.importorskip("triton")
 @pytest.mark.parametrize("B, K, N, dtype, threshold, cfg", [
     (1, 100, 70, torch.float32, 0.0, SpmvConfig(32, 16, 4, 4)),
     (1, 257, 33, torch.float16, 0.6, SpmvConfig(64, 32, 4, 1)),
+    (1, 301, 1100, torch.float32, 0.5, SpmvConfig(64, 16, 4, 1, prefetch=True)),  # 8 steps per split
+    (1, 40, 24, torch.float16, 0.0, SpmvConfig(32, 16, 2, 1, prefetch=True)),
     (3, 96, 130, torch.float32, 0.3, SpmvConfig(64, 16, 4, 4)),
     (16, 64, 48, torch.float16, 0.5, SpmvConfig(32, 32, 4, 2)),
 ])

@@ -10,7 +10,8 @@ float32 partials [num_splits, B, N]; `_reduce_kernel` sums them, adds the bias a
 |silu(gate)| <= t_i. The gate rows are read densely (they decide the mask); an up row is read only if its
 channel survives for some batch row. No partials: each program finishes its BLOCK_I channels.
 
-BLOCK_B == 1 uses broadcast-multiply-and-sum; BLOCK_B >= 16 uses tl.dot over the padded batch.
+BLOCK_B == 1 uses broadcast-multiply-and-sum into a 2D accumulator (reduced once at the end), optionally
+software-pipelined (PREFETCH); BLOCK_B >= 16 uses tl.dot over the padded batch.
 """
 
 from __future__ import annotations
@@ -20,10 +21,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _x_tile(X, offs_b, b_ok, offs_k, k_hi, stride_xb, threshold):
+    """x[b, k] for the tile (0 outside [.., k_hi) and where |x| <= threshold) and the union row mask."""
+    k_ok = offs_k < k_hi
+    x = tl.load(X + offs_b[:, None] * stride_xb + offs_k[None, :], mask=b_ok[:, None] & k_ok[None, :],
+                other=0.0).to(tl.float32)
+    keep = tl.abs(x) > threshold
+    x = tl.where(keep, x, 0.0)
+    need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: union over the batch
+    return x, need
+
+
+@triton.jit
 def _input_sparse_kernel(
     X, W, Part, B, K, N, k_per_split, threshold,
     stride_xb, stride_wk, stride_ps, stride_pb,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, IEEE_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -35,26 +49,38 @@ def _input_sparse_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)  # BLOCK_B == 1: reduce over k once, at the end
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_hi
-        x = tl.load(X + offs_b[:, None] * stride_xb + offs_k[None, :], mask=b_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
-        keep = tl.abs(x) > threshold
-        x = tl.where(keep, x, 0.0)
-        need = tl.max(keep.to(tl.int32), axis=0) > 0  # [BLOCK_K]: union over the batch
-        w = tl.load(W + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :],
-                    mask=need[:, None] & n_ok[None, :], other=0.0)
-        if BLOCK_B == 1:
-            xk = tl.sum(x, axis=0)  # [BLOCK_K]
-            acc2 += xk[:, None] * w.to(tl.float32)
-        else:
-            if IEEE_DOT:
-                acc += tl.dot(x, w.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(x.to(w.dtype), w)
-    if BLOCK_B == 1:
+    if PREFETCH:
+        # Software pipeline (BLOCK_B == 1): the x and W tiles of step i + 1 are requested before step i's
+        # multiply-adds, so two W tiles are in flight per program (the x -> mask -> W dependency otherwise
+        # leaves the memory system idle between steps). The tile past k_hi is fully masked: no traffic.
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        x_c, need_c = _x_tile(X, offs_b, b_ok, offs_k, k_hi, stride_xb, threshold)
+        w_c = tl.load(W + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :],
+                      mask=need_c[:, None] & n_ok[None, :], other=0.0)
+        for k0 in range(k_lo + BLOCK_K, k_hi + BLOCK_K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x_n, need_n = _x_tile(X, offs_b, b_ok, offs_k, k_hi, stride_xb, threshold)
+            w_n = tl.load(W + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :],
+                          mask=need_n[:, None] & n_ok[None, :], other=0.0)
+            acc2 += tl.sum(x_c, axis=0)[:, None] * w_c.to(tl.float32)
+            x_c = x_n
+            w_c = w_n
         acc += tl.sum(acc2, axis=0)[None, :]
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x, need = _x_tile(X, offs_b, b_ok, offs_k, k_hi, stride_xb, threshold)
+            w = tl.load(W + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :],
+                        mask=need[:, None] & n_ok[None, :], other=0.0)
+            if BLOCK_B == 1:
+                acc2 += tl.sum(x, axis=0)[:, None] * w.to(tl.float32)
+            else:
+                if IEEE_DOT:
+                    acc += tl.dot(x, w.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x.to(w.dtype), w)
+        if BLOCK_B == 1:
+            acc += tl.sum(acc2, axis=0)[None, :]
     tl.store(Part + pid_s * stride_ps + offs_b[:, None] * stride_pb + offs_n[None, :], acc,
              mask=b_ok[:, None] & n_ok[None, :])
 

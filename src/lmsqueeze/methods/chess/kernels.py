@@ -38,6 +38,7 @@ class SpmvConfig:
     block_k: int
     num_warps: int
     programs_per_sm: int
+    prefetch: bool = False  # batch 1 only: request the next tiles before this step's multiply-adds
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,9 @@ SPMV_CONFIGS_B1 = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(256, 32, 4, 4), SpmvConfig(128, 128, 8, 4), SpmvConfig(256, 64, 8, 2),
     SpmvConfig(128, 64, 4, 8), SpmvConfig(64, 128, 4, 4), SpmvConfig(256, 64, 8, 4), SpmvConfig(512, 32, 8, 4),
     SpmvConfig(128, 32, 4, 8), SpmvConfig(128, 64, 4, 16), SpmvConfig(256, 32, 4, 8), SpmvConfig(64, 64, 2, 8),
+    SpmvConfig(128, 64, 4, 4, True), SpmvConfig(128, 32, 4, 4, True), SpmvConfig(256, 32, 8, 4, True),
+    SpmvConfig(128, 64, 4, 2, True), SpmvConfig(64, 64, 2, 8, True), SpmvConfig(128, 32, 4, 8, True),
+    SpmvConfig(256, 64, 8, 2, True), SpmvConfig(64, 128, 4, 4, True),
 )
 SPMV_CONFIGS_DOT = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(64, 64, 4, 4), SpmvConfig(128, 32, 4, 8), SpmvConfig(256, 64, 8, 2),
@@ -160,7 +164,8 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
         ts._input_sparse_kernel[(n_blocks, splits)](
             x, w_t, part, B, K, N, k_per, float(threshold),
             x.stride(0), w_t.stride(0), part.stride(0), part.stride(1),
-            BLOCK_B=BB, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, IEEE_DOT=ieee, num_warps=cfg.num_warps,
+            BLOCK_B=BB, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, IEEE_DOT=ieee,
+            PREFETCH=cfg.prefetch and BB == 1, num_warps=cfg.num_warps,
         )
         y = torch.empty(B, N, dtype=x.dtype, device=x.device)
         rb = 256
