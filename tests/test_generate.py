@@ -97,3 +97,22 @@ def test_bad_inputs():
     holes[0, 20] = 0
     with pytest.raises(LmsqueezeError, match="left padding"):
         left_padding_starts(holes)
+
+
+def test_zoo_model_greedy_equals_transformers():
+    """The bundled default model: the fast path's greedy tokens equal transformers' (batch 1 and 3, padded)."""
+    from lmsqueeze.models.loading import default_model_path
+
+    if not default_model_path().exists():
+        pytest.skip("the bundled zoo model is not in this checkout")
+    model, tok = lmsqueeze.load_model()
+    texts = ["def parse_args(argv):\n    parser = ", "import os\n\nclass Cache:\n    def __init__(self", "x = 1\n"]
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    for batch in (texts[:1], texts):
+        enc = tok(batch, return_tensors="pt", padding=True)
+        ref = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=24,
+                       pad_token_id=tok.pad_token_id)
+        assert torch.equal(out.sequences, ref)
