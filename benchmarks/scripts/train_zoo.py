@@ -89,9 +89,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path")
     ap.add_argument("--tokenizer", type=Path, default=Path("src/lmsqueeze/zoo/tokenizer"))
-    ap.add_argument("--deadline-s", type=float, default=495.0, help="whole script, from its start")
-    ap.add_argument("--default-budget-s", type=float, default=215.0)
-    ap.add_argument("--looped-budget-s", type=float, default=150.0)
+    ap.add_argument("--deadline-s", type=float, default=520.0, help="whole script, from its start")
+    ap.add_argument("--default-budget-s", type=float, default=265.0)
+    ap.add_argument("--looped-budget-s", type=float, default=185.0)
     ap.add_argument("--looped-eval-reserve-s", type=float, default=45.0)
     ap.add_argument("--max-chars", type=int, default=400_000_000)
     ap.add_argument("--unpack", type=Path)
@@ -129,7 +129,7 @@ def main() -> int:
         corpus = CorpusSpec(include_packages=True, max_chars=args.max_chars)
         models = [("default", "default"), ("looped-4x3", "looped-4x3")]
         tcfg = {"default": train_preset("gpu", time_budget_s=args.default_budget_s),
-                "looped-4x3": train_preset("gpu", time_budget_s=args.looped_budget_s)}
+                "looped-4x3": train_preset("gpu-looped", time_budget_s=args.looped_budget_s)}
         ecfg = EvalConfig()
         val_chars, min_stream = 4_000_000, 5_000_000
     mix = RetrievalMix()

@@ -51,7 +51,7 @@ class LoopedConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
     pad_token_id: int | None = 2
-    exit_loss_weights: list[float] = field(default_factory=list)  # per pass; empty: proportional to r+1
+    exit_loss_weights: list[float] = field(default_factory=list)  # per pass; empty: proportional to (r+1)^2
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
@@ -73,8 +73,9 @@ class LoopedConfig:
         return f"{self.num_unique_layers}x{self.num_loops}"
 
     def loss_weights(self) -> list[float]:
-        """Weights of the per-pass losses, summing to 1 (later passes weigh more by default)."""
-        w = self.exit_loss_weights or [float(r + 1) for r in range(self.num_loops)]
+        """Weights of the per-pass losses, summing to 1 (later passes weigh more: (r+1)^2 by default,
+        1:4:9 for three passes, so the last pass keeps improving on the ones before)."""
+        w = self.exit_loss_weights or [float((r + 1) ** 2) for r in range(self.num_loops)]
         total = sum(w)
         return [x / total for x in w]
 

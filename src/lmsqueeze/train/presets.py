@@ -25,6 +25,10 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "gpu": TrainConfig(seq_len=8320, batch_size=8, lr=2e-3, warmup_steps=100, max_steps=100_000,
                        curriculum=[(0.0, 2080), (0.1, 8320)], log_every=25, eval_every=300,
                        ckpt_every=1000, device="cuda"),
+    # looped: 60% of the time at 2K (attention is the cost at 8K and the block runs 3x), then 8K
+    "gpu-looped": TrainConfig(seq_len=8320, batch_size=8, lr=2e-3, warmup_steps=100, max_steps=100_000,
+                              curriculum=[(0.0, 2080), (0.6, 8320)], log_every=25, eval_every=300,
+                              ckpt_every=1000, device="cuda"),
     "smoke": TrainConfig(seq_len=512, batch_size=2, lr=3e-3, warmup_steps=2, max_steps=6,
                          curriculum=[(0.0, 256), (0.5, 512)], log_every=2, eval_every=3, ckpt_every=3,
                          device="cpu", amp=False),

@@ -79,8 +79,8 @@ FILLERS = ("code", "prose_repeat", "prose_random")
 class RetrievalMix:
     """Share of training sequences that are retrieval sequences, and their formats and fillers."""
 
-    fraction: float = 0.4
-    formats: dict[str, float] = field(default_factory=lambda: {"code": 0.3, "prose": 0.25, "kv": 0.2,
+    fraction: float = 0.5
+    formats: dict[str, float] = field(default_factory=lambda: {"code": 0.4, "prose": 0.2, "kv": 0.15,
                                                                 "multikey": 0.25})
     fillers: dict[str, float] = field(default_factory=lambda: {"code": 0.6, "prose_repeat": 0.15,
                                                                 "prose_random": 0.25})
