@@ -165,7 +165,9 @@ def train_loop(model: LoopedDecoder, sampler, cfg: TrainConfig, run_dir: str | P
         loss_acc = per_pass if loss_acc is None else loss_acc + per_pass
         n_acc += 1
         step = state["step"]
-        if step % cfg.log_every == 0 or step == 1:
+        state["elapsed_s"] = time.perf_counter() - t_start
+        last = progress() >= 1.0
+        if step % cfg.log_every == 0 or step == 1 or last:
             per = (loss_acc / n_acc).tolist()  # synchronises
             now = time.perf_counter()
             state["elapsed_s"] = now - t_start
@@ -174,9 +176,6 @@ def train_loop(model: LoopedDecoder, sampler, cfg: TrainConfig, run_dir: str | P
                   "grad_norm": float(grad_norm), "tok_per_s": window_tokens / max(now - window_t, 1e-9),
                   "elapsed_s": state["elapsed_s"]})
             window_t, window_tokens, loss_acc, n_acc = now, 0, None, 0
-        else:
-            state["elapsed_s"] = time.perf_counter() - t_start
-        last = progress() >= 1.0
         if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
             model.eval()
             result = evaluate(model)
