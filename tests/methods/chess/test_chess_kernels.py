@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.chess import cpu_native
 from lmsqueeze.methods.chess.cpu import gate_up_sparse_cpu, input_sparse_matvec_cpu, sparse_mlp_cpu
 from lmsqueeze.methods.chess.kernels import (
     GateUpConfig,
@@ -105,9 +106,21 @@ def test_triton_rejects_bad_shapes():
         input_sparse_matvec_triton(torch.randn(1, 8), torch.randn(4, 8).t())
 
 
+@pytest.fixture(params=["native", "torch-ops"])
+def cpu_impl(request, monkeypatch):
+    """Run a CPU test with the compiled kernels (skipped where no C compiler works) or the torch-ops path."""
+    if request.param == "native":
+        if cpu_native.library() is None:
+            pytest.skip("no C compiler: the native CPU kernels are not built here")
+    else:
+        monkeypatch.setitem(cpu_native._STATE, "tried", True)
+        monkeypatch.setitem(cpu_native._STATE, "lib", None)
+    return request.param
+
+
 @pytest.mark.parametrize("B, dtype", [(1, torch.float32), (4, torch.float32), (1, torch.bfloat16),
                                       (3, torch.bfloat16)])
-def test_cpu_paths_match_reference_and_skip_rows(B, dtype):
+def test_cpu_paths_match_reference_and_skip_rows(B, dtype, cpu_impl):
     x, w_t, w_poisoned, bias = _spmv_inputs(B, 300, 77, dtype, 0.4)
     out = input_sparse_matvec_cpu(x, w_poisoned, 0.4, bias)
     assert torch.isfinite(out).all() and out.dtype == dtype
@@ -127,7 +140,7 @@ def test_cpu_paths_match_reference_and_skip_rows(B, dtype):
     assert _rel(y, ref_y) < 2 * TOL[dtype]
 
 
-def test_cpu_path_all_dropped_gives_zeros_or_bias():
+def test_cpu_path_all_dropped_gives_zeros_or_bias(cpu_impl):
     x = torch.randn(2, 16) * 0.01
     bias = torch.randn(5)
     out = input_sparse_matvec_cpu(x, torch.full((16, 5), float("nan")), 1.0, bias)

@@ -1,4 +1,5 @@
-"""CPU sparse GEMVs from vectorised, multithreaded torch ops (no compiler needed on the edge device).
+"""CPU sparse GEMVs: native C + OpenMP loops (`cpu_native.py`, built at first use) where a C compiler exists,
+else vectorised, multithreaded torch ops (same results):
 
 - Input-sparse (down, q, o): y = sum_k x_k W_t[k, :] over the nonzero k is exactly an `embedding_bag`
   with `per_sample_weights` (fused gather + weighted sum, vectorised; parallel over bags). One bag per
@@ -6,7 +7,8 @@
   each bag sums its group's rows, and the partials are added. Only the needed rows of W_t are read, once.
 - Output-sparse (up): the needed rows of W_up are gathered (`index_select`, parallel memcpy of contiguous
   rows) into a cache-sized buffer chunk by chunk and multiplied by x, so the gathered copy stays in cache
-  and DRAM traffic is about the needed rows only.
+  and DRAM traffic is about the needed rows only. (The copy costs about as much as a dense GEMV on a CPU, so
+  this fallback barely beats dense; the native `rows_dot` reads the surviving rows in place.)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmsqueeze.methods.chess import cpu_native
 from lmsqueeze.methods.chess.reference import threshold_input
 
 CHUNK_BYTES = 4 << 20  # gathered up-rows per chunk (stays in the last-level cache)
@@ -32,6 +35,8 @@ def rows_weighted_sum_cpu(w_t: torch.Tensor, idx: torch.Tensor, coef: torch.Tens
     N = w_t.shape[1]
     if n == 0:
         return torch.zeros(B, N, dtype=w_t.dtype)
+    if cpu_native.supports(w_t, B):
+        return cpu_native.rows_axpy(w_t, idx, coef).to(w_t.dtype)
     if splits is None:
         splits = BAGS_PER_THREAD * torch.get_num_threads()
     P = max(1, min(splits, n))
@@ -48,6 +53,8 @@ def rows_matvec_cpu(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torc
     out = torch.empty(x.shape[0], n, dtype=w.dtype)
     if n == 0:
         return out
+    if cpu_native.supports(w, x.shape[0]):
+        return cpu_native.rows_dot(w, idx, x).to(w.dtype)
     chunk = max(16, CHUNK_BYTES // (C * w.element_size()))
     buf = torch.empty(min(chunk, n), C, dtype=w.dtype)
     xw = x.to(w.dtype)
