@@ -1,0 +1,205 @@
+"""Triton kernels of A²ATS retrieval (imported lazily: this module needs triton).
+
+`_select_kernel`, grid (B * Hkv,): for the G query heads of one KV group, finds by bisection over the
+order-preserving integer image of the float scores the kth-largest candidate score (codes weighted by how
+many candidate tokens carry them), and writes which codes reach it for any head (int8 [C]).
+
+`_sparse_split_kernel`, grid (B * Hkv, num_splits): split-K flash decoding over the slots of one sequence,
+reading each slot's code (2 bytes), looking it up in the selected-code table, and loading K/V rows only for
+attended slots (masked loads: unselected rows cost no memory traffic). The K/V store may be pinned host
+memory: the kernel then reads the selected rows over PCIe (zero-copy). `_merge_kernel` merges the splits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _select_kernel(Lut, Counts, Kth, Sel,
+                   stride_lb, stride_lh, stride_lg, stride_cb, stride_ch, stride_sb, stride_sh,
+                   C, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_c = tl.arange(0, BLOCK_C)
+    gm = offs_g < G
+    cm = offs_c < C
+    lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    vals = tl.load(lut + offs_g[:, None] * stride_lg + offs_c[None, :], mask=gm[:, None] & cm[None, :],
+                   other=float("-inf")).to(tl.float32)
+    cnt = tl.load(Counts + b.to(tl.int64) * stride_cb + h * stride_ch + offs_c, mask=cm, other=0)
+    total = tl.sum(cnt, 0)
+    kth = tl.minimum(tl.load(Kth + b), total)
+    bits = vals.to(tl.int32, bitcast=True)
+    keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # float order == signed integer order
+    lo = tl.full([BLOCK_G], -2147483648, tl.int64)  # invariant: count(keys >= lo) >= kth
+    hi = tl.full([BLOCK_G], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum(tl.where(keys >= mid[:, None], cnt[None, :], 0), 1)
+        ok = c >= kth
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    take = (keys >= lo[:, None]) & gm[:, None] & (kth > 0)
+    sel = tl.max(take.to(tl.int32), 0)
+    tl.store(Sel + b.to(tl.int64) * stride_sb + h * stride_sh + offs_c, sel.to(tl.int8), mask=cm)
+
+
+@triton.jit
+def _sparse_split_kernel(
+    Q, K, V, Codes, Sel, Lengths, Starts, MidO, MidLse,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_cb, stride_ch, stride_sb, stride_sh,
+    scale_log2, sinks, window, s_max, num_splits,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEAR: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+
+    length = tl.minimum(tl.load(Lengths + b), s_max)
+    start = tl.load(Starts + b)
+    near_lo = start + sinks  # slots below are sinks
+    near_hi = length - window  # slots from here on are the recent window
+    if NEAR:
+        lo = start
+        hi = length
+    else:
+        lo = near_lo
+        hi = near_hi
+    lo = tl.maximum(lo, 0)
+    n = tl.maximum(hi - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(n, num_splits), BLOCK_N) * BLOCK_N
+    c_lo = lo + split * chunk
+    c_hi = tl.minimum(c_lo + chunk, hi)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    heads = hkv * G + offs_g
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+    c_base = Codes + b.to(tl.int64) * stride_cb + hkv.to(tl.int64) * stride_ch
+    s_base = Sel + b.to(tl.int64) * stride_sb + hkv.to(tl.int64) * stride_sh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start_n in range(c_lo, c_hi, BLOCK_N):
+        slots = start_n + offs_n
+        in_r = slots < c_hi
+        code = tl.load(c_base + slots, mask=in_r, other=0).to(tl.int32)
+        take = tl.load(s_base + code, mask=in_r, other=0) != 0
+        if NEAR:
+            take = take | (slots < near_lo) | (slots >= near_hi)
+        take = take & in_r
+        if tl.max(take.to(tl.int32), 0) > 0:
+            if BLOCK_D == D:
+                kv_mask = take[:, None]
+            else:
+                kv_mask = take[:, None] & d_mask[None, :]
+            k = tl.load(k_base + slots[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + slots[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+            if IEEE_DOT:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(take[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE_DOT:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
+    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(MidLse + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _merge_kernel(MidO, MidLse, Out, Lse, stride_ob, stride_oh, num_splits,
+                  HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)  # = b * HQ + h
+    b = pid // HQ
+    h = pid % HQ
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < D
+    base = pid.to(tl.int64) * num_splits
+    lse = tl.load(MidLse + base + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m)
+    total = tl.sum(w, 0)
+    o = tl.load(MidO + (base + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :],
+                other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
+    tl.store(Lse + pid, tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
+
+
+def select_launch(lut: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor, sel: torch.Tensor) -> None:
+    """lut: [B, Hkv, G, C] (last dim contiguous), counts: [B, Hkv, C] int32, kth: [B] int32 -> sel int8."""
+    B, Hkv, G, C = lut.shape
+    block_c = triton.next_power_of_2(C)
+    _select_kernel[(B * Hkv,)](
+        lut, counts, kth, sel,
+        lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1),
+        sel.stride(0), sel.stride(1),
+        C, HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK_C=block_c,
+        num_warps=4 if block_c * triton.next_power_of_2(G) <= 4096 else 8,
+    )
+
+
+def sparse_launch(q, k_store, v_store, codes, sel, starts, lengths, sinks: int, window: int, scaling: float,
+                  near: bool, num_splits: int, block_n: int, num_warps: int, num_stages: int):
+    """Launch the split and merge kernels; inputs validated by the caller. Returns out [B, Hq, D], lse [B, Hq]."""
+    B, Hq, D = q.shape
+    Hkv, s_max = k_store.shape[1], k_store.shape[2]
+    G = Hq // Hkv
+    mid_o = torch.empty((B, Hq, num_splits, D), device=q.device, dtype=torch.float32)
+    mid_lse = torch.empty((B, Hq, num_splits), device=q.device, dtype=torch.float32)
+    block_d = triton.next_power_of_2(D)
+    _sparse_split_kernel[(B * Hkv, num_splits)](
+        q, k_store, v_store, codes, sel, lengths, starts, mid_o, mid_lse,
+        q.stride(0), q.stride(1),
+        k_store.stride(0), k_store.stride(1), k_store.stride(2),
+        v_store.stride(0), v_store.stride(1), v_store.stride(2),
+        codes.stride(0), codes.stride(1), sel.stride(0), sel.stride(1),
+        float(scaling) * _LOG2E, int(sinks), int(window), s_max, num_splits,
+        HKV=Hkv, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_N=block_n,
+        NEAR=near, IEEE_DOT=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, Hq), device=q.device, dtype=torch.float32)
+    _merge_kernel[(B * Hq,)](
+        mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), num_splits,
+        HQ=Hq, D=D, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=block_d,
+        num_warps=4 if num_splits * block_d <= 8192 else 8,
+    )
+    return out, lse

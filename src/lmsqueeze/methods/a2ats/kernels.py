@@ -1,0 +1,137 @@
+"""A²ATS retrieval kernels: Triton on CUDA, the PyTorch reference (`reference.py`) elsewhere.
+
+- `select_codes`: from the lookup table q·C and the candidate histogram per code, the codes whose score
+  reaches the kth-largest candidate score of any head of a KV group.
+- `sparse_decode_attention`: one decode query per sequence over the sinks, the window and the slots whose
+  code is selected, reading K/V rows only for attended slots. The K/V store may be pinned host memory
+  (zero-copy reads over PCIe) while q, codes and sel are on the GPU.
+
+Both read lengths/starts from device tensors and never synchronise with the host: CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.a2ats.reference import select_codes_reference, sparse_decode_attention_reference
+
+MAX_TRITON_CODEBOOK = 8192  # one program holds G x C scores in registers
+TILES_PER_PROGRAM = 16  # sparse kernel: slots one program scans ~ 16 tiles (latency-bound gather chain)
+MAX_SPLITS = 256
+SPARSE_BLOCK_N = 64
+SPARSE_NUM_WARPS = 4
+SPARSE_NUM_STAGES = 2
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_sparse_splits(batch: int, kv_heads: int, s_max: int, block_n: int = SPARSE_BLOCK_N,
+                          tiles_per_program: int = TILES_PER_PROGRAM) -> int:
+    """Splits per (sequence, KV head): about `tiles_per_program` tiles of the static buffer each.
+
+    Depends on shapes only (never on lengths), so one captured graph serves every length.
+    """
+    tiles = -(-s_max // block_n)
+    return max(1, min(MAX_SPLITS, -(-tiles // tiles_per_program)))
+
+
+def _check_select(lut: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor) -> None:
+    if lut.dim() != 4 or counts.dim() != 3 or lut.shape[:2] != counts.shape[:2] or lut.shape[3] != counts.shape[2]:
+        raise LmsqueezeError(f"select_codes wants lut [B, Hkv, G, C] and counts [B, Hkv, C]; got "
+                             f"{tuple(lut.shape)} and {tuple(counts.shape)}")
+    if kth.shape != (lut.shape[0],):
+        raise LmsqueezeError(f"kth must be a [B] tensor, got {tuple(kth.shape)}")
+
+
+def select_codes(lut: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """lut: [B, Hkv, G, C] float (last dim contiguous), counts: [B, Hkv, C] int32, kth: [B] int32 ->
+    sel: [B, Hkv, C] int8 (1 = selected). `out` may be given (a preallocated int8 buffer)."""
+    _check_select(lut, counts, kth)
+    if lut.is_cuda and lut.shape[3] <= MAX_TRITON_CODEBOOK:
+        return select_codes_triton(lut, counts, kth, out)
+    sel = select_codes_reference(lut, counts, kth).to(torch.int8)
+    if out is not None:
+        out.copy_(sel)
+        return out
+    return sel
+
+
+def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton select kernel on any tensors Triton accepts (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    _check_select(lut, counts, kth)
+    from lmsqueeze.methods.a2ats._triton_a2ats import select_launch
+
+    B, Hkv, _G, C = lut.shape
+    if lut.stride(3) != 1 or counts.stride(2) != 1:
+        raise LmsqueezeError("select_codes needs the code dim of lut and counts contiguous")
+    if counts.dtype != torch.int32 or kth.dtype != torch.int32:
+        raise LmsqueezeError(f"counts and kth must be int32, got {counts.dtype} and {kth.dtype}")
+    if out is None:
+        out = torch.empty(B, Hkv, C, dtype=torch.int8, device=lut.device)
+    select_launch(lut, counts, kth, out)
+    return out
+
+
+def _check_sparse(q, k_store, v_store, codes, sel, starts, lengths) -> None:
+    if q.dim() != 3 or k_store.dim() != 4 or v_store.shape != k_store.shape:
+        raise LmsqueezeError(f"sparse_decode_attention wants q [B, Hq, D] and stores [B, Hkv, S, D]; got "
+                             f"q {tuple(q.shape)}, k {tuple(k_store.shape)}, v {tuple(v_store.shape)}")
+    B, Hq, D = q.shape
+    _, Hkv, S, _ = k_store.shape
+    if k_store.shape[0] != B or k_store.shape[3] != D or Hq % Hkv:
+        raise LmsqueezeError(f"q {tuple(q.shape)} does not match the stores {tuple(k_store.shape)}")
+    if codes.shape != (B, Hkv, S) or sel.dim() != 3 or sel.shape[:2] != (B, Hkv):
+        raise LmsqueezeError(f"codes must be [B, Hkv, S] = {(B, Hkv, S)} and sel [B, Hkv, C]; got "
+                             f"{tuple(codes.shape)}, {tuple(sel.shape)}")
+    for name, t in (("starts", starts), ("lengths", lengths)):
+        if t.shape != (B,) or t.dtype != torch.int32:
+            raise LmsqueezeError(f"{name} must be an int32 [B] tensor, got {t.dtype} {tuple(t.shape)}")
+
+
+def sparse_decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, codes: torch.Tensor,
+                            sel: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, sinks: int,
+                            window: int, scaling: float, near: bool = True, return_lse: bool = False,
+                            num_splits: int | None = None):
+    """Decode attention over the slots picked by `reference.selected_slots`.
+
+    q: [B, Hq, D] (RoPE applied); k_store, v_store: [B, Hkv, S, D] RoPE'd keys and values (GPU, or pinned
+    host memory when q is on the GPU); codes: [B, Hkv, S] int16; sel: [B, Hkv, C] int8; starts, lengths:
+    [B] int32 device tensors. near=False attends the selected candidates only (for a merge with the sinks
+    and window held elsewhere). Returns out: [B, Hq, D] (and lse: [B, Hq] float32 when return_lse).
+    """
+    _check_sparse(q, k_store, v_store, codes, sel, starts, lengths)
+    if q.is_cuda:
+        return sparse_decode_attention_triton(q, k_store, v_store, codes, sel, starts, lengths, sinks, window,
+                                              scaling, near, return_lse, num_splits)
+    return sparse_decode_attention_reference(q, k_store, v_store, codes, sel, starts, lengths, sinks, window,
+                                             scaling, near, return_lse)
+
+
+def sparse_decode_attention_triton(q, k_store, v_store, codes, sel, starts, lengths, sinks: int, window: int,
+                                   scaling: float, near: bool = True, return_lse: bool = False,
+                                   num_splits: int | None = None, *, block_n: int | None = None,
+                                   num_warps: int | None = None, num_stages: int | None = None):
+    """The Triton kernels on any tensors Triton accepts; same contract as `sparse_decode_attention`."""
+    _check_sparse(q, k_store, v_store, codes, sel, starts, lengths)
+    from lmsqueeze.methods.a2ats._triton_a2ats import sparse_launch
+
+    for t in (q, k_store, v_store, codes, sel):
+        if t.stride(-1) != 1:
+            raise LmsqueezeError("sparse_decode_attention needs the last dim of every input contiguous")
+    if k_store.dtype != q.dtype or v_store.dtype != q.dtype:
+        raise LmsqueezeError(f"q, k and v must share a dtype, got {q.dtype}, {k_store.dtype}, {v_store.dtype}")
+    block_n = block_n or SPARSE_BLOCK_N
+    B, Hkv, S = codes.shape
+    if num_splits is None:
+        num_splits = default_sparse_splits(B, Hkv, S, block_n)
+    out, lse = sparse_launch(q, k_store, v_store, codes, sel, starts, lengths, sinks, window, scaling, near,
+                             num_splits, block_n, num_warps or SPARSE_NUM_WARPS, num_stages or SPARSE_NUM_STAGES)
+    return (out, lse) if return_lse else out

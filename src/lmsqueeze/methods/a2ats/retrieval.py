@@ -1,0 +1,86 @@
+"""A²ATS retrieval pieces as free functions (device-agnostic, no host synchronisation, graph-capturable).
+
+Per decode step and layer: the new key gets a code (`assign_codes`), the token that just left the recent
+window joins the candidate histogram (`count_leaving`), each query head scores every code once
+(`lookup_table`: q·Ĉ, the scores of all tokens are then those of their codes), and `kernels.select_codes`
+keeps, per KV group, the codes reaching the kth-largest candidate score of any of its heads, with
+k = ratio x the sequence length (`tokens_to_keep`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ASSIGN_CHUNK = 2048  # tokens per block when coding a long prefill chunk
+
+
+def assign_codes(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Tensor) -> torch.Tensor:
+    """Nearest codeword in query-weighted distance. k: [B, Hkv, T, D] -> codes [B, Hkv, T] int16.
+
+    assign_cb: [Hkv, C, D] float32 = C_L Lᵀ (so k·a_c = (kL)·c_c); half_norms: [Hkv, C] = ‖c_c‖²/2 in
+    L-space. argmin_c ‖kL − c‖² = argmax_c k·a_c − ‖c‖²/2.
+    """
+    B, Hkv, T, D = k.shape
+    x = k.float().permute(1, 0, 2, 3).reshape(Hkv, B * T, D)
+    cbt = assign_cb.transpose(1, 2)
+    if B * T <= ASSIGN_CHUNK:
+        codes = (torch.bmm(x, cbt) - half_norms[:, None, :]).argmax(-1)
+    else:
+        codes = torch.cat([(torch.bmm(x[:, a:a + ASSIGN_CHUNK], cbt) - half_norms[:, None, :]).argmax(-1)
+                           for a in range(0, B * T, ASSIGN_CHUNK)], dim=1)
+    return codes.reshape(Hkv, B, T).permute(1, 0, 2).to(torch.int16)
+
+
+def lookup_table(q: torch.Tensor, score_cb: torch.Tensor) -> torch.Tensor:
+    """Scores of every code per query head: q: [B, Hq, D], score_cb: [Hkv, C, D] float32 (Ĉ = C_L L⁻¹).
+
+    Returns lut: [B, Hkv, G, C] float32 (a permuted view; the code dim is contiguous). One bmm per KV head
+    over all B x G queries, so the codebook is read once per step, not once per sequence.
+    """
+    B, Hq, D = q.shape
+    Hkv, C, _ = score_cb.shape
+    G = Hq // Hkv
+    x = q.float().reshape(B, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, B * G, D)
+    lut = torch.bmm(x, score_cb.transpose(1, 2))  # [Hkv, B*G, C]
+    return lut.view(Hkv, B, G, C).permute(1, 0, 2, 3)
+
+
+def tokens_to_keep(ratio: float, lengths: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """k per sequence: floor(ratio x tokens in the sequence). lengths, starts: [B] -> [B] int32."""
+    return ((lengths - starts).double() * ratio).floor().to(torch.int32)
+
+
+def recount(codes: torch.Tensor, starts: torch.Tensor, length: int, sinks: int, window: int,
+            num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histogram of the candidates' codes (eager, after a prefill or a crop).
+
+    codes: [B, Hkv, S] int; candidates of sequence b: slots [starts[b] + sinks, length - window).
+    Returns counts: [B, Hkv, num_codes] int32 and counted: [B] int64 (= every candidate slot below it is in
+    the histogram).
+    """
+    B, Hkv, _ = codes.shape
+    hi = max(length - window, 0)
+    counts = torch.zeros(B, Hkv, num_codes, dtype=torch.int32, device=codes.device)
+    if hi > 0:
+        slots = torch.arange(hi, device=codes.device)
+        w = (slots[None, :] >= starts.long()[:, None] + sinks).to(torch.int32)  # [B, hi]
+        counts.scatter_add_(2, codes[:, :, :hi].long(), w[:, None, :].expand(B, Hkv, hi).contiguous())
+    counted = torch.full((B,), hi, dtype=torch.long, device=codes.device)
+    return counts, counted
+
+
+def count_leaving(codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor, lengths: torch.Tensor,
+                  starts: torch.Tensor, sinks: int, window: int) -> None:
+    """Add the slot that just left the window (lengths − 1 − window) to the histogram, in place, once.
+
+    Idempotent: `counted` [B] records how far the histogram reaches, so replaying a step (graph warm-up)
+    does not count a slot twice. codes: [B, Hkv, S]; counts: [B, Hkv, C] int32; lengths, starts: [B].
+    """
+    B, Hkv, _ = codes.shape
+    s_out = lengths.long() - 1 - window
+    adv = s_out >= counted
+    ok = adv & (s_out >= starts.long() + sinks)
+    idx = s_out.clamp_min(0)[:, None, None].expand(B, Hkv, 1)
+    code = codes.gather(2, idx).long()
+    counts.scatter_add_(2, code, ok.to(torch.int32)[:, None, None].expand(B, Hkv, 1))
+    counted.copy_(torch.where(adv, s_out + 1, counted))

@@ -1,0 +1,126 @@
+"""A²ATS kernels: Triton (TRITON_INTERPRET=1 on CPU) vs the PyTorch references, and the references' semantics.
+
+bf16 is not covered: the Triton interpreter's bf16 tl.dot is wrong on CPU (numpy has no bf16); fp16 is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.a2ats.kernels import (
+    select_codes,
+    select_codes_triton,
+    sparse_decode_attention,
+    sparse_decode_attention_triton,
+)
+from lmsqueeze.methods.a2ats.offload import selected_attention_cpu
+from lmsqueeze.methods.a2ats.reference import (
+    select_codes_reference,
+    selected_slots,
+    sparse_decode_attention_reference,
+)
+
+
+@pytest.mark.parametrize("G,C,ties", [(1, 50, False), (4, 64, True), (3, 37, False)])
+def test_select_kernel_equals_reference(G, C, ties):
+    B, Hkv = 3, 2
+    lut = torch.randn(B, Hkv, G, C)
+    if ties:
+        lut = (lut * 2).round() / 2  # few distinct values: many ties at the threshold
+    counts = torch.randint(0, 6, (B, Hkv, C), dtype=torch.int32)
+    total = int(counts.sum(-1).max())
+    kth = torch.tensor([0, 5, total + 3][:B], dtype=torch.int32)
+    got = select_codes_triton(lut, counts, kth)
+    want = select_codes_reference(lut, counts, kth)
+    assert got.dtype == torch.int8 and torch.equal(got.bool(), want)
+    assert not want[0].any()  # kth = 0 keeps nothing
+    assert want[2][counts[2] > 0].all()  # kth above the candidates keeps every code in use
+
+
+def test_select_reference_keeps_the_top_tokens():
+    """Per head, the kept tokens number >= kth and outscore every dropped token (brute force over tokens)."""
+    B, Hkv, G, C = 2, 2, 4, 40
+    lut = torch.randn(B, Hkv, G, C)
+    counts = torch.randint(0, 4, (B, Hkv, C), dtype=torch.int32)
+    kth = torch.tensor([7, 19], dtype=torch.int32)
+    sel = select_codes_reference(lut, counts, kth)
+    for b in range(B):
+        for h in range(Hkv):
+            tokens = torch.repeat_interleave(torch.arange(C), counts[b, h].long())
+            union = torch.zeros(tokens.numel(), dtype=torch.bool)
+            for g in range(G):
+                s = lut[b, h, g, tokens]
+                t = s.sort(descending=True).values[int(kth[b]) - 1]
+                union |= s >= t
+            assert torch.equal(union, sel[b, h, tokens])
+
+
+def _sparse_inputs(B, Hkv, G, S, D, C, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
+    codes = torch.randint(0, C, (B, Hkv, S), generator=gen).to(torch.int16)
+    sel = (torch.rand(B, Hkv, C, generator=gen) < 0.2).to(torch.int8)
+    starts = torch.randint(0, 9, (B,), generator=gen).to(torch.int32)
+    lengths = (S - torch.randint(0, 30, (B,), generator=gen)).to(torch.int32)
+    return q, k, v, codes, sel, starts, lengths
+
+
+@pytest.mark.parametrize("D,G,dtype", [(64, 4, torch.float32), (128, 1, torch.float32), (64, 2, torch.float16)])
+@pytest.mark.parametrize("near", [True, False])
+def test_sparse_kernel_equals_reference(D, G, dtype, near):
+    B, Hkv, S, C = 2, 2, 203, 24
+    q, k, v, codes, sel, starts, lengths = _sparse_inputs(B, Hkv, G, S, D, C, dtype)
+    sinks, window, scale = 3, 17, D ** -0.5
+    want, want_lse = sparse_decode_attention_reference(q, k, v, codes, sel, starts, lengths, sinks, window, scale,
+                                                       near, return_lse=True)
+    # poison every slot the step must not read: a kernel that loads one gives NaN
+    mask = selected_slots(codes, sel, starts, lengths, sinks, window, near)
+    kp = k.masked_fill(~mask[..., None], float("nan"))
+    vp = v.masked_fill(~mask[..., None], float("nan"))
+    got, got_lse = sparse_decode_attention_triton(q, kp, vp, codes, sel, starts, lengths, sinks, window, scale, near,
+                                                  return_lse=True, num_splits=3, block_n=32)
+    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_kernel_with_nothing_selected():
+    q, k, v, codes, sel, starts, lengths = _sparse_inputs(2, 2, 2, 90, 64, 8, torch.float32, seed=3)
+    sel.zero_()
+    out, lse = sparse_decode_attention_triton(q, k, v, codes, sel, starts, lengths, 2, 8, 0.1, near=False,
+                                              return_lse=True)
+    assert torch.isneginf(lse).all() and (out == 0).all()
+    out, lse = sparse_decode_attention_triton(q, k, v, codes, sel, starts, lengths, 2, 8, 0.1, near=True,
+                                              return_lse=True)
+    assert torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("near", [True, False])
+def test_cpu_attention_path_equals_reference(near):
+    """The CPU-threads path (gathers only the selected rows) computes the reference's function."""
+    q, k, v, codes, sel, starts, lengths = _sparse_inputs(3, 2, 4, 150, 64, 16, torch.float32, seed=5)
+    want, want_lse = sparse_decode_attention_reference(q, k, v, codes, sel, starts, lengths, 4, 10, 0.125, near,
+                                                       return_lse=True)
+    got, got_lse = selected_attention_cpu(q, k, v, codes, sel, starts, lengths, 4, 10, 0.125, near)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_and_bad_inputs():
+    q, k, v, codes, sel, starts, lengths = _sparse_inputs(2, 2, 2, 40, 64, 8, torch.float32)
+    out = sparse_decode_attention(q, k, v, codes, sel, starts, lengths, 2, 4, 0.1)
+    assert out.shape == q.shape
+    with pytest.raises(LmsqueezeError):
+        sparse_decode_attention(q, k, v, codes[:, :, :-1], sel, starts, lengths, 2, 4, 0.1)
+    with pytest.raises(LmsqueezeError):
+        sparse_decode_attention(q, k, v, codes, sel, starts.long(), lengths, 2, 4, 0.1)
+    with pytest.raises(LmsqueezeError):
+        sparse_decode_attention(q[:, :3], k, v, codes, sel, starts, lengths, 2, 4, 0.1)
+    with pytest.raises(LmsqueezeError):
+        select_codes(torch.randn(2, 2, 2, 8), torch.zeros(2, 2, 9, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
+    with pytest.raises(LmsqueezeError):
+        select_codes_triton(torch.randn(2, 2, 2, 8), torch.zeros(2, 2, 8), torch.ones(2, dtype=torch.int32))
