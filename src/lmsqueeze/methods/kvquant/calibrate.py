@@ -1,0 +1,125 @@
+"""KVQuant calibration: per-channel key ranges and per-layer K/V datatypes from a few calibration batches.
+
+For each chunk of `layers_per_pass` layers:
+1. a forward pass collects the chunk's pre-RoPE keys (sink tokens and padding left out); each channel's
+   range is [quantile(f/2), quantile(1 - f/2)] with f the outlier fraction (min/max when f = 0);
+2. for "nuq", a forward (+ backward of the LM loss when `fisher`) pass normalises keys with those ranges and
+   values per token (outliers set aside, as at inference), and adds the inliers to one histogram per layer
+   for K and V, weighted by the Fisher information times the squared scale: grad^2 * s^2 (Eq. 7 of the
+   paper; the reference code leaves out s^2). Weighted 1-D k-means on the histograms gives the datatypes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.base import Artifact, model_fingerprint
+from lmsqueeze.methods.kvquant import fisher
+from lmsqueeze.methods.kvquant.codebooks import Histogram, fit_codebook
+from lmsqueeze.methods.kvquant.quantizers import outlier_slots
+
+log = logging.getLogger(__name__)
+
+
+def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-column q-quantile (nearest rank) of x: [N, C] -> [C] (no size limit, unlike torch.quantile)."""
+    n = x.shape[0]
+    k = min(n, max(1, round(q * (n - 1)) + 1))
+    return x.kthvalue(k, dim=0).values
+
+
+def key_ranges(keys: list[torch.Tensor], fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys: list of [N_i, H, D] -> per-channel (lower, upper): [H, D] float32."""
+    x = torch.cat([k.float() for k in keys]).flatten(1)
+    H, D = keys[0].shape[1:]
+    if fraction > 0:
+        lo, hi = _kth(x, fraction / 2), _kth(x, 1 - fraction / 2)
+    else:
+        lo, hi = x.amin(0), x.amax(0)
+    hi = torch.maximum(hi, lo + 1e-6)
+    return lo.reshape(H, D).cpu(), hi.reshape(H, D).cpu()
+
+
+def value_normalise(v: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """v: [N, H, D] -> (x normalised, inlier mask, scale per vector [N, H, 1]) as the value quantizer does."""
+    v = v.float()
+    if n_out > 0:
+        med = v.median(dim=-1, keepdim=True).values
+        idx = (v - med).abs().topk(n_out, dim=-1).indices
+        inlier = torch.ones_like(v, dtype=torch.bool).scatter_(-1, idx, False)
+    else:
+        inlier = torch.ones_like(v, dtype=torch.bool)
+    u = torch.where(inlier, v, -torch.inf).amax(-1, keepdim=True)
+    lo = torch.where(inlier, v, torch.inf).amin(-1, keepdim=True)
+    s = ((u - lo) / 2).clamp_min(1e-8)
+    return (v - (u + lo) / 2) / s, inlier, s
+
+
+def calibrate_kvquant(method, model, batches) -> Artifact:
+    """Run KVQuant calibration on `model` (unpatched) and return the artifact (see the module docstring)."""
+    t0 = time.time()
+    layers = model.model.layers
+    attn0 = layers[0].self_attn
+    _H, D = model.config.num_key_value_heads, attn0.head_dim
+    if D % 64 != 0:
+        raise LmsqueezeError(f"kvquant needs a head dim that is a multiple of 64, got {D}")
+    device = next(model.parameters()).device
+    data = fisher.as_batches(batches, device, method.sink_tokens)
+    n_out = outlier_slots(method.outliers, D)
+    fit = method.datatype == "nuq"
+    use_qnorm = method.use_qnorm
+    tensors: dict[str, torch.Tensor] = {}
+    per = max(1, method.layers_per_pass)
+    with fisher.frozen(model):
+        for first in range(0, len(layers), per):
+            chunk = list(range(first, min(first + per, len(layers))))
+            keys: dict[int, list[torch.Tensor]] = {i: [] for i in chunk}
+            with fisher.capture(model, chunk, grad=False) as store, torch.no_grad():
+                for b in data:
+                    fisher.run(model, b, grad=False)
+                    for i in chunk:
+                        keys[i].append(store[i].k[b.keep].detach())
+            ranges = {i: key_ranges(keys[i], method.outliers) for i in chunk}
+            del keys
+            hists = {i: (Histogram(device=device), Histogram(device=device)) for i in chunk} if fit else {}
+            if fit:
+                with fisher.capture(model, chunk, grad=method.fisher) as store:
+                    for b in data:
+                        fisher.run(model, b, grad=method.fisher)
+                        for i in chunk:
+                            _add_layer(store[i], b.keep, ranges[i], hists[i], n_out, method.fisher)
+                            store[i].k = store[i].v = None
+            for i in chunk:
+                lo, hi = ranges[i]
+                kh, vh = hists.get(i, (None, None))
+                kcb = fit_codebook(method.datatype, method.bits, kh, use_qnorm)
+                vcb = fit_codebook(method.datatype, method.bits, vh, use_qnorm)
+                tensors[f"layer{i}.k_lower"] = lo
+                tensors[f"layer{i}.k_upper"] = hi
+                tensors[f"layer{i}.k_levels"] = kcb.levels
+                tensors[f"layer{i}.k_grid"] = torch.tensor([kcb.grid])
+                tensors[f"layer{i}.v_levels"] = vcb.levels
+                tensors[f"layer{i}.v_grid"] = torch.tensor([vcb.grid])
+            log.info("kvquant: calibrated layers %d-%d", chunk[0], chunk[-1])
+    tokens = int(sum(int(b.keep.sum()) for b in data))
+    meta = {"tokens": tokens, "batches": len(data), "outlier_slots_per_vector": n_out,
+            "seconds": round(time.time() - t0, 2)}
+    return Artifact(method=method, fingerprint=model_fingerprint(model), tensors=tensors, meta=meta)
+
+
+def _add_layer(cap: fisher.Captured, keep: torch.Tensor, rng, hists, n_out: int, weighted: bool) -> None:
+    """Add one batch of one layer's normalised inliers to its K and V histograms."""
+    lo, hi = (t.to(keep.device) for t in rng)
+    k, v = cap.k.detach()[keep].float(), cap.v.detach()[keep].float()      # [N, H, D]
+    s = (hi - lo) / 2
+    xk = (k - (hi + lo) / 2) / s
+    wk = (cap.k.grad[keep].float() ** 2 * s**2) if weighted else torch.ones_like(k)
+    inl = xk.abs() <= 1
+    hists[0].add(xk[inl], wk[inl])
+    xv, inl_v, sv = value_normalise(v, n_out)
+    wv = (cap.v.grad[keep].float() ** 2 * sv**2) if weighted else torch.ones_like(v)
+    hists[1].add(xv[inl_v], wv[inl_v])

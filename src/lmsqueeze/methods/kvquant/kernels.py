@@ -1,0 +1,174 @@
+"""Fused decode attention over the packed KVQuant cache (Triton), beside `reference.py` (PyTorch).
+
+One program per (sequence split, batch x KV head) holds the G query heads of its KV head and walks its share
+of the valid slots in tiles of BLOCK_N tokens (flash-decoding); a second small kernel merges the splits by
+their log-sum-exp. Nothing dense is materialised: each tile reads the packed words, the sparse outliers and
+the per-token value metadata, and
+
+- turns codes into levels with byte permutes (PTX `prmt`: the codebook's levels, as bytes, sit in two or four
+  registers; each permute looks up four codes) and the fp16 "1024 + byte" trick, giving level / 128 exactly;
+  without inline assembly (TRITON_INTERPRET=1, `use_asm=False`) the same values come from a table load;
+- adds the sparse outliers into the levels (residual / scale at the outlier's channel, via identity rows);
+- applies RoPE without touching the per-channel key scales: with k = s * l + z and RoPE tables CR, SR of
+  the tile's *relative* offsets (loop-invariant, in registers), q . R(p0 + n) k
+  = [l*CR, l*SR] . [s*q~, -s*rh(q~)] + [CR, SR] . [z*q~, -z*rh(q~)], where q~ = R(p0)^T q is rotated once
+  per tile (p0 = the tile's first position; positions run slot by slot inside a sequence). Both terms are
+  tensor-core dots; the key side costs two fp16 multiplies per element;
+- values: p * scale (per token) times the levels on tensor cores, plus p . zero;
+- the full-precision side tokens (sinks, recent window) are attended by split 0.
+Softmax is online in base 2. GQA: all query heads of a KV head share each tile. Per-sequence lengths (and
+left-padding starts) are read from device tensors, and the grid depends only on shapes: CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.kvquant.layout import PackedKV
+from lmsqueeze.methods.kvquant.rope import KernelRope
+
+MAX_SPLITS = 256
+PROGRAMS_PER_SM = 3
+LOG2E = 1.4426950408889634
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_num_splits(batch: int, kv_heads: int, capacity: int, block_n: int, sms: int = 132) -> int:
+    """Sequence splits per (batch, KV head) from shapes only (graph-safe): about PROGRAMS_PER_SM per SM."""
+    want = -(-PROGRAMS_PER_SM * sms // (batch * kv_heads))
+    return max(1, min(want, -(-capacity // block_n), MAX_SPLITS))
+
+
+def default_config(bits: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for the split kernel."""
+    return (64, 4) if head_dim <= 64 else (64, 8)
+
+
+@functools.cache
+def _eye(head_dim: int, device: str) -> torch.Tensor:
+    return torch.eye(head_dim, dtype=torch.float16, device=device)
+
+
+def rope_planes(inv_freq: torch.Tensor, bits: int, head_dim: int, block_n: int) -> torch.Tensor:
+    """cos / sin of n * inv_freq[f] (n < block_n) for the channels f of one half, arranged like the packed
+    words: [2, planes, block_n, W] int32 holding fp32 bits; plane s, word column w is channel
+    per_word * w + s (per_word = 8 codes for 4 bits, 16 for 2 and 3)."""
+    from lmsqueeze.methods.kvquant.pack import words_per_row
+
+    per = 8 if bits == 4 else 16
+    half = head_dim // 2
+    W = words_per_row(head_dim, bits)
+    nw = half // per
+    inv = inv_freq.detach().float().cpu()
+    n = torch.arange(block_n, dtype=torch.float32)
+    tab = torch.zeros(2, per, block_n, W, dtype=torch.float32)
+    for s in range(per):
+        ch = torch.arange(nw) * per + s
+        ang = n[:, None] * inv[ch][None, :]
+        tab[0, s, :, :nw] = ang.cos()
+        tab[1, s, :, :nw] = ang.sin()
+    return tab.reshape(2 * per, block_n, W).view(torch.int32).contiguous()
+
+
+def _consts(kv: PackedKV) -> dict:
+    """Per-layer kernel constants, built once (outside any graph) and kept on the PackedKV."""
+    c = getattr(kv, "_kernel_consts", None)
+    if c is None:
+        dev = kv.kcodes.device
+
+        def lut(cb):
+            t = torch.zeros(16, dtype=torch.float32)
+            t[: cb.levels.numel()] = cb.levels.float().cpu() / 128
+            return t.to(dev)
+
+        c = {"klut": lut(kv.kq.codebook), "vlut": lut(kv.vq.codebook),
+             "ktab": kv.kq.codebook.table_words(), "vtab": kv.vq.codebook.table_words(),
+             "eye": _eye(kv.head_dim, str(dev))}
+        kv._kernel_consts = c
+    return c
+
+
+def _compiled():
+    from lmsqueeze.methods.kvquant import _triton_kernels as tk
+
+    return tk._split_kernel, tk._merge_kernel
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tensor, scaling: float,
+                             rope: KernelRope, starts: torch.Tensor | None = None, window: int | None = None,
+                             *, num_splits: int | None = None, block_n: int | None = None,
+                             num_warps: int | None = None, use_asm: bool | None = None,
+                             return_lse: bool = False):
+    """Attention of one query per sequence over a packed KVQuant cache (same contract as the reference).
+
+    q: [B, Hq, D] (RoPE applied, contiguous); lengths: [B] int32 filled slots (device); starts: [B] int32
+    first non-padding slot or None; window: the model's sliding window or None. Returns out [B, Hq, D] in
+    q's dtype (and lse [B, Hq] float32, natural log). use_asm: byte-permute lookups (default: on CUDA).
+    """
+    B, Hq, D = q.shape
+    Hkv, cap = kv.kcodes.shape[1], kv.capacity
+    bits = kv.bits
+    if bits not in (2, 3, 4):
+        raise LmsqueezeError(f"the kvquant decode kernel handles 2/3/4-bit caches, not {bits}-bit; use the reference")
+    if D % 64 != 0 or Hq % Hkv != 0:
+        raise LmsqueezeError(f"kvquant decode needs head_dim % 64 == 0 and Hq % Hkv == 0; got D={D}, "
+                             f"Hq={Hq}, Hkv={Hkv}")
+    if lengths.dtype != torch.int32 or lengths.shape != (B,):
+        raise LmsqueezeError("lengths must be an int32 [B] tensor")
+    G = Hq // Hkv
+    dflt_n, dflt_w = default_config(bits, D)
+    block_n = block_n or dflt_n
+    num_warps = num_warps or dflt_w
+    if cap % block_n != 0:
+        raise LmsqueezeError(f"cache capacity {cap} is not a multiple of block_n={block_n}")
+    if use_asm is None:
+        use_asm = q.is_cuda and not _interpreting()
+    if num_splits is None:
+        sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+            if q.is_cuda else 132
+        num_splits = default_num_splits(B, Hkv, cap, block_n, sms)
+    c = _consts(kv)
+    tab_key = ("rope", block_n)
+    if tab_key not in c:
+        c[tab_key] = rope_planes(rope.inv_freq, bits, D, block_n).to(q.device)
+    split_kernel, merge_kernel = _compiled()
+    q = q.contiguous()
+    o_part = torch.empty(B * Hq * num_splits, D, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(B * Hq * num_splits, dtype=torch.float32, device=q.device)
+    n_side = kv.side_slot.shape[1]
+    kt, vt = c["ktab"], c["vtab"]
+    split_kernel[(num_splits, B * Hkv)](
+        q, o_part, l_part,
+        kv.kcodes, kv.vcodes, kv.kout, kv.vout, kv.vscale, kv.vzero, kv.positions, kv.kind,
+        kv.side_k, kv.side_v, kv.side_slot,
+        kv.kq.s16, kv.kq.z16, c["eye"], c["klut"], c["vlut"], rope.inv_freq, c[tab_key], lengths,
+        starts if starts is not None else lengths, kv.vsmax,
+        scaling * LOG2E, rope.scale, cap, Hkv, kv.n_sink, kv.window, window or 0, num_splits,
+        kt[0], kt[1], kt[2], kt[3], vt[0], vt[1], vt[2], vt[3],
+        D=D, BITS=bits, W=kv.kcodes.shape[-1], G=G, BLOCK_G=max(1, triton_next_pow2(G)), BLOCK_N=block_n,
+        NOUT=kv.n_out, NSIDE=n_side, NSIDE_P2=max(16, triton_next_pow2(n_side)),
+        HAS_STARTS=starts is not None, USE_ASM=use_asm, num_warps=num_warps,
+    )
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    merge_kernel[(B * Hq,)](o_part, l_part, out, lse, num_splits, D=D,
+                            SPLITS_P2=max(2, triton_next_pow2(num_splits)), num_warps=4)
+    return (out, lse) if return_lse else out
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 2 ** math.ceil(math.log2(n))

@@ -1,0 +1,110 @@
+"""The KVQuant method config: `KVQuant(bits=3, outliers=0.01)`, registered as "kvquant".
+
+    art = KVQuant(bits=3).calibrate(model, batches)   # per-channel key ranges, per-layer datatypes
+    art.save("runs/kvq3"); art = lmsqueeze.load_artifact("runs/kvq3")
+    with lmsqueeze.apply(model, art) as s:
+        out = model.generate(ids, past_key_values=s.new_cache(), max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.base import Artifact, Method, register_method
+from lmsqueeze.methods.kvquant.cache import KVQuantState
+from lmsqueeze.methods.kvquant.codebooks import Codebook
+from lmsqueeze.methods.kvquant.quantizers import KeyQuantizer, ValueQuantizer, outlier_slots
+
+DATATYPES = ("nuq", "int", "nf")
+
+
+@register_method
+@dataclass(slots=True)
+class KVQuant(Method):
+    """Calibrated low-bit KV cache (Hooper et al., 2024).
+
+    bits: 2, 3 or 4 (8 with datatype="int", reference path only); outliers: fraction of each (token, head)
+    vector kept exactly (slots = round(outliers * head_dim), at least 1 when > 0); sink_tokens: first tokens
+    of each sequence kept in full precision; datatype: "nuq" (Fisher-weighted k-means), "int" (uniform),
+    "nf" (NormalFloat); window: recent tokens also kept in full precision; qnorm: Q-Norm of the datatype
+    (None: on for 2-bit nuq); fisher: weight k-means by Fisher information (False: plain counts);
+    layers_per_pass: layers hooked per calibration pass; kernel: use the Triton decode kernel on CUDA.
+    """
+
+    name: ClassVar[str] = "kvquant"
+    needs_calibration: ClassVar[bool] = True
+
+    bits: int = 3
+    outliers: float = 0.01
+    sink_tokens: int = 1
+    datatype: str = "nuq"
+    window: int = 0
+    qnorm: bool | None = None
+    fisher: bool = True
+    layers_per_pass: int = 8
+    kernel: bool = True
+
+    def __post_init__(self) -> None:
+        if self.datatype not in DATATYPES:
+            raise LmsqueezeError(f"kvquant datatype must be one of {DATATYPES}, got {self.datatype!r}")
+        ok = (2, 3, 4, 8) if self.datatype == "int" else (2, 3, 4)
+        if self.bits not in ok:
+            raise LmsqueezeError(f"kvquant bits must be 2, 3 or 4 (8 only with datatype='int'), got {self.bits}")
+        if not 0 <= self.outliers < 0.5:
+            raise LmsqueezeError(f"kvquant outliers is a fraction in [0, 0.5), got {self.outliers}")
+        if self.sink_tokens < 0 or self.window < 0:
+            raise LmsqueezeError(f"sink_tokens and window must be >= 0, got {self.sink_tokens}, {self.window}")
+        if self.layers_per_pass < 1:
+            raise LmsqueezeError(f"layers_per_pass must be >= 1, got {self.layers_per_pass}")
+
+    @property
+    def use_qnorm(self) -> bool:
+        return self.qnorm if self.qnorm is not None else (self.bits == 2 and self.datatype == "nuq")
+
+    def calibrate(self, model, batches) -> Artifact:
+        from lmsqueeze.methods.kvquant.calibrate import calibrate_kvquant
+
+        return calibrate_kvquant(self, model, batches)
+
+    def quantizers(self, artifact: Artifact, layer_idx: int) -> tuple[KeyQuantizer, ValueQuantizer]:
+        """The layer's key and value quantizers from a calibration artifact."""
+        t = artifact.tensors
+        key = f"layer{layer_idx}.k_lower"
+        if key not in t:
+            raise LmsqueezeError(f"this kvquant artifact has no layer {layer_idx}; calibrate it on this model")
+        lower = t[key].float()
+        n_out = outlier_slots(self.outliers, lower.shape[-1])
+        kcb = Codebook(t[f"layer{layer_idx}.k_levels"].float(), float(t[f"layer{layer_idx}.k_grid"]))
+        vcb = Codebook(t[f"layer{layer_idx}.v_levels"].float(), float(t[f"layer{layer_idx}.v_grid"]))
+        if kcb.levels.numel() != 2**self.bits or vcb.levels.numel() != 2**self.bits:
+            raise LmsqueezeError(f"this artifact's datatypes do not have 2^{self.bits} values; calibrate again")
+        return KeyQuantizer(kcb, lower, t[f"layer{layer_idx}.k_upper"].float(), n_out), ValueQuantizer(vcb, n_out)
+
+    def new_layer_state(self, layer_idx: int, artifact: Artifact | None, max_length: int | None = None):
+        if artifact is None:
+            raise LmsqueezeError("kvquant needs calibration: artifact = KVQuant(...).calibrate(model, batches)")
+        kq, vq = self.quantizers(artifact, layer_idx)
+        return KVQuantState(kq, vq, self.sink_tokens, self.window, max_length, kernel=self.kernel)
+
+
+def uncalibrated_artifact(method: KVQuant, model, lower: torch.Tensor | None = None,
+                          upper: torch.Tensor | None = None) -> Artifact:
+    """An artifact with given (default: [-1, 1]) key ranges and uniform/NF datatypes, for tests and benchmarks."""
+    from lmsqueeze.methods.base import model_fingerprint
+    from lmsqueeze.methods.kvquant.codebooks import fit_codebook
+
+    H, D = model.config.num_key_value_heads, model.model.layers[0].self_attn.head_dim
+    dtype = method.datatype if method.datatype != "nuq" else "nf"
+    cb = fit_codebook(dtype, method.bits, None)
+    tensors = {}
+    for i in range(len(model.model.layers)):
+        tensors[f"layer{i}.k_lower"] = lower if lower is not None else -torch.ones(H, D)
+        tensors[f"layer{i}.k_upper"] = upper if upper is not None else torch.ones(H, D)
+        for kv in "kv":
+            tensors[f"layer{i}.{kv}_levels"] = cb.levels
+            tensors[f"layer{i}.{kv}_grid"] = torch.tensor([cb.grid])
+    return Artifact(method=method, fingerprint=model_fingerprint(model), tensors=tensors)
