@@ -1,0 +1,394 @@
+"""Triton kernels of Squeezed Attention (imported lazily: this module needs triton). References: reference.py.
+
+Decode (one query per sequence), all without host synchronisation (CUDA-graph capturable):
+  `_centroid_scores_kernel`  grid (B*Hkv, ceil(C/BLOCK_C)): scores of the G query heads of one KV head
+                             against a chunk of centroids, and that chunk's logsumexp(score + log size).
+  `_fine_scores_kernel`      hierarchical second level, same grid over fine centroids: recomputes the coarse
+                             decision of each fine centroid's parent and loads/multiplies only the rows of
+                             surviving parents (masked loads read no memory; a chunk with none skips the dot).
+  `_squeezed_decode_kernel`  grid (B*Hkv, NSP + NLOC): program s < NSP owns clusters [s*BLOCK_C, (s+1)*BLOCK_C)
+                             (their rows are one contiguous range, keys being sorted by cluster): it combines the
+                             chunk logsumexps into log Z, keeps clusters whose score beats the threshold, and
+                             runs flash-decoding over the kept rows only, in full BLOCK_N tiles: the row of the
+                             p-th kept key is base + p + (unkept keys of the clusters whose kept prefix ends at
+                             or before p), computed in registers (no index buffer, no compaction pass).
+                             Programs s >= NSP attend the local (user + generated) slots [starts, lengths).
+                             Partials (out, lse) go to the shared split-merge kernel of kernels/_triton_decode.
+Prefill (a chunk of T queries):
+  `_prefill_scores_kernel`   grid (ceil(T/BLOCK_M), B*Hq): per query row log Z over all centroids (online), then
+                             the per-cluster sum over rows of exp(score - log Z).
+  `_indexed_attention_kernel` grid (ceil(T*G/BLOCK_M), B*Hkv): flash attention of the G*T query rows of one
+                             KV head (GQA packed: each K/V tile read once per group) over the listed fixed rows
+                             (gathered inside the kernel) and the causal local slots, one online softmax.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _dot(a, b, IEEE_DOT: tl.constexpr):
+    if IEEE_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _lse_rows(x):
+    """Row-wise logsumexp of a 2D block, -inf for all -inf rows."""
+    m = tl.max(x, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.exp(x - m_safe[:, None]), 1)
+    return tl.where(s > 0, m_safe + tl.log(tl.where(s > 0, s, 1.0)), float("-inf"))
+
+
+@triton.jit
+def _log_z(ChunkLse, row_off, offs_g, g_mask, nch, BLOCK_CH: tl.constexpr):
+    """log Z per query head from the chunk logsumexps: [BLOCK_G]; 0 where nothing was counted."""
+    offs = tl.arange(0, BLOCK_CH)
+    e = tl.load(ChunkLse + row_off[:, None] + offs[None, :], mask=g_mask[:, None] & (offs[None, :] < nch),
+                other=float("-inf"))
+    z = _lse_rows(e)
+    return tl.where(z == float("-inf"), 0.0, z)
+
+
+@triton.jit
+def _centroid_scores_kernel(
+    Q, Cent, LSz, Scores, ChunkLse,
+    stride_qb, stride_qh, stride_ch, stride_cc, stride_lh,
+    stride_sb, stride_sh, stride_eb, stride_eh,
+    C, scale,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    heads = hkv * G + offs_g
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    cids = chunk * BLOCK_C + offs_c
+    c_mask = cids < C
+    cent = tl.load(Cent + hkv.to(tl.int64) * stride_ch + cids[:, None] * stride_cc + offs_d[None, :],
+                   mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+    s = _dot(q, tl.trans(cent), IEEE_DOT) * scale                      # [BLOCK_G, BLOCK_C] natural-log units
+    tl.store(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :], s,
+             mask=g_mask[:, None] & c_mask[None, :])
+    ls = tl.load(LSz + hkv * stride_lh + cids, mask=c_mask, other=float("-inf"))
+    lse = _lse_rows(s + ls[None, :])
+    tl.store(ChunkLse + b * stride_eb + heads * stride_eh + chunk, lse, mask=g_mask)
+
+
+@triton.jit
+def _fine_scores_kernel(
+    Q, Cent, LSz, Parent, S1, Lse1, Tau1, S2, Lse2, Scored,
+    stride_qb, stride_qh, stride_ch, stride_cc, stride_lh, stride_ph,
+    stride_s1b, stride_s1h, stride_e1b, stride_e1h, stride_s2b, stride_s2h, stride_e2b, stride_e2h,
+    C2, NCH1, NCH2, scale,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CH1: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    heads = hkv * G + offs_g
+    z1 = _log_z(Lse1, b * stride_e1b + heads * stride_e1h, offs_g, g_mask, NCH1, BLOCK_CH1)
+    fids = chunk * BLOCK_C + offs_c
+    f_mask = fids < C2
+    par = tl.load(Parent + hkv * stride_ph + fids, mask=f_mask, other=0)
+    s1 = tl.load(S1 + b * stride_s1b + heads[:, None] * stride_s1h + par[None, :],
+                 mask=g_mask[:, None] & f_mask[None, :], other=float("-inf"))
+    a1 = tl.max(s1 - z1[:, None], 0)
+    alive = (a1 > tl.load(Tau1 + hkv)) & f_mask
+    n_alive = tl.sum(alive.to(tl.int32), 0)
+    s = tl.full([BLOCK_G, BLOCK_C], float("-inf"), tl.float32)
+    if n_alive > 0:
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        cent = tl.load(Cent + hkv.to(tl.int64) * stride_ch + fids[:, None] * stride_cc + offs_d[None, :],
+                       mask=alive[:, None] & d_mask[None, :], other=0.0)  # rows of pruned parents: not read
+        s = tl.where(alive[None, :], _dot(q, tl.trans(cent), IEEE_DOT) * scale, float("-inf"))
+    tl.store(S2 + b * stride_s2b + heads[:, None] * stride_s2h + fids[None, :], s,
+             mask=g_mask[:, None] & f_mask[None, :])
+    ls = tl.load(LSz + hkv * stride_lh + fids, mask=f_mask, other=float("-inf"))
+    lse = _lse_rows(tl.where(alive[None, :], s + ls[None, :], float("-inf")))
+    tl.store(Lse2 + b * stride_e2b + heads * stride_e2h + chunk, lse, mask=g_mask)
+    tl.store(Scored + pid_bh * NCH2 + chunk, n_alive)
+
+
+@triton.jit
+def _squeezed_decode_kernel(
+    Q, K, V, Offsets, Scores, ChunkLse, LogTau, LK, LV, Lengths, Starts, MidO, MidLse, Kept,
+    stride_qb, stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh,
+    stride_sb, stride_sh, stride_eb, stride_eh,
+    stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
+    C, NCH, NSP, NLOC, l_max, scale_log2,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_CH: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    heads = hkv * G + offs_g
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    if split < NSP:
+        # which of this program's clusters to read
+        z = _log_z(ChunkLse, b * stride_eb + heads * stride_eh, offs_g, g_mask, NCH, BLOCK_CH)
+        offs_c = tl.arange(0, BLOCK_C)
+        cids = split * BLOCK_C + offs_c
+        real = cids < C
+        inr = cids < C + 1                                               # cluster C: the observation window
+        s = tl.load(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :],
+                    mask=g_mask[:, None] & real[None, :], other=float("-inf"))
+        a = tl.max(s - z[:, None], 0)
+        keep = ((a > tl.load(LogTau + hkv)) | (cids == C)) & inr
+        o_base = Offsets + hkv * stride_oh
+        lo = tl.load(o_base + cids, mask=inr, other=0)
+        hi = tl.load(o_base + cids + 1, mask=inr, other=0)
+        size = hi - lo
+        ks = tl.where(keep, size, 0)
+        us = size - ks
+        ends = tl.cumsum(ks, 0)                                          # kept keys up to and including j
+        total = tl.sum(ks, 0)
+        base = tl.load(o_base + split * BLOCK_C)
+        k_base = K + hkv.to(tl.int64) * stride_kh
+        v_base = V + hkv.to(tl.int64) * stride_vh
+        for t0 in range(0, total, BLOCK_N):
+            p = t0 + offs_n
+            p_mask = p < total
+            shift = tl.sum(tl.where(ends[None, :] <= p[:, None], us[None, :], 0), 1)
+            rows = (base + p + shift).to(tl.int64)
+            if BLOCK_D == D:
+                kv_mask = p_mask[:, None]
+            else:
+                kv_mask = p_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            qk = _dot(q, tl.trans(k), IEEE_DOT)
+            qk = tl.where(p_mask[None, :], qk * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            pr = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if IEEE_DOT:
+                pv = tl.dot(pr, v, input_precision="ieee")
+            else:
+                pv = tl.dot(pr.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        tl.store(Kept + pid_bh * NSP + split, total)
+    else:
+        ls = split - NSP
+        hi = tl.minimum(tl.load(Lengths + b), l_max)
+        lo = hi * 0
+        if HAS_STARTS:
+            lo = tl.load(Starts + b)
+        lo = tl.maximum(lo, 0)
+        n = tl.maximum(hi - lo, 0)
+        chunk = tl.cdiv(tl.cdiv(n, NLOC), BLOCK_N) * BLOCK_N
+        c_lo = lo + ls * chunk
+        c_hi = tl.minimum(c_lo + chunk, hi)
+        k_base = LK + b.to(tl.int64) * stride_lkb + hkv.to(tl.int64) * stride_lkh
+        v_base = LV + b.to(tl.int64) * stride_lvb + hkv.to(tl.int64) * stride_lvh
+        for start_n in range(c_lo, c_hi, BLOCK_N):
+            slots = start_n + offs_n
+            n_mask = slots < c_hi
+            if BLOCK_D == D:
+                kv_mask = n_mask[:, None]
+            else:
+                kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_base + slots[:, None] * stride_lks + offs_d[None, :], mask=kv_mask, other=0.0)
+            qk = _dot(q, tl.trans(k), IEEE_DOT)
+            qk = tl.where(n_mask[None, :], qk * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            pr = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            v = tl.load(v_base + slots[:, None] * stride_lvs + offs_d[None, :], mask=kv_mask, other=0.0)
+            if IEEE_DOT:
+                pv = tl.dot(pr, v, input_precision="ieee")
+            else:
+                pv = tl.dot(pr.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    num_splits = NSP + NLOC
+    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
+    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(MidLse + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _prefill_scores_kernel(
+    Q, Cent, LSz, Psum,
+    stride_qb, stride_qh, stride_qt, stride_ch, stride_cc, stride_lb, stride_lh,
+    T, C, NMB, scale,
+    HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hkv = h // G
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    t = pid_m * BLOCK_M + offs_m
+    t_mask = t < T
+    d_mask = offs_d < D
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
+                mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+    c_base = Cent + hkv.to(tl.int64) * stride_ch
+    l_base = LSz + b * stride_lb + hkv * stride_lh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(0, C, BLOCK_C):                                     # pass 1: log Z per query row
+        cids = c0 + offs_c
+        c_mask = cids < C
+        cent = tl.load(c_base + cids[:, None] * stride_cc + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
+                       other=0.0)
+        ls = tl.load(l_base + cids, mask=c_mask, other=float("-inf"))
+        x = _dot(q, tl.trans(cent), IEEE_DOT) * scale + ls[None, :]
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+        m_i = m_new
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    log_z = tl.where(l_i > 0, m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+    out_base = Psum + (pid_bh.to(tl.int64) * NMB + pid_m) * C
+    for c0 in range(0, C, BLOCK_C):                                     # pass 2: sum_t exp(s - log Z)
+        cids = c0 + offs_c
+        c_mask = cids < C
+        cent = tl.load(c_base + cids[:, None] * stride_cc + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
+                       other=0.0)
+        ls = tl.load(l_base + cids, mask=c_mask, other=float("-inf"))
+        s = _dot(q, tl.trans(cent), IEEE_DOT) * scale
+        ok = t_mask[:, None] & (ls[None, :] > float("-inf"))
+        p = tl.where(ok, tl.exp(s - log_z[:, None]), 0.0)
+        tl.store(out_base + cids, tl.sum(p, 0), mask=c_mask)
+
+
+@triton.jit
+def _indexed_attention_kernel(
+    Q, K, V, Idx, Counts, LK, LV, Lengths, Starts, Out, Lse,
+    stride_qb, stride_qh, stride_qt, stride_kh, stride_kn, stride_vh, stride_vn,
+    stride_ib, stride_ih, stride_cb,
+    stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
+    stride_ob, stride_oh, stride_ot,
+    T, l_max, scale_log2,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_STARTS: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    r = pid_m * BLOCK_M + offs_m                                         # packed row = t * G + g
+    r_mask = r < T * G
+    t = r // G
+    h = hkv * G + r % G
+    d_mask = offs_d < D
+    q_ptrs = b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :]
+    q = tl.load(Q + q_ptrs, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # 1) the listed fixed-context rows, gathered
+    cnt = tl.load(Counts + b * stride_cb + hkv)
+    i_base = Idx + b.to(tl.int64) * stride_ib + hkv * stride_ih
+    k_base = K + hkv.to(tl.int64) * stride_kh
+    v_base = V + hkv.to(tl.int64) * stride_vh
+    for n0 in range(0, cnt, BLOCK_N):
+        n_mask = n0 + offs_n < cnt
+        rows = tl.load(i_base + n0 + offs_n, mask=n_mask, other=0).to(tl.int64)
+        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        qk = _dot(q, tl.trans(k), IEEE_DOT)
+        qk = tl.where(n_mask[None, :], qk * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        if IEEE_DOT:
+            pv = tl.dot(pr, v, input_precision="ieee")
+        else:
+            pv = tl.dot(pr.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    # 2) the local slots, causal: query t sits at slot L - T + t
+    L = tl.minimum(tl.load(Lengths + b), l_max)
+    qs = L - T + t
+    lo = L * 0
+    if HAS_STARTS:
+        lo = tl.load(Starts + b)
+    lo = tl.maximum(lo, 0)
+    last_t = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, T * G) - 1) // G
+    hi = tl.minimum(L, L - T + last_t + 1)
+    lk_base = LK + b.to(tl.int64) * stride_lkb + hkv.to(tl.int64) * stride_lkh
+    lv_base = LV + b.to(tl.int64) * stride_lvb + hkv.to(tl.int64) * stride_lvh
+    for n0 in range(lo, hi, BLOCK_N):
+        j = n0 + offs_n
+        j_mask = j < hi
+        k = tl.load(lk_base + j[:, None] * stride_lks + offs_d[None, :], mask=j_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        qk = _dot(q, tl.trans(k), IEEE_DOT)
+        vis = j_mask[None, :] & (j[None, :] <= qs[:, None])
+        qk = tl.where(vis, qk * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        v = tl.load(lv_base + j[:, None] * stride_lvs + offs_d[None, :], mask=j_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        if IEEE_DOT:
+            pv = tl.dot(pr, v, input_precision="ieee")
+        else:
+            pv = tl.dot(pr.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    o_ptrs = b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :]
+    tl.store(Out + o_ptrs, out.to(Out.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
+    if WRITE_LSE:
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(Lse + (b * HKV * G + h).to(tl.int64) * T + t, lse, mask=r_mask)

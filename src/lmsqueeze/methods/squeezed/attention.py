@@ -1,0 +1,105 @@
+"""The Squeezed Attention layer state: sparse over the prepared fixed context, dense over the user's tokens.
+
+Decode (one query per sequence): centroid scores -> [fine scores under surviving coarse clusters] -> one
+fused kernel that keeps the clusters above the calibrated threshold and attends their rows, the observation
+window and the local slots (kernels.py). On CUDA inside the static decode step this is three (four,
+hierarchical) launches after the fused RoPE + KV write, with no host synchronisation.
+Prefill (a chunk of T > 1 queries): one key set per (sequence, KV head) for the whole chunk: the clusters of
+highest mean estimated attention over the chunk's queries (max over the query heads of the group), up to
+the key budget (1 - sparsity) of the clustered keys, plus the observation window; then one gather
+attention over those rows and the causal local slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmsqueeze.methods.cache import Step
+from lmsqueeze.methods.squeezed.index import SqueezedIndex
+from lmsqueeze.methods.squeezed.kernels import centroid_scores, fine_scores, prefill_scores, squeezed_decode
+from lmsqueeze.methods.squeezed.lookup import budget_keep, keys_from_clusters, mask_to_index
+from lmsqueeze.methods.squeezed.state import FixedContextState, cached_layer
+
+
+def decode_scores(q: torch.Tensor, idx: SqueezedIndex, scaling: float):
+    """q: [B, Hq, D] rotated -> (scores [B, Hq, C], chunk_lse, scored [B, Hkv] centroids multiplied or None).
+
+    Hierarchical: coarse scores, then only the fine centroids under coarse clusters above their threshold.
+    """
+    if not idx.hierarchical:
+        s, lse = centroid_scores(q, idx.centroids, idx.log_sizes, scaling)
+        return s, lse, None
+    s1, e1 = centroid_scores(q, idx.coarse_centroids, idx.coarse_log_sizes, scaling)
+    s2, e2, scored = fine_scores(q, idx.centroids, idx.log_sizes, idx.parent, s1, e1, idx.coarse_log_threshold,
+                                 scaling)
+    return s2, e2, scored
+
+
+def _chunk_agg(psum: torch.Tensor, T: int, hkv: int) -> torch.Tensor:
+    """psum [B, Hq, C] -> log of the mean estimated weight, max over each KV head's query heads: [B, Hkv, C]."""
+    B, Hq, C = psum.shape
+    return torch.log(psum / T).reshape(B, hkv, Hq // hkv, C).amax(2)
+
+
+def prefill_keep(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: float,
+                 coarse_sparsity: float) -> torch.Tensor:
+    """Clusters a prefill chunk reads. q: [B, Hq, T, D] rotated -> keep [B, Hkv, C + 1] (last: observation
+    window, always)."""
+    B, _, T, _ = q.shape
+    Hkv = idx.keys.shape[0]
+    nc = idx.clustered
+    allowed = None
+    lsizes = idx.log_sizes[None]
+    if idx.hierarchical:
+        agg1 = _chunk_agg(prefill_scores(q, idx.coarse_centroids, idx.coarse_log_sizes[None], scaling), T, Hkv)
+        keep1 = budget_keep(agg1, idx.coarse_sizes, math.ceil((1 - coarse_sparsity) * nc))
+        allowed = keep1.gather(-1, idx.parent.long()[None].expand(B, -1, -1))
+        lsizes = lsizes.masked_fill(~allowed, float("-inf"))
+    agg = _chunk_agg(prefill_scores(q, idx.centroids, lsizes, scaling), T, Hkv)
+    keep = budget_keep(agg, idx.sizes, math.ceil((1 - sparsity) * nc), allowed)
+    return torch.cat([keep, torch.ones_like(keep[..., :1])], -1)
+
+
+class SqueezedState(FixedContextState):
+    """One layer of a Squeezed Attention cache (see the module docstring)."""
+
+    def __init__(self, layer_idx: int, artifact, sparsity: float, coarse_sparsity: float,
+                 max_length: int | None = None) -> None:
+        super().__init__(layer_idx, max_length)
+        self.artifact = artifact
+        self.sparsity, self.coarse_sparsity = sparsity, coarse_sparsity
+        self.centroids_scored = 0.0   # centroids multiplied per query head group, summed (CPU paths only)
+
+    def fixed(self, q: torch.Tensor) -> SqueezedIndex:
+        return cached_layer(self.artifact, self.layer_idx, q.device, q.dtype, SqueezedIndex.from_tensors)
+
+    def static_cuda_ok(self) -> bool:
+        return True
+
+    def decode_cuda(self, q_rot: torch.Tensor, idx: SqueezedIndex, step: Step) -> torch.Tensor:
+        s, lse, _ = decode_scores(q_rot, idx, step.scaling)
+        out, _, _ = squeezed_decode(q_rot, idx.keys, idx.values, idx.offsets, s, lse, idx.log_threshold, self.k,
+                                    self.v, step.lengths, step.scaling, step.starts)
+        return out
+
+    def attend_fixed(self, q_rot, idx: SqueezedIndex, step: Step, lengths, starts, local_valid, n):
+        if q_rot.shape[2] != 1:
+            return super().attend_fixed(q_rot, idx, step, lengths, starts, local_valid, n)
+        q = q_rot[:, :, 0]
+        s, lse, scored = decode_scores(q, idx, step.scaling)
+        out, _, kept = squeezed_decode(q, idx.keys, idx.values, idx.offsets, s, lse, idx.log_threshold,
+                                       self.k[:, :, :n], self.v[:, :, :n], lengths, step.scaling, starts, local_valid,
+                                       step.window, step.positions, idx.positions)
+        self.note_rows(kept)
+        if not q.is_cuda:
+            if scored is None:
+                self.centroids_scored += float(idx.num_clusters)
+            else:
+                self.centroids_scored += float(scored.float().mean()) + idx.coarse_centroids.shape[1]
+        return out[:, :, None]
+
+    def select(self, q_rot: torch.Tensor, idx: SqueezedIndex, step: Step):
+        keep = prefill_keep(q_rot, idx, step.scaling, self.sparsity, self.coarse_sparsity)
+        return mask_to_index(keys_from_clusters(keep, idx.row_cluster))

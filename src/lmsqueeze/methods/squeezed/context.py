@@ -1,0 +1,97 @@
+"""Capture a fixed context's KV from a model: one chunked dense forward, keys stored at relative positions.
+
+Convention (shared by Squeezed Attention and the baselines of methods/baselines that prepare a context):
+token i of an S-token fixed context is stored with RoPE at position i - S, so the cache that later holds
+the user input starts at position 0 and `get_seq_length()` counts user and generated tokens only. RoPE
+attention depends on position differences alone, so this equals attending the context at 0..S-1 and the
+user input at S, S+1, ... (exactly, up to rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.cache import LayerState, SqueezeCache, Step
+from lmsqueeze.methods.slot_attention import slot_attention
+from lmsqueeze.models.rope import apply_rope, rope_tables
+
+
+@dataclass
+class CapturedLayer:
+    """keys, values: [Hkv, S, D] (keys RoPE'd at i - S); q_obs: [Hq, W, D] queries of the last W tokens
+    (same convention); scaling: the layer's softmax scale; window: its sliding window or None."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    q_obs: torch.Tensor
+    scaling: float
+    window: int | None
+
+
+class _CaptureState(LayerState):
+    """Dense attention (absolute positions, as the model computes it) that also records what prepare needs."""
+
+    def __init__(self, total: int, observation: int) -> None:
+        super().__init__()
+        self.total, self.observation = total, observation
+        self.k_abs: list[torch.Tensor] = []
+        self.k_rel: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.q_obs: list[torch.Tensor] = []
+        self.scaling = 1.0
+        self.window: int | None = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        self.scaling, self.window = step.scaling, step.window
+        q_abs = apply_rope(q, step.cos, step.sin)
+        self.k_abs.append(apply_rope(k, step.cos, step.sin))
+        rel = step.positions - self.total
+        cos_r, sin_r = rope_tables(step.rotary, rel, torch.float32)
+        self.k_rel.append(apply_rope(k.float(), cos_r, sin_r).to(k.dtype))
+        self.v.append(v)
+        obs = rel[0] >= -self.observation
+        if bool(obs.any()):
+            self.q_obs.append(apply_rope(q.float(), cos_r, sin_r)[:, :, obs].to(q.dtype))
+        start = self.length
+        self.length += q.shape[2]
+        keys = torch.cat(self.k_abs, 2)
+        values = torch.cat(self.v, 2)
+        return slot_attention(q_abs, keys, values, start, None, step.window, step.scaling)
+
+
+@torch.inference_mode()
+def capture_context(model, context_ids, observation: int, chunk_size: int = 2048) -> list[CapturedLayer]:
+    """Run the fixed context through `model` (dense) and return per layer its KV at relative positions and
+    the queries of its last `observation` tokens. context_ids: [S] or [1, S] token ids (or a list)."""
+    import lmsqueeze
+    from lmsqueeze.eval.decoding import prefill
+
+    ids = torch.as_tensor(context_ids, dtype=torch.long)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1 or ids.numel() == 0:
+        raise LmsqueezeError(f"the fixed context must be one non-empty sequence of token ids, got shape "
+                             f"{tuple(ids.shape)}")
+    S = ids.numel()
+    if observation < 0 or observation >= S:
+        raise LmsqueezeError(f"observation ({observation}) must be in [0, {S}) for a {S}-token fixed context")
+    num_layers = len(model.model.layers)
+    cache = SqueezeCache(lambda i: _CaptureState(S, observation), num_layers)
+    with lmsqueeze.apply(model, None):
+        prefill(model, ids, cache, chunk_size)
+    out = []
+    hq = model.config.num_attention_heads
+    for st in cache.layers:
+        keys = torch.cat(st.k_rel, 2)[0]
+        q_obs = torch.cat(st.q_obs, 2)[0] if st.q_obs else keys.new_zeros(hq, 0, keys.shape[-1])
+        out.append(CapturedLayer(keys=keys, values=torch.cat(st.v, 2)[0], q_obs=q_obs, scaling=st.scaling,
+                                 window=st.window))
+    return out
+
+
+def context_positions(S: int, device=None) -> torch.Tensor:
+    """Relative positions of an S-token fixed context: [S] int64 = -S .. -1."""
+    return torch.arange(S, device=device) - S

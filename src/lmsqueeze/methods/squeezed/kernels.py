@@ -1,0 +1,268 @@
+"""Squeezed Attention kernels: Triton on CUDA tensors, the PyTorch references (reference.py) elsewhere.
+
+Each public function has a `*_triton` twin that runs the kernel on any tensor Triton accepts (CUDA, or CPU
+under TRITON_INTERPRET=1 in the tests). The decode path (`centroid_scores` -> [`fine_scores`] ->
+`squeezed_decode`) never synchronises with the host and allocates only per-call scratch, so it can be
+captured in a CUDA graph; its launch grids depend on shapes only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.squeezed.reference import (
+    centroid_scores_reference,
+    fine_scores_reference,
+    indexed_attention_reference,
+    prefill_scores_reference,
+    squeezed_decode_reference,
+)
+
+BLOCK_C = 64          # clusters per scoring program and per sparse decode program
+BLOCK_N = 64          # keys per tile
+LOG2E = 1.4426950408889634
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _check_heads(q: torch.Tensor, hkv: int, d: int, what: str) -> int:
+    Hq, D = q.shape[1], q.shape[-1]
+    if D != d or Hq % hkv:
+        raise LmsqueezeError(f"{what}: q {tuple(q.shape)} does not match {hkv} KV heads of dim {d}; query heads "
+                             "must be a multiple of KV heads and head dims must agree")
+    if D < 16 or D & (D - 1):
+        raise LmsqueezeError(f"{what}: the Triton kernel needs a power-of-two head dim >= 16, got {D}")
+    return Hq // hkv
+
+
+def _ieee(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32
+
+
+# --- centroid scoring ---------------------------------------------------------------------------------------
+
+def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
+                           chunk: int = BLOCK_C) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel form of `centroid_scores_reference`: q [B, Hq, D], centroids [Hkv, C, D], lsizes [Hkv, C]."""
+    from lmsqueeze.methods.squeezed._triton_kernels import _centroid_scores_kernel
+
+    B, Hq, D = q.shape
+    Hkv, C, _ = centroids.shape
+    G = _check_heads(q, Hkv, centroids.shape[-1], "centroid_scores")
+    nch = -(-C // chunk)
+    scores = torch.empty(B, Hq, C, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, Hq, nch, device=q.device, dtype=torch.float32)
+    _centroid_scores_kernel[(B * Hkv, nch)](
+        q, centroids, lsizes, scores, lse,
+        q.stride(0), q.stride(1), centroids.stride(0), centroids.stride(1), lsizes.stride(0),
+        scores.stride(0), scores.stride(1), lse.stride(0), lse.stride(1),
+        C, float(scaling),
+        HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_C=chunk, IEEE_DOT=_ieee(q),
+        num_warps=4,
+    )
+    return scores, lse
+
+
+def centroid_scores(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
+                    chunk: int = BLOCK_C) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [B, Hq, C] = q·c * scaling (float32) and chunk_lse [B, Hq, ceil(C / chunk)] =
+    logsumexp(score + log size) per chunk of clusters. q: [B, Hq, D] rotated; centroids: [Hkv, C, D];
+    lsizes: [Hkv, C] float32 log cluster sizes (-inf for empty clusters)."""
+    if q.is_cuda:
+        return centroid_scores_triton(q, centroids, lsizes, scaling, chunk)
+    return centroid_scores_reference(q, centroids, lsizes, scaling, chunk)
+
+
+def fine_scores_triton(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, coarse_log_tau, scaling,
+                       chunk: int = BLOCK_C):
+    """Kernel form of `fine_scores_reference` (same arguments and returns)."""
+    from lmsqueeze.methods.squeezed._triton_kernels import _fine_scores_kernel
+
+    B, Hq, D = q.shape
+    Hkv, C2, _ = fine.shape
+    G = _check_heads(q, Hkv, fine.shape[-1], "fine_scores")
+    nch1 = coarse_chunk_lse.shape[-1]
+    nch2 = -(-C2 // chunk)
+    s2 = torch.empty(B, Hq, C2, device=q.device, dtype=torch.float32)
+    lse2 = torch.empty(B, Hq, nch2, device=q.device, dtype=torch.float32)
+    scored = torch.empty(B, Hkv, nch2, device=q.device, dtype=torch.int32)
+    _fine_scores_kernel[(B * Hkv, nch2)](
+        q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, coarse_log_tau, s2, lse2, scored,
+        q.stride(0), q.stride(1), fine.stride(0), fine.stride(1), fine_lsizes.stride(0), parent.stride(0),
+        coarse_scores.stride(0), coarse_scores.stride(1), coarse_chunk_lse.stride(0), coarse_chunk_lse.stride(1),
+        s2.stride(0), s2.stride(1), lse2.stride(0), lse2.stride(1),
+        C2, nch1, nch2, float(scaling),
+        HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_C=chunk,
+        BLOCK_CH1=max(2, _pow2(nch1)), IEEE_DOT=_ieee(q), num_warps=4,
+    )
+    return s2, lse2, scored.sum(-1, dtype=torch.int32)
+
+
+def fine_scores(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, coarse_log_tau, scaling,
+                chunk: int = BLOCK_C):
+    """Second level of the hierarchical lookup: scores [B, Hq, C2] of the fine centroids under surviving coarse
+    clusters (-inf elsewhere), their chunk logsumexps, and scored [B, Hkv] = fine centroids read."""
+    if q.is_cuda:
+        return fine_scores_triton(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, coarse_log_tau,
+                                  scaling, chunk)
+    return fine_scores_reference(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, coarse_log_tau,
+                                 scaling, chunk)
+
+
+# --- sparse decode -------------------------------------------------------------------------------------------
+
+def default_local_splits(l_max: int) -> int:
+    """Programs per (batch, KV head) over the local slots: from the buffer size only (graph-safe)."""
+    return max(1, min(8, -(-l_max // 512)))
+
+
+def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
+                           scaling, starts=None, *, block_c: int = BLOCK_C, block_n: int = BLOCK_N,
+                           local_splits: int | None = None, num_warps: int = 4, num_stages: int = 2):
+    """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept)."""
+    from lmsqueeze.kernels._triton_decode import _merge_splits_kernel
+    from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
+
+    B, Hq, D = q.shape
+    Hkv = keys.shape[0]
+    G = _check_heads(q, Hkv, keys.shape[-1], "squeezed_decode")
+    C = scores.shape[-1]
+    nch = chunk_lse.shape[-1]
+    if offsets.shape != (Hkv, C + 2) or local_k.shape[:2] != (B, Hkv) or local_k.shape[-1] != D:
+        raise LmsqueezeError(f"squeezed_decode: offsets {tuple(offsets.shape)} / local cache "
+                             f"{tuple(local_k.shape)} do not match {C} clusters, batch {B}, {Hkv} KV heads")
+    for t in (keys, values, local_k, local_v):
+        if t.stride(-1) != 1 or t.dtype != q.dtype:
+            raise LmsqueezeError("squeezed_decode needs keys/values/local caches in q's dtype with a contiguous "
+                                 "last dim")
+    l_max = local_k.shape[2]
+    nsp = -(-(C + 1) // block_c)
+    nloc = local_splits or default_local_splits(l_max)
+    splits = nsp + nloc
+    mid_o = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
+    mid_lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
+    kept = torch.empty(B, Hkv, nsp, device=q.device, dtype=torch.int32)
+    _squeezed_decode_kernel[(B * Hkv, splits)](
+        q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
+        starts if starts is not None else lengths, mid_o, mid_lse, kept,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        offsets.stride(0), scores.stride(0), scores.stride(1), chunk_lse.stride(0), chunk_lse.stride(1),
+        local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
+        local_v.stride(2),
+        C, nch, nsp, nloc, l_max, float(scaling) * LOG2E,
+        HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
+        BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
+    _merge_splits_kernel[(B * Hq,)](
+        mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), splits,
+        HQ=Hq, D=D, BLOCK_S=max(2, _pow2(splits)), BLOCK_D=_pow2(D), WRITE_LSE=True,
+        num_warps=4 if splits * D <= 8192 else 8,
+    )
+    return out, lse, kept.sum(-1, dtype=torch.int32)
+
+
+def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths, scaling,
+                    starts=None, local_valid=None, window=None, q_pos=None, key_pos=None):
+    """One decode query per sequence over the kept clusters of the fixed context + its local slots.
+
+    q: [B, Hq, D] rotated; keys, values: [Hkv, N, D] sorted by cluster; offsets: [Hkv, C + 2] int32;
+    scores, chunk_lse: from `centroid_scores` / `fine_scores`; log_tau: [Hkv]; local_k, local_v:
+    [B, Hkv, L, D] (new token already written); lengths: [B] int32 filled local slots; starts: [B] int32 first
+    valid slot. Returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 fixed rows read).
+    Sliding windows and arbitrary padding masks run the reference.
+    """
+    if q.is_cuda and window is None and local_valid is None:
+        return squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
+                                      lengths, scaling, starts)
+    return squeezed_decode_reference(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
+                                     lengths, scaling, starts, local_valid, window, q_pos, key_pos)
+
+
+# --- prefill -------------------------------------------------------------------------------------------------
+
+def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
+                          block_m: int = 64, block_c: int = 64) -> torch.Tensor:
+    """Kernel form of `prefill_scores_reference`: psum [B, Hq, C]."""
+    from lmsqueeze.methods.squeezed._triton_kernels import _prefill_scores_kernel
+
+    B, Hq, T, D = q.shape
+    Hkv, C, _ = centroids.shape
+    G = _check_heads(q, Hkv, centroids.shape[-1], "prefill_scores")
+    if lsizes.dim() != 3 or lsizes.shape[1:] != (Hkv, C) or lsizes.shape[0] not in (1, B):
+        raise LmsqueezeError(f"prefill_scores: lsizes {tuple(lsizes.shape)} must be [1 or B, Hkv, C]")
+    nmb = -(-T // block_m)
+    part = torch.empty(B, Hq, nmb, C, device=q.device, dtype=torch.float32)
+    _prefill_scores_kernel[(nmb, B * Hq)](
+        q, centroids, lsizes, part,
+        q.stride(0), q.stride(1), q.stride(2), centroids.stride(0), centroids.stride(1),
+        lsizes.stride(0) if lsizes.shape[0] > 1 else 0, lsizes.stride(1),
+        T, C, nmb, float(scaling),
+        HQ=Hq, G=G, D=D, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=_pow2(D), IEEE_DOT=_ieee(q), num_warps=4,
+    )
+    return part.sum(2)
+
+
+def prefill_scores(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float) -> torch.Tensor:
+    """psum [B, Hq, C] = sum over the chunk's queries of exp(score - log Z) (0 for excluded clusters).
+    q: [B, Hq, T, D]; centroids: [Hkv, C, D]; lsizes: [1 or B, Hkv, C] (-inf excludes a cluster)."""
+    if q.is_cuda:
+        return prefill_scores_triton(q, centroids, lsizes, scaling)
+    return prefill_scores_reference(q, centroids, lsizes, scaling)
+
+
+def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, lengths, scaling, starts=None,
+                             return_lse: bool = False, *, block_m: int | None = None, block_n: int = 64,
+                             num_warps: int | None = None, num_stages: int = 2):
+    """Kernel form of `indexed_attention_reference` (no window / local_valid)."""
+    from lmsqueeze.methods.squeezed._triton_kernels import _indexed_attention_kernel
+
+    B, Hq, T, D = q.shape
+    Hkv = keys.shape[0]
+    G = _check_heads(q, Hkv, keys.shape[-1], "indexed_attention")
+    if idx.shape[:2] != (B, Hkv) or counts.shape != (B, Hkv) or local_k.shape[:2] != (B, Hkv):
+        raise LmsqueezeError(f"indexed_attention: idx {tuple(idx.shape)}, counts {tuple(counts.shape)} and local "
+                             f"cache {tuple(local_k.shape)} must lead with [B={B}, Hkv={Hkv}]")
+    if idx.stride(-1) != 1 or counts.stride(-1) != 1:
+        raise LmsqueezeError("indexed_attention needs idx / counts contiguous in the last dim")
+    rows = T * G
+    if block_m is None:
+        block_m = 16 if rows <= 16 else (64 if rows <= 1024 or D > 64 else 128)
+    if num_warps is None:
+        num_warps = 4 if block_m <= 64 else 8
+    out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32) if return_lse else out
+    _indexed_attention_kernel[(-(-rows // block_m), B * Hkv)](
+        q, keys, values, idx, counts, local_k, local_v, lengths, starts if starts is not None else lengths, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        idx.stride(0), idx.stride(1), counts.stride(0),
+        local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
+        local_v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        T, local_k.shape[2], float(scaling) * LOG2E,
+        HKV=Hkv, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D),
+        HAS_STARTS=starts is not None, WRITE_LSE=return_lse, IEEE_DOT=_ieee(q),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return (out, lse) if return_lse else out
+
+
+def indexed_attention(q, keys, values, idx, counts, local_k, local_v, lengths, scaling, starts=None,
+                      local_valid=None, window=None, q_pos=None, key_pos=None, return_lse: bool = False):
+    """T queries over listed fixed-context rows + causal local slots, one softmax.
+
+    q: [B, Hq, T, D] rotated; keys, values: [Hkv, N, D]; idx: [B, Hkv, M] int32 rows, counts: [B, Hkv] int32
+    (the first counts[b, h] of idx are used); local_k, local_v: [B, Hkv, L, D] with this chunk written;
+    lengths: [B] int32 filled local slots (query t at slot lengths - T + t); starts: [B] int32 first valid
+    slot. Returns out [B, Hq, T, D] (and lse [B, Hq, T] float32).
+    """
+    if q.is_cuda and window is None and local_valid is None:
+        return indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, lengths, scaling, starts,
+                                        return_lse)
+    out, lse = indexed_attention_reference(q, keys, values, idx, counts, local_k, local_v, lengths, scaling, starts,
+                                           local_valid, window, q_pos, key_pos)
+    return (out, lse) if return_lse else out

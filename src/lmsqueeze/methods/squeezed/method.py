@@ -1,0 +1,81 @@
+"""The Squeezed Attention method config: prepare a fixed context once, answer any number of queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.base import Artifact, Method, register_method
+
+
+@register_method
+@dataclass(slots=True)
+class SqueezedAttention(Method):
+    """Sparse attention over a prepared fixed context (arXiv 2411.09688), dense over user/generated tokens.
+
+    centroids: K-means clusters per KV head as a fraction of the clustered keys (one-level lookup);
+    sparsity: fraction of the clustered keys not read (decode: calibrated threshold; prefill: key budget);
+    hierarchical: None, or (coarse, fine) cluster fractions for the two-level lookup (fine replaces
+    `centroids`); coarse_sparsity: fraction of keys the coarse level prunes (at most `sparsity`); observation: the last tokens of
+    the context used as calibration queries (always attended, never clustered); kmeans_iters, seed: K-means.
+    """
+
+    name: ClassVar[str] = "squeezed"
+    needs_calibration: ClassVar[bool] = True
+
+    centroids: float = 0.05
+    sparsity: float = 0.9
+    hierarchical: tuple[float, float] | None = None
+    coarse_sparsity: float = 0.5
+    observation: int = 64
+    kmeans_iters: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hierarchical is not None:
+            if not isinstance(self.hierarchical, (list, tuple)) or len(self.hierarchical) != 2:
+                raise LmsqueezeError(f"hierarchical must be None or (coarse, fine) fractions, got {self.hierarchical!r}")
+            self.hierarchical = (float(self.hierarchical[0]), float(self.hierarchical[1]))
+            c, f = self.hierarchical
+            if not 0 < c < f <= 1:
+                raise LmsqueezeError(f"hierarchical fractions need 0 < coarse < fine <= 1, got {self.hierarchical}")
+        if not 0 < self.centroids <= 1:
+            raise LmsqueezeError(f"centroids must be a fraction in (0, 1], got {self.centroids}")
+        if not 0 <= self.sparsity < 1:
+            raise LmsqueezeError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if not 0 <= self.coarse_sparsity < 1:
+            raise LmsqueezeError(f"coarse_sparsity must be in [0, 1), got {self.coarse_sparsity}")
+        if not isinstance(self.observation, int) or self.observation < 1:
+            raise LmsqueezeError(f"observation must be a positive number of tokens, got {self.observation!r}")
+        if self.kmeans_iters < 0:
+            raise LmsqueezeError(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
+
+    @property
+    def coarse_pruning(self) -> float:
+        """The coarse level's pruned fraction: coarse_sparsity, never more than `sparsity` itself."""
+        return min(self.coarse_sparsity, self.sparsity)
+
+    def kv_budget(self) -> float:
+        """Nominal fraction of the clustered context's K+V bytes one decode step reads: kept keys and values
+        plus the centroids (keys only, so half a token each)."""
+        cents = sum(self.hierarchical) if self.hierarchical else self.centroids
+        return (1 - self.sparsity) + cents / 2
+
+    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048) -> Artifact:
+        """Prepare `fixed_context_ids` ([S] or [1, S] token ids) for `model`; save it with `.save(dir)`."""
+        from lmsqueeze.methods.squeezed.prepare import prepare_squeezed
+
+        return prepare_squeezed(self, model, fixed_context_ids, chunk_size)
+
+    def calibrate(self, model, batches) -> Artifact:
+        """Same as `prepare`: `batches` holds the fixed context's token ids."""
+        return self.prepare(model, batches)
+
+    def new_layer_state(self, layer_idx: int, artifact: Artifact | None, max_length: int | None = None):
+        from lmsqueeze.methods.squeezed.attention import SqueezedState
+
+        if artifact is None:
+            raise LmsqueezeError("squeezed attention needs a prepared context: art = SqueezedAttention(...)"
+                                 ".prepare(model, context_ids), then apply(model, art)")
+        return SqueezedState(layer_idx, artifact, self.sparsity, self.coarse_pruning, max_length)

@@ -1,0 +1,45 @@
+"""`prepare`: a fixed context -> a Squeezed Attention artifact (its KV, clusters and thresholds per layer)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from lmsqueeze.methods.base import Artifact, model_fingerprint
+from lmsqueeze.methods.squeezed.context import capture_context, context_positions
+from lmsqueeze.methods.squeezed.index import build_layer_index
+
+log = logging.getLogger(__name__)
+
+
+def context_ids_from(batches) -> torch.Tensor:
+    """The fixed context's token ids from what `calibrate(model, batches)` receives: ids [S] / [1, S], a list
+    of ids, or a list holding one such tensor."""
+    if isinstance(batches, (list, tuple)) and batches and isinstance(batches[0], torch.Tensor):
+        batches = batches[0]
+    return torch.as_tensor(batches, dtype=torch.long).reshape(-1)
+
+
+def prepare_squeezed(method, model, context_ids, chunk_size: int = 2048) -> Artifact:
+    """Capture the context's KV (one dense forward), cluster every layer's keys per KV head, calibrate the
+    thresholds on the last `method.observation` tokens. Returns the artifact (tensors on the CPU)."""
+    t0 = time.perf_counter()
+    ids = context_ids_from(context_ids)
+    layers = capture_context(model, ids, method.observation, chunk_size)
+    S = ids.numel()
+    tensors: dict[str, torch.Tensor] = {"context_ids": ids.cpu()}
+    stats = []
+    for i, cap in enumerate(layers):
+        t, st = build_layer_index(
+            cap.keys, cap.values, context_positions(S, cap.keys.device), cap.q_obs, cap.scaling,
+            centroids=method.centroids, sparsity=method.sparsity, observation=method.observation,
+            hierarchical=method.hierarchical, coarse_sparsity=method.coarse_pruning, iters=method.kmeans_iters,
+            seed=method.seed + i)
+        tensors.update({f"layers.{i}.{k}": v.cpu() for k, v in t.items()})
+        stats.append(st)
+    meta = {"context_tokens": S, "layers": stats, "kv_budget": method.kv_budget(),
+            "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("prepared a %d-token fixed context in %.1f s", S, meta["seconds"])
+    return Artifact(method=method, fingerprint=model_fingerprint(model), tensors=tensors, meta=meta)

@@ -1,0 +1,203 @@
+"""Plain-PyTorch references of the Squeezed Attention kernels (float32 math, any device).
+
+They define what the Triton kernels in `_triton_kernels.py` compute; `kernels.py` dispatches here for CPU
+tensors and for the cases the kernels do not cover (sliding windows, arbitrary padding masks).
+
+Shapes: B batch, Hq = G * Hkv query heads, D head dim, C clusters, N fixed-context rows (sorted by cluster,
+observation window last), L local (user + generated) slots. Queries are RoPE-rotated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG = float("-inf")
+
+
+def centroid_scores_reference(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
+                              chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, Hq, D]; centroids: [Hkv, C, D]; lsizes: [Hkv, C] log cluster sizes (-inf: empty).
+
+    Returns scores [B, Hq, C] = q·c * scaling (float32) and chunk_lse [B, Hq, ceil(C / chunk)] =
+    logsumexp over each chunk of `chunk` clusters of (score + log size).
+    """
+    B, Hq, D = q.shape
+    Hkv, C, _ = centroids.shape
+    G = Hq // Hkv
+    s = torch.einsum("bhgd,hcd->bhgc", q.float().reshape(B, Hkv, G, D), centroids.float()) * scaling
+    x = s + lsizes.float()[None, :, None, :]
+    return s.reshape(B, Hq, C), _chunk_lse(x.reshape(B, Hq, C), chunk)
+
+
+def _chunk_lse(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    B, H, C = x.shape
+    n = -(-C // chunk)
+    pad = torch.full((B, H, n * chunk - C), NEG, device=x.device)
+    return torch.logsumexp(torch.cat([x, pad], -1).reshape(B, H, n, chunk), -1)
+
+
+def _log_z(chunk_lse: torch.Tensor) -> torch.Tensor:
+    """[B, Hq, NCH] -> [B, Hq] log Z, 0 where no cluster counted (so scores stay -inf, never NaN)."""
+    z = torch.logsumexp(chunk_lse, -1)
+    return torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+
+
+def cluster_keep(scores: torch.Tensor, chunk_lse: torch.Tensor, log_tau: torch.Tensor, G: int) -> torch.Tensor:
+    """Decode rule. scores: [B, Hq, C], chunk_lse: [B, Hq, NCH], log_tau: [Hkv] -> keep [B, Hkv, C] bool."""
+    B, Hq, C = scores.shape
+    a = (scores - _log_z(chunk_lse)[..., None]).reshape(B, Hq // G, G, C).amax(2)
+    return a > log_tau[None, :, None]
+
+
+def fine_scores_reference(q: torch.Tensor, fine: torch.Tensor, fine_lsizes: torch.Tensor, parent: torch.Tensor,
+                          coarse_scores: torch.Tensor, coarse_chunk_lse: torch.Tensor, coarse_log_tau: torch.Tensor,
+                          scaling: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Second level of the hierarchical lookup: score only the fine centroids under surviving coarse ones.
+
+    q: [B, Hq, D]; fine: [Hkv, C2, D]; fine_lsizes: [Hkv, C2]; parent: [Hkv, C2] int; coarse_scores /
+    coarse_chunk_lse: the first level's outputs; coarse_log_tau: [Hkv].
+    Returns scores [B, Hq, C2] (-inf under pruned coarse clusters), chunk_lse [B, Hq, ceil(C2 / chunk)]
+    over the scored ones, and scored [B, Hkv] int32 = fine centroids actually multiplied (the operation count).
+    """
+    B, Hq, D = q.shape
+    Hkv, C2, _ = fine.shape
+    G = Hq // Hkv
+    keep1 = cluster_keep(coarse_scores, coarse_chunk_lse, coarse_log_tau, G)           # [B, Hkv, C1]
+    alive = keep1.gather(-1, parent.long()[None].expand(B, -1, -1))                     # [B, Hkv, C2]
+    s = torch.full((B, Hkv, G, C2), NEG, device=q.device)
+    qg = q.float().reshape(B, Hkv, G, D)
+    for b in range(B):
+        for h in range(Hkv):
+            rows = alive[b, h].nonzero().squeeze(-1)
+            if rows.numel():
+                s[b, h, :, rows] = (qg[b, h] @ fine[h, rows].float().T) * scaling     # only these rows
+    x = (s + fine_lsizes.float()[None, :, None, :]).masked_fill(~alive[:, :, None, :], NEG)
+    scored = alive.sum(-1).to(torch.int32)
+    return s.reshape(B, Hq, C2), _chunk_lse(x.reshape(B, Hq, C2), chunk), scored
+
+
+def _attend(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores: [..., M] float32 (-inf = masked), values: [..., M, D] -> (out [..., D], lse [...])."""
+    lse = torch.logsumexp(scores, -1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(scores - safe[..., None])
+    return (p[..., None, :] @ values.float()).squeeze(-2), lse
+
+
+def _local_mask(B: int, T: int, L: int, lengths: torch.Tensor, starts: torch.Tensor | None,
+                local_valid: torch.Tensor | None, window: int | None, device) -> torch.Tensor:
+    """[B, T, L] bool: query t sits at local slot lengths - T + t and sees slots <= its own."""
+    j = torch.arange(L, device=device)[None, None, :]
+    qs = (lengths.long()[:, None] - T + torch.arange(T, device=device)[None, :])[..., None]   # [B, T, 1]
+    m = j <= qs
+    if starts is not None:
+        m = m & (j >= starts.long()[:, None, None])
+    if local_valid is not None:
+        m = m & local_valid[:, None, :L]
+    if window is not None:
+        m = m & (qs - j < window)
+    return m | (j == qs)
+
+
+def _fixed_window(mask: torch.Tensor, window: int | None, q_pos: torch.Tensor | None,
+                  key_pos: torch.Tensor | None) -> torch.Tensor:
+    """mask: [B, Hkv, T, N] & (q_pos - key_pos < window). q_pos: [B, T], key_pos: [Hkv, N] (or [B, Hkv, N])."""
+    if window is None:
+        return mask
+    kp = key_pos.long() if key_pos.dim() == 3 else key_pos.long()[None]
+    return mask & (q_pos.long()[:, None, :, None] - kp[:, :, None, :] < window)
+
+
+def indexed_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor,
+                                counts: torch.Tensor, local_k: torch.Tensor, local_v: torch.Tensor,
+                                lengths: torch.Tensor, scaling: float, starts: torch.Tensor | None = None,
+                                local_valid: torch.Tensor | None = None, window: int | None = None,
+                                q_pos: torch.Tensor | None = None, key_pos: torch.Tensor | None = None,
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of T new queries over selected fixed-context rows and the causal local slots.
+
+    q: [B, Hq, T, D]; keys, values: [Hkv, N, D]; idx: [B, Hkv, M] int rows (the first counts[b, h] used);
+    local_k, local_v: [B, Hkv, L, D] with the chunk already written; lengths: [B] filled local slots
+    (query t sits at slot lengths - T + t); starts: [B] first valid local slot; local_valid: [B, L] bool;
+    window with q_pos: [B, T] and key_pos: [Hkv, N] positions. Returns (out [B, Hq, T, D] in q's dtype,
+    lse [B, Hq, T] float32).
+    """
+    B, Hq, T, D = q.shape
+    Hkv = keys.shape[0]
+    G = Hq // Hkv
+    M = idx.shape[-1]
+    L = local_k.shape[2]
+    rows = idx.long().clamp(0, keys.shape[1] - 1)
+    kf = keys.float()[None].expand(B, -1, -1, -1).gather(2, rows[..., None].expand(-1, -1, -1, D))  # [B,Hkv,M,D]
+    vf = values.float()[None].expand(B, -1, -1, -1).gather(2, rows[..., None].expand(-1, -1, -1, D))
+    qg = q.float().reshape(B, Hkv, G * T, D)
+    fmask = (torch.arange(M, device=q.device)[None, None, :] < counts.long()[..., None])[:, :, None, :]
+    fmask = fmask.expand(B, Hkv, T, M)
+    if window is not None:
+        kp = key_pos.long()[None].expand(B, -1, -1).gather(2, rows)
+        fmask = _fixed_window(fmask, window, q_pos, kp)
+    s_fixed = (qg @ kf.transpose(-1, -2)).reshape(B, Hkv, G, T, M) * scaling
+    s_fixed = s_fixed.masked_fill(~fmask[:, :, None], NEG)
+    lmask = _local_mask(B, T, L, lengths, starts, local_valid, window, q.device)         # [B, T, L]
+    s_local = (qg @ local_k.float().transpose(-1, -2)).reshape(B, Hkv, G, T, L) * scaling
+    s_local = s_local.masked_fill(~lmask[:, None, None], NEG)
+    scores = torch.cat([s_fixed, s_local], -1)
+    vals = torch.cat([vf, local_v.float()], 2)[:, :, None, None]                            # [B, Hkv, 1, 1, M+L, D]
+    out, lse = _attend(scores, vals)
+    return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T)
+
+
+def squeezed_decode_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+                              scores: torch.Tensor, chunk_lse: torch.Tensor, log_tau: torch.Tensor,
+                              local_k: torch.Tensor, local_v: torch.Tensor, lengths: torch.Tensor, scaling: float,
+                              starts: torch.Tensor | None = None, local_valid: torch.Tensor | None = None,
+                              window: int | None = None, q_pos: torch.Tensor | None = None,
+                              key_pos: torch.Tensor | None = None,
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode query per sequence: keep clusters by threshold, attend their rows + the observation
+    window + the local slots [starts, lengths), all in one softmax.
+
+    q: [B, Hq, D]; keys, values: [Hkv, N, D]; offsets: [Hkv, C + 2]; scores: [B, Hq, C]; chunk_lse:
+    [B, Hq, NCH]; log_tau: [Hkv]. Returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 = fixed
+    rows read).
+    """
+    B, Hq, D = q.shape
+    Hkv, N, _ = keys.shape
+    G = Hq // Hkv
+    C = scores.shape[-1]
+    keep = cluster_keep(scores, chunk_lse, log_tau, G)
+    keep = torch.cat([keep, torch.ones_like(keep[..., :1])], -1)                          # + observation window
+    sizes = (offsets[:, 1:] - offsets[:, :-1]).long()
+    row_cluster = torch.repeat_interleave(torch.arange(C + 1, device=q.device).repeat(Hkv), sizes.flatten())
+    rmask = keep.gather(-1, row_cluster.reshape(Hkv, N)[None].expand(B, -1, -1))          # [B, Hkv, N]
+    kept = rmask.sum(-1).to(torch.int32)
+    fmask = _fixed_window(rmask[:, :, None, :], window, q_pos, key_pos)                   # [B, Hkv, 1, N]
+    qg = q.float().reshape(B, Hkv, G, D)
+    s_fixed = (qg @ keys.float().transpose(-1, -2)[None]) * scaling                         # [B, Hkv, G, N]
+    s_fixed = s_fixed.masked_fill(~fmask, NEG)
+    L = local_k.shape[2]
+    lmask = _local_mask(B, 1, L, lengths, starts, local_valid, window, q.device)[:, None]   # [B, 1, 1, L]
+    s_local = (qg @ local_k.float().transpose(-1, -2)) * scaling
+    s_local = s_local.masked_fill(~lmask, NEG)
+    vals = torch.cat([values.float()[None].expand(B, -1, -1, -1), local_v.float()], 2)[:, :, None]
+    out, lse = _attend(torch.cat([s_fixed, s_local], -1), vals)
+    return out.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq), kept
+
+
+def prefill_scores_reference(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor,
+                             scaling: float) -> torch.Tensor:
+    """Sum over a chunk's queries of the estimated per-key attention weight of each cluster.
+
+    q: [B, Hq, T, D]; centroids: [Hkv, C, D]; lsizes: [B or 1, Hkv, C] (-inf: empty or excluded).
+    Returns psum [B, Hq, C] float32 = sum_t exp(s_tj - log Z_t) (0 for excluded clusters).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, C, _ = centroids.shape
+    G = Hq // Hkv
+    s = torch.einsum("bhgtd,hcd->bhgtc", q.float().reshape(B, Hkv, G, T, D), centroids.float()) * scaling
+    ls = lsizes.float()[:, :, None, None, :]
+    x = s + ls
+    log_z = torch.logsumexp(x, -1, keepdim=True)
+    log_z = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
+    p = torch.exp(s - log_z).masked_fill(~torch.isfinite(ls.expand_as(s)), 0.0)
+    return p.sum(3).reshape(B, Hq, C)
