@@ -95,3 +95,45 @@ def capture_context(model, context_ids, observation: int, chunk_size: int = 2048
 def context_positions(S: int, device=None) -> torch.Tensor:
     """Relative positions of an S-token fixed context: [S] int64 = -S .. -1."""
     return torch.arange(S, device=device) - S
+
+
+@dataclass
+class FixedKV:
+    """A prepared fixed context on a device, in context order: keys, values [Hkv, S, D], positions [Hkv, S]
+    int32 (relative), plus a method's own tensors in `extra`."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    extra: dict
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], device, dtype: torch.dtype) -> FixedKV:
+        keys = t["keys"].to(device=device, dtype=dtype).contiguous()
+        Hkv, S, _ = keys.shape
+        pos = context_positions(S, device).to(torch.int32)[None].expand(Hkv, -1).contiguous()
+        extra = {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)).contiguous()
+                 for k, v in t.items() if k not in ("keys", "values")}
+        return cls(keys=keys, values=t["values"].to(device=device, dtype=dtype).contiguous(), positions=pos,
+                   extra=extra)
+
+
+def prepare_fixed_context(method, model, context_ids, observation: int = 0, per_layer=None,
+                          chunk_size: int = 2048, meta: dict | None = None):
+    """An artifact holding a fixed context's KV per layer (context order, relative RoPE) for the baselines.
+
+    per_layer(layer_idx, CapturedLayer) -> dict of extra tensors for that layer (e.g. SnapKV's rows).
+    """
+    from lmsqueeze.methods.base import Artifact, model_fingerprint
+    from lmsqueeze.methods.squeezed.prepare import context_ids_from
+
+    ids = context_ids_from(context_ids)
+    layers = capture_context(model, ids, observation, chunk_size)
+    tensors: dict[str, torch.Tensor] = {"context_ids": ids.cpu()}
+    for i, cap in enumerate(layers):
+        tensors[f"layers.{i}.keys"] = cap.keys.cpu()
+        tensors[f"layers.{i}.values"] = cap.values.cpu()
+        for k, v in (per_layer(i, cap) if per_layer else {}).items():
+            tensors[f"layers.{i}.{k}"] = v.cpu()
+    return Artifact(method=method, fingerprint=model_fingerprint(model), tensors=tensors,
+                    meta={"context_tokens": ids.numel(), **(meta or {})})
