@@ -84,17 +84,23 @@ def interleaved(fns: dict, warmup: int, iters: int) -> dict[str, list[float]]:
     return times
 
 
-def dense_decode_ms(model, prompt: torch.Tensor, steps: int) -> float:
-    with torch.no_grad(), lmsqueeze.apply(model) as session:
-        cache = session.new_cache()
-        logits = model(prompt, past_key_values=cache).logits
-        tok = logits[:, -1:].argmax(-1)
-        ts = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
-            ts.append(time.perf_counter() - t0)
-    return median_ms(ts[3:])
+def dense_probe(models: dict, prompt: torch.Tensor, steps: int) -> dict[str, float]:
+    """Median dense decode ms/step of each model (e.g. fp32 and bf16 copies), steps interleaved."""
+    state = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            with lmsqueeze.apply(model) as session:
+                cache = session.new_cache()
+                state[name] = [cache, model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1), []]
+        for i in range(steps + 3):
+            for name, model in models.items():
+                cache, tok, ts = state[name]
+                with lmsqueeze.apply(model):
+                    t0 = time.perf_counter()
+                    state[name][1] = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+                    if i >= 3:
+                        ts.append(time.perf_counter() - t0)
+    return {name: median_ms(s[2]) for name, s in state.items()}
 
 
 def decode_rounds(model, methods: dict, prompt: torch.Tensor, rounds: int, per_round: int, warmup: int):
@@ -195,12 +201,13 @@ def main() -> None:
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen)
     extra["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     if args.dtype == "auto":
-        dense_ms = {"fp32": dense_decode_ms(model, prompt, 13)}
-        model = model.to(torch.bfloat16)
-        dense_ms["bf16"] = dense_decode_ms(model, prompt, 13)
-        extra["dtype_probe_dense_ms"] = dense_ms
-        name = min(dense_ms, key=dense_ms.get)
-        model = model.to(dtypes[name])
+        import copy
+
+        half = copy.deepcopy(model).to(torch.bfloat16)
+        extra["dtype_probe_dense_ms"] = dense_probe({"fp32": model, "bf16": half}, prompt, 12)
+        name = min(extra["dtype_probe_dense_ms"], key=extra["dtype_probe_dense_ms"].get)
+        model = model if name == "fp32" else half
+        del half
     else:
         name = args.dtype
         model = model.to(dtypes[name])
