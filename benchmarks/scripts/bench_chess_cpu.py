@@ -159,7 +159,7 @@ def gemv_rows(dtype: torch.dtype, H: int, I: int, iters: int) -> list[dict]:
                      speedup=median_ms(t["dense"]) / median_ms(t["sparse"]), iters=iters, rel_err=err,
                      dense_gb_per_s=H * I * elt / (median_ms(t["dense"]) * 1e-3) / 1e9,
                      sparse_gb_per_s=idx.numel() * H * elt / (median_ms(t["sparse"]) * 1e-3) / 1e9))
-    del ws, wts
+    ws = wts = None
 
     # gate + up (gate dense, up only for surviving channels) vs two dense F.linear + SiLU * mul
     n = copies(2 * H * I * elt)

@@ -139,7 +139,7 @@ def gemv_rows(bw: float) -> list[dict]:
                                dense_tb_per_s=b_dense / (td.median_ms * 1e-3) / 1e12,
                                dense_floor_ms=b_dense / (bw * 1e12) * 1e3,
                                config=str(K._CHOICE.get(key[0])) if key else None))
-        del ws, wts
+        ws = wts = None  # free before the next shape
         torch.cuda.empty_cache()
 
     # fused gate + threshold + up (CHESS's up_proj reads only surviving rows) vs two cuBLAS GEMVs + SiLU*mul,
@@ -186,7 +186,7 @@ def gemv_rows(bw: float) -> list[dict]:
                                rows_read_frac=kept / I, rel_err_vs_fp32=err,
                                dense_tb_per_s=b_dense / (td.median_ms * 1e-3) / 1e12,
                                dense_floor_ms=b_dense / (bw * 1e12) * 1e3))
-    del mats, wdts
+    mats = wdts = None
     torch.cuda.empty_cache()
     return rows
 
@@ -303,7 +303,7 @@ def decode_rows(bw: float, num_layers: int, length: int) -> tuple[list[dict], di
     rows.append(timing_row("dense-graph (again)", td2, baseline="dense-graph", baseline_timing=td,
                            bytes_moved=dense_bytes, peak_tb_per_s=bw, **{k: common[k] for k in
                                                                             ("preset", "num_layers", "batch", "length")}))
-    del model, cache
+    model = cache = None
     torch.cuda.empty_cache()
     return rows, info
 

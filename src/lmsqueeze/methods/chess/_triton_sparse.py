@@ -93,7 +93,7 @@ def _reduce_kernel(Part, Bias, Y, N, num_splits, stride_ps, stride_pb, stride_yb
     offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = offs < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for s in range(0, num_splits):
+    for s in range(num_splits):
         acc += tl.load(Part + s * stride_ps + b * stride_pb + offs, mask=ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(Bias + offs, mask=ok, other=0.0).to(tl.float32)

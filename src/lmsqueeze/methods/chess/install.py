@@ -81,7 +81,7 @@ def install_thresholds(model, tensors: dict[str, torch.Tensor], max_kernel_rows:
         while undo:
             try:
                 undo.pop()()
-            except Exception as e:  # keep restoring the rest
+            except Exception as e:  # noqa: BLE001 - keep restoring the rest
                 errors.append(e)
         if errors:
             raise errors[0]

@@ -108,8 +108,8 @@ def _pick(key: tuple, configs: tuple, run) -> object:
     best, best_ms = configs[0], float("inf")
     for cfg in configs:
         try:
-            ms = do_bench(lambda: run(cfg), warmup=5, rep=25, return_mode="median")
-        except Exception as e:  # a config the compiler rejects (e.g. out of shared memory) is skipped
+            ms = do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25, return_mode="median")
+        except Exception as e:  # noqa: BLE001 - a config the compiler rejects (e.g. out of shared memory) is skipped
             log.debug("config %s failed: %s", cfg, e)
             continue
         if ms < best_ms:
