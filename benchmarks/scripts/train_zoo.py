@@ -4,8 +4,9 @@ GPU (one device call, tokenizer carried from src/lmsqueeze/zoo/tokenizer/):
     PYTHONPATH=src RAYON_NUM_THREADS=14 python3 benchmarks/scripts/train_zoo.py --out $OUT
 CPU smoke run of the same path with tiny sizes:
     python benchmarks/scripts/train_zoo.py --smoke --out /tmp/zoo_smoke
-Unpack what comes back:
+Unpack what comes back, and plot the loss curves:
     python benchmarks/scripts/train_zoo.py --unpack <files_at> --dest /tmp/zoo_back
+    python benchmarks/scripts/train_zoo.py --plot benchmarks/results/train_*.json --dest benchmarks/plots
 
 Outputs under --out (at most 8 files, each < 16 MiB): zoo.tar.partNN (the model directories, results
 and log, split in 15 MiB parts), train_default.json, train_looped_4x3.json, run.log.
@@ -84,6 +85,30 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cpu_check(path: Path) -> int:
+    """Held-out perplexity of the bundled models, loaded as users load them, on the CPU in fp32."""
+    import numpy as np
+    import torch
+
+    from lmsqueeze.data.heldout import load_heldout_text
+    from lmsqueeze.models.loading import load_model
+    from lmsqueeze.models.looped import load_looped
+    from lmsqueeze.train.evaluate import hf_logits_fn, looped_logits_fn, perplexity
+    from lmsqueeze.train.recipe import run_meta
+
+    model, tok = load_model()
+    ids = np.asarray(tok(load_heldout_text(), add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        default = perplexity(hf_logits_fn(model), ids, 8192, tok.bos_token_id, batch_size=1)
+        looped, _ = load_looped(Path(__file__).resolve().parents[2] / "src/lmsqueeze/zoo/looped-4x3")
+        loop = perplexity(looped_logits_fn(looped), ids, 8192, tok.bos_token_id, batch_size=1)
+    out = {"meta": run_meta("python " + " ".join(sys.argv)), "dtype": "float32", "text": "held-out",
+           "default": default, "looped-4x3": loop}
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"default test ppl {default['ppl']}, looped-4x3 {loop['ppl']} -> {path}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path)
@@ -94,9 +119,20 @@ def main() -> int:
     ap.add_argument("--looped-budget-s", type=float, default=185.0)
     ap.add_argument("--looped-eval-reserve-s", type=float, default=45.0)
     ap.add_argument("--max-chars", type=int, default=400_000_000)
+    ap.add_argument("--plot", type=Path, nargs="*", help="results JSON files to plot into --dest")
+    ap.add_argument("--cpu-check", type=Path, help="write the bundled models' held-out perplexity on this "
+                    "machine's CPU (fp32) to this JSON")
     ap.add_argument("--unpack", type=Path)
     ap.add_argument("--dest", type=Path)
     args = ap.parse_args()
+    if args.plot:
+        from lmsqueeze.train.plots import plot_training
+
+        for f in args.plot:
+            print(plot_training(f, args.dest / (f.stem + ".png")))
+        return 0
+    if args.cpu_check:
+        return cpu_check(args.cpu_check)
     if args.unpack:
         unpack(args.unpack, args.dest)
         return 0

@@ -1,0 +1,136 @@
+"""Render the zoo's model cards (docs/zoo.md) from training results JSON files, so no figure is retyped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmsqueeze.train.passkey import EVAL_FORMATS
+
+FORMAT_NOTES = {
+    "code": '`NAME = "value"` in held-out code ... `assert NAME == "` (value: 8 random [a-z0-9], NAME: two words)',
+    "prose": '"The pass key is 68142. Remember it." in "The grass is green. ..." filler ... '
+             '"What is the pass key? The pass key is"',
+    "prose_in_code": "the prose fact and question inside held-out code",
+    "multikey": '4 facts "The special magic number for WORD is N." in prose filler, one asked',
+    "kv": 'a `data = {"key": "value", ...}` block of 32 hex pairs (16 at 1K) in code, `assert data["key"] == "`',
+}
+
+
+def _fmt_list(xs, nd=3) -> str:
+    return " / ".join(f"{x:.{nd}f}" for x in xs)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def model_section(res: dict, source: str) -> list[str]:
+    cfg, f, tr, meta = res["model_config"], res["final"], res["train"], res["meta"]
+    looped = cfg["num_loops"] > 1
+    n_pass = cfg["num_loops"]
+    tc = tr["train_config"]
+    lines = [f"## `{res['name']}`" + (" (bundled default: `lmsqueeze.load_model()`)" if not looped else
+                                        " (bundled: `lmsqueeze.models.looped.load_looped(...)`)"), ""]
+    arch = (f"Llama-style decoder (`LlamaForCausalLM` on disk)" if not looped else
+            f"looped decoder `{cfg['num_unique_layers']}x{cfg['num_loops']}`: {cfg['num_unique_layers']} unique "
+            f"blocks cycled {cfg['num_loops']} times, shared final RMSNorm + tied LM head after every pass")
+    lines += [
+        f"- **Architecture**: {arch}; d_model {cfg['hidden_size']}, {cfg['num_unique_layers']} "
+        f"{'unique ' if looped else ''}layers, {cfg['num_heads']} query / {cfg['num_kv_heads']} KV heads "
+        f"(GQA {cfg['num_heads'] // cfg['num_kv_heads']}:1), head_dim {cfg['head_dim']}, SwiGLU FFN "
+        f"{cfg['intermediate_size']}, RMSNorm, RoPE theta {cfg['rope_theta']:g}, tied embeddings, vocabulary "
+        f"{cfg['vocab_size']} (byte-level BPE, one token per digit), max_position_embeddings "
+        f"{cfg['max_position_embeddings']}.",
+        f"- **Parameters**: {res['parameters']:,}; weights {res['weights_bytes'] / 1e6:.1f} MB (bf16 safetensors).",
+        f"- **Training**: {tr['tokens']:,} tokens, {tr['steps']} steps, {tr['elapsed_s']:.0f} s on one "
+        f"{meta['device']} ({tr['tokens'] / tr['elapsed_s'] / 1e6:.2f} M tokens/s), {meta['date']}, commit "
+        f"`{meta['git_commit'][:10]}`, torch {meta['torch']}, transformers {meta['transformers']}. AdamW "
+        f"(lr {tc['lr']:g}, betas {tc['beta1']}/{tc['beta2']}, weight decay {tc['weight_decay']} on block "
+        f"matrices), {tc['warmup_steps']} warm-up steps then cosine to {tc['min_lr_ratio']:g}x over the "
+        f"{tc['time_budget_s']:.0f} s budget, grad clip {tc['grad_clip']}, bf16 autocast, SDPA attention, "
+        f"no torch.compile. Sequences of {tc['seq_len']} tokens ({tc['batch_size']} per step); length "
+        f"curriculum {tc['curriculum']} (progress fraction, length; shorter sequences in larger batches, "
+        f"same tokens per step).",
+    ]
+    if looped:
+        w = cfg.get("exit_loss_weights") or [(r + 1) ** 2 for r in range(n_pass)]
+        lines.append(f"- **Early-exit loss**: sum over passes of weight x next-token cross-entropy, weights "
+                     f"proportional to {w} (later passes weigh more).")
+    c = res["corpus"]["train"]
+    mix = res["mix"]
+    lines += [
+        f"- **Training data**: Python sources of the GPU machine (CPython {meta['python']} stdlib + "
+        f"site-packages), train split by path hash ({c['listed_files']:,} files listed, {c['files']:,} read, "
+        f"{c['chars'] / 1e6:.0f} M characters, {c['tokens'] / 1e6:.0f} M tokens; "
+        f"{c['excluded_heldout_files']} vendored copies of held-out files excluded by path suffix). "
+        f"Documents separated by `<|eos|>`, every sequence starts with `<|bos|>`.",
+        f"- **Training mix**: {mix['fraction_of_sequences']:.0%} of sequences are synthetic retrieval sequences "
+        f"(the rest are corpus windows): formats {mix['formats']}, fillers {mix['fillers']}, needles per "
+        f"sequence {mix['needles_per_sequence']}, {mix['end_query_prob']:.0%} of questions at the very end "
+        f"of the sequence, {mix['intro_prob']:.0%} with an instruction line first "
+        f"(see `lmsqueeze/train/synthetic.py`). The templates include the wordings that `lmsqueeze.data.tasks` "
+        f"uses, with random values; the held-out text (the evaluation haystack) is never trained on.",
+        "",
+    ]
+    v, t = f["validation"], f["test_heldout"]
+    lines += ["### Perplexity", "",
+              f"fp32, windows of {t['window']} tokens (`<bos>` + {t['window'] - 1} tokens, consecutive, every "
+              f"token scored; `lmsqueeze.train.evaluate.perplexity`). Validation: {v['tokens']:,} tokens of the "
+              f"GPU machine's validation split; test: the whole held-out text (`lmsqueeze.data.heldout`, "
+              f"{t['tokens']:,} tokens).", ""]
+    if looped:
+        rows = [[f"pass {r + 1} ({cfg['num_unique_layers'] * (r + 1)} layers)", f"{v['ppl'][r]:.3f}",
+                 f"{t['ppl'][r]:.3f}", f"{v['agreement'][r]:.3f}", f"{t['agreement'][r]:.3f}"] for r in range(n_pass)]
+        lines += _table(rows, ["exit", "validation ppl", "test ppl", "greedy = final (validation)",
+                               "greedy = final (test)"])
+        lines += ["", "Agreement: how often the argmax token after pass r equals the argmax after the last pass, "
+                      "over every scored position.", ""]
+    else:
+        lines += _table([[f"{v['ppl'][0]:.3f}", f"{t['ppl'][0]:.3f}"]], ["validation ppl", "test ppl (held-out)"])
+        lines.append("")
+    lines += ["### Retrieval (`lmsqueeze.train.passkey`)", "",
+              f"Exact match of the greedy answer (teacher-forced: argmax at every answer token), "
+              f"{next(iter(next(iter(f['passkey'].values())).values()))['n']} cases per cell, needle depths "
+              f"evenly spaced in (0, 1), prompts of exactly the given length, weights in {f['passkey_dtype']}"
+              + (", last pass" if looped else "") + ".", ""]
+    lengths = list(next(iter(f["passkey"].values())).keys())
+    rows = [[fmt] + [f"{f['passkey'][fmt][L]['acc'][-1]:.2f}" for L in lengths] + [FORMAT_NOTES.get(fmt, "")]
+            for fmt in EVAL_FORMATS if fmt in f["passkey"]]
+    lines += _table(rows, ["format"] + lengths + ["prompt"])
+    lines.append("")
+    h = f.get("harness")
+    if h and "error" not in h:
+        n = next(iter(next(iter(next(iter(h.values())).values())).values()))["n"]
+        lines += ["### Retrieval on the evaluation harness's prompts (`lmsqueeze.data.tasks`)", "",
+                  f"The exact prompts `lmsqueeze eval` builds (haystack: the held-out text), {n} per cell "
+                  f"(depths evenly spaced), scored teacher-forced as above (stricter than the harness's "
+                  f"string match). `lmsqueeze eval` results replace this table once committed.", ""]
+        rows = []
+        for task, by_fmt in h.items():
+            for fmt, by_len in by_fmt.items():
+                rows.append([f"{task} / {fmt}"] + [f"{by_len[L]['acc'][-1]:.2f}" for L in by_len])
+        lines += _table(rows, ["task / format"] + list(next(iter(next(iter(h.values())).values())).keys()))
+        lines.append("")
+    checks = []
+    if "export_max_abs_logit_diff_fp32" in f:
+        checks.append(f"exported HF model vs the trained module (same bf16 weights, fp32): max |logit "
+                      f"difference| {f['export_max_abs_logit_diff_fp32']:.1e}; loaded with `{f['loaded_with']}`")
+    if "greedy_cache_equals_full_forward" in f:
+        checks.append(f"greedy decoding with the (pass, layer) KV cache equals full recomputation: "
+                      f"{f['greedy_cache_equals_full_forward']}")
+    lines += ["Checks: " + "; ".join(checks) + f". Source: `{source}`.", ""]
+    return lines
+
+
+def render(results: list[tuple[str, dict]], intro: list[str]) -> str:
+    lines = list(intro)
+    for source, res in results:
+        lines += model_section(res, source)
+    return "\n".join(lines) + "\n"
+
+
+def render_files(paths: list[str | Path], intro: list[str]) -> str:
+    return render([(str(p), json.loads(Path(p).read_text())) for p in paths], intro)
