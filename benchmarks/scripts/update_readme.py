@@ -72,6 +72,7 @@ def render() -> str:
              "(CUDA events, median of 30 after warm-up; `graph` rows replay a CUDA graph). The bytes floor is "
              "(weights + KV read) / 3.0 TB/s.", ""]
     lines += e2e_table("bench_e2e_llama3-8b_b1_h100.json")
+    lines += e2e_table("bench_e2e_llama3-8b_8k_b1_h100.json")
     lines += e2e_table("bench_e2e_llama3-8b_b8_h100.json")
     lines += ["### Decode attention kernel (32 query / 8 KV heads, D=128, bf16)", ""]
     lines += kernel_table("decode_kernel_h100.json")
