@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.a2ats import retrieval
 from lmsqueeze.methods.a2ats.kernels import (
+    code_append_triton,
     select_codes,
     select_codes_triton,
     sparse_decode_attention,
@@ -17,6 +19,7 @@ from lmsqueeze.methods.a2ats.kernels import (
 )
 from lmsqueeze.methods.a2ats.offload import selected_attention_cpu
 from lmsqueeze.methods.a2ats.reference import (
+    code_append_reference,
     select_codes_reference,
     selected_slots,
     sparse_decode_attention_reference,
@@ -30,13 +33,37 @@ def test_select_kernel_equals_reference(G, C, ties):
     if ties:
         lut = (lut * 2).round() / 2  # few distinct values: many ties at the threshold
     counts = torch.randint(0, 6, (B, Hkv, C), dtype=torch.int32)
-    total = int(counts.sum(-1).max())
-    kth = torch.tensor([0, 5, total + 3][:B], dtype=torch.int32)
-    got = select_codes_triton(lut, counts, kth)
-    want = select_codes_reference(lut, counts, kth)
-    assert got.dtype == torch.int8 and torch.equal(got.bool(), want)
-    assert not want[0].any()  # kth = 0 keeps nothing
-    assert want[2][counts[2] > 0].all()  # kth above the candidates keeps every code in use
+    lengths = torch.tensor([40, 3000, 100], dtype=torch.int32)
+    starts = torch.tensor([0, 7, 0], dtype=torch.int32)
+    for ratio in (0.01, 0.03, 1.0):  # 0.01 x 40 keeps no token; 0.03 x 100: float64 rounding must agree
+        got = select_codes_triton(lut, counts, lengths, starts, ratio)
+        kth = retrieval.tokens_to_keep(ratio, lengths, starts)
+        want = select_codes_reference(lut, counts, kth)
+        assert got.dtype == torch.int8 and torch.equal(got.bool(), want), ratio
+        assert torch.equal(select_codes(lut, counts, lengths, starts, ratio).bool(), want)
+    assert not select_codes_reference(lut, counts, torch.zeros(B, dtype=torch.int32)).any()  # k = 0: nothing
+    everything = select_codes_reference(lut, counts, torch.full((B,), 10**6, dtype=torch.int32))
+    assert everything[counts > 0].all()  # k above the candidates keeps every code in use
+
+
+@pytest.mark.parametrize("sinks,window", [(2, 5), (0, 1)])
+def test_code_append_kernel_equals_reference(sinks, window):
+    B, Hkv, S, C = 3, 2, 40, 33
+    codes = torch.randint(0, C, (B, Hkv, S), dtype=torch.int16)
+    starts = torch.tensor([0, 3, 9], dtype=torch.int32)
+    counts, counted = retrieval.recount(codes, starts, 20, sinks, window, C)
+    state = [t.clone() for t in (codes, counts, counted)]
+    for n in range(21, 30):
+        scores = torch.randn(Hkv, B, C)
+        slot = torch.tensor([n - 1])
+        lengths = torch.full((B,), n, dtype=torch.int32)
+        for _ in range(2):  # replays (graph warm-up) must not count twice
+            code_append_triton(scores, *state, slot, lengths, starts, sinks, window)
+            code_append_reference(scores, codes, counts, counted, slot, lengths, starts, sinks, window)
+        assert torch.equal(state[0], codes) and torch.equal(state[1], counts) and torch.equal(state[2], counted)
+        assert torch.equal(codes[:, :, n - 1].long(), scores.argmax(-1).T)
+    want, _ = retrieval.recount(codes, starts, 29, sinks, window, C)
+    assert torch.equal(counts, want)
 
 
 def test_select_reference_keeps_the_top_tokens():
@@ -120,7 +147,10 @@ def test_dispatch_and_bad_inputs():
         sparse_decode_attention(q, k, v, codes, sel, starts.long(), lengths, 2, 4, 0.1)
     with pytest.raises(LmsqueezeError):
         sparse_decode_attention(q[:, :3], k, v, codes, sel, starts, lengths, 2, 4, 0.1)
+    one = torch.ones(2, dtype=torch.int32)
     with pytest.raises(LmsqueezeError):
-        select_codes(torch.randn(2, 2, 2, 8), torch.zeros(2, 2, 9, dtype=torch.int32), torch.ones(2, dtype=torch.int32))
+        select_codes(torch.randn(2, 2, 2, 8), torch.zeros(2, 2, 9, dtype=torch.int32), one, one, 0.1)
     with pytest.raises(LmsqueezeError):
-        select_codes_triton(torch.randn(2, 2, 2, 8), torch.zeros(2, 2, 8), torch.ones(2, dtype=torch.int32))
+        select_codes_triton(torch.randn(2, 2, 2, 8), torch.zeros(2, 2, 8), one, one, 0.1)
+    with pytest.raises(LmsqueezeError):
+        select_codes(torch.randn(2, 2, 2, 8), torch.zeros(2, 2, 8, dtype=torch.int32), one[:1], one, 0.1)

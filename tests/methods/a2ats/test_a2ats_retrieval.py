@@ -64,6 +64,8 @@ def test_lookup_table_scores_far_keys_like_windowed_rope():
                           cos_b, sin_b, S - 1, torch.zeros(B, dtype=torch.long), 0, 1)  # window 1: all far
     torch.testing.assert_close(lut[0, :, :, :S - 1].reshape(Hkv * G, S - 1), far[0, :, 0, :S - 1], atol=1e-4,
                                rtol=1e-4)
+    folded = retrieval.lookup_table(q[:, :, 0], retrieval.fold_rotation(score_cb, cos_b, sin_b))  # pre-RoPE q
+    torch.testing.assert_close(folded, lut, atol=1e-4, rtol=1e-4)
 
 
 def test_assigned_code_minimizes_the_query_weighted_error():

@@ -2,7 +2,10 @@
 
 `_select_kernel`, grid (B * Hkv,): for the G query heads of one KV group, finds by bisection over the
 order-preserving integer image of the float scores the kth-largest candidate score (codes weighted by how
-many candidate tokens carry them), and writes which codes reach it for any head (int8 [C]).
+many candidate tokens carry them; k = floor(ratio x length)), and writes which codes reach it for any head.
+
+`_code_append_kernel`, grid (B,): the new token's code (argmax of its assignment scores) written at the
+step's slot, and the slot leaving the recent window added to the candidate histogram (once).
 
 `_sparse_split_kernel`, grid (B * Hkv, num_splits): split-K flash decoding over the slots of one sequence,
 reading each slot's code (2 bytes), looking it up in the selected-code table, and loading K/V rows only for
@@ -20,7 +23,7 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _select_kernel(Lut, Counts, Kth, Sel,
+def _select_kernel(Lut, Counts, Lengths, Starts, Ratio, Sel,
                    stride_lb, stride_lh, stride_lg, stride_cb, stride_ch, stride_sb, stride_sh,
                    C, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
@@ -35,18 +38,20 @@ def _select_kernel(Lut, Counts, Kth, Sel,
                    other=float("-inf")).to(tl.float32)
     cnt = tl.load(Counts + b.to(tl.int64) * stride_cb + h * stride_ch + offs_c, mask=cm, other=0)
     total = tl.sum(cnt, 0)
-    kth = tl.minimum(tl.load(Kth + b), total)
+    n = (tl.load(Lengths + b) - tl.load(Starts + b)).to(tl.float64)
+    kth = tl.minimum((n * tl.load(Ratio)).to(tl.int32), total)  # floor(ratio x n) in float64, as the reference
+    vals = tl.where(vals == 0.0, 0.0, vals)  # -0.0 == +0.0 as floats, not as bit patterns
     bits = vals.to(tl.int32, bitcast=True)
-    keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # float order == signed integer order
+    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32; float order == signed integer order
     lo = tl.full([BLOCK_G], -2147483648, tl.int64)  # invariant: count(keys >= lo) >= kth
     hi = tl.full([BLOCK_G], 2147483647, tl.int64)
-    for _ in range(32):
+    for _ in range(32):  # 32 halvings of the int32 range: lo == hi == the kth-largest key
         mid = lo + (hi - lo + 1) // 2
-        c = tl.sum(tl.where(keys >= mid[:, None], cnt[None, :], 0), 1)
+        c = tl.sum(tl.where(keys >= mid.to(tl.int32)[:, None], cnt[None, :], 0), 1)
         ok = c >= kth
         lo = tl.where(ok, mid, lo)
         hi = tl.where(ok, hi, mid - 1)
-    take = (keys >= lo[:, None]) & gm[:, None] & (kth > 0)
+    take = (keys >= lo.to(tl.int32)[:, None]) & gm[:, None] & (kth > 0)
     sel = tl.max(take.to(tl.int32), 0)
     tl.store(Sel + b.to(tl.int64) * stride_sb + h * stride_sh + offs_c, sel.to(tl.int8), mask=cm)
 
@@ -163,16 +168,55 @@ def _merge_kernel(MidO, MidLse, Out, Lse, stride_ob, stride_oh, num_splits,
     tl.store(Lse + pid, tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
 
 
-def select_launch(lut: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor, sel: torch.Tensor) -> None:
-    """lut: [B, Hkv, G, C] (last dim contiguous), counts: [B, Hkv, C] int32, kth: [B] int32 -> sel int8."""
+def select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
+                  ratio: torch.Tensor, sel: torch.Tensor) -> None:
+    """lut: [B, Hkv, G, C] (code dim contiguous), counts: [B, Hkv, C] int32, lengths/starts: [B] int32,
+    ratio: [1] float64 -> sel: [B, Hkv, C] int8."""
     B, Hkv, G, C = lut.shape
     block_c = triton.next_power_of_2(C)
     _select_kernel[(B * Hkv,)](
-        lut, counts, kth, sel,
+        lut, counts, lengths, starts, ratio, sel,
         lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1),
         sel.stride(0), sel.stride(1),
         C, HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK_C=block_c,
         num_warps=4 if block_c * triton.next_power_of_2(G) <= 4096 else 8,
+    )
+
+
+@triton.jit
+def _code_append_kernel(Scores, Codes, Counts, Counted, Slot, Lengths, Starts,
+                        stride_sh, stride_sb, stride_cb, stride_ch, stride_nb, stride_nh,
+                        C, sinks, window, HKV: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0)
+    slot = tl.load(Slot)
+    offs = tl.arange(0, BLOCK_C)
+    cm = offs < C
+    code_row = Codes + b.to(tl.int64) * stride_cb
+    for h in tl.static_range(HKV):  # the new token's code: argmax of the assignment scores
+        sc = tl.load(Scores + h * stride_sh + b.to(tl.int64) * stride_sb + offs, mask=cm, other=float("-inf"))
+        code = tl.argmax(sc, 0)
+        tl.store(code_row + h * stride_ch + slot, code.to(tl.int16))
+    # the slot that just left the window joins the candidate histogram, once
+    s_out = tl.load(Lengths + b) - 1 - window
+    counted = tl.load(Counted + b)
+    adv = s_out.to(tl.int64) >= counted
+    ok = adv & (s_out >= tl.load(Starts + b) + sinks)
+    s_safe = tl.maximum(s_out, 0)
+    for h in tl.static_range(HKV):
+        c = tl.load(code_row + h * stride_ch + s_safe).to(tl.int32)
+        ptr = Counts + b.to(tl.int64) * stride_nb + h * stride_nh + c
+        tl.store(ptr, tl.load(ptr) + ok.to(tl.int32))
+    tl.store(Counted + b, tl.where(adv, s_out.to(tl.int64) + 1, counted))
+
+
+def code_append_launch(scores, codes, counts, counted, slot, lengths, starts, sinks: int, window: int) -> None:
+    """scores: [Hkv, B, C] float32; codes: [B, Hkv, S] int16; counts: [B, Hkv, C] int32; counted: [B] int64."""
+    Hkv, B, C = scores.shape
+    block_c = triton.next_power_of_2(C)
+    _code_append_kernel[(B,)](
+        scores, codes, counts, counted, slot, lengths, starts,
+        scores.stride(0), scores.stride(1), codes.stride(0), codes.stride(1), counts.stride(0), counts.stride(1),
+        C, int(sinks), int(window), HKV=Hkv, BLOCK_C=block_c, num_warps=4 if block_c <= 4096 else 8,
     )
 
 

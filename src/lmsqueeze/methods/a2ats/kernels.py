@@ -1,5 +1,6 @@
 """A²ATS retrieval kernels: Triton on CUDA, the PyTorch reference (`reference.py`) elsewhere.
 
+- `code_append`: the new token's code (argmax of its assignment scores) and the candidate histogram update.
 - `select_codes`: from the lookup table q·C and the candidate histogram per code, the codes whose score
   reaches the kth-largest candidate score of any head of a KV group.
 - `sparse_decode_attention`: one decode query per sequence over the sinks, the window and the slots whose
@@ -16,7 +17,11 @@ import functools
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.methods.a2ats.reference import select_codes_reference, sparse_decode_attention_reference
+from lmsqueeze.methods.a2ats.reference import (
+    code_append_reference,
+    select_codes_reference,
+    sparse_decode_attention_reference,
+)
 
 MAX_TRITON_CODEBOOK = 8192  # one program holds G x C scores in registers
 TILES_PER_PROGRAM = 16  # sparse kernel: slots one program scans ~ 16 tiles (latency-bound gather chain)
@@ -41,21 +46,25 @@ def default_sparse_splits(batch: int, kv_heads: int, s_max: int, block_n: int = 
     return max(1, min(MAX_SPLITS, -(-tiles // tiles_per_program)))
 
 
-def _check_select(lut: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor) -> None:
+def _check_select(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor) -> None:
     if lut.dim() != 4 or counts.dim() != 3 or lut.shape[:2] != counts.shape[:2] or lut.shape[3] != counts.shape[2]:
         raise LmsqueezeError(f"select_codes wants lut [B, Hkv, G, C] and counts [B, Hkv, C]; got "
                              f"{tuple(lut.shape)} and {tuple(counts.shape)}")
-    if kth.shape != (lut.shape[0],):
-        raise LmsqueezeError(f"kth must be a [B] tensor, got {tuple(kth.shape)}")
+    for name, t in (("lengths", lengths), ("starts", starts)):
+        if t.shape != (lut.shape[0],):
+            raise LmsqueezeError(f"{name} must be a [B] tensor, got {tuple(t.shape)}")
 
 
-def select_codes(lut: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """lut: [B, Hkv, G, C] float (last dim contiguous), counts: [B, Hkv, C] int32, kth: [B] int32 ->
-    sel: [B, Hkv, C] int8 (1 = selected). `out` may be given (a preallocated int8 buffer)."""
-    _check_select(lut, counts, kth)
+def select_codes(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
+                 ratio: torch.Tensor | float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes kept for a decode step. lut: [B, Hkv, G, C] float (code dim contiguous); counts: [B, Hkv, C]
+    int32 candidate histogram; lengths, starts: [B] int32; ratio: float or [1] float64 tensor (k = floor(ratio
+    x (lengths − starts)) tokens per head). Returns sel: [B, Hkv, C] int8 (into `out` when given)."""
+    _check_select(lut, counts, lengths, starts)
     if lut.is_cuda and lut.shape[3] <= MAX_TRITON_CODEBOOK:
-        return select_codes_triton(lut, counts, kth, out)
+        return select_codes_triton(lut, counts, lengths, starts, ratio, out)
+    r = float(ratio) if not isinstance(ratio, torch.Tensor) else ratio.double()
+    kth = ((lengths - starts).double() * r).floor().to(torch.int32)
     sel = select_codes_reference(lut, counts, kth).to(torch.int8)
     if out is not None:
         out.copy_(sel)
@@ -63,21 +72,49 @@ def select_codes(lut: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor,
     return sel
 
 
-def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, kth: torch.Tensor,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
+                        ratio: torch.Tensor | float, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton select kernel on any tensors Triton accepts (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    _check_select(lut, counts, kth)
+    _check_select(lut, counts, lengths, starts)
     from lmsqueeze.methods.a2ats._triton_a2ats import select_launch
 
     B, Hkv, _G, C = lut.shape
     if lut.stride(3) != 1 or counts.stride(2) != 1:
         raise LmsqueezeError("select_codes needs the code dim of lut and counts contiguous")
-    if counts.dtype != torch.int32 or kth.dtype != torch.int32:
-        raise LmsqueezeError(f"counts and kth must be int32, got {counts.dtype} and {kth.dtype}")
+    if counts.dtype != torch.int32 or lengths.dtype != torch.int32 or starts.dtype != torch.int32:
+        raise LmsqueezeError(f"counts, lengths and starts must be int32, got {counts.dtype}, {lengths.dtype}, "
+                             f"{starts.dtype}")
+    if not isinstance(ratio, torch.Tensor):
+        ratio = torch.tensor([float(ratio)], dtype=torch.float64, device=lut.device)
     if out is None:
         out = torch.empty(B, Hkv, C, dtype=torch.int8, device=lut.device)
-    select_launch(lut, counts, kth, out)
+    select_launch(lut, counts, lengths, starts, ratio, out)
     return out
+
+
+def code_append(scores: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor,
+                slot: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, sinks: int, window: int) -> None:
+    """Write the new token's code and update the candidate histogram, in place (one launch on CUDA).
+
+    scores: [Hkv, B, C] float32 assignment scores of the new token (`retrieval.assign_scores`); codes:
+    [B, Hkv, S] int16; counts: [B, Hkv, C] int32; counted: [B] int64; slot: [1] int64; lengths, starts: [B]
+    int32. Same effect as `code_append_reference`.
+    """
+    if scores.is_cuda and scores.shape[2] <= MAX_TRITON_CODEBOOK:
+        return code_append_triton(scores, codes, counts, counted, slot, lengths, starts, sinks, window)
+    return code_append_reference(scores, codes, counts, counted, slot, lengths, starts, sinks, window)
+
+
+def code_append_triton(scores, codes, counts, counted, slot, lengths, starts, sinks: int, window: int) -> None:
+    from lmsqueeze.methods.a2ats._triton_a2ats import code_append_launch
+
+    Hkv, B, C = scores.shape
+    if codes.shape[:2] != (B, Hkv) or counts.shape != (B, Hkv, C) or counted.shape != (B,):
+        raise LmsqueezeError(f"code_append: scores {tuple(scores.shape)} do not match codes "
+                             f"{tuple(codes.shape)} / counts {tuple(counts.shape)} / counted {tuple(counted.shape)}")
+    if scores.stride(2) != 1 or codes.stride(2) != 1 or counts.stride(2) != 1 or window < 1:
+        raise LmsqueezeError("code_append needs contiguous last dims and window >= 1")
+    code_append_launch(scores, codes, counts, counted, slot, lengths, starts, sinks, window)
 
 
 def _check_sparse(q, k_store, v_store, codes, sel, starts, lengths) -> None:

@@ -34,6 +34,17 @@ def select_codes_reference(lut: torch.Tensor, counts: torch.Tensor, kth: torch.T
     return take.any(dim=2)
 
 
+def code_append_reference(scores: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor,
+                          slot: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, sinks: int,
+                          window: int) -> None:
+    """New token's code = argmax of scores: [Hkv, B, C] written at `slot`; then `retrieval.count_leaving`."""
+    from lmsqueeze.methods.a2ats.retrieval import count_leaving
+
+    new = scores.argmax(-1).transpose(0, 1).to(torch.int16)[:, :, None]  # [B, Hkv, 1]
+    codes.index_copy_(2, slot, new)
+    count_leaving(codes, counts, counted, lengths, starts, sinks, window)
+
+
 def selected_slots(codes: torch.Tensor, sel: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
                    sinks: int, window: int, near: bool = True) -> torch.Tensor:
     """Bool [B, Hkv, S]: the slots a decode step attends to.

@@ -14,19 +14,25 @@ import torch
 ASSIGN_CHUNK = 2048  # tokens per block when coding a long prefill chunk
 
 
-def assign_codes(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Tensor) -> torch.Tensor:
-    """Nearest codeword in query-weighted distance. k: [B, Hkv, T, D] -> codes [B, Hkv, T] int16.
+def assign_scores(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Tensor) -> torch.Tensor:
+    """k·a_c − ‖c‖²/2 for every codeword: k: [B, Hkv, T, D] -> [Hkv, B * T, C] float32 (argmax = the code).
 
     assign_cb: [Hkv, C, D] float32 = C_L Lᵀ (so k·a_c = (kL)·c_c); half_norms: [Hkv, C] = ‖c_c‖²/2 in
-    L-space. argmin_c ‖kL − c‖² = argmax_c k·a_c − ‖c‖²/2.
+    L-space; argmin_c ‖kL − c‖² = argmax_c k·a_c − ‖c‖²/2.
     """
     B, Hkv, T, D = k.shape
-    x = k.float().permute(1, 0, 2, 3).reshape(Hkv, B * T, D)
-    cbt = assign_cb.transpose(1, 2)
+    x = k.permute(1, 0, 2, 3).reshape(Hkv, B * T, D).float()
+    return torch.baddbmm(half_norms[:, None, :], x, assign_cb.transpose(1, 2), beta=-1.0)
+
+
+def assign_codes(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Tensor) -> torch.Tensor:
+    """Nearest codeword in query-weighted distance. k: [B, Hkv, T, D] -> codes [B, Hkv, T] int16."""
+    B, Hkv, T, _ = k.shape
     if B * T <= ASSIGN_CHUNK:
-        codes = (torch.bmm(x, cbt) - half_norms[:, None, :]).argmax(-1)
+        codes = assign_scores(k, assign_cb, half_norms).argmax(-1)
     else:
-        codes = torch.cat([(torch.bmm(x[:, a:a + ASSIGN_CHUNK], cbt) - half_norms[:, None, :]).argmax(-1)
+        flat = k.permute(0, 2, 1, 3).reshape(1, B * T, Hkv, -1).permute(0, 2, 1, 3)  # [1, Hkv, B*T, D]
+        codes = torch.cat([assign_scores(flat[:, :, a:a + ASSIGN_CHUNK], assign_cb, half_norms).argmax(-1)
                            for a in range(0, B * T, ASSIGN_CHUNK)], dim=1)
     return codes.reshape(Hkv, B, T).permute(1, 0, 2).to(torch.int16)
 
@@ -48,6 +54,20 @@ def lookup_table(q: torch.Tensor, score_cb: torch.Tensor) -> torch.Tensor:
 def tokens_to_keep(ratio: float, lengths: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     """k per sequence: floor(ratio x tokens in the sequence). lengths, starts: [B] -> [B] int32."""
     return ((lengths - starts).double() * ratio).floor().to(torch.int32)
+
+
+def fold_rotation(score_cb: torch.Tensor, cos_b: torch.Tensor, sin_b: torch.Tensor) -> torch.Tensor:
+    """Score codebook that takes the *pre-RoPE* query: RoPE(q, b) · ĉ = q · RoPE(ĉ, −b).
+
+    score_cb: [Hkv, C, D]; cos_b, sin_b: [1, 1, D] at the windowed-RoPE distance -> [Hkv, C, D] float32.
+    Saves rotating the query every step.
+    """
+    from lmsqueeze.models.rope import apply_rope
+
+    _Hkv, C, D = score_cb.shape
+    cos = cos_b.float().expand(1, C, D)
+    sin = sin_b.float().expand(1, C, D)
+    return apply_rope(score_cb.float()[None], cos, -sin)[0].contiguous()
 
 
 def recount(codes: torch.Tensor, starts: torch.Tensor, length: int, sinks: int, window: int,

@@ -25,7 +25,7 @@ from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.merge import merge_attention_states
 from lmsqueeze.kernels.rope_append import rope_append
 from lmsqueeze.methods.a2ats import retrieval
-from lmsqueeze.methods.a2ats.kernels import select_codes, sparse_decode_attention
+from lmsqueeze.methods.a2ats.kernels import code_append, select_codes, sparse_decode_attention
 from lmsqueeze.methods.a2ats.offload import (
     host_empty,
     near_attention,
@@ -33,7 +33,7 @@ from lmsqueeze.methods.a2ats.offload import (
     selected_attention_cpu,
     to_host,
 )
-from lmsqueeze.methods.a2ats.windowed_rope import distance_tables, wrope_query
+from lmsqueeze.methods.a2ats.windowed_rope import distance_tables
 from lmsqueeze.methods.cache import LayerState, Step
 from lmsqueeze.methods.dense import DenseState
 from lmsqueeze.methods.slot_attention import slot_attention
@@ -46,7 +46,8 @@ GROW_BLOCK = 256
 
 @dataclass(slots=True)
 class Codebooks:
-    """One layer's codebooks. assign: [Hkv, C, D] = C_L Lᵀ; score: [Hkv, C, D] = C_L L⁻¹; half_norms: [Hkv, C]."""
+    """One layer's codebooks. assign: [Hkv, C, D] = C_L Lᵀ; score: [Hkv, C, D] = C_L L⁻¹ (on the device with
+    windowed RoPE: rotated by −distance, so it scores the pre-RoPE query); half_norms: [Hkv, C]."""
 
     assign: torch.Tensor
     score: torch.Tensor
@@ -94,8 +95,7 @@ class A2ATSState(LayerState):
         self.near_v: torch.Tensor | None = None
         self.near_slots: torch.Tensor | None = None
         self.codes_host: torch.Tensor | None = None
-        self.cos_b: torch.Tensor | None = None
-        self.sin_b: torch.Tensor | None = None
+        self.ratio: torch.Tensor | None = None  # [1] float64
         self.offloaded = False
         self.dense: DenseState | None = None  # layers with a model sliding window
         self.device: torch.device | None = None
@@ -112,7 +112,7 @@ class A2ATSState(LayerState):
                                  f"dim {self.books.assign.shape[2]}, the model has {Hkv} of dim {D}; calibrate "
                                  "on this model")
         self.device = k.device
-        self.books = self.books.to(k.device)
+        books = self.books.to(k.device)
         C = self.books.size
         self.codes = torch.zeros(B, Hkv, 0, dtype=torch.int16, device=k.device)
         self.k = k.new_zeros(B, Hkv, 0, D)
@@ -122,8 +122,11 @@ class A2ATSState(LayerState):
         self.counted = torch.zeros(B, dtype=torch.long, device=k.device)
         self.sel = torch.zeros(B, Hkv, C, dtype=torch.int8, device=k.device)
         self.starts = torch.zeros(B, dtype=torch.int32, device=k.device)
-        if self.cfg.windowed_rope:
-            self.cos_b, self.sin_b = distance_tables(step.rotary, self.cfg.distance, k.dtype, k.device)
+        self.ratio = torch.tensor([self.cfg.ratio], dtype=torch.float64, device=k.device)
+        if self.cfg.windowed_rope:  # score the pre-RoPE query: q · RoPE(ĉ, −distance) == RoPE(q, distance) · ĉ
+            cos_b, sin_b = distance_tables(step.rotary, self.cfg.distance, torch.float32, k.device)
+            books.score = retrieval.fold_rotation(books.score, cos_b, sin_b)
+        self.books = books
         self.is_initialized = True
 
     def reserve(self, needed: int) -> None:
@@ -254,23 +257,20 @@ class A2ATSState(LayerState):
             self._offload()
         q_rot = rope_append(q, k, v, step.cos, step.sin, self.k, self.v, slot)  # [B, Hq, D]; writes slot
         k_code = k if cfg.windowed_rope else apply_rope(k, step.cos, step.sin)
-        new_codes = retrieval.assign_codes(k_code, books.assign, books.half_norms)  # [B, Hkv, 1]
-        self.codes.index_copy_(2, slot, new_codes)
-        retrieval.count_leaving(self.codes, self.counts, self.counted, lengths, starts, cfg.sinks, cfg.window)
-        q_w = wrope_query(q, self.cos_b, self.sin_b)[:, :, 0] if cfg.windowed_rope else q_rot
-        lut = retrieval.lookup_table(q_w, books.score)
-        kth = retrieval.tokens_to_keep(cfg.ratio, lengths, starts)
-        sel = select_codes(lut, self.counts, kth, out=self.sel)
+        scores = retrieval.assign_scores(k_code, books.assign, books.half_norms)  # [Hkv, B, C]
+        code_append(scores, self.codes, self.counts, self.counted, slot, lengths, starts, cfg.sinks, cfg.window)
+        lut = retrieval.lookup_table(q[:, :, 0] if cfg.windowed_rope else q_rot, books.score)
+        sel = select_codes(lut, self.counts, lengths, starts, self.ratio, out=self.sel)
         if not self.offloaded:
             out = sparse_decode_attention(q_rot, self.k, self.v, self.codes, sel, starts, lengths, cfg.sinks,
                                           cfg.window, step.scaling, near=True)
         else:
-            out = self._decode_offloaded(q_rot, k, v, step, slot, lengths, starts, new_codes, sel)
+            out = self._decode_offloaded(q_rot, k, v, step, slot, lengths, starts, sel)
         if not static:
             self.length += 1
         return out[:, :, None]
 
-    def _decode_offloaded(self, q_rot, k, v, step: Step, slot, lengths, starts, new_codes, sel) -> torch.Tensor:
+    def _decode_offloaded(self, q_rot, k, v, step: Step, slot, lengths, starts, sel) -> torch.Tensor:
         cfg = self.cfg
         B = q_rot.shape[0]
         entry = near_entries(slot, starts, cfg.sinks, cfg.window)
@@ -285,7 +285,7 @@ class A2ATSState(LayerState):
             if q_rot.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise LmsqueezeError("a2ats offload_attention='cpu' cannot run inside a CUDA graph; "
                                      "use generate(..., use_graph=False) or offload_attention='gpu'")
-            self.codes_host.index_copy_(2, slot.cpu(), new_codes.cpu())
+            self.codes_host.index_copy_(2, slot.cpu(), self.codes.index_select(2, slot).cpu())
             far_out, far_lse = selected_attention_cpu(q_rot, self.k, self.v, self.codes_host, sel, starts, lengths,
                                                       cfg.sinks, cfg.window, step.scaling, near=False)
         else:
