@@ -196,7 +196,7 @@ def _split_kernel(
     kt0, kt1, kt2, kt3, vt0, vt1, vt2, vt3,
     D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, NOUT: tl.constexpr, NSIDE: tl.constexpr, NSIDE_P2: tl.constexpr,
-    HAS_STARTS: tl.constexpr, USE_ASM: tl.constexpr,
+    HAS_STARTS: tl.constexpr, USE_ASM: tl.constexpr, QROWS: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     if BITS == 4:
@@ -269,66 +269,127 @@ def _split_kernel(
 
     # scores are computed transposed, [BLOCK_N, BLOCK_G], so the big operands (keys, values) are the MMA's
     # M side and the G query heads its (padded) N side
-    m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)
-    la = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)   # sum of p, reduced after the loop
-    za = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)   # sum of p * value zero, reduced after the loop
-    acc = tl.zeros((D, BLOCK_G), tl.float32)
-    vmax = tl.maximum(tl.load(VSMAX + bh) * 128.0, 1e-30)
-    for n0 in range(s_lo, s_hi, BLOCK_N):
-        slots = n0 + nn
-        row = slots * W
-        Y = _cat(_cat(A1 * qt1, A1 * qt2, BLOCK_G, HALF), _cat(A2 * qt2, -(A2 * qt1), BLOCK_G, HALF),
-                 BLOCK_G, D).to(tl.float16)
-        Y = _opaque(Y, USE_ASM)
-        Yz = _opaque(_cat(Z1 * qt1 + Z2 * qt2, Z1 * qt2 - Z2 * qt1, BLOCK_G, HALF).to(tl.float16), USE_ASM)
-        # keys: levels of each half times the relative RoPE tables; scales and zeros sit in Y / Yz
-        l1 = _unpack(KCb, row, 0, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
-        l2 = _unpack(KCb, row, NWH, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
-        X = _cat(_cat(l1 * CR, l1 * SR, BLOCK_N, HALF), _cat(l2 * CR, l2 * SR, BLOCK_N, HALF), BLOCK_N, D)
-        X = _opaque(X, USE_ASM)
-        qk = tl.dot(X, tl.trans(Y)) * ynorm[None, :] + tl.dot(T, tl.trans(Yz)) * znorm[None, :]
-        # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
-        for j in tl.static_range(NOUT):
-            ow = tl.load(KOb + slots * NOUT + j)
-            oi = (ow >> 16) & 0xFFFF
-            ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            upper = oi >= HALF
-            of = tl.where(upper, oi - HALF, oi)
-            ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
-            oc, os = _sincos_reduced(ang)
-            qa = tl.load(Qb_t + oi[:, None], mask=gmask[None, :], other=0.0).to(tl.float32)
-            qb = tl.load(Qb_t + tl.where(upper, of, oi + HALF)[:, None], mask=gmask[None, :], other=0.0)
-            sgn = tl.where(upper, -os, os)
-            qk += (qa * oc[:, None] + qb.to(tl.float32) * sgn[:, None]) * (ov * (qk_scale * rope_scale))[:, None]
-        kind = tl.load(KINDb + slots)
-        ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
-        qk = tl.where(ok[:, None], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[None, :])
-        la = la * alpha[None, :] + p
+    if QROWS:  # scores [BLOCK_G, BLOCK_N]: queries on the MMA's M side, as in flash attention
+        m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)
+        la = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)   # sum of p, reduced after the loop
+        za = tl.zeros((BLOCK_G, BLOCK_N), tl.float32)   # sum of p * value zero, reduced after the loop
+        acc = tl.zeros((BLOCK_G, D), tl.float32)
+        vmax = tl.maximum(tl.load(VSMAX + bh) * 128.0, 1e-30)
+        for n0 in range(s_lo, s_hi, BLOCK_N):
+            slots = n0 + nn
+            row = slots * W
+            Y = _cat(_cat(A1 * qt1, A1 * qt2, BLOCK_G, HALF), _cat(A2 * qt2, -(A2 * qt1), BLOCK_G, HALF),
+                     BLOCK_G, D).to(tl.float16)
+            Y = _opaque(Y, USE_ASM)
+            Yz = _opaque(_cat(Z1 * qt1 + Z2 * qt2, Z1 * qt2 - Z2 * qt1, BLOCK_G, HALF).to(tl.float16), USE_ASM)
+            # keys: levels of each half times the relative RoPE tables; scales and zeros sit in Y / Yz
+            l1 = _unpack(KCb, row, 0, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
+            l2 = _unpack(KCb, row, NWH, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
+            X = _cat(_cat(l1 * CR, l1 * SR, BLOCK_N, HALF), _cat(l2 * CR, l2 * SR, BLOCK_N, HALF), BLOCK_N, D)
+            X = _opaque(X, USE_ASM)
+            qk = tl.dot(Y, tl.trans(X)) * ynorm[:, None] + tl.dot(Yz, tl.trans(T)) * znorm[:, None]
+            # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
+            for j in tl.static_range(NOUT):
+                ow = tl.load(KOb + slots * NOUT + j)
+                oi = (ow >> 16) & 0xFFFF
+                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                upper = oi >= HALF
+                of = tl.where(upper, oi - HALF, oi)
+                ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
+                oc, os = _sincos_reduced(ang)
+                qa = tl.load(Qb + oi[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+                qb = tl.load(Qb + tl.where(upper, of, oi + HALF)[None, :], mask=gmask[:, None], other=0.0)
+                sgn = tl.where(upper, -os, os)
+                qk += (qa * oc[None, :] + qb.to(tl.float32) * sgn[None, :]) * (ov * (qk_scale * rope_scale))[None, :]
+            kind = tl.load(KINDb + slots)
+            ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
+            qk = tl.where(ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            la = la * alpha[:, None] + p
 
-        # values: levels on tensor cores with the per-token scale on p; zeros as p . z; outliers via identity rows
-        vs = tl.load(VSb + slots).to(tl.float32) * 128.0
-        vz = tl.load(VZb + slots).to(tl.float32)
-        lv = _opaque(_unpack(VCb, row, 0, vt0, vt1, vt2, vt3, VLUT, 2 * NWH, WB, BITS, USE_ASM), USE_ASM)
-        pv = _opaque((p * (vs / vmax)[:, None]).to(tl.float16), USE_ASM)
-        za = za * alpha[None, :] + p * vz[:, None]
-        upd = tl.dot(tl.trans(lv), pv) * vmax
-        for j in tl.static_range(NOUT):
-            ow = tl.load(VOb + slots * NOUT + j)
-            oi = (ow >> 16) & 0xFFFF
-            ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            ev = tl.load(EYE + oi[:, None] * D + d[None, :])
-            upd += tl.dot(tl.trans(ev), _opaque((p * ov[:, None]).to(tl.float16), USE_ASM))
-        acc = acc * alpha[None, :] + upd
-        m_i = m_new
-        qn1 = qt1 * cB[None, :] + qt2 * sB[None, :]
-        qt2 = qt2 * cB[None, :] - qt1 * sB[None, :]
-        qt1 = qn1
+            # values: levels on tensor cores with the per-token scale on p; zeros as p . z; outliers via identity rows
+            vs = tl.load(VSb + slots).to(tl.float32) * 128.0
+            vz = tl.load(VZb + slots).to(tl.float32)
+            lv = _opaque(_unpack(VCb, row, 0, vt0, vt1, vt2, vt3, VLUT, 2 * NWH, WB, BITS, USE_ASM), USE_ASM)
+            pv = (p * (vs / vmax)[None, :]).to(tl.float16)
+            za = za * alpha[:, None] + p * vz[None, :]
+            upd = tl.dot(pv, lv) * vmax
+            for j in tl.static_range(NOUT):
+                ow = tl.load(VOb + slots * NOUT + j)
+                oi = (ow >> 16) & 0xFFFF
+                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                ev = tl.load(EYE + oi[:, None] * D + d[None, :])
+                upd += tl.dot((p * ov[None, :]).to(tl.float16), ev)
+            acc = acc * alpha[:, None] + upd
+            m_i = m_new
+            qn1 = qt1 * cB[None, :] + qt2 * sB[None, :]
+            qt2 = qt2 * cB[None, :] - qt1 * sB[None, :]
+            qt1 = qn1
+        l_i = tl.sum(la, 1)
+        acc += tl.sum(za, 1)[:, None]
+        acc = tl.trans(acc)
+    else:  # scores [BLOCK_N, BLOCK_G]: keys / values on the MMA's M side
+        m_i = tl.full((BLOCK_G,), -1.0e30, tl.float32)
+        la = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)   # sum of p, reduced after the loop
+        za = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)   # sum of p * value zero, reduced after the loop
+        acc = tl.zeros((D, BLOCK_G), tl.float32)
+        vmax = tl.maximum(tl.load(VSMAX + bh) * 128.0, 1e-30)
+        for n0 in range(s_lo, s_hi, BLOCK_N):
+            slots = n0 + nn
+            row = slots * W
+            Y = _cat(_cat(A1 * qt1, A1 * qt2, BLOCK_G, HALF), _cat(A2 * qt2, -(A2 * qt1), BLOCK_G, HALF),
+                     BLOCK_G, D).to(tl.float16)
+            Y = _opaque(Y, USE_ASM)
+            Yz = _opaque(_cat(Z1 * qt1 + Z2 * qt2, Z1 * qt2 - Z2 * qt1, BLOCK_G, HALF).to(tl.float16), USE_ASM)
+            # keys: levels of each half times the relative RoPE tables; scales and zeros sit in Y / Yz
+            l1 = _unpack(KCb, row, 0, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
+            l2 = _unpack(KCb, row, NWH, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
+            X = _cat(_cat(l1 * CR, l1 * SR, BLOCK_N, HALF), _cat(l2 * CR, l2 * SR, BLOCK_N, HALF), BLOCK_N, D)
+            X = _opaque(X, USE_ASM)
+            qk = tl.dot(X, tl.trans(Y)) * ynorm[None, :] + tl.dot(T, tl.trans(Yz)) * znorm[None, :]
+            # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
+            for j in tl.static_range(NOUT):
+                ow = tl.load(KOb + slots * NOUT + j)
+                oi = (ow >> 16) & 0xFFFF
+                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                upper = oi >= HALF
+                of = tl.where(upper, oi - HALF, oi)
+                ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
+                oc, os = _sincos_reduced(ang)
+                qa = tl.load(Qb_t + oi[:, None], mask=gmask[None, :], other=0.0).to(tl.float32)
+                qb = tl.load(Qb_t + tl.where(upper, of, oi + HALF)[:, None], mask=gmask[None, :], other=0.0)
+                sgn = tl.where(upper, -os, os)
+                qk += (qa * oc[:, None] + qb.to(tl.float32) * sgn[:, None]) * (ov * (qk_scale * rope_scale))[:, None]
+            kind = tl.load(KINDb + slots)
+            ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
+            qk = tl.where(ok[:, None], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[None, :])
+            la = la * alpha[None, :] + p
 
-    l_i = tl.sum(la, 0)
-    acc += tl.sum(za, 0)[None, :]
+            # values: levels on tensor cores with the per-token scale on p; zeros as p . z; outliers via identity rows
+            vs = tl.load(VSb + slots).to(tl.float32) * 128.0
+            vz = tl.load(VZb + slots).to(tl.float32)
+            lv = _opaque(_unpack(VCb, row, 0, vt0, vt1, vt2, vt3, VLUT, 2 * NWH, WB, BITS, USE_ASM), USE_ASM)
+            pv = _opaque((p * (vs / vmax)[:, None]).to(tl.float16), USE_ASM)
+            za = za * alpha[None, :] + p * vz[:, None]
+            upd = tl.dot(tl.trans(lv), pv) * vmax
+            for j in tl.static_range(NOUT):
+                ow = tl.load(VOb + slots * NOUT + j)
+                oi = (ow >> 16) & 0xFFFF
+                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                ev = tl.load(EYE + oi[:, None] * D + d[None, :])
+                upd += tl.dot(tl.trans(ev), _opaque((p * ov[:, None]).to(tl.float16), USE_ASM))
+            acc = acc * alpha[None, :] + upd
+            m_i = m_new
+            qn1 = qt1 * cB[None, :] + qt2 * sB[None, :]
+            qt2 = qt2 * cB[None, :] - qt1 * sB[None, :]
+            qt1 = qn1
+        l_i = tl.sum(la, 0)
+        acc += tl.sum(za, 0)[None, :]
     if NSIDE > 0:  # noqa: SIM102 - a constexpr test around a runtime one
         if pid_s == 0:
             e = tl.arange(0, NSIDE_P2)

@@ -32,8 +32,9 @@ from lmsqueeze.methods.kvquant.layout import PackedKV
 from lmsqueeze.methods.kvquant.rope import KernelRope
 
 MAX_SPLITS = 256
-PROGRAMS_PER_SM = 3
+PROGRAMS_PER_SM = 6
 LOG2E = 1.4426950408889634
+QROWS = True  # scores as [queries, keys] (flash-attention orientation); False: [keys, queries]
 
 
 @functools.cache
@@ -112,7 +113,7 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
                              rope: KernelRope, starts: torch.Tensor | None = None, window: int | None = None,
                              *, num_splits: int | None = None, block_n: int | None = None,
                              num_warps: int | None = None, use_asm: bool | None = None,
-                             return_lse: bool = False):
+                             qrows: bool | None = None, return_lse: bool = False):
     """Attention of one query per sequence over a packed KVQuant cache (same contract as the reference).
 
     q: [B, Hq, D] (RoPE applied, contiguous); lengths: [B] int32 filled slots (device); starts: [B] int32
@@ -135,6 +136,8 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
     num_warps = num_warps or dflt_w
     if cap % block_n != 0:
         raise LmsqueezeError(f"cache capacity {cap} is not a multiple of block_n={block_n}")
+    if qrows is None:
+        qrows = QROWS
     if use_asm is None:
         use_asm = q.is_cuda and not _interpreting()
     if num_splits is None:
@@ -161,7 +164,7 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
         kt[0], kt[1], kt[2], kt[3], vt[0], vt[1], vt[2], vt[3],
         D=D, BITS=bits, W=kv.kcodes.shape[-1], G=G, BLOCK_G=max(1, triton_next_pow2(G)), BLOCK_N=block_n,
         NOUT=kv.n_out, NSIDE=n_side, NSIDE_P2=max(16, triton_next_pow2(n_side)),
-        HAS_STARTS=starts is not None, USE_ASM=use_asm, num_warps=num_warps,
+        HAS_STARTS=starts is not None, USE_ASM=use_asm, QROWS=qrows, num_warps=num_warps,
     )
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)

@@ -1,0 +1,352 @@
+"""GPU check and benchmark of the fused KVQuant decode kernel against fp16 SDPA.
+
+    python benchmarks/scripts/bench_kvquant.py --out $OUT [--commit HASH] [--sweep]
+
+1. correctness on the GPU: the Triton kernel (byte-permute lookups, and the table-lookup variant) against the
+   float32 PyTorch reference on caches filled through the real quantize-and-append path (bits 2/3/4, GQA 4
+   and 1, head dims 128 and 64, batch 3 with different lengths and left padding, a window of fp16 tokens),
+   and a CUDA-graph replay after changing the device-side lengths;
+2. optional sweep of kernel configs (BLOCK_N, warps, stages) at 128K tokens, batch 1, 3 bits;
+3. decode-attention timing at the Llama-3-8B attention shape (32 query heads, 8 KV heads, D=128), batch 1
+   and 8, 32K and 128K tokens: nuq4 / nuq3 / nuq2 (1% outliers = 1 slot per 128-channel vector, 1 fp16
+   sink) against F.scaled_dot_product_attention(enable_gqa=True) on an fp16 cache of the same length, timed
+   in the same run. Each timed unit is a CUDA graph of several calls cycling through input copies that
+   together exceed the L2 cache; CUDA events, median of 30 replays after warm-up. Bytes moved count every
+   byte the method must read (codes, outliers, per-token metadata; fp16 K/V for SDPA) plus q and out.
+Writes kvquant_decode_h100.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lmsqueeze.methods.cache import Step  # noqa: E402
+from lmsqueeze.methods.kvquant import kernels as kk  # noqa: E402
+from lmsqueeze.methods.kvquant import layout  # noqa: E402
+from lmsqueeze.methods.kvquant.cache import KVQuantState  # noqa: E402
+from lmsqueeze.methods.kvquant.codebooks import snap  # noqa: E402
+from lmsqueeze.methods.kvquant.quantizers import KeyQuantizer, ValueQuantizer  # noqa: E402
+from lmsqueeze.methods.kvquant.reference import decode_attention_reference  # noqa: E402
+from lmsqueeze.methods.kvquant.rope import KernelRope  # noqa: E402
+
+PEAK_TBPS = 3.0
+REPLAYS = 30
+ROTATE_BYTES = 200e6
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return ((a - b).norm() / b.norm()).item()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Rotary:
+    """A transformers-like rotary module (default RoPE, theta 500000 as Llama 3, attention_scaling 1)."""
+
+    def __init__(self, D: int, device, theta: float = 500000.0) -> None:
+        self.inv_freq = (1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D)).to(device)
+        self.attention_scaling = 1.0
+        self.rope_type = "default"
+
+    def __call__(self, x, pos):
+        fr = pos.float()[..., None] * self.inv_freq
+        emb = torch.cat([fr, fr], -1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def quantizers(bits: int, H: int, D: int, n_out: int, g: torch.Generator):
+    kcb = snap(torch.sort(torch.randn(2**bits, generator=g)).values.clamp(-2, 2))
+    vcb = snap(torch.sort(torch.randn(2**bits, generator=g)).values.clamp(-2, 2))
+    lo = -torch.rand(H, D, generator=g) - 0.5
+    hi = torch.rand(H, D, generator=g) + 0.5
+    return KeyQuantizer(kcb, lo, hi, n_out), ValueQuantizer(vcb, n_out)
+
+
+def filled_state(bits, B, H, D, lens, window, n_out, dtype, device, seed):
+    """A KVQuantState filled through the real prefill path; lens[b] valid tokens, left padded to max(lens)."""
+    g = torch.Generator().manual_seed(seed)
+    kq, vq = quantizers(bits, H, D, n_out, g)
+    st = KVQuantState(kq, vq, n_sink=1, window=window)
+    S = max(lens)
+    rot = Rotary(D, device)
+    k = (torch.randn(B, H, S, D, generator=g) * 1.5).to(device, dtype)
+    v = torch.randn(B, H, S, D, generator=g).to(device, dtype)
+    valid = (torch.arange(S)[None] >= torch.tensor([S - n for n in lens])[:, None]).to(device)
+    pos = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)
+    cos, sin = rot(k, pos)
+    step = Step(cos=cos, sin=sin, positions=pos, valid=None if bool(valid.all()) else valid,
+                scaling=D**-0.5, window=None, layer_idx=0, rotary=rot)
+    st._setup(k, step)
+    st.rope = KernelRope.from_rotary(rot, device)
+    st._append_chunk(k, v, step)
+    starts = torch.tensor([S - n for n in lens], dtype=torch.int32, device=device)
+    return st, starts, S
+
+
+def check_correctness(device, configs) -> list[dict]:
+    rows = []
+    cases = [(b, 32, 8, 128, 0) for b in (2, 3, 4)] + [(3, 8, 8, 64, 16)]
+    for bits, Hq, H, D, window in cases:
+        for use_asm in ((True, False) if (bits == 3 and D == 128) else (True,)):
+            t0 = time.time()
+            try:
+                lens = [1000, 777, 1]
+                st, starts, S = filled_state(bits, 3, H, D, lens, window, 1, torch.float16, device, seed=bits + D)
+                q = torch.randn(3, Hq, D, device=device, dtype=torch.float16)
+                lengths = torch.full((3,), S, dtype=torch.int32, device=device)
+                ref = decode_attention_reference(q, st.kv, lengths, D**-0.5, st.rope, starts)
+                bn, nw, ns = configs.get(bits, (64, 4, 1))
+                out = kk.kvquant_decode_attention(q, st.kv, lengths, D**-0.5, st.rope, starts, block_n=bn,
+                                                  num_warps=nw, use_asm=use_asm)
+                torch.cuda.synchronize()
+                err = rel_err(out, ref)
+                # graph replay with other lengths: 700 slots for every sequence (first one shorter than its pad)
+                graph_err = None
+                if use_asm and D == 128:
+                    lens_dev = lengths.clone()
+                    outb = torch.empty_like(out)
+
+                    def call():
+                        outb.copy_(kk.kvquant_decode_attention(q, st.kv, lens_dev, D**-0.5, st.rope, starts,
+                                                               block_n=bn, num_warps=nw, use_asm=True))
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        call()
+                    torch.cuda.current_stream().wait_stream(s)
+                    gr = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(gr):
+                        call()
+                    lens_dev.fill_(S - 300)
+                    gr.replay()
+                    torch.cuda.synchronize()
+                    ref2 = decode_attention_reference(q, st.kv, lens_dev, D**-0.5, st.rope, starts)
+                    graph_err = rel_err(outb, ref2)
+                row = dict(check="kernel_vs_reference", bits=bits, heads=f"{Hq}/{H}x{D}", batch=3, lengths=lens,
+                           window=window, use_asm=use_asm, rel_err=err, graph_replay_rel_err=graph_err,
+                           ok=bool(err < 2e-2 and (graph_err is None or graph_err < 2e-2)),
+                           seconds=round(time.time() - t0, 1))
+            except Exception as e:  # noqa: BLE001 - report and go on
+                row = dict(check="kernel_vs_reference", bits=bits, heads=f"{Hq}/{H}x{D}", use_asm=use_asm,
+                           ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
+                traceback.print_exc()
+            log("check", row)
+            rows.append(row)
+    return rows
+
+
+def random_cache(bits, B, H, D, L, n_out, device, seed):
+    """A PackedKV with random codes/outliers/metadata for L valid slots per sequence (never zeros)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    gc = torch.Generator().manual_seed(seed)
+    kq, vq = quantizers(bits, H, D, n_out, gc)
+    kv = layout.allocate(kq.to(device), vq.to(device), B, H, D, L, 1, 0, torch.float16, device)
+    i32 = torch.iinfo(torch.int32)
+    kv.kcodes.random_(i32.min, i32.max, generator=g)
+    kv.vcodes.random_(i32.min, i32.max, generator=g)
+    for t in (kv.kout, kv.vout):
+        idx = torch.randint(0, D, t.shape, device=device, generator=g)
+        val = (torch.randn(t.shape, device=device, generator=g) * 0.5).half().view(torch.int16).int() & 0xFFFF
+        t.copy_(((idx << 16) | val).to(torch.int32))
+    kv.vscale.copy_((torch.rand(kv.vscale.shape, device=device, generator=g) * 0.02 + 0.001).half())
+    kv.vzero.copy_((torch.randn(kv.vzero.shape, device=device, generator=g) * 0.1).half())
+    kv.vsmax.copy_(kv.vscale.float().amax(-1))
+    kv.positions.copy_(torch.arange(kv.capacity, device=device, dtype=torch.int32)[None].expand(B, -1))
+    kv.kind.fill_(layout.KIND_QUANT)
+    kv.kind[:, 0] = layout.KIND_SINK
+    kv.side_slot[:, 0] = 0
+    kv.side_k.normal_(generator=g)
+    kv.side_v.normal_(generator=g)
+    return kv
+
+
+def quant_bytes(kv, B, L, Hq, D) -> int:
+    H = kv.kcodes.shape[1]
+    per_tok = (kv.kcodes.shape[-1] + kv.vcodes.shape[-1] + kv.kout.shape[-1] + kv.vout.shape[-1]) * 4 + 4
+    return B * H * L * per_tok + B * L + 2 * B * Hq * D * 2
+
+
+def time_graph(calls: list) -> float:
+    """ms per call: one graph replays `calls` once each; median of REPLAYS replays after warm-up."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in calls:
+            fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPLAYS):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / len(calls))
+    del g
+    return statistics.median(times)
+
+
+def time_sdpa(B, L, Hq, H, D, device) -> tuple[float, int]:
+    nbytes = 2 * B * H * L * D * 2
+    copies = max(1, min(4, math.ceil(ROTATE_BYTES / nbytes)))
+    sets = []
+    for _ in range(copies):
+        q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.float16)
+        k = torch.randn(B, H, L, D, device=device, dtype=torch.float16)
+        v = torch.randn(B, H, L, D, device=device, dtype=torch.float16)
+        sets.append((q, k, v))
+    outs = [None] * copies
+
+    def mk(i):
+        q, k, v = sets[i]
+
+        def fn():
+            outs[i] = F.scaled_dot_product_attention(q, k, v, scale=D**-0.5, enable_gqa=True)
+        return fn
+    ms = time_graph([mk(i) for i in range(copies)])
+    del sets
+    torch.cuda.empty_cache()
+    return ms, nbytes + 2 * B * Hq * D * 2
+
+
+def time_kvq(bits, B, L, Hq, H, D, device, cfg) -> tuple[float, int]:
+    bn, nw, ns = cfg
+    one = random_cache(bits, B, H, D, L, 1, device, seed=bits)
+    nbytes = quant_bytes(one, B, L, Hq, D)
+    copies = max(1, min(8, math.ceil(ROTATE_BYTES / nbytes)))
+    caches = [one] + [random_cache(bits, B, H, D, L, 1, device, seed=bits + 10 * i) for i in range(1, copies)]
+    rope = KernelRope(torch.rand(D // 2, device=device) * 0.5, 1.0)
+    qs = [torch.randn(B, Hq, D, device=device, dtype=torch.float16) for _ in range(copies)]
+    lengths = torch.full((B,), L, dtype=torch.int32, device=device)
+    splits = kk.default_num_splits(B, H, caches[0].capacity, bn, torch.cuda.get_device_properties(0).multi_processor_count)
+    if ns:
+        splits = max(1, min(kk.MAX_SPLITS, -(-ns * torch.cuda.get_device_properties(0).multi_processor_count // (B * H))))
+
+    def mk(i):
+        def fn():
+            kk.kvquant_decode_attention(qs[i], caches[i], lengths, D**-0.5, rope, None, block_n=bn, num_warps=nw,
+                                        num_splits=splits)
+        return fn
+    ms = time_graph([mk(i) for i in range(copies)])
+    del caches
+    torch.cuda.empty_cache()
+    return ms, nbytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    t_start = time.time()
+    import transformers
+    import triton
+    env = {"command": " ".join(["python", "benchmarks/scripts/bench_kvquant.py", *sys.argv[1:]]),
+           "commit": args.commit or git_commit(),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "device": torch.cuda.get_device_name(0),
+           "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                        "transformers": transformers.__version__, "cuda": torch.version.cuda}}
+    log(env)
+    out_path = Path(args.out) / "kvquant_decode_h100.json"
+    result = {**env, "peak_tb_per_s": PEAK_TBPS, "checks": [], "sweep": [], "rows": []}
+
+    def save():
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    # default kernel configs per bit width: (BLOCK_N, num_warps, programs per SM or 0 = library default)
+    configs = {b: (64, 4, 0) for b in (2, 3, 4)}
+    Hq, H, D = 32, 8, 128
+    if args.sweep:
+        L = 131072
+        best = None
+        for cfg in [(64, 4, 0), (64, 8, 0), (128, 8, 0), (64, 4, 6), (32, 4, 0)]:
+            try:
+                ms, nbytes = time_kvq(3, 1, L, Hq, H, D, device, cfg)
+                row = dict(bits=3, batch=1, length=L, block_n=cfg[0], warps=cfg[1], programs_per_sm=cfg[2] or
+                           kk.PROGRAMS_PER_SM, ms=ms, tb_per_s=nbytes / ms / 1e9)
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            except Exception as e:  # noqa: BLE001
+                row = dict(bits=3, block_n=cfg[0], warps=cfg[1], error=f"{type(e).__name__}: {str(e)[:300]}")
+            log("sweep", row, f"t={time.time() - t_start:.0f}s")
+            result["sweep"].append(row)
+            save()
+        if best is not None:
+            configs = {b: best[1] for b in (2, 3, 4)}
+        result["chosen_config"] = {"block_n": configs[3][0], "warps": configs[3][1], "programs_per_sm": configs[3][2]}
+    if not args.skip_check:
+        result["checks"] = check_correctness(device, configs)
+        save()
+    for B in (1, 8):
+        for L in (32768, 131072):
+            sd_ms, sd_bytes = time_sdpa(B, L, Hq, H, D, device)
+            base = dict(batch=B, length=L, heads=f"{Hq}/{H}x{D}", baseline="sdpa_fp16_enable_gqa", baseline_ms=sd_ms,
+                        baseline_bytes=sd_bytes, baseline_tb_per_s=sd_bytes / sd_ms / 1e9)
+            log("sdpa", base, f"t={time.time() - t_start:.0f}s")
+            for bits in (4, 3, 2):
+                try:
+                    ms, nbytes = time_kvq(bits, B, L, Hq, H, D, device, configs[bits])
+                    row = {**base, "method": f"kvquant-nuq{bits}-1%", "ms": ms, "speedup": sd_ms / ms, "bytes": nbytes,
+                           "tb_per_s": nbytes / ms / 1e9, "frac_of_peak": nbytes / ms / 1e9 / PEAK_TBPS,
+                           "floor_ms": nbytes / (PEAK_TBPS * 1e9), "block_n": configs[bits][0],
+                           "warps": configs[bits][1], "bits_per_element": 8 * nbytes / (2 * B * H * L * D)}
+                except Exception as e:  # noqa: BLE001
+                    row = {**base, "method": f"kvquant-nuq{bits}-1%", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    traceback.print_exc()
+                log("row", row, f"t={time.time() - t_start:.0f}s")
+                result["rows"].append(row)
+                save()
+    log("\n  B       L  method              ms   sdpa_ms  speedup  TB/s")
+    for r in result["rows"]:
+        if "ms" in r:
+            log(f"{r['batch']:>3} {r['length']:>7}  {r['method']:<16} {r['ms']:.4f}  {r['baseline_ms']:.4f}  "
+                f"{r['speedup']:.2f}x  {r['tb_per_s']:.2f}")
+    for c in result["checks"]:
+        log("check", c.get("bits"), c.get("heads"), c.get("use_asm"), c.get("rel_err"), c.get("graph_replay_rel_err"),
+            "ok" if c.get("ok") else "FAIL")
+    log(f"total {time.time() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
