@@ -185,7 +185,7 @@ def _squeezed_decode_kernel(
             p = t0 + offs_n
             p_mask = p < total
             shift = tl.sum(tl.where(ends[None, :] <= p[:, None], us[None, :], 0), 1)
-            rows = (base + p + shift).to(tl.int64)
+            rows = base + p + shift                                      # int32: N * D < 2**31
             if BLOCK_D == D:
                 kv_mask = p_mask[:, None]
             else:
@@ -206,37 +206,37 @@ def _squeezed_decode_kernel(
             m_i = m_new
         tl.store(Kept + pid_bh * NSP + split, total)
     else:
-        ls = split - NSP
-        hi = tl.minimum(tl.load(Lengths + b), l_max)
-        lo = hi * 0
+        loc = split - NSP
+        loc_hi = tl.minimum(tl.load(Lengths + b), l_max)
+        loc_lo = loc_hi * 0
         if HAS_STARTS:
-            lo = tl.load(Starts + b)
-        lo = tl.maximum(lo, 0)
-        n = tl.maximum(hi - lo, 0)
-        chunk = tl.cdiv(tl.cdiv(n, NLOC), BLOCK_N) * BLOCK_N
-        c_lo = lo + ls * chunk
-        c_hi = tl.minimum(c_lo + chunk, hi)
-        k_base = LK + b.to(tl.int64) * stride_lkb + hkv.to(tl.int64) * stride_lkh
-        v_base = LV + b.to(tl.int64) * stride_lvb + hkv.to(tl.int64) * stride_lvh
+            loc_lo = tl.load(Starts + b)
+        loc_lo = tl.maximum(loc_lo, 0)
+        loc_n = tl.maximum(loc_hi - loc_lo, 0)
+        loc_chunk = tl.cdiv(tl.cdiv(loc_n, NLOC), BLOCK_N) * BLOCK_N
+        c_lo = loc_lo + loc * loc_chunk
+        c_hi = tl.minimum(c_lo + loc_chunk, loc_hi)
+        lk_base = LK + b.to(tl.int64) * stride_lkb + hkv.to(tl.int64) * stride_lkh
+        lv_base = LV + b.to(tl.int64) * stride_lvb + hkv.to(tl.int64) * stride_lvh
         for start_n in range(c_lo, c_hi, BLOCK_N):
             slots = start_n + offs_n
             n_mask = slots < c_hi
             if BLOCK_D == D:
-                kv_mask = n_mask[:, None]
+                lkv_mask = n_mask[:, None]
             else:
-                kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_base + slots[:, None] * stride_lks + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = _dot(q, tl.trans(k), IEEE_DOT)
+                lkv_mask = n_mask[:, None] & d_mask[None, :]
+            lk = tl.load(lk_base + slots[:, None] * stride_lks + offs_d[None, :], mask=lkv_mask, other=0.0)
+            qk = _dot(q, tl.trans(lk), IEEE_DOT)
             qk = tl.where(n_mask[None, :], qk * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
             pr = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(pr, 1)
-            v = tl.load(v_base + slots[:, None] * stride_lvs + offs_d[None, :], mask=kv_mask, other=0.0)
+            lv = tl.load(lv_base + slots[:, None] * stride_lvs + offs_d[None, :], mask=lkv_mask, other=0.0)
             if IEEE_DOT:
-                pv = tl.dot(pr, v, input_precision="ieee")
+                pv = tl.dot(pr, lv, input_precision="ieee")
             else:
-                pv = tl.dot(pr.to(v.dtype), v)
+                pv = tl.dot(pr.to(lv.dtype), lv)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
     has = l_i > 0
@@ -335,7 +335,7 @@ def _indexed_attention_kernel(
     v_base = V + hkv.to(tl.int64) * stride_vh
     for n0 in range(0, cnt, BLOCK_N):
         n_mask = n0 + offs_n < cnt
-        rows = tl.load(i_base + n0 + offs_n, mask=n_mask, other=0).to(tl.int64)
+        rows = tl.load(i_base + n0 + offs_n, mask=n_mask, other=0)
         k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
                     other=0.0)
         qk = _dot(q, tl.trans(k), IEEE_DOT)

@@ -1,0 +1,472 @@
+"""Squeezed Attention on the GPU: correctness against the references, then decode and prefill attention timings.
+
+One call does everything (GPU time is scarce):
+1. kernels vs references on fresh random inputs (GQA 1 and 4, head dims 64 and 128, fp32 and bf16, batch 2,
+   odd lengths), and a tiny model end to end: sparsity 0 equals Dense logits; `lmsqueeze.generate` with the
+   captured CUDA-graph decode step equals the eager step token for token;
+2. decode attention at the Llama-3-8B attention shape (32 query heads, 8 KV heads, D=128, bf16), batch 1,
+   fixed context 32K and 128K + 256 user tokens, 90% sparsity, 5% centroids (and hierarchical 1% / 5%), against
+   dense SDPA (bf16 and fp16) and lmsqueeze's dense Triton decode kernel over the same tokens, all in CUDA
+   graphs (events, median of >= 20 after warm-up, input copies rotated so repeated runs do not hit L2);
+   selection (centroid scoring) and attention are also timed alone, with bytes moved and achieved TB/s;
+3. prefill of a 1024-token user input against a 128K fixed context vs dense SDPA (flash) over the same keys.
+
+Synthetic keys are drawn around 1024 random directions per KV head (so they cluster) and queries near some of
+them (so attention is peaked, as in real models); speed does not depend on trained weights, the kept fraction
+does, so it is measured and reported with every row, and a second row fixes each head's threshold so that
+this query keeps exactly 10% of the keys.
+
+    python benchmarks/scripts/bench_squeezed.py --out benchmarks/results/squeezed_decode_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from lmsqueeze.bench.results import command_line, timing_row, write_result
+from lmsqueeze.bench.timing import time_cuda
+
+PEAK_TB_S = 3.0
+HQ, HKV, D = 32, 8, 128
+LOCAL = 256
+T0 = time.time()
+LOG: list[str] = []
+
+
+def say(msg: str) -> None:
+    line = f"[{time.time() - T0:6.1f}s] {msg}"
+    LOG.append(line)
+    print(line, flush=True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+# --- 1. correctness --------------------------------------------------------------------------------------------
+
+def _toy_index(B, Hkv, G, D, C, W, dtype, dev, gen):
+    sizes = torch.randint(0, 9, (Hkv, C), generator=gen, device="cpu")
+    n = int(sizes.sum(-1).max()) + W
+    offs = torch.zeros(Hkv, C + 2, dtype=torch.int32)
+    offs[:, 1:C + 1] = torch.cumsum(sizes, -1).to(torch.int32)
+    offs[:, C + 1] = n
+    keys = torch.randn(Hkv, n, D, generator=gen).to(dev, dtype)
+    vals = torch.randn(Hkv, n, D, generator=gen).to(dev, dtype)
+    cents = torch.randn(Hkv, C, D, generator=gen).to(dev, dtype)
+    return sizes.to(dev), offs.to(dev), keys, vals, cents
+
+
+def check_kernels(dev) -> list[dict]:
+    from lmsqueeze.methods.squeezed import kernels as K
+    from lmsqueeze.methods.squeezed import reference as R
+    from lmsqueeze.methods.squeezed.lookup import log_sizes, mask_to_index
+
+    out = []
+    gen = torch.Generator().manual_seed(int(time.time()))
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2.5e-2)):
+        for G, Dh in ((1, 64), (4, 128)):
+            B, Hkv, C, W, L, T = 2, 2, 301, 7, 77, 37
+            sizes, offs, keys, vals, cents = _toy_index(B, Hkv, G, Dh, C, W, dtype, dev, gen)
+            ls = log_sizes(sizes)
+            q = torch.randn(B, Hkv * G, Dh, generator=gen).to(dev, dtype)
+            sc = 1 / math.sqrt(Dh)
+            case = {"dtype": str(dtype).split(".")[-1], "G": G, "D": Dh}
+            s, _ = K.centroid_scores(q, cents, ls, sc)
+            s_r, e_r = R.centroid_scores_reference(q, cents, ls, sc, K.BLOCK_C)
+            out.append({**case, "kernel": "centroid_scores", "rel_err": rel(s, s_r), "tol": tol})
+            lk = torch.randn(B, Hkv, L, Dh, generator=gen).to(dev, dtype)
+            lv = torch.randn(B, Hkv, L, Dh, generator=gen).to(dev, dtype)
+            lengths = torch.tensor([L - 11, L], dtype=torch.int32, device=dev)
+            starts = torch.tensor([0, 5], dtype=torch.int32, device=dev)
+            a = (s_r - torch.logsumexp(e_r, -1, keepdim=True)).reshape(B, Hkv, G, C).amax(2)
+            fin = a[0][torch.isfinite(a[0])]
+            tau = torch.quantile(fin.float(), 0.8).repeat(Hkv).to(dev)
+            o, lse, kept = K.squeezed_decode(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts)
+            o_r, lse_r, kept_r = R.squeezed_decode_reference(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc,
+                                                             starts)
+            out.append({**case, "kernel": "squeezed_decode", "rel_err": rel(o, o_r), "lse_err": rel(lse, lse_r),
+                        "kept_equal": bool(torch.equal(kept, kept_r)), "tol": tol})
+            qq = torch.randn(B, Hkv * G, T, Dh, generator=gen).to(dev, dtype)
+            mask = torch.rand(B, Hkv, keys.shape[1], generator=gen).to(dev) < 0.3
+            idx, cnt = mask_to_index(mask)
+            lengths2 = torch.tensor([T + 3, L], dtype=torch.int32, device=dev)
+            o = K.indexed_attention(qq, keys, vals, idx, cnt, lk, lv, lengths2, sc, starts)
+            o_r, _ = R.indexed_attention_reference(qq, keys, vals, idx, cnt, lk, lv, lengths2, sc, starts)
+            out.append({**case, "kernel": "indexed_attention", "rel_err": rel(o, o_r), "tol": tol})
+            p = K.prefill_scores(qq, cents, ls[None], sc)
+            p_r = R.prefill_scores_reference(qq, cents, ls[None], sc)
+            out.append({**case, "kernel": "prefill_scores", "rel_err": rel(p, p_r), "tol": tol})
+            C1 = 37
+            parent = torch.sort(torch.randint(0, C1, (Hkv, C), generator=gen), -1).values.to(dev, torch.int32)
+            csz = torch.zeros(Hkv, C1, dtype=torch.long, device=dev).scatter_add_(1, parent.long(), sizes)
+            coarse = torch.randn(Hkv, C1, Dh, generator=gen).to(dev, dtype)
+            s1, e1 = R.centroid_scores_reference(q, coarse, log_sizes(csz), sc, K.BLOCK_C)
+            a1 = (s1 - torch.logsumexp(e1, -1, keepdim=True)).reshape(B, Hkv, G, C1).amax(2)
+            tau1 = torch.nan_to_num(a1[0], neginf=-1e30).median(-1).values.float()
+            f = K.fine_scores(q, cents, ls, parent, s1, e1, tau1, sc)
+            f_r = R.fine_scores_reference(q, cents, ls, parent, s1, e1, tau1, sc, K.BLOCK_C)
+            fin = torch.isfinite(f_r[0])
+            out.append({**case, "kernel": "fine_scores", "rel_err": rel(f[0][fin], f_r[0][fin]),
+                        "same_pruned": bool(torch.equal(torch.isfinite(f[0]), fin)),
+                        "scored_equal": bool(torch.equal(f[2], f_r[2])), "tol": tol})
+    for r in out:
+        r["ok"] = bool(r["rel_err"] <= r["tol"]) and r.get("kept_equal", True) and r.get("same_pruned", True) \
+            and r.get("scored_equal", True)
+    return out
+
+
+def check_model(dev) -> list[dict]:
+    import lmsqueeze
+    from lmsqueeze.generation import clear_runners, generate
+    from lmsqueeze.methods.squeezed import SqueezedAttention
+    from lmsqueeze.models.tiny import tiny_model
+
+    out = []
+    m = tiny_model("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2).to(dev)
+    g = torch.Generator().manual_seed(1)
+    S, T = 300, 11
+    ids = torch.randint(0, 256, (1, S + T), generator=g).to(dev)
+    with torch.no_grad():
+        ref = m(ids).logits[0, S:]
+    for hier in (None, (0.02, 0.1)):
+        art0 = SqueezedAttention(centroids=0.1, sparsity=0.0, coarse_sparsity=0.0, hierarchical=hier,
+                                 observation=16).prepare(m, ids[:, :S])
+        with lmsqueeze.apply(m, art0) as sess, torch.no_grad():
+            c = sess.new_cache()
+            logits = [m(ids[:, S:S + 6], past_key_values=c).logits[0]]
+            logits += [m(ids[:, i:i + 1], past_key_values=c).logits[0] for i in range(S + 6, S + T)]
+        err = (torch.cat(logits) - ref).abs().max().item()
+        out.append({"check": f"sparsity0_equals_dense{'_hier' if hier else ''}", "max_abs_logit_err": err,
+                    "ok": err < 1e-3})
+    dense_tok = generate(m, ids, max_new_tokens=12, use_graph=True).new_tokens
+    for sp, hier in ((0.0, None), (0.9, None), (0.9, (0.02, 0.1))):
+        art = SqueezedAttention(centroids=0.1, sparsity=sp, coarse_sparsity=0.0 if sp == 0 else 0.5,
+                                hierarchical=hier, observation=16).prepare(m, ids[:, :S])
+        clear_runners(m)
+        eager = generate(m, ids[:, S:], max_new_tokens=12, method=art, use_graph=False)
+        clear_runners(m)
+        graph = generate(m, ids[:, S:], max_new_tokens=12, method=art, use_graph=True)
+        row = {"check": f"graph_decode_equals_eager_s{sp}{'_hier' if hier else ''}", "graph": graph.graph,
+               "ok": bool(torch.equal(eager.new_tokens, graph.new_tokens)) and graph.graph}
+        if sp == 0:
+            row["equals_dense_tokens"] = bool(torch.equal(graph.new_tokens, dense_tok))
+            row["ok"] = row["ok"] and row["equals_dense_tokens"]
+        out.append(row)
+    return out
+
+
+# --- 2. decode --------------------------------------------------------------------------------------------------
+
+def synthetic_context(N: int, dev, seed: int, dtype=torch.bfloat16):
+    """keys around 1024 directions per head, values random, 64 observation queries near random keys."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    dirs = F.normalize(torch.randn(HKV, 1024, D, device=dev, generator=g), dim=-1) * math.sqrt(D)
+    which = torch.randint(0, 1024, (HKV, N), device=dev, generator=g)
+    keys = dirs.gather(1, which[..., None].expand(-1, -1, D)) + 0.6 * torch.randn(HKV, N, D, device=dev, generator=g)
+    values = torch.randn(HKV, N, D, device=dev, generator=g)
+
+    def queries(n):
+        pick = torch.randint(0, N, (HKV, 4 * n), device=dev, generator=g)
+        near = keys.gather(1, pick[..., None].expand(-1, -1, D)).reshape(HKV, 4, n, D).reshape(HQ, n, D)
+        return near + 0.5 * torch.randn(HQ, n, D, device=dev, generator=g)
+    return keys.to(dtype), values.to(dtype), queries
+
+
+def build_index(keys, values, q_obs, hierarchical=None):
+    from lmsqueeze.methods.squeezed.index import SqueezedIndex, build_layer_index
+
+    N = keys.shape[1]
+    t, stats = build_layer_index(keys, values, torch.arange(N, device=keys.device) - N, q_obs, 1 / math.sqrt(D),
+                                 centroids=0.05, sparsity=0.9, observation=64, hierarchical=hierarchical, iters=8)
+    return SqueezedIndex.from_tensors(t, keys.device, keys.dtype), stats
+
+
+def clone_index(idx):
+    return dataclasses.replace(idx, **{f.name: getattr(idx, f.name).clone() for f in dataclasses.fields(idx)
+                                       if isinstance(getattr(idx, f.name), torch.Tensor)})
+
+
+def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
+    from lmsqueeze.kernels.decode_attention import decode_attention
+    from lmsqueeze.methods.squeezed import kernels as K
+    from lmsqueeze.methods.squeezed import reference as R
+    from lmsqueeze.methods.squeezed.attention import decode_scores
+
+    rows, extra = [], {}
+    sc = 1 / math.sqrt(D)
+    t0 = time.time()
+    keys, values, queries = synthetic_context(N, dev, seed=N)
+    q_obs = queries(64)
+    idx, stats = build_index(keys, values, q_obs)
+    hidx, hstats = build_index(keys, values, q_obs, hierarchical=(0.01, 0.05))
+    extra["prepare_s"] = round(time.time() - t0, 2)
+    extra["index_stats"], extra["hier_index_stats"] = stats, hstats
+    say(f"N={N}: indexes built in {extra['prepare_s']} s (C={idx.num_clusters}, hier C1={hidx.coarse_centroids.shape[1]})")
+    q = queries(1).reshape(1, HQ, D).to(torch.bfloat16)
+    cap = 1024
+    lk = torch.randn(1, HKV, cap, D, device=dev, dtype=torch.bfloat16)
+    lv = torch.randn(1, HKV, cap, D, device=dev, dtype=torch.bfloat16)
+    lengths = torch.tensor([LOCAL], dtype=torch.int32, device=dev)
+
+    # correctness at this shape
+    s, e, _ = decode_scores(q, idx, sc)
+    o, _, kept = K.squeezed_decode(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk, lv, lengths, sc)
+    o_r, _, kept_r = R.squeezed_decode_reference(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
+                                                 lv, lengths, sc)
+    Nc = idx.clustered
+    kept_frac = ((kept.float() - 64) / Nc).mean().item()
+    extra["decode_rel_err_vs_reference"] = rel(o, o_r)
+    extra["kept_equal_reference"] = bool(torch.equal(kept, kept_r))
+    extra["kept_fraction_calibrated"] = kept_frac
+    hs, he, scored = decode_scores(q, hidx, sc)
+    _, _, hkept = K.squeezed_decode(q, hidx.keys, hidx.values, hidx.offsets, hs, he, hidx.log_threshold, lk, lv,
+                                     lengths, sc)
+    extra["hier_kept_fraction"] = ((hkept.float() - 64) / Nc).mean().item()
+    extra["hier_fine_scored_fraction"] = (scored.float() / hidx.num_clusters).mean().item()
+    # full-precision dense answer: how far is the sparse output from exact attention
+    kall = torch.cat([keys, lk[0, :, :LOCAL]], 1)[None]
+    vall = torch.cat([values, lv[0, :, :LOCAL]], 1)[None]
+    dense = F.scaled_dot_product_attention(q[:, :, None].float(), kall.float(), vall.float(), scale=sc,
+                                           enable_gqa=True)[:, :, 0]
+    extra["sparse_vs_dense_rel_err"] = rel(o, dense)
+    say(f"N={N}: rel err vs reference {extra['decode_rel_err_vs_reference']:.2e}, kept {kept_frac:.3f} "
+        f"(hier {extra['hier_kept_fraction']:.3f}, fine scored {extra['hier_fine_scored_fraction']:.2f}), "
+        f"vs dense {extra['sparse_vs_dense_rel_err']:.3f}")
+    # a per-head threshold that keeps exactly 10% for this query (controls for the synthetic data)
+    a = (s - torch.logsumexp(e, -1, keepdim=True)).reshape(1, HKV, HQ // HKV, -1).amax(2)[0]  # [Hkv, C]
+    tau10 = torch.empty(HKV, device=dev)
+    for h in range(HKV):
+        order = torch.argsort(a[h], descending=True)
+        cum = torch.cumsum(idx.sizes[h][order], 0)
+        j = int(torch.searchsorted(cum, torch.tensor(int(0.1 * Nc), device=dev)))
+        tau10[h] = a[h][order[min(j, len(order) - 1)]]
+    _, _, kept10 = K.squeezed_decode(q, idx.keys, idx.values, idx.offsets, s, e, tau10, lk, lv, lengths, sc)
+    extra["kept_fraction_fixed10"] = ((kept10.float() - 64) / Nc).mean().item()
+
+    # rotation copies so replays do not read from L2
+    ncopy = 6 if N <= 40000 else 3
+    idxs = [idx] + [clone_index(idx) for _ in range(ncopy - 1)]
+    hidxs = [hidx] + [clone_index(hidx) for _ in range(ncopy - 1)]
+    kalls = [kall] + [kall.clone() for _ in range(min(ncopy, 2) - 1)]
+    valls = [vall] + [vall.clone() for _ in range(min(ncopy, 2) - 1)]
+    k16 = [x.half() for x in kalls]
+    v16 = [x.half() for x in valls]
+    qs = q[:, :, None]
+    q16 = qs.half()
+    cap_all = kall.shape[2]
+    lens_all = torch.tensor([cap_all], dtype=torch.int32, device=dev)
+
+    def dense_bytes():
+        return 2 * HKV * (N + LOCAL) * D * 2
+
+    timings = {}
+    timings["sdpa_bf16"] = time_cuda(lambda: [F.scaled_dot_product_attention(qs, k, v, scale=sc, enable_gqa=True)
+                                              for k, v in zip(kalls, valls)], iters=iters, calls_per_iter=len(kalls))
+    timings["sdpa_fp16"] = time_cuda(lambda: [F.scaled_dot_product_attention(q16, k, v, scale=sc, enable_gqa=True)
+                                              for k, v in zip(k16, v16)], iters=iters, calls_per_iter=len(k16))
+    timings["triton_dense"] = time_cuda(lambda: [decode_attention(q, k, v, lens_all, sc) for k, v in zip(kalls, valls)],
+                                        iters=iters, calls_per_iter=len(kalls))
+    base = timings["sdpa_bf16"]
+    for name in ("sdpa_bf16", "sdpa_fp16", "triton_dense"):
+        rows.append(timing_row(f"dense_{name}", timings[name], baseline="dense_sdpa_bf16", baseline_timing=base,
+                               bytes_moved=dense_bytes(), peak_tb_per_s=PEAK_TB_S, context=N, local=LOCAL, batch=1))
+
+    # selection alone, attention alone (sweep of tile configs), full step
+    C = idx.num_clusters
+    scores = [decode_scores(q, ix, sc)[:2] for ix in idxs]
+    sel_bytes = HKV * C * D * 2 + HQ * C * 4 + HKV * C * 4
+    t_sel = time_cuda(lambda: [K.centroid_scores(q, ix.centroids, ix.log_sizes, sc) for ix in idxs], iters=iters,
+                      calls_per_iter=ncopy)
+    rows.append(timing_row("squeezed_selection_flat", t_sel, baseline="dense_sdpa_bf16", baseline_timing=base,
+                           bytes_moved=sel_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1))
+    kept_rows = int(kept.sum())
+    attn_bytes = kept_rows * D * 2 * 2 + HKV * LOCAL * D * 4 + HQ * C * 4 + HKV * (C + 2) * 4
+    sweep = []
+    best = None
+    for bc, bn, w in ((32, 32, 4), (64, 32, 4), (128, 32, 4), (64, 64, 8), (128, 64, 8)):
+        def attn(bc=bc, bn=bn, w=w):
+            return [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
+                                             lengths, sc, block_c=bc, block_n=bn, num_warps=w)
+                    for ix, (s_, e_) in zip(idxs, scores)]
+        try:
+            t = time_cuda(attn, iters=iters, calls_per_iter=ncopy)
+        except Exception as ex:  # noqa: BLE001
+            sweep.append({"block_c": bc, "block_n": bn, "num_warps": w, "error": repr(ex)[:200]})
+            continue
+        sweep.append({"block_c": bc, "block_n": bn, "num_warps": w, "ms": t.median_ms})
+        if best is None or t.median_ms < best[1].median_ms:
+            best = ((bc, bn, w), t)
+    extra["decode_sweep"] = sweep
+    (bc, bn, w), t_attn = best
+    extra["decode_best_config"] = {"block_c": bc, "block_n": bn, "num_warps": w}
+    rows.append(timing_row("squeezed_attention_only", t_attn, baseline="dense_sdpa_bf16", baseline_timing=base,
+                           bytes_moved=attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
+                           kept_fraction=kept_frac, config=extra["decode_best_config"]))
+
+    def full(ixs, taus=None):
+        def fn():
+            for i, ix in enumerate(ixs):
+                s_, e_, _ = decode_scores(q, ix, sc)
+                K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_,
+                                         ix.log_threshold if taus is None else taus, lk, lv, lengths, sc,
+                                         block_c=bc, block_n=bn, num_warps=w)
+        return fn
+    t_full = time_cuda(full(idxs), iters=iters, calls_per_iter=ncopy)
+    rows.append(timing_row("squeezed_decode_flat", t_full, baseline="dense_sdpa_bf16", baseline_timing=base,
+                           bytes_moved=sel_bytes + attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
+                           sparsity=0.9, centroids=0.05, kept_fraction=kept_frac, threshold="calibrated"))
+    kept10_rows = int(kept10.sum())
+    t_full10 = time_cuda(full(idxs, tau10), iters=iters, calls_per_iter=ncopy)
+    rows.append(timing_row("squeezed_decode_flat_kept10", t_full10, baseline="dense_sdpa_bf16", baseline_timing=base,
+                           bytes_moved=sel_bytes + attn_bytes + (kept10_rows - kept_rows) * D * 4,
+                           peak_tb_per_s=PEAK_TB_S, context=N, batch=1, sparsity=0.9, centroids=0.05,
+                           kept_fraction=extra["kept_fraction_fixed10"], threshold="fixed 10% for this query"))
+    C1 = hidx.coarse_centroids.shape[1]
+    h_bytes = HKV * C1 * D * 2 + int(scored.sum()) * D * 2 + int(hkept.sum()) * D * 4 + HKV * LOCAL * D * 4
+    t_h = time_cuda(full(hidxs), iters=iters, calls_per_iter=ncopy)
+    rows.append(timing_row("squeezed_decode_hierarchical", t_h, baseline="dense_sdpa_bf16", baseline_timing=base,
+                           bytes_moved=h_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1, sparsity=0.9,
+                           centroids=[0.01, 0.05], kept_fraction=extra["hier_kept_fraction"],
+                           fine_scored_fraction=extra["hier_fine_scored_fraction"]))
+    for r in rows:
+        say(f"N={N} {r['method']:32s} {r['ms'] * 1e3:8.1f} us  x{r.get('speedup', float('nan')):5.2f}  "
+            f"{r.get('tb_per_s', 0):.2f} TB/s")
+    return rows, extra
+
+
+# --- 3. prefill -------------------------------------------------------------------------------------------------
+
+def bench_prefill(N: int, T: int, dev, iters: int) -> tuple[list[dict], dict]:
+    from lmsqueeze.methods.squeezed import kernels as K
+    from lmsqueeze.methods.squeezed import reference as R
+    from lmsqueeze.methods.squeezed.attention import prefill_keep
+    from lmsqueeze.methods.squeezed.lookup import keys_from_clusters, mask_to_index
+
+    rows, extra = [], {}
+    sc = 1 / math.sqrt(D)
+    keys, values, queries = synthetic_context(N, dev, seed=N + 7)
+    idx, _ = build_index(keys, values, queries(64))
+    q = queries(T).reshape(1, HQ, T, D).to(torch.bfloat16)
+    lk = torch.randn(1, HKV, T, D, device=dev, dtype=torch.bfloat16)
+    lv = torch.randn(1, HKV, T, D, device=dev, dtype=torch.bfloat16)
+    lengths = torch.tensor([T], dtype=torch.int32, device=dev)
+
+    def select():
+        keep = prefill_keep(q, idx, sc, 0.9, 0.5)
+        return mask_to_index(keys_from_clusters(keep, idx.row_cluster))
+    ix, cnt = select()
+    extra["kept_fraction"] = ((cnt.float() - 64) / idx.clustered).mean().item()
+    o = K.indexed_attention(q, idx.keys, idx.values, ix, cnt, lk, lv, lengths, sc)
+    o_r, _ = R.indexed_attention_reference(q[:, :, -128:], idx.keys, idx.values, ix, cnt, lk, lv, lengths, sc)
+    extra["rel_err_vs_reference_last128"] = rel(o[:, :, -128:], o_r)
+    kall = torch.cat([keys, lk[0]], 1)[None]
+    vall = torch.cat([values, lv[0]], 1)[None]
+    base = time_cuda(lambda: F.scaled_dot_product_attention(q, kall, vall, scale=sc, enable_gqa=True), iters=iters,
+                     use_graph=False)
+    flops_dense = 4 * HQ * T * (N + T) * D
+    rows.append(timing_row("prefill_dense_sdpa_bf16", base, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
+                           context=N, user_tokens=T, tflops=flops_dense / (base.median_ms * 1e-3) / 1e12))
+    t_sel = time_cuda(select, iters=iters, use_graph=False)
+    rows.append(timing_row("prefill_squeezed_selection", t_sel, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T))
+    sweep, best = [], None
+    for bm, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2), (128, 8, 3)):
+        try:
+            t = time_cuda(lambda bm=bm, w=w, st=st: K.indexed_attention_triton(
+                q, idx.keys, idx.values, ix, cnt, lk, lv, lengths, sc, block_m=bm, num_warps=w, num_stages=st),
+                iters=iters, use_graph=False)
+        except Exception as ex:  # noqa: BLE001
+            sweep.append({"block_m": bm, "num_warps": w, "num_stages": st, "error": repr(ex)[:200]})
+            continue
+        sweep.append({"block_m": bm, "num_warps": w, "num_stages": st, "ms": t.median_ms})
+        if best is None or t.median_ms < best[1].median_ms:
+            best = ((bm, w, st), t)
+    extra["attention_sweep"] = sweep
+    (bm, w, st), t_attn = best
+    flops_sparse = 4 * HQ * T * (float(cnt.float().mean()) + T / 2) * D
+    rows.append(timing_row("prefill_squeezed_attention_only", t_attn, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T, config=[bm, w, st],
+                           tflops=flops_sparse / (t_attn.median_ms * 1e-3) / 1e12))
+
+    def full():
+        i, c = select()
+        return K.indexed_attention_triton(q, idx.keys, idx.values, i, c, lk, lv, lengths, sc, block_m=bm,
+                                          num_warps=w, num_stages=st)
+    t_full = time_cuda(full, iters=iters, use_graph=False)
+    rows.append(timing_row("prefill_squeezed", t_full, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
+                           context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"]))
+    for r in rows:
+        say(f"prefill {r['method']:34s} {r['ms']:8.3f} ms  x{r.get('speedup', float('nan')):5.2f}")
+    return rows, extra
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/squeezed_decode_h100.json")
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--budget-s", type=float, default=215.0, help="skip later sections past this wall time")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows: list[dict] = []
+    extra: dict = {"checks": [], "errors": [], "log": LOG}
+
+    def save():
+        write_result(args.out, "squeezed_decode", command_line(), rows, extra, device=dev)
+
+    for name, fn in (("kernels", lambda: check_kernels(dev)), ("model", lambda: check_model(dev))):
+        try:
+            res = fn()
+            extra["checks"] += res
+            bad = [r for r in res if not r["ok"]]
+            say(f"check {name}: {len(res) - len(bad)}/{len(res)} ok" + (f"; FAILED {bad}" if bad else ""))
+        except Exception:  # noqa: BLE001
+            extra["errors"].append({"section": name, "trace": traceback.format_exc()[-2000:]})
+            say(f"check {name} raised:\n{traceback.format_exc()[-1500:]}")
+        save()
+    for N in (int(x) for x in args.contexts.split(",")):
+        if time.time() - T0 > args.budget_s:
+            say(f"skipping decode N={N}: out of time")
+            continue
+        try:
+            r, e = bench_decode(N, dev, args.iters)
+            rows += r
+            extra[f"decode_{N}"] = e
+        except Exception:  # noqa: BLE001
+            extra["errors"].append({"section": f"decode_{N}", "trace": traceback.format_exc()[-2000:]})
+            say(f"decode N={N} raised:\n{traceback.format_exc()[-1500:]}")
+        torch.cuda.empty_cache()
+        save()
+    if time.time() - T0 <= args.budget_s:
+        try:
+            r, e = bench_prefill(131072, 1024, dev, max(20, args.iters // 2))
+            rows += r
+            extra["prefill_131072_1024"] = e
+        except Exception:  # noqa: BLE001
+            extra["errors"].append({"section": "prefill", "trace": traceback.format_exc()[-2000:]})
+            say(f"prefill raised:\n{traceback.format_exc()[-1500:]}")
+        save()
+    print("\n== summary ==")
+    for r in rows:
+        if "speedup" in r:
+            print(f"{r['method']:36s} ctx={r.get('context')} {r['ms'] * 1e3:9.1f} us  speedup x{r['speedup']:.2f}"
+                  f"  {r.get('tb_per_s', float('nan')):.2f} TB/s  kept={r.get('kept_fraction', '')}")
+    print("checks ok:", sum(c["ok"] for c in extra["checks"]), "/", len(extra["checks"]), "errors:", len(extra["errors"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Squeezed Attention's Triton kernels (TRITON_INTERPRET=1 on CPU, tiny shapes) against their references.
+
+fp32 only: the Triton 3.x interpreter's bf16 tl.dot is not meaningful on CPU; bf16 is checked on the GPU by
+benchmarks/scripts/bench_squeezed.py. Fresh random inputs on every run.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.squeezed import kernels as K
+from lmsqueeze.methods.squeezed import reference as R
+from lmsqueeze.methods.squeezed.lookup import log_sizes, mask_to_index
+
+pytest.importorskip("triton")
+
+CASES = [(1, 64), (4, 128)]  # (GQA group size, head dim)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _index(Hkv, D, C, W, gen):
+    """Random cluster sizes (some empty), offsets with the observation window as cluster C."""
+    sizes = torch.randint(0, 6, (Hkv, C), generator=gen)
+    n = int(sizes.sum(-1).max()) + W
+    offs = torch.zeros(Hkv, C + 2, dtype=torch.int32)
+    offs[:, 1:C + 1] = torch.cumsum(sizes, -1).to(torch.int32)
+    offs[:, C + 1] = n
+    return sizes, offs, torch.randn(Hkv, n, D, generator=gen), torch.randn(Hkv, n, D, generator=gen)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+
+
+@pytest.mark.parametrize("G,D", CASES)
+def test_centroid_scores_and_decode_match_reference(G, D, gen):
+    B, Hkv, C, W, L = 2, 2, 71, 5, 37          # odd sizes; C + 1 spans two programs of BLOCK_C
+    sizes, offs, keys, vals = _index(Hkv, D, C, W, gen)
+    ls = log_sizes(sizes)
+    cents = torch.randn(Hkv, C, D, generator=gen)
+    q = torch.randn(B, Hkv * G, D, generator=gen)
+    sc = D ** -0.5
+    s, e = K.centroid_scores_triton(q, cents, ls, sc)
+    s_r, e_r = R.centroid_scores_reference(q, cents, ls, sc, K.BLOCK_C)
+    assert _rel(s, s_r) < 1e-5
+    assert torch.allclose(torch.nan_to_num(e, neginf=-1e4), torch.nan_to_num(e_r, neginf=-1e4), atol=1e-4)
+    a = (s_r - torch.logsumexp(e_r, -1, keepdim=True)).reshape(B, Hkv, G, C).amax(2)
+    tau = torch.nan_to_num(a, neginf=-1e30).flatten(0).median().repeat(Hkv)  # keeps about half
+    lk, lv = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
+    lengths = torch.tensor([L - 9, L], dtype=torch.int32)
+    starts = torch.tensor([0, 4], dtype=torch.int32)
+    o, lse, kept = K.squeezed_decode_triton(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts,
+                                            local_splits=2, block_c=32, block_n=16)
+    o_r, lse_r, kept_r = R.squeezed_decode_reference(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts)
+    assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
+    assert torch.equal(kept, kept_r)
+    assert (kept > W).all() and (kept < torch.tensor(keys.shape[1])).all()  # really sparse, window always read
+
+
+@pytest.mark.parametrize("G,D", CASES)
+def test_fine_scores_match_reference_and_skip_pruned(G, D, gen):
+    B, Hkv, C1, C2 = 2, 2, 9, 67
+    sizes = torch.randint(0, 6, (Hkv, C2), generator=gen)
+    parent = torch.sort(torch.randint(0, C1, (Hkv, C2), generator=gen), -1).values.to(torch.int32)
+    csz = torch.zeros(Hkv, C1, dtype=torch.long).scatter_add_(1, parent.long(), sizes)
+    coarse, fine = torch.randn(Hkv, C1, D, generator=gen), torch.randn(Hkv, C2, D, generator=gen)
+    q = torch.randn(B, Hkv * G, D, generator=gen)
+    sc = D ** -0.5
+    s1, e1 = R.centroid_scores_reference(q, coarse, log_sizes(csz), sc, K.BLOCK_C)
+    a1 = (s1 - torch.logsumexp(e1, -1, keepdim=True)).reshape(B, Hkv, G, C1).amax(2)
+    tau1 = torch.nan_to_num(a1, neginf=-1e30).flatten().median().repeat(Hkv)
+    s2, e2, scored = K.fine_scores_triton(q, fine, log_sizes(sizes), parent, s1, e1, tau1, sc)
+    s2_r, e2_r, scored_r = R.fine_scores_reference(q, fine, log_sizes(sizes), parent, s1, e1, tau1, sc, K.BLOCK_C)
+    fin = torch.isfinite(s2_r)
+    assert torch.equal(torch.isfinite(s2), fin)
+    assert _rel(s2[fin], s2_r[fin]) < 1e-5
+    assert torch.allclose(torch.nan_to_num(e2, neginf=-1e4), torch.nan_to_num(e2_r, neginf=-1e4), atol=1e-4)
+    assert torch.equal(scored, scored_r) and (scored < C2).all()
+
+
+@pytest.mark.parametrize("G,D", CASES)
+def test_indexed_attention_and_prefill_scores_match_reference(G, D, gen):
+    B, Hkv, T, L, N, C = 2, 2, 7, 29, 53, 41
+    keys, vals = torch.randn(Hkv, N, D, generator=gen), torch.randn(Hkv, N, D, generator=gen)
+    q = torch.randn(B, Hkv * G, T, D, generator=gen)
+    idx, cnt = mask_to_index(torch.rand(B, Hkv, N, generator=gen) < 0.4)
+    lk, lv = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
+    lengths = torch.tensor([T + 2, L], dtype=torch.int32)
+    starts = torch.tensor([1, 0], dtype=torch.int32)
+    sc = D ** -0.5
+    o, lse = K.indexed_attention_triton(q, keys, vals, idx, cnt, lk, lv, lengths, sc, starts, return_lse=True,
+                                        block_n=16)
+    o_r, lse_r = R.indexed_attention_reference(q, keys, vals, idx, cnt, lk, lv, lengths, sc, starts)
+    assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
+    cents = torch.randn(Hkv, C, D, generator=gen)
+    ls = log_sizes(torch.randint(0, 4, (B, Hkv, C), generator=gen))       # per-sequence exclusions
+    p = K.prefill_scores_triton(q, cents, ls, sc, block_m=16, block_c=16)
+    assert _rel(p, R.prefill_scores_reference(q, cents, ls, sc)) < 1e-5
+
+
+def test_kernel_inputs_are_checked():
+    q = torch.randn(1, 4, 24)                                  # head dim not a power of two
+    with pytest.raises(LmsqueezeError):
+        K.centroid_scores_triton(q, torch.randn(2, 5, 24), torch.zeros(2, 5), 1.0)
+    q = torch.randn(1, 3, 64)                                  # 3 query heads over 2 KV heads
+    with pytest.raises(LmsqueezeError):
+        K.centroid_scores_triton(q, torch.randn(2, 5, 64), torch.zeros(2, 5), 1.0)
