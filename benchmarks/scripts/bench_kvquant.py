@@ -36,14 +36,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmsqueeze.methods.cache import Step  # noqa: E402
-from lmsqueeze.methods.kvquant import kernels as kk  # noqa: E402
-from lmsqueeze.methods.kvquant import layout  # noqa: E402
-from lmsqueeze.methods.kvquant.cache import KVQuantState  # noqa: E402
-from lmsqueeze.methods.kvquant.codebooks import snap  # noqa: E402
-from lmsqueeze.methods.kvquant.quantizers import KeyQuantizer, ValueQuantizer  # noqa: E402
-from lmsqueeze.methods.kvquant.reference import decode_attention_reference  # noqa: E402
-from lmsqueeze.methods.kvquant.rope import KernelRope  # noqa: E402
+from lmsqueeze.methods.cache import Step
+from lmsqueeze.methods.kvquant import kernels as kk
+from lmsqueeze.methods.kvquant import layout
+from lmsqueeze.methods.kvquant.cache import KVQuantState
+from lmsqueeze.methods.kvquant.codebooks import snap
+from lmsqueeze.methods.kvquant.quantizers import KeyQuantizer, ValueQuantizer
+from lmsqueeze.methods.kvquant.reference import decode_attention_reference
+from lmsqueeze.methods.kvquant.rope import KernelRope
 
 PEAK_TBPS = 3.0
 REPLAYS = 30
@@ -124,7 +124,7 @@ def check_correctness(device, configs) -> list[dict]:
                 q = torch.randn(3, Hq, D, device=device, dtype=torch.float16)
                 lengths = torch.full((3,), S, dtype=torch.int32, device=device)
                 ref = decode_attention_reference(q, st.kv, lengths, D**-0.5, st.rope, starts)
-                bn, nw, ns = configs.get(bits, (64, 4, 1))
+                bn, nw, _ns = configs.get(bits, (64, 4, 1))
                 out = kk.kvquant_decode_attention(q, st.kv, lengths, D**-0.5, st.rope, starts, block_n=bn,
                                                   num_warps=nw, use_asm=use_asm)
                 torch.cuda.synchronize()
@@ -135,7 +135,7 @@ def check_correctness(device, configs) -> list[dict]:
                     lens_dev = lengths.clone()
                     outb = torch.empty_like(out)
 
-                    def call():
+                    def call(outb=outb, q=q, st=st, lens_dev=lens_dev, D=D, starts=starts, bn=bn, nw=nw):
                         outb.copy_(kk.kvquant_decode_attention(q, st.kv, lens_dev, D**-0.5, st.rope, starts,
                                                                block_n=bn, num_warps=nw, use_asm=True))
                     s = torch.cuda.Stream()
@@ -151,13 +151,13 @@ def check_correctness(device, configs) -> list[dict]:
                     torch.cuda.synchronize()
                     ref2 = decode_attention_reference(q, st.kv, lens_dev, D**-0.5, st.rope, starts)
                     graph_err = rel_err(outb, ref2)
-                row = dict(check="kernel_vs_reference", bits=bits, heads=f"{Hq}/{H}x{D}", batch=3, lengths=lens,
-                           window=window, use_asm=use_asm, rel_err=err, graph_replay_rel_err=graph_err,
-                           ok=bool(err < 2e-2 and (graph_err is None or graph_err < 2e-2)),
-                           seconds=round(time.time() - t0, 1))
+                row = {"check": "kernel_vs_reference", "bits": bits, "heads": f"{Hq}/{H}x{D}", "batch": 3, "lengths": lens,
+                       "window": window, "use_asm": use_asm, "rel_err": err, "graph_replay_rel_err": graph_err,
+                       "ok": bool(err < 2e-2 and (graph_err is None or graph_err < 2e-2)),
+                       "seconds": round(time.time() - t0, 1)}
             except Exception as e:  # noqa: BLE001 - report and go on
-                row = dict(check="kernel_vs_reference", bits=bits, heads=f"{Hq}/{H}x{D}", use_asm=use_asm,
-                           ok=False, error=f"{type(e).__name__}: {str(e)[:400]}")
+                row = {"check": "kernel_vs_reference", "bits": bits, "heads": f"{Hq}/{H}x{D}", "use_asm": use_asm,
+                           "ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}"}
                 traceback.print_exc()
             log("check", row)
             rows.append(row)
@@ -241,7 +241,7 @@ def time_sdpa(B, L, Hq, H, D, device) -> tuple[float, int]:
             outs[i] = F.scaled_dot_product_attention(q, k, v, scale=D**-0.5, enable_gqa=True)
         return fn
     ms = time_graph([mk(i) for i in range(copies)])
-    del sets
+    sets.clear()
     torch.cuda.empty_cache()
     return ms, nbytes + 2 * B * Hq * D * 2
 
@@ -265,7 +265,7 @@ def time_kvq(bits, B, L, Hq, H, D, device, cfg) -> tuple[float, int]:
                                         num_splits=splits)
         return fn
     ms = time_graph([mk(i) for i in range(copies)])
-    del caches
+    caches.clear()
     torch.cuda.empty_cache()
     return ms, nbytes
 
@@ -303,12 +303,12 @@ def main() -> None:
         for cfg in [(64, 4, 0), (64, 8, 0), (128, 8, 0), (64, 4, 6), (32, 4, 0)]:
             try:
                 ms, nbytes = time_kvq(3, 1, L, Hq, H, D, device, cfg)
-                row = dict(bits=3, batch=1, length=L, block_n=cfg[0], warps=cfg[1], programs_per_sm=cfg[2] or
-                           kk.PROGRAMS_PER_SM, ms=ms, tb_per_s=nbytes / ms / 1e9)
+                row = {"bits": 3, "batch": 1, "length": L, "block_n": cfg[0], "warps": cfg[1], "programs_per_sm": cfg[2] or
+                           kk.PROGRAMS_PER_SM, "ms": ms, "tb_per_s": nbytes / ms / 1e9}
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
             except Exception as e:  # noqa: BLE001
-                row = dict(bits=3, block_n=cfg[0], warps=cfg[1], error=f"{type(e).__name__}: {str(e)[:300]}")
+                row = {"bits": 3, "block_n": cfg[0], "warps": cfg[1], "error": f"{type(e).__name__}: {str(e)[:300]}"}
             log("sweep", row, f"t={time.time() - t_start:.0f}s")
             result["sweep"].append(row)
             save()
@@ -321,8 +321,8 @@ def main() -> None:
     for B in (1, 8):
         for L in (32768, 131072):
             sd_ms, sd_bytes = time_sdpa(B, L, Hq, H, D, device)
-            base = dict(batch=B, length=L, heads=f"{Hq}/{H}x{D}", baseline="sdpa_fp16_enable_gqa", baseline_ms=sd_ms,
-                        baseline_bytes=sd_bytes, baseline_tb_per_s=sd_bytes / sd_ms / 1e9)
+            base = {"batch": B, "length": L, "heads": f"{Hq}/{H}x{D}", "baseline": "sdpa_fp16_enable_gqa", "baseline_ms": sd_ms,
+                        "baseline_bytes": sd_bytes, "baseline_tb_per_s": sd_bytes / sd_ms / 1e9}
             log("sdpa", base, f"t={time.time() - t_start:.0f}s")
             for bits in (4, 3, 2):
                 try:

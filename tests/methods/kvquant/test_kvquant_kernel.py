@@ -16,7 +16,7 @@ def rel_err(a, b):
 def test_kernel_matches_reference(make_state, bits, heads):
     Hq, Hkv, D = heads
     lens = [45, 23]  # odd lengths, batch 2 with left padding (starts differ)
-    state, rot, starts, S = make_state(bits, lens, Hkv, D, window=4 if bits == 3 else 0, seed=bits + D,
+    state, _rot, starts, S = make_state(bits, lens, Hkv, D, window=4 if bits == 3 else 0, seed=bits + D,
                                        rope_scale=1.25)
     q = torch.randn(2, Hq, D)
     lengths = torch.full((2,), S, dtype=torch.int32)
@@ -29,7 +29,7 @@ def test_kernel_matches_reference(make_state, bits, heads):
 
 def test_kernel_lengths_window_and_lse(make_state):
     """Per-sequence lengths from a device tensor, a sliding window, and the log-sum-exp output."""
-    state, rot, starts, S = make_state(3, [60, 60, 33], 2, 64, seed=7)
+    state, _rot, starts, _S = make_state(3, [60, 60, 33], 2, 64, seed=7)
     q = torch.randn(3, 4, 64)
     lengths = torch.tensor([60, 45, 51], dtype=torch.int32)
     ref, ref_lse = decode_attention_reference(q, state.kv, lengths, 0.125, state.rope, starts, window=20,

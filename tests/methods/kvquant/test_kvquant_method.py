@@ -24,11 +24,11 @@ def ids_for(batch=2, length=24, seed=0):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=5), "bits must be 2, 3 or 4"),
-    (dict(bits=8), "8 only with datatype='int'"),
-    (dict(datatype="fp8"), "datatype must be one of"),
-    (dict(outliers=0.7), "fraction"),
-    (dict(window=-1), ">= 0"),
+    ({"bits": 5}, "bits must be 2, 3 or 4"),
+    ({"bits": 8}, "8 only with datatype='int'"),
+    ({"datatype": "fp8"}, "datatype must be one of"),
+    ({"outliers": 0.7}, "fraction"),
+    ({"window": -1}, ">= 0"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(LmsqueezeError, match=match):
@@ -38,9 +38,8 @@ def test_bad_config(kwargs, match):
 def test_registered_and_needs_calibration():
     assert get_method("kvquant") is KVQuant
     model = model_of("llama")
-    with pytest.raises(LmsqueezeError, match="needs calibration"):
-        with lmsqueeze.apply(model, KVQuant()):
-            pass
+    with pytest.raises(LmsqueezeError, match="needs calibration"), lmsqueeze.apply(model, KVQuant()):
+        pass
 
 
 def test_int8_tracks_fp32_logits():
@@ -87,9 +86,8 @@ def test_calibrate_save_load_generate(family, tmp_path):
 def test_artifact_from_another_model():
     a, b = model_of("llama", seed=0), model_of("llama", seed=1)
     art = KVQuant(bits=4, datatype="int").calibrate(a, [ids_for(1, 12)])
-    with pytest.raises(LmsqueezeError, match="another model"):
-        with lmsqueeze.apply(b, art):
-            pass
+    with pytest.raises(LmsqueezeError, match="another model"), lmsqueeze.apply(b, art):
+        pass
 
 
 def test_nonfinite_calibration_activations():

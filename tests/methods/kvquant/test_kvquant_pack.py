@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
-from lmsqueeze.methods.kvquant.pack import pack_codes, pack_outliers, unpack_codes, unpack_outliers, words_per_row
+from lmsqueeze.methods.kvquant.pack import (
+    pack_codes,
+    pack_outliers,
+    unpack_codes,
+    unpack_outliers,
+    words_per_row,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

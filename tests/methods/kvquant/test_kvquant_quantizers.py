@@ -4,10 +4,20 @@ import pytest
 import torch
 
 from lmsqueeze.methods.kvquant import layout
-from lmsqueeze.methods.kvquant.codebooks import (Histogram, fit_codebook, normalfloat_codebook, qnorm,
-                                                 uniform_codebook, weighted_kmeans)
-from lmsqueeze.methods.kvquant.quantizers import (KeyQuantizer, ValueQuantizer, dequantize_keys, dequantize_values,
-                                                  outlier_slots)
+from lmsqueeze.methods.kvquant.codebooks import (
+    Histogram,
+    fit_codebook,
+    normalfloat_codebook,
+    uniform_codebook,
+    weighted_kmeans,
+)
+from lmsqueeze.methods.kvquant.quantizers import (
+    KeyQuantizer,
+    ValueQuantizer,
+    dequantize_keys,
+    dequantize_values,
+    outlier_slots,
+)
 
 
 def test_codebooks():
