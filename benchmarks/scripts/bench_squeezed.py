@@ -115,7 +115,7 @@ def check_kernels(dev) -> list[dict]:
             s1, e1 = R.centroid_scores_reference(q, coarse, log_sizes(csz), sc, K.BLOCK_C)
             a1 = (s1 - torch.logsumexp(e1, -1, keepdim=True)).reshape(B, Hkv, G, C1).amax(2)
             tau1 = torch.nan_to_num(a1[0], neginf=-1e30).median(-1).values.float()
-            f = K.fine_scores(q, cents, ls, parent, s1, e1, tau1, sc)
+            f = K.fine_scores(q, cents, ls, parent, s1, e1, tau1, sc, count=True)
             f_r = R.fine_scores_reference(q, cents, ls, parent, s1, e1, tau1, sc, K.BLOCK_C)
             fin = torch.isfinite(f_r[0])
             out.append({**case, "kernel": "fine_scores", "rel_err": rel(f[0][fin], f_r[0][fin]),
@@ -230,7 +230,7 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     extra["decode_rel_err_vs_reference"] = rel(o, o_r)
     extra["kept_equal_reference"] = bool(torch.equal(kept, kept_r))
     extra["kept_fraction_calibrated"] = kept_frac
-    hs, he, scored = decode_scores(q, hidx, sc)
+    hs, he, scored = decode_scores(q, hidx, sc, count=True)
     _, _, hkept = K.squeezed_decode(q, hidx.keys, hidx.values, hidx.offsets, hs, he, hidx.log_threshold, lk, lv,
                                      lengths, sc)
     extra["hier_kept_fraction"] = ((hkept.float() - 64) / Nc).mean().item()
@@ -298,7 +298,7 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     for bc, bn, w in ((32, 32, 4), (64, 32, 4), (128, 32, 4), (64, 64, 8), (128, 64, 8)):
         def attn(bc=bc, bn=bn, w=w):
             return [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
-                                             lengths, sc, block_c=bc, block_n=bn, num_warps=w)
+                                             lengths, sc, block_c=bc, block_n=bn, num_warps=w, count_kept=False)
                     for ix, (s_, e_) in zip(idxs, scores)]
         try:
             t = time_cuda(attn, iters=iters, calls_per_iter=ncopy)
@@ -321,7 +321,7 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
                 s_, e_, _ = decode_scores(q, ix, sc)
                 K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_,
                                          ix.log_threshold if taus is None else taus, lk, lv, lengths, sc,
-                                         block_c=bc, block_n=bn, num_warps=w)
+                                         block_c=bc, block_n=bn, num_warps=w, count_kept=False)
         return fn
     t_full = time_cuda(full(idxs), iters=iters, calls_per_iter=ncopy)
     rows.append(timing_row("squeezed_decode_flat", t_full, baseline="dense_sdpa_bf16", baseline_timing=base,

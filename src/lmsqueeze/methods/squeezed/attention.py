@@ -23,17 +23,20 @@ from lmsqueeze.methods.squeezed.lookup import budget_keep, keys_from_clusters, m
 from lmsqueeze.methods.squeezed.state import FixedContextState, cached_layer
 
 
-def decode_scores(q: torch.Tensor, idx: SqueezedIndex, scaling: float):
-    """q: [B, Hq, D] rotated -> (scores [B, Hq, C], chunk_lse, scored [B, Hkv] centroids multiplied or None).
+def decode_scores(q: torch.Tensor, idx: SqueezedIndex, scaling: float, count: bool | None = None):
+    """q: [B, Hq, D] rotated -> (scores [B, Hq, C], chunk_lse, scored [B, Hkv] fine centroids multiplied, or
+    None for a flat index or when not `count`; count None: only off the GPU, to keep the step launch-lean).
 
     Hierarchical: coarse scores, then only the fine centroids under coarse clusters above their threshold.
     """
+    if count is None:
+        count = not q.is_cuda
     if not idx.hierarchical:
         s, lse = centroid_scores(q, idx.centroids, idx.log_sizes, scaling)
         return s, lse, None
     s1, e1 = centroid_scores(q, idx.coarse_centroids, idx.coarse_log_sizes, scaling)
     s2, e2, scored = fine_scores(q, idx.centroids, idx.log_sizes, idx.parent, s1, e1, idx.coarse_log_threshold,
-                                 scaling)
+                                 scaling, count=count)
     return s2, e2, scored
 
 
@@ -81,7 +84,7 @@ class SqueezedState(FixedContextState):
     def decode_cuda(self, q_rot: torch.Tensor, idx: SqueezedIndex, step: Step) -> torch.Tensor:
         s, lse, _ = decode_scores(q_rot, idx, step.scaling)
         out, _, _ = squeezed_decode(q_rot, idx.keys, idx.values, idx.offsets, s, lse, idx.log_threshold, self.k,
-                                    self.v, step.lengths, step.scaling, step.starts)
+                                    self.v, step.lengths, step.scaling, step.starts, count_kept=False)
         return out
 
     def attend_fixed(self, q_rot, idx: SqueezedIndex, step: Step, lengths, starts, local_valid, n):
@@ -91,9 +94,9 @@ class SqueezedState(FixedContextState):
         s, lse, scored = decode_scores(q, idx, step.scaling)
         out, _, kept = squeezed_decode(q, idx.keys, idx.values, idx.offsets, s, lse, idx.log_threshold,
                                        self.k[:, :, :n], self.v[:, :, :n], lengths, step.scaling, starts, local_valid,
-                                       step.window, step.positions, idx.positions)
-        self.note_rows(kept)
+                                       step.window, step.positions, idx.positions, count_kept=not q.is_cuda)
         if not q.is_cuda:
+            self.note_rows(kept)
             if scored is None:
                 self.centroids_scored += float(idx.num_clusters)
             else:

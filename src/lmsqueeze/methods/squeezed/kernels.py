@@ -20,7 +20,8 @@ from lmsqueeze.methods.squeezed.reference import (
 )
 
 BLOCK_C = 64          # clusters per scoring program and per sparse decode program
-BLOCK_N = 64          # keys per tile
+BLOCK_N = 64          # keys per tile (prefill)
+DECODE_BLOCK_N = 32   # keys per decode tile: 64 with 4 warps spills registers at D=128 (ptxas, sm_90)
 LOG2E = 1.4426950408889634
 
 
@@ -77,8 +78,9 @@ def centroid_scores(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tens
 
 
 def fine_scores_triton(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, coarse_log_tau, scaling,
-                       chunk: int = BLOCK_C):
-    """Kernel form of `fine_scores_reference` (same arguments and returns)."""
+                       chunk: int = BLOCK_C, count: bool = True):
+    """Kernel form of `fine_scores_reference` (same arguments and returns; scored is None unless `count`:
+    the sum is one more launch in the decode step)."""
     from lmsqueeze.methods.squeezed._triton_kernels import _fine_scores_kernel
 
     B, Hq, D = q.shape
@@ -98,16 +100,17 @@ def fine_scores_triton(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_C=chunk,
         BLOCK_CH1=max(2, _pow2(nch1)), IEEE_DOT=_ieee(q), num_warps=4,
     )
-    return s2, lse2, scored.sum(-1, dtype=torch.int32)
+    return s2, lse2, (scored.sum(-1, dtype=torch.int32) if count else None)
 
 
 def fine_scores(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, coarse_log_tau, scaling,
-                chunk: int = BLOCK_C):
+                chunk: int = BLOCK_C, count: bool = True):
     """Second level of the hierarchical lookup: scores [B, Hq, C2] of the fine centroids under surviving coarse
-    clusters (-inf elsewhere), their chunk logsumexps, and scored [B, Hkv] = fine centroids read."""
+    clusters (-inf elsewhere), their chunk logsumexps, and scored [B, Hkv] = fine centroids read (None on CUDA
+    unless `count`)."""
     if q.is_cuda:
         return fine_scores_triton(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, coarse_log_tau,
-                                  scaling, chunk)
+                                  scaling, chunk, count)
     return fine_scores_reference(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, coarse_log_tau,
                                  scaling, chunk)
 
@@ -120,9 +123,11 @@ def default_local_splits(l_max: int) -> int:
 
 
 def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
-                           scaling, starts=None, *, block_c: int = BLOCK_C, block_n: int = BLOCK_N,
-                           local_splits: int | None = None, num_warps: int = 4, num_stages: int = 2):
-    """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept)."""
+                           scaling, starts=None, *, block_c: int = BLOCK_C, block_n: int = DECODE_BLOCK_N,
+                           local_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                           count_kept: bool = True):
+    """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
+    None unless `count_kept` (its sum is one more launch in the decode step)."""
     from lmsqueeze.kernels._triton_decode import _merge_splits_kernel
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
@@ -164,22 +169,22 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         HQ=Hq, D=D, BLOCK_S=max(2, _pow2(splits)), BLOCK_D=_pow2(D), WRITE_LSE=True,
         num_warps=4 if splits * D <= 8192 else 8,
     )
-    return out, lse, kept.sum(-1, dtype=torch.int32)
+    return out, lse, (kept.sum(-1, dtype=torch.int32) if count_kept else None)
 
 
 def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths, scaling,
-                    starts=None, local_valid=None, window=None, q_pos=None, key_pos=None):
+                    starts=None, local_valid=None, window=None, q_pos=None, key_pos=None, count_kept: bool = True):
     """One decode query per sequence over the kept clusters of the fixed context + its local slots.
 
     q: [B, Hq, D] rotated; keys, values: [Hkv, N, D] sorted by cluster; offsets: [Hkv, C + 2] int32;
     scores, chunk_lse: from `centroid_scores` / `fine_scores`; log_tau: [Hkv]; local_k, local_v:
     [B, Hkv, L, D] (new token already written); lengths: [B] int32 filled local slots; starts: [B] int32 first
     valid slot. Returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 fixed rows read).
-    Sliding windows and arbitrary padding masks run the reference.
+    Sliding windows and arbitrary padding masks run the reference. count_kept=False skips the count on CUDA.
     """
     if q.is_cuda and window is None and local_valid is None:
         return squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
-                                      lengths, scaling, starts)
+                                      lengths, scaling, starts, count_kept=count_kept)
     return squeezed_decode_reference(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
                                      lengths, scaling, starts, local_valid, window, q_pos, key_pos)
 
