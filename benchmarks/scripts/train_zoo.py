@@ -7,6 +7,7 @@ CPU smoke run of the same path with tiny sizes:
 Unpack what comes back, and plot the loss curves:
     python benchmarks/scripts/train_zoo.py --unpack <files_at> --dest /tmp/zoo_back
     python benchmarks/scripts/train_zoo.py --plot benchmarks/results/train_*.json --dest benchmarks/plots
+    python benchmarks/scripts/train_zoo.py --card docs/zoo.md
 
 Outputs under --out (at most 8 files, each < 16 MiB): zoo.tar.partNN (the model directories, results
 and log, split in 15 MiB parts), train_default.json, train_looped_4x3.json, run.log.
@@ -122,6 +123,7 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, nargs="*", help="results JSON files to plot into --dest")
     ap.add_argument("--cpu-check", type=Path, help="write the bundled models' held-out perplexity on this "
                     "machine's CPU (fp32) to this JSON")
+    ap.add_argument("--card", type=Path, help="render docs/zoo.md (this path) from benchmarks/results/train_*.json")
     ap.add_argument("--unpack", type=Path)
     ap.add_argument("--dest", type=Path)
     args = ap.parse_args()
@@ -130,6 +132,11 @@ def main() -> int:
 
         for f in args.plot:
             print(plot_training(f, args.dest / (f.stem + ".png")))
+        return 0
+    if args.card:
+        from lmsqueeze.train.card import write_zoo_md
+
+        print(write_zoo_md(Path("benchmarks/results"), args.card))
         return 0
     if args.cpu_check:
         return cpu_check(args.cpu_check)

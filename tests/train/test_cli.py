@@ -14,7 +14,7 @@ def test_train_model_smoke(tmp_path, small_tokenizer):
                                  "--train-preset", "smoke", "--max-steps", "3", "--data", stdlib,
                                  "--max-chars", "300000", "--results", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
-    model, tok = load_model(out)
+    _, tok = load_model(out)
     assert tok is not None and (tmp_path / "r.json").exists()
     r = CliRunner().invoke(app, ["looped", "--out", str(out), "--preset", "tiny"])
     assert r.exit_code != 0

@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from lmsqueeze.models.loading import ZOO_DIR
 

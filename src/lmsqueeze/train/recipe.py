@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmsqueeze.models.looped import LoopedConfig, LoopedDecoder, greedy_decode, load_looped, num_parameters, save_looped
+from lmsqueeze.models.looped import (
+    LoopedConfig,
+    LoopedDecoder,
+    greedy_decode,
+    load_looped,
+    num_parameters,
+    save_looped,
+)
 from lmsqueeze.train.batches import MixedSampler
 from lmsqueeze.train.corpus_stream import CorpusSpec, TokenStream, start_stream
 from lmsqueeze.train.evaluate import hf_logits_fn, looped_logits_fn, perplexity
@@ -256,5 +263,5 @@ def train_and_evaluate(name: str, model_cfg: LoopedConfig, train_cfg: TrainConfi
     return {"meta": run_meta(command), "name": name, "model_config": model_cfg.to_dict(), "parameters": n_params,
             "weights_bytes": size, "train": {k: v for k, v in summary.items() if k != "log"},
             "data_wait_s": wait_s, "corpus": {"train": dict(data.train.stats), "validation": data.val_stats,
-                                              "test_heldout_tokens": int(len(data.test_tokens))},
+                                              "test_heldout_tokens": len(data.test_tokens)},
             "mix": mix.describe(), "final": final, "log": summary["log"]}
