@@ -124,9 +124,9 @@ def check_correctness(device, configs) -> list[dict]:
                 q = torch.randn(3, Hq, D, device=device, dtype=torch.float16)
                 lengths = torch.full((3,), S, dtype=torch.int32, device=device)
                 ref = decode_attention_reference(q, st.kv, lengths, D**-0.5, st.rope, starts)
-                bn, nw, _ns = configs.get(bits, (64, 4, 1))
-                out = kk.kvquant_decode_attention(q, st.kv, lengths, D**-0.5, st.rope, starts, block_n=bn,
-                                                  num_warps=nw, use_asm=use_asm)
+                cfg = {k: v for k, v in configs[bits].items() if k != "programs_per_sm"}
+                out = kk.kvquant_decode_attention(q, st.kv, lengths, D**-0.5, st.rope, starts,
+                                                  **{**cfg, "use_asm": use_asm})
                 torch.cuda.synchronize()
                 err = rel_err(out, ref)
                 # graph replay with other lengths: 700 slots for every sequence (first one shorter than its pad)
@@ -135,9 +135,8 @@ def check_correctness(device, configs) -> list[dict]:
                     lens_dev = lengths.clone()
                     outb = torch.empty_like(out)
 
-                    def call(outb=outb, q=q, st=st, lens_dev=lens_dev, D=D, starts=starts, bn=bn, nw=nw):
-                        outb.copy_(kk.kvquant_decode_attention(q, st.kv, lens_dev, D**-0.5, st.rope, starts,
-                                                               block_n=bn, num_warps=nw, use_asm=True))
+                    def call(outb=outb, q=q, st=st, lens_dev=lens_dev, D=D, starts=starts, cfg=cfg):
+                        outb.copy_(kk.kvquant_decode_attention(q, st.kv, lens_dev, D**-0.5, st.rope, starts, **cfg))
                     s = torch.cuda.Stream()
                     s.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(s):
@@ -247,7 +246,9 @@ def time_sdpa(B, L, Hq, H, D, device) -> tuple[float, int]:
 
 
 def time_kvq(bits, B, L, Hq, H, D, device, cfg) -> tuple[float, int]:
-    bn, nw, ns = cfg
+    cfg = dict(cfg)
+    ns = cfg.pop("programs_per_sm", 0)
+    bn = cfg["block_n"]
     one = random_cache(bits, B, H, D, L, 1, device, seed=bits)
     nbytes = quant_bytes(one, B, L, Hq, D)
     copies = max(1, min(8, math.ceil(ROTATE_BYTES / nbytes)))
@@ -261,8 +262,7 @@ def time_kvq(bits, B, L, Hq, H, D, device, cfg) -> tuple[float, int]:
 
     def mk(i):
         def fn():
-            kk.kvquant_decode_attention(qs[i], caches[i], lengths, D**-0.5, rope, None, block_n=bn, num_warps=nw,
-                                        num_splits=splits)
+            kk.kvquant_decode_attention(qs[i], caches[i], lengths, D**-0.5, rope, None, num_splits=splits, **cfg)
         return fn
     ms = time_graph([mk(i) for i in range(copies)])
     caches.clear()
@@ -294,27 +294,39 @@ def main() -> None:
     def save():
         out_path.write_text(json.dumps(result, indent=2) + "\n")
 
-    # default kernel configs per bit width: (BLOCK_N, num_warps, programs per SM or 0 = library default)
-    configs = {b: (64, 4, 0) for b in (2, 3, 4)}
+    # kernel configs: BLOCK_N, warps, software-pipelining stages, register cap (occupancy), MMA orientation,
+    # and programs per SM for the split count (0 = library default)
+    default = {"block_n": 64, "num_warps": 4, "num_stages": 1, "maxnreg": 168, "qrows": False, "programs_per_sm": 0}
+    configs = {b: dict(default) for b in (2, 3, 4)}
     Hq, H, D = 32, 8, 128
     if args.sweep:
         L = 131072
         best = None
-        for cfg in [(64, 4, 0), (64, 8, 0), (128, 8, 0), (64, 4, 6), (32, 4, 0)]:
+        variants = [
+            {"num_stages": 3, "maxnreg": None},                      # the first H100 run's configuration
+            {"num_stages": 1, "maxnreg": None},
+            {},
+            {"num_stages": 2},
+            {"qrows": True},
+            {"programs_per_sm": 12},
+            {"block_n": 128, "num_warps": 8, "maxnreg": None},
+        ]
+        for var in variants:
+            cfg = {**default, **var}
             try:
                 ms, nbytes = time_kvq(3, 1, L, Hq, H, D, device, cfg)
-                row = {"bits": 3, "batch": 1, "length": L, "block_n": cfg[0], "warps": cfg[1], "programs_per_sm": cfg[2] or
-                           kk.PROGRAMS_PER_SM, "ms": ms, "tb_per_s": nbytes / ms / 1e9}
+                row = {"bits": 3, "batch": 1, "length": L, **cfg, "ms": ms, "tb_per_s": nbytes / ms / 1e9}
                 if best is None or ms < best[0]:
                     best = (ms, cfg)
             except Exception as e:  # noqa: BLE001
-                row = {"bits": 3, "block_n": cfg[0], "warps": cfg[1], "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                row = {"bits": 3, **cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                traceback.print_exc()
             log("sweep", row, f"t={time.time() - t_start:.0f}s")
             result["sweep"].append(row)
             save()
         if best is not None:
-            configs = {b: best[1] for b in (2, 3, 4)}
-        result["chosen_config"] = {"block_n": configs[3][0], "warps": configs[3][1], "programs_per_sm": configs[3][2]}
+            configs = {b: dict(best[1]) for b in (2, 3, 4)}
+        result["chosen_config"] = configs[3]
     if not args.skip_check:
         result["checks"] = check_correctness(device, configs)
         save()
@@ -329,8 +341,8 @@ def main() -> None:
                     ms, nbytes = time_kvq(bits, B, L, Hq, H, D, device, configs[bits])
                     row = {**base, "method": f"kvquant-nuq{bits}-1%", "ms": ms, "speedup": sd_ms / ms, "bytes": nbytes,
                            "tb_per_s": nbytes / ms / 1e9, "frac_of_peak": nbytes / ms / 1e9 / PEAK_TBPS,
-                           "floor_ms": nbytes / (PEAK_TBPS * 1e9), "block_n": configs[bits][0],
-                           "warps": configs[bits][1], "bits_per_element": 8 * nbytes / (2 * B * H * L * D)}
+                           "floor_ms": nbytes / (PEAK_TBPS * 1e9), "config": configs[bits],
+                           "bits_per_element": 8 * nbytes / (2 * B * H * L * D)}
                 except Exception as e:  # noqa: BLE001
                     row = {**base, "method": f"kvquant-nuq{bits}-1%", "error": f"{type(e).__name__}: {str(e)[:300]}"}
                     traceback.print_exc()

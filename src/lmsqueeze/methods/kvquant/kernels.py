@@ -112,7 +112,8 @@ def _interpreting() -> bool:
 def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tensor, scaling: float,
                              rope: KernelRope, starts: torch.Tensor | None = None, window: int | None = None,
                              *, num_splits: int | None = None, block_n: int | None = None,
-                             num_warps: int | None = None, use_asm: bool | None = None,
+                             num_warps: int | None = None, num_stages: int = 1, maxnreg: int | None = None,
+                             use_asm: bool | None = None,
                              qrows: bool | None = None, return_lse: bool = False):
     """Attention of one query per sequence over a packed KVQuant cache (same contract as the reference).
 
@@ -164,7 +165,8 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
         kt[0], kt[1], kt[2], kt[3], vt[0], vt[1], vt[2], vt[3],
         D=D, BITS=bits, W=kv.kcodes.shape[-1], G=G, BLOCK_G=max(1, triton_next_pow2(G)), BLOCK_N=block_n,
         NOUT=kv.n_out, NSIDE=n_side, NSIDE_P2=max(16, triton_next_pow2(n_side)),
-        HAS_STARTS=starts is not None, USE_ASM=use_asm, QROWS=qrows, num_warps=num_warps,
+        HAS_STARTS=starts is not None, USE_ASM=use_asm, QROWS=qrows, num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
