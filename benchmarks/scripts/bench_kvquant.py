@@ -48,6 +48,7 @@ from lmsqueeze.methods.kvquant.rope import KernelRope
 PEAK_TBPS = 3.0
 REPLAYS = 30
 ROTATE_BYTES = 200e6
+ALLOCATED_BITS: dict = {}  # (bits, batch, length) -> allocated bits per element of the benchmark cache
 
 
 def log(*a):
@@ -251,6 +252,7 @@ def time_kvq(bits, B, L, Hq, H, D, device, cfg) -> tuple[float, int]:
     bn = cfg["block_n"]
     one = random_cache(bits, B, H, D, L, 1, device, seed=bits)
     nbytes = quant_bytes(one, B, L, Hq, D)
+    ALLOCATED_BITS[(bits, B, L)] = layout.bits_per_element(one)
     copies = max(1, min(8, math.ceil(ROTATE_BYTES / nbytes)))
     caches = [one] + [random_cache(bits, B, H, D, L, 1, device, seed=bits + 10 * i) for i in range(1, copies)]
     rope = KernelRope(torch.rand(D // 2, device=device) * 0.5, 1.0)
@@ -342,7 +344,8 @@ def main() -> None:
                     row = {**base, "method": f"kvquant-nuq{bits}-1%", "ms": ms, "speedup": sd_ms / ms, "bytes": nbytes,
                            "tb_per_s": nbytes / ms / 1e9, "frac_of_peak": nbytes / ms / 1e9 / PEAK_TBPS,
                            "floor_ms": nbytes / (PEAK_TBPS * 1e9), "config": configs[bits],
-                           "bits_per_element": 8 * nbytes / (2 * B * H * L * D)}
+                           "bits_per_element_read": 8 * nbytes / (2 * B * H * L * D),
+                           "bits_per_element_allocated": ALLOCATED_BITS.get((bits, B, L))}
                 except Exception as e:  # noqa: BLE001
                     row = {**base, "method": f"kvquant-nuq{bits}-1%", "error": f"{type(e).__name__}: {str(e)[:300]}"}
                     traceback.print_exc()
