@@ -19,9 +19,13 @@ from lmsqueeze.methods.squeezed.reference import (
     squeezed_decode_reference,
 )
 
-BLOCK_C = 64          # clusters per scoring program and per sparse decode program
+BLOCK_C = 64          # clusters per scoring program
 BLOCK_N = 64          # keys per tile (prefill)
-DECODE_BLOCK_N = 32   # keys per decode tile: 64 with 4 warps spills registers at D=128 (ptxas, sm_90)
+# decode: clusters per sparse program and keys per tile. (32, 32, 4 warps) was the fastest of five configs at
+# 32K and 128K on the H100 (benchmarks/results/squeezed_decode_h100.json, extra.decode_*.decode_sweep);
+# 64-key tiles with 4 warps spill registers at D=128 (ptxas, sm_90).
+DECODE_BLOCK_C = 32
+DECODE_BLOCK_N = 32
 LOG2E = 1.4426950408889634
 
 
@@ -123,7 +127,7 @@ def default_local_splits(l_max: int) -> int:
 
 
 def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
-                           scaling, starts=None, *, block_c: int = BLOCK_C, block_n: int = DECODE_BLOCK_N,
+                           scaling, starts=None, *, block_c: int = DECODE_BLOCK_C, block_n: int = DECODE_BLOCK_N,
                            local_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
                            count_kept: bool = True):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
@@ -223,7 +227,7 @@ def prefill_scores(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tenso
 
 def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, lengths, scaling, starts=None,
                              return_lse: bool = False, *, block_m: int | None = None, block_n: int = 64,
-                             num_warps: int | None = None, num_stages: int = 2):
+                             num_warps: int | None = None, num_stages: int | None = None):
     """Kernel form of `indexed_attention_reference` (no window / local_valid)."""
     from lmsqueeze.methods.squeezed._triton_kernels import _indexed_attention_kernel
 
@@ -236,10 +240,12 @@ def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, len
     if idx.stride(-1) != 1 or counts.stride(-1) != 1:
         raise LmsqueezeError("indexed_attention needs idx / counts contiguous in the last dim")
     rows = T * G
-    if block_m is None:
-        block_m = 16 if rows <= 16 else (64 if rows <= 1024 or D > 64 else 128)
+    if block_m is None:  # (128, 8 warps, 3 stages) was the fastest of four at 1024 x 4 rows, D=128 on the H100
+        block_m = 16 if rows <= 16 else (64 if rows <= 256 else 128)
     if num_warps is None:
         num_warps = 4 if block_m <= 64 else 8
+    if num_stages is None:
+        num_stages = 3 if block_m == 128 else 2
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32) if return_lse else out
     _indexed_attention_kernel[(-(-rows // block_m), B * Hkv)](
