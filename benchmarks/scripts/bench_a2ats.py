@@ -43,7 +43,7 @@ from lmsqueeze.bench.presets import build_random_model, get_preset
 from lmsqueeze.bench.results import command_line, write_result
 from lmsqueeze.bench.timing import time_cpu, time_cuda
 from lmsqueeze.methods.a2ats import A2ATS, kernels, random_artifact, retrieval, with_settings
-from lmsqueeze.methods.a2ats.offload import selected_attention_cpu, to_host
+from lmsqueeze.methods.a2ats.offload import ring_size, selected_attention_cpu, to_host
 from lmsqueeze.methods.a2ats.reference import (
     select_codes_reference,
     selected_slots,
@@ -456,7 +456,8 @@ def memory_model(model, preset, n: int, system: str, method: A2ATS, gpu_total: i
     C = method.codebook
     kv = 2 * L * Hkv * cap * D * elt
     index = L * Hkv * (cap * 2 + C * 4 + C) + L * 8  # codes, histogram, selected codes, counters
-    near = 2 * L * Hkv * (method.sinks + method.window) * D * elt + L * (method.sinks + method.window) * 4
+    E = method.sinks + ring_size(method.window)
+    near = 2 * L * Hkv * E * D * elt + L * E * 4
     books = L * Hkv * C * (2 * D + 1) * 4
     reserve = int(args.gpu_reserve_gib * GiB)
     host_budget = max(0, host_avail - int(args.host_reserve_gib * GiB))

@@ -160,3 +160,48 @@ def test_bad_inputs(llama):
     mask[0, 5] = 0  # padding in the middle
     with pytest.raises(LmsqueezeError), torch.no_grad(), lmsqueeze.apply(model, art) as session:
         model(ids, attention_mask=mask, past_key_values=session.new_cache())
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_warmup_steps_then_rewind_change_nothing(llama, offload):
+    """The graph runner's warm-up (two static steps, then lengths put back) leaves the state as if unrun."""
+    from lmsqueeze.generation import DecodeRunner, mask_positions
+    from lmsqueeze.sampling import Sampling
+
+    model, art = llama
+    art = with_settings(art, ratio=0.1, offload=offload, window=3)  # small window: the ring wraps
+    ids = torch.randint(0, 256, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    runs = []
+    for warmup in (False, True):
+        with torch.no_grad(), lmsqueeze.apply(model, art) as session:
+            runner = DecodeRunner(model, session, 2, 64, Sampling(), use_graph=False)
+            cache = runner.cache
+            pos = mask_positions(mask)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+            runner.tokens.copy_(logits[:, -1].argmax(-1)[:, None])
+            runner.positions.copy_(pos[:, -1:] + 1)
+            cache.start_static(torch.tensor([0, 6], dtype=torch.int32))
+            def step(runner=runner, cache=cache):
+                logits = model(input_ids=runner.tokens, position_ids=runner.positions, past_key_values=cache,
+                               use_cache=True, logits_to_keep=1).logits[:, -1]
+                runner.tokens.copy_(logits.argmax(-1)[:, None])
+                runner.positions.add_(1)
+                cache.advance_device()
+                return logits
+
+            if warmup:  # what DecodeRunner.prepare does before capturing (it runs 2 steps; 3 here)
+                saved = [t.clone() for t in (runner.tokens, runner.positions, cache.slot, cache.lengths)]
+                for _ in range(3):
+                    step()
+                for t, s in zip((runner.tokens, runner.positions, cache.slot, cache.lengths), saved):
+                    t.copy_(s)
+            out = []
+            for _ in range(6):
+                out.append(step())
+                cache.advance_host(1)
+            runs.append((torch.stack(out, 1), [st.counts.clone() for st in cache.layers]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)

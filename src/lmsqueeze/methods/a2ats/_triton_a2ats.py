@@ -4,8 +4,9 @@
 order-preserving integer image of the float scores the kth-largest candidate score (codes weighted by how
 many candidate tokens carry them; k = floor(ratio x length)), and writes which codes reach it for any head.
 
-`_code_append_kernel`, grid (B,): the new token's code (argmax of its assignment scores) written at the
-step's slot, and the slot leaving the recent window added to the candidate histogram (once).
+`_code_append_kernel`, grid (B,): the candidate histogram rewound if the lengths went back, the new
+token's code (argmax of its assignment scores) written at the step's slot, and the slot leaving the recent
+window added to the histogram (once).
 
 `_sparse_split_kernel`, grid (B * Hkv, num_splits): split-K flash decoding over the slots of one sequence,
 reading each slot's code (2 bytes), looking it up in the selected-code table, and loading K/V rows only for
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from lmsqueeze.methods.a2ats.retrieval import MAX_REWIND
 
 _LOG2E = 1.4426950408889634
 
@@ -186,27 +189,42 @@ def select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor
 @triton.jit
 def _code_append_kernel(Scores, Codes, Counts, Counted, Slot, Lengths, Starts,
                         stride_sh, stride_sb, stride_cb, stride_ch, stride_nb, stride_nh,
-                        C, sinks, window, HKV: tl.constexpr, BLOCK_C: tl.constexpr):
+                        C, sinks, window, s_max, HKV: tl.constexpr, BLOCK_C: tl.constexpr,
+                        MAX_REWIND: tl.constexpr):
     b = tl.program_id(0)
+    code_row = Codes + b.to(tl.int64) * stride_cb
+    count_row = Counts + b.to(tl.int64) * stride_nb
+    # the histogram follows the candidates [start + sinks, length - window): first take out the slots counted
+    # beyond them (the lengths went back: graph warm-up), reading their codes before this step writes one
+    length = tl.load(Lengths + b)
+    hi = tl.maximum(length - window, 0)
+    lo = tl.load(Starts + b) + sinks
+    counted = tl.load(Counted + b)
+    for r in tl.static_range(MAX_REWIND):
+        s = hi + r
+        out = (s.to(tl.int64) < counted) & (s >= lo)
+        s_safe = tl.minimum(s, s_max - 1)
+        for h in tl.static_range(HKV):
+            c = tl.load(code_row + h * stride_ch + s_safe).to(tl.int32)
+            tl.atomic_add(count_row + h * stride_nh + c, -1, mask=out)
+    counted = tl.minimum(counted, hi.to(tl.int64))
+    tl.debug_barrier()
+    # the new token's code: argmax of its assignment scores
     slot = tl.load(Slot)
     offs = tl.arange(0, BLOCK_C)
     cm = offs < C
-    code_row = Codes + b.to(tl.int64) * stride_cb
-    for h in tl.static_range(HKV):  # the new token's code: argmax of the assignment scores
+    for h in tl.static_range(HKV):
         sc = tl.load(Scores + h * stride_sh + b.to(tl.int64) * stride_sb + offs, mask=cm, other=float("-inf"))
         code = tl.argmax(sc, 0)
         tl.store(code_row + h * stride_ch + slot, code.to(tl.int16))
-    # the slot that just left the window joins the candidate histogram, once
-    s_out = tl.load(Lengths + b) - 1 - window
-    counted = tl.load(Counted + b)
-    adv = s_out.to(tl.int64) >= counted
-    ok = adv & (s_out >= tl.load(Starts + b) + sinks)
+    # the slot that just left the window joins, once (it is older than the slot just written)
+    s_out = hi - 1
+    add = (s_out.to(tl.int64) >= counted) & (s_out >= lo)
     s_safe = tl.maximum(s_out, 0)
     for h in tl.static_range(HKV):
         c = tl.load(code_row + h * stride_ch + s_safe).to(tl.int32)
-        ptr = Counts + b.to(tl.int64) * stride_nb + h * stride_nh + c
-        tl.store(ptr, tl.load(ptr) + ok.to(tl.int32))
-    tl.store(Counted + b, tl.where(adv, s_out.to(tl.int64) + 1, counted))
+        tl.atomic_add(count_row + h * stride_nh + c, 1, mask=add)
+    tl.store(Counted + b, tl.maximum(counted, hi.to(tl.int64)))
 
 
 def code_append_launch(scores, codes, counts, counted, slot, lengths, starts, sinks: int, window: int) -> None:
@@ -216,7 +234,8 @@ def code_append_launch(scores, codes, counts, counted, slot, lengths, starts, si
     _code_append_kernel[(B,)](
         scores, codes, counts, counted, slot, lengths, starts,
         scores.stride(0), scores.stride(1), codes.stride(0), codes.stride(1), counts.stride(0), counts.stride(1),
-        C, int(sinks), int(window), HKV=Hkv, BLOCK_C=block_c, num_warps=4 if block_c <= 4096 else 8,
+        C, int(sinks), int(window), codes.shape[2], HKV=Hkv, BLOCK_C=block_c, MAX_REWIND=MAX_REWIND,
+        num_warps=4 if block_c <= 4096 else 8,
     )
 
 

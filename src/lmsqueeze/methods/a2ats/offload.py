@@ -22,6 +22,11 @@ import torch
 from lmsqueeze.methods.a2ats.reference import masked_decode_attention, selected_slots
 
 OFFLOAD_ATTENTION = ("gpu", "cpu")
+RING_SLACK = 8  # extra ring entries: steps run ahead (graph warm-up) never overwrite a live window token
+
+
+def ring_size(window: int) -> int:
+    return window + RING_SLACK
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -77,13 +82,13 @@ def selected_attention_cpu(q: torch.Tensor, k_store: torch.Tensor, v_store: torc
 
 
 def near_entries(slot: torch.Tensor, starts: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
-    """Near-buffer entry of `slot` per sequence: sink e = slot − start (< sinks), else sinks + slot % window.
+    """Near-buffer entry of `slot` per sequence: sink e = slot − start (< sinks), else sinks + slot % ring.
 
     slot: [1] or [B] int; starts: [B] -> [B] int64.
     """
     s = slot.long().expand(starts.shape[0])
     rel = s - starts.long()
-    return torch.where(rel < sinks, rel.clamp_min(0), sinks + s % window)
+    return torch.where(rel < sinks, rel.clamp_min(0), sinks + s % ring_size(window))
 
 
 def near_attention(q: torch.Tensor, near_k: torch.Tensor, near_v: torch.Tensor, near_slots: torch.Tensor,
@@ -91,8 +96,8 @@ def near_attention(q: torch.Tensor, near_k: torch.Tensor, near_v: torch.Tensor, 
                    scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the GPU-resident sinks and window.
 
-    near_k, near_v: [B, Hkv, sinks + window, D] (entries < sinks: the sink tokens; then a ring of the last
-    `window` slots); near_slots: [B, sinks + window] the slot each entry holds (-1: empty). Entry validity
+    near_k, near_v: [B, Hkv, sinks + ring_size(window), D] (entries < sinks: the sink tokens; then a ring
+    holding the recent slots); near_slots: [B, sinks + ring] the slot each entry holds (-1: empty). Entry validity
     follows the slot conventions of `reference.py`, so a sink that is also recent is counted once.
     Returns out: [B, Hq, D], lse: [B, Hq] float32.
     """

@@ -37,12 +37,14 @@ def select_codes_reference(lut: torch.Tensor, counts: torch.Tensor, kth: torch.T
 def code_append_reference(scores: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor,
                           slot: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, sinks: int,
                           window: int) -> None:
-    """New token's code = argmax of scores: [Hkv, B, C] written at `slot`; then `retrieval.count_leaving`."""
-    from lmsqueeze.methods.a2ats.retrieval import count_leaving
+    """Histogram rewind (`retrieval.uncount_rewound`), the new token's code = argmax of scores: [Hkv, B, C]
+    written at `slot`, then the slot leaving the window counted (`retrieval.add_leaving`)."""
+    from lmsqueeze.methods.a2ats.retrieval import add_leaving, uncount_rewound
 
+    uncount_rewound(codes, counts, counted, lengths, starts, sinks, window)
     new = scores.argmax(-1).transpose(0, 1).to(torch.int16)[:, :, None]  # [B, Hkv, 1]
     codes.index_copy_(2, slot, new)
-    count_leaving(codes, counts, counted, lengths, starts, sinks, window)
+    add_leaving(codes, counts, counted, lengths, starts, sinks, window)
 
 
 def selected_slots(codes: torch.Tensor, sel: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 ASSIGN_CHUNK = 2048  # tokens per block when coding a long prefill chunk
+MAX_REWIND = 8  # steps the decode lengths may go back without a recount (graph warm-up)
 
 
 def assign_scores(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Tensor) -> torch.Tensor:
@@ -89,18 +90,43 @@ def recount(codes: torch.Tensor, starts: torch.Tensor, length: int, sinks: int, 
     return counts, counted
 
 
+def uncount_rewound(codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor, lengths: torch.Tensor,
+                    starts: torch.Tensor, sinks: int, window: int) -> None:
+    """Take out of the histogram the slots counted beyond a step at `lengths` (up to MAX_REWIND of them).
+
+    The decode runner rewinds the lengths after its graph warm-up steps; this puts the histogram back to
+    the candidates [starts + sinks, lengths − window). Runs before the step writes its new code.
+    """
+    B, Hkv, S = codes.shape
+    hi = (lengths.long() - window).clamp_min(0)
+    lo = starts.long() + sinks
+    slots = hi[:, None] + torch.arange(MAX_REWIND, device=codes.device)[None, :]  # [B, R]
+    out = (slots < counted[:, None]) & (slots >= lo[:, None])
+    idx = slots.clamp_max(S - 1)[:, None, :].expand(B, Hkv, MAX_REWIND)
+    counts.scatter_add_(2, codes.gather(2, idx).long(), -out.to(torch.int32)[:, None, :].expand(B, Hkv, MAX_REWIND))
+    counted.copy_(torch.minimum(counted, hi))
+
+
+def add_leaving(codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor, lengths: torch.Tensor,
+                starts: torch.Tensor, sinks: int, window: int) -> None:
+    """Add the slot that just left the window (lengths − 1 − window) to the histogram unless counted."""
+    B, Hkv, _ = codes.shape
+    hi = (lengths.long() - window).clamp_min(0)
+    s_out = hi - 1
+    add = (s_out >= counted) & (s_out >= starts.long() + sinks)
+    idx = s_out.clamp_min(0)[:, None, None].expand(B, Hkv, 1)
+    counts.scatter_add_(2, codes.gather(2, idx).long(), add.to(torch.int32)[:, None, None].expand(B, Hkv, 1))
+    counted.copy_(torch.maximum(counted, hi))
+
+
 def count_leaving(codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor, lengths: torch.Tensor,
                   starts: torch.Tensor, sinks: int, window: int) -> None:
-    """Add the slot that just left the window (lengths − 1 − window) to the histogram, in place, once.
+    """Bring the histogram to the candidates of a step at `lengths`: slots [starts + sinks, lengths − window).
 
-    Idempotent: `counted` [B] records how far the histogram reaches, so replaying a step (graph warm-up)
-    does not count a slot twice. codes: [B, Hkv, S]; counts: [B, Hkv, C] int32; lengths, starts: [B].
+    Normally that adds the slot that just left the window. `counted` [B] records how far the histogram
+    reaches, so replaying a step does not count a slot twice, and lengths that went back by up to
+    MAX_REWIND steps are handled (`uncount_rewound`). codes: [B, Hkv, S]; counts: [B, Hkv, C] int32;
+    counted: [B] int64; lengths, starts: [B].
     """
-    B, Hkv, _ = codes.shape
-    s_out = lengths.long() - 1 - window
-    adv = s_out >= counted
-    ok = adv & (s_out >= starts.long() + sinks)
-    idx = s_out.clamp_min(0)[:, None, None].expand(B, Hkv, 1)
-    code = codes.gather(2, idx).long()
-    counts.scatter_add_(2, code, ok.to(torch.int32)[:, None, None].expand(B, Hkv, 1))
-    counted.copy_(torch.where(adv, s_out + 1, counted))
+    uncount_rewound(codes, counts, counted, lengths, starts, sinks, window)
+    add_leaving(codes, counts, counted, lengths, starts, sinks, window)

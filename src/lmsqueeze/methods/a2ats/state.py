@@ -4,8 +4,8 @@ Buffers (allocated once for max_length slots; grown only outside captured graphs
   k, v     [B, Hkv, cap, D]  RoPE'd keys and values: on the GPU, or pinned host memory once offloaded
   codes    [B, Hkv, cap]     int16 code of every token's key (pre-RoPE key with windowed RoPE), GPU
   counts   [B, Hkv, C]       int32 histogram of the candidates' codes (tokens past the sinks and the window)
-  near_k/v [B, Hkv, sinks + window, D] and near_slots [B, sinks + window]: the sinks and a ring of the recent
-           window, on the GPU (offloaded layers only)
+  near_k/v [B, Hkv, sinks + window + 8, D] and near_slots: the sinks and a ring holding the recent window,
+           on the GPU (offloaded layers only)
 
 Prefill (T > 1) is exact dense attention. A decode step (T == 1) writes the new token, codes it, scores all
 codes once per query head (lookup table), keeps the codes reaching the kth-largest candidate score of any
@@ -30,6 +30,7 @@ from lmsqueeze.methods.a2ats.offload import (
     host_empty,
     near_attention,
     near_entries,
+    ring_size,
     selected_attention_cpu,
     to_host,
 )
@@ -301,7 +302,7 @@ class A2ATSState(LayerState):
         if self.device is not None and self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise LmsqueezeError("a2ats offloads at the first decode step, which must run before graph capture")
         B, Hkv, _cap, D = self.k.shape
-        E = self.cfg.sinks + self.cfg.window
+        E = self.cfg.sinks + ring_size(self.cfg.window)
         self.near_k = torch.zeros(B, Hkv, E, D, dtype=self.k.dtype, device=self.device)
         self.near_v = torch.zeros_like(self.near_k)
         self.near_slots = torch.full((B, E), -1, dtype=torch.int32, device=self.device)
@@ -323,7 +324,7 @@ class A2ATSState(LayerState):
             st = int(starts[b])
             sink_slots = list(range(st, min(st + cfg.sinks, n)))
             ring_slots = list(range(max(0, n - cfg.window), n))
-            entries = list(range(len(sink_slots))) + [cfg.sinks + s % cfg.window for s in ring_slots]
+            entries = list(range(len(sink_slots))) + [cfg.sinks + s % ring_size(cfg.window) for s in ring_slots]
             slots = sink_slots + ring_slots
             if not slots:
                 continue
