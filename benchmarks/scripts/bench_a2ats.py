@@ -489,65 +489,67 @@ def serving(run: Run, model, preset, dev: torch.device) -> None:
                "a2ats-gpu": with_settings(art0, offload=False),
                "a2ats-offload": with_settings(art0, offload=True, offload_attention="gpu"),
                "a2ats-offload-cpu": with_settings(art0, offload=True, offload_attention="cpu")}
-    for n in args.contexts:
-        dense_row = None
-        for name in args.systems:
-            if name == "a2ats-offload-cpu" and n not in args.cpu_path_contexts:
-                continue
-            if run.over_budget():
-                run.serving.append({"method": name, "length": n, "skipped": "time budget"})
-                continue
-            art = systems[name]
-            mm = memory_model(model, preset, n, name, base_method, gpu_total, host_avail, args)
-            B = mm["batch"]
-            if name == "a2ats-offload-cpu":
-                B = min(B, args.cpu_path_batch)
-            row = {"method": name, "length": n, **mm, "batch": B, "measured_layers": [L_m, 1]}
-            if B < 1:
-                row["skipped"] = "no sequence fits"
-                run.serving.append(row)
-                continue
-            try:
-                with torch.no_grad():
-                    cache = dense_cache(model, B, n) if art is None else fill_a2ats_cache(model, art, B, n, seed=7)
-                    times = {}
-                    with lmsqueeze.apply(model, art):
-                        fn = step_fn(model, cache, B, n)
-                        for layers in (L_m, 1):
-                            model.config.num_hidden_layers = layers
-                            graph = name != "a2ats-offload-cpu"
-                            t = timed(fn, dev, args, graph)
-                            times[layers] = t
-                        model.config.num_hidden_layers = L_m
-                        fn()
-                        row["selected_fraction"] = selected_fraction(cache)
-                    st = cache.layers[0]
-                    row["measured_gpu_bytes_per_seq_per_layer"] = (
-                        st.device_bytes() if hasattr(st, "device_bytes") else st.memory_bytes()) / B
-                    row["measured_host_bytes_per_seq_per_layer"] = (
-                        st.host_bytes() if hasattr(st, "host_bytes") else 0) / B
-                t_l, t_1 = times[L_m].median_ms, times[1].median_ms
-                per_layer = (t_l - t_1) / (L_m - 1)
-                t_full = t_1 + (mm["full_layers"] - 1) * per_layer
-                row.update(ms_measured={str(L_m): t_l, "1": t_1}, graph=times[L_m].graph, ms_per_layer=per_layer,
-                           ms=t_full, tokens_per_s=B / (t_full * 1e-3),
-                           note=times[L_m].note or None)
-                if name == "dense":
-                    dense_row = row
-                    row["floor_ms_at_3tbps"] = (mm["weights_bytes"] + B * mm["gpu_bytes_per_seq"]) / 3e12 * 1e3
-                if dense_row is not None and name != "dense":
-                    row.update(baseline="dense", baseline_batch=dense_row["batch"], baseline_ms=dense_row["ms"],
-                               baseline_tokens_per_s=dense_row["tokens_per_s"],
-                               speedup=row["tokens_per_s"] / dense_row["tokens_per_s"])
-                del cache
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                model.config.num_hidden_layers = L_m
-            free_memory(dev)
+    cpu = "a2ats-offload-cpu"
+    plan = [(n, name) for n in args.contexts for name in args.systems if name != cpu]
+    plan += [(n, cpu) for n in args.cpu_path_contexts if cpu in args.systems]  # the slow eager path last
+    dense_rows: dict[int, dict] = {}
+    for n, name in plan:
+        dense_row = dense_rows.get(n)
+        if run.over_budget():
+            run.serving.append({"method": name, "length": n, "skipped": "time budget"})
+            continue
+        art = systems[name]
+        mm = memory_model(model, preset, n, name, base_method, gpu_total, host_avail, args)
+        B = mm["batch"]
+        if name == "a2ats-offload-cpu":
+            B = min(B, args.cpu_path_batch)
+        row = {"method": name, "length": n, **mm, "batch": B, "measured_layers": [L_m, 1]}
+        if B < 1:
+            row["skipped"] = "no sequence fits"
             run.serving.append(row)
-            print(f"[{run.elapsed():6.1f}s] {row}", flush=True)
-            run.save()
+            continue
+        try:
+            with torch.no_grad():
+                cache = dense_cache(model, B, n) if art is None else fill_a2ats_cache(model, art, B, n, seed=7)
+                times = {}
+                with lmsqueeze.apply(model, art):
+                    fn = step_fn(model, cache, B, n)
+                    for layers in (L_m, 1):
+                        model.config.num_hidden_layers = layers
+                        graph = name != "a2ats-offload-cpu"
+                        t = timed(fn, dev, args, graph)
+                        times[layers] = t
+                    model.config.num_hidden_layers = L_m
+                    fn()
+                    row["selected_fraction"] = selected_fraction(cache)
+                st = cache.layers[0]
+                row["measured_gpu_bytes_per_seq_per_layer"] = (
+                    st.device_bytes() if hasattr(st, "device_bytes") else st.memory_bytes()) / B
+                row["measured_host_bytes_per_seq_per_layer"] = (
+                    st.host_bytes() if hasattr(st, "host_bytes") else 0) / B
+            t_l, t_1 = times[L_m].median_ms, times[1].median_ms
+            per_layer = (t_l - t_1) / (L_m - 1)
+            t_full = t_1 + (mm["full_layers"] - 1) * per_layer
+            row.update(ms_measured={str(L_m): t_l, "1": t_1}, graph=times[L_m].graph, ms_per_layer=per_layer,
+                       ms=t_full, tokens_per_s=B / (t_full * 1e-3),
+                       note=times[L_m].note or None)
+            if name == "dense":
+                dense_rows[n] = row
+                row["floor_ms_at_3tbps"] = (mm["weights_bytes"] + B * mm["gpu_bytes_per_seq"]) / 3e12 * 1e3
+            if dense_row is not None and name != "dense":
+                row.update(baseline="dense", baseline_batch=dense_row["batch"], baseline_ms=dense_row["ms"],
+                           baseline_tokens_per_s=dense_row["tokens_per_s"],
+                           speedup=row["tokens_per_s"] / dense_row["tokens_per_s"])
+            del cache
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            model.config.num_hidden_layers = L_m
+        free_memory(dev)
+        run.serving.append(row)
+        print(f"[{run.elapsed():6.1f}s] {row}", flush=True)
+        run.save()
+    for n in args.contexts:
         combine(run, n)
 
 
