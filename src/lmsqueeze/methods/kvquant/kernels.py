@@ -18,6 +18,12 @@ the per-token value metadata, and
 - the full-precision side tokens (sinks, recent window) are attended by split 0.
 Softmax is online in base 2. GQA: all query heads of a KV head share each tile. Per-sequence lengths (and
 left-padding starts) are read from device tensors, and the grid depends only on shapes: CUDA-graph safe.
+
+Status (benchmarks/results/kvquant_decode_h100.json): correct on the H100, but still slower than fp16 SDPA at
+the Llama-3-8B shape: the kernel is issue-bound (about 7 instructions per cached element in the loop, and
+barriers around six shared-memory round trips per tile), far from the bytes floor. Known next steps: fewer
+per-tile round trips (keep the query-side operands and the probabilities in registers), prefetch of the next
+tile's words, and a cheaper 3-bit selector path.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from lmsqueeze.methods.kvquant.rope import KernelRope
 MAX_SPLITS = 256
 PROGRAMS_PER_SM = 6
 LOG2E = 1.4426950408889634
-QROWS = True  # scores as [queries, keys] (flash-attention orientation); False: [keys, queries]
+QROWS = False  # scores as [keys, queries] (measured faster on the H100); True: [queries, keys]
+MAXNREG = 168  # registers per thread: 3 programs of 4 warps per SM (faster than 255 in the H100 sweep)
 
 
 @functools.cache
@@ -49,8 +56,8 @@ def default_num_splits(batch: int, kv_heads: int, capacity: int, block_n: int, s
 
 
 def default_config(bits: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for the split kernel."""
-    return (64, 4) if head_dim <= 64 else (64, 8)
+    """(BLOCK_N, num_warps) for the split kernel (best of the H100 sweep in benchmarks/results/kvquant_decode_h100.json)."""
+    return 64, 4
 
 
 @functools.cache
@@ -112,7 +119,7 @@ def _interpreting() -> bool:
 def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tensor, scaling: float,
                              rope: KernelRope, starts: torch.Tensor | None = None, window: int | None = None,
                              *, num_splits: int | None = None, block_n: int | None = None,
-                             num_warps: int | None = None, num_stages: int = 1, maxnreg: int | None = None,
+                             num_warps: int | None = None, num_stages: int = 1, maxnreg: int | None = MAXNREG,
                              use_asm: bool | None = None,
                              qrows: bool | None = None, return_lse: bool = False):
     """Attention of one query per sequence over a packed KVQuant cache (same contract as the reference).
