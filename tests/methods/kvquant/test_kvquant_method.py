@@ -110,3 +110,27 @@ def test_uncalibrated_artifact_runs():
     with torch.no_grad(), lmsqueeze.apply(model, art):
         out = model(ids_for(1, 10)).logits
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_crop_and_reappend(window):
+    """Rolling back decode steps and appending the same tokens again reproduces the logits (window: close)."""
+    model = model_of("llama")
+    ids = ids_for(1, 20, seed=3)
+    art = uncalibrated_artifact(KVQuant(bits=4, datatype="int", window=window), model)
+    with torch.no_grad(), lmsqueeze.apply(model, art) as s:
+        a = s.new_cache()
+        model(ids[:, :12], past_key_values=a)
+        ref = [model(ids[:, t:t + 1], past_key_values=a).logits for t in range(12, 20)]
+        b = s.new_cache()
+        model(ids[:, :12], past_key_values=b)
+        for t in range(12, 17):
+            model(ids[:, t:t + 1], past_key_values=b)
+        b.crop(-3)
+        assert b.get_seq_length() == 14
+        again = [model(ids[:, t:t + 1], past_key_values=b).logits for t in range(14, 20)]
+    for x, y in zip(again, ref[2:]):
+        if window == 0:
+            assert torch.equal(x, y)
+        else:
+            assert (x - y).abs().max() < 0.05 * y.abs().max()
