@@ -188,8 +188,9 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=6)
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--no-cats", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     extra: dict = {"cpu_model": cpu_model(), "threads": torch.get_num_threads(), "loadavg_before": load_before}
     gen = torch.Generator().manual_seed(1)
