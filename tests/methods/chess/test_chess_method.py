@@ -223,3 +223,14 @@ def test_padding_is_ignored_in_calibration():
     b = calibrate_thresholds(model, [{"input_ids": padded, "attention_mask": mask}], "cats", 0.5)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_with_sparsity_zero_matches_dense():
+    """lmsqueeze.generate (static decode step) with CHESS at sparsity 0 picks the dense greedy tokens."""
+    from lmsqueeze.generation import generate
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (2, 7))
+    art = CHESS(sparsity=0.0).calibrate(model, _batches(1))
+    dense = generate(model, ids, max_new_tokens=6).new_tokens
+    assert torch.equal(generate(model, ids, max_new_tokens=6, method=art).new_tokens, dense)
