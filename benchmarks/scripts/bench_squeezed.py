@@ -17,6 +17,8 @@ does, so it is measured and reported with every row, and a second row fixes each
 this query keeps exactly 10% of the keys.
 
     python benchmarks/scripts/bench_squeezed.py --out benchmarks/results/squeezed_decode_h100.json
+    python benchmarks/scripts/bench_squeezed.py --plot-from benchmarks/results/squeezed_decode_h100.json \
+        --plot benchmarks/plots/squeezed_decode_h100.png
 """
 
 from __future__ import annotations
@@ -412,13 +414,50 @@ def bench_prefill(N: int, T: int, dev, iters: int) -> tuple[list[dict], dict]:
     return rows, extra
 
 
+def plot(result: str, png: str) -> None:
+    """Bar chart of the decode rows of a result JSON (time per variant, bytes floor, speedup)."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pathlib import Path
+
+    d = json.loads(Path(result).read_text())
+    names = ["dense_sdpa_bf16", "squeezed_selection_flat", "squeezed_attention_only", "squeezed_decode_flat",
+             "squeezed_decode_hierarchical"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, n in zip(axes, (32768, 131072)):
+        rows = {r["method"]: r for r in d["rows"] if r.get("context") == n}
+        vals = [rows[m]["ms"] * 1e3 for m in names]
+        floors = [rows[m].get("floor_ms", 0) * 1e3 for m in names]
+        ax.bar(range(len(names)), vals, color=["gray", "tab:orange", "tab:blue", "tab:green", "tab:olive"])
+        ax.scatter(range(len(names)), floors, color="k", marker="_", s=300, label="bytes / 3.0 TB/s")
+        for i, m in enumerate(names):
+            ax.text(i, vals[i], f"{vals[i]:.0f}us\nx{rows[m]['speedup']:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(names)), [m.replace("squeezed_", "sq_").replace("dense_", "") for m in names],
+                      rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{n // 1024}K fixed context, Llama-3-8B attention, B=1, bf16")
+        ax.set_ylabel("us per decode step (one layer)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Squeezed Attention decode, {d['device']['name']}, 90% sparsity, 5% centroids (CUDA graphs)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/squeezed_decode_h100.json")
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--budget-s", type=float, default=215.0, help="skip later sections past this wall time")
+    ap.add_argument("--plot-from", default=None, help="only plot this result JSON to --plot (no GPU needed)")
+    ap.add_argument("--plot", default="benchmarks/plots/squeezed_decode_h100.png")
     args = ap.parse_args()
+    if args.plot_from:
+        plot(args.plot_from, args.plot)
+        return 0
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     rows: list[dict] = []
