@@ -420,9 +420,9 @@ def plot(result: str, png: str) -> None:
 
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from pathlib import Path
+
+    import matplotlib.pyplot as plt
 
     d = json.loads(Path(result).read_text())
     names = ["dense_sdpa_bf16", "squeezed_selection_flat", "squeezed_attention_only", "squeezed_decode_flat",
