@@ -243,6 +243,7 @@ class A2ATSState(LayerState):
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         cfg, books = self.cfg, self.books
+        B = q.shape[0]
         static = step.slot is not None
         if static:
             slot, lengths, starts = step.slot, step.lengths, step.starts
@@ -250,13 +251,13 @@ class A2ATSState(LayerState):
             if step.valid is not None and not bool(step.valid.all()):
                 raise LmsqueezeError("a2ats decodes no padding tokens; pad on the left of the prompt only")
             self.reserve(self.length + 1)
-            B = q.shape[0]
             slot = torch.tensor([self.length], dtype=torch.long, device=q.device)
             lengths = torch.full((B,), self.length + 1, dtype=torch.int32, device=q.device)
             starts = self.starts
         if cfg.offload and not self.offloaded:
             self._offload()
-        q_rot = rope_append(q, k, v, step.cos, step.sin, self.k, self.v, slot)  # [B, Hq, D]; writes slot
+        cos, sin = step.cos.expand(B, -1, -1), step.sin.expand(B, -1, -1)  # [1, 1, D] without position_ids
+        q_rot = rope_append(q, k, v, cos, sin, self.k, self.v, slot)  # [B, Hq, D]; writes slot
         k_code = k if cfg.windowed_rope else apply_rope(k, step.cos, step.sin)
         scores = retrieval.assign_scores(k_code, books.assign, books.half_norms)  # [Hkv, B, C]
         code_append(scores, self.codes, self.counts, self.counted, slot, lengths, starts, cfg.sinks, cfg.window)
