@@ -383,20 +383,22 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
         kernels.code_append(sc, x["codes"], x["counts"], counted, slot, x["lengths"], x["starts"], 8, 64)
     add("assign_scores+code_append", assign_and_append, Hkv * C * D * 4 + Hkv * B * C * 4 * 2)
     best = None
-    configs = [(64, 16), (64, 8), (32, 16), (128, 16), (64, 32)] if dev.type == "cuda" else [(64, 16)]
-    for block_n, tiles in configs:
+    configs = [(128, 16, False), (64, 16, False), (32, 16, False), (64, 16, True), (64, 32, True), (128, 32, True)] \
+        if dev.type == "cuda" else [(64, 16, False), (64, 16, True)]
+    for block_n, tiles, compact in configs:
         splits = kernels.default_sparse_splits(B, Hkv, n, block_n, tiles)
         row = add("sparse_decode_attention",
-                  lambda bn=block_n, s=splits: kernels.sparse_decode_attention_triton(
+                  lambda bn=block_n, s=splits, c=compact: kernels.sparse_decode_attention_triton(
                       x["q"], x["k"], x["v"], x["codes"], sel, x["starts"], x["lengths"], 8, 64, 0.088, True,
-                      num_splits=s, block_n=bn),
-                  sparse_bytes, block_n=block_n, tiles_per_program=tiles, num_splits=splits)
+                      num_splits=s, block_n=bn, compact=c),
+                  sparse_bytes, block_n=block_n, tiles_per_program=tiles, num_splits=splits, compact=compact)
         if "ms" in row and (best is None or row["ms"] < best["ms"]):
             best = row
     if best is not None:
         kernels.SPARSE_BLOCK_N = best["block_n"]
         kernels.TILES_PER_PROGRAM = best["tiles_per_program"]
-        run.extra["sparse_kernel_config"] = {"block_n": best["block_n"], "tiles_per_program": best["tiles_per_program"]}
+        kernels.SPARSE_COMPACT = best["compact"]
+        run.extra["sparse_kernel_config"] = {k: best[k] for k in ("block_n", "tiles_per_program", "compact")}
     # pinned host store, zero-copy (smaller batch: pinned memory), and the CPU-threads path
     bh = min(B, 4)
     hk, hv = to_host(x["k"][:bh]), to_host(x["v"][:bh])
@@ -573,7 +575,8 @@ def print_table(run: Run) -> None:
         if "ms" in r:
             print(f"  {r['method']:38s} B={r['batch']:3d} ms={r['ms']:.4f} floor={r['floor_ms_at_3tbps']:.4f} "
                   f"TB/s={r['tb_per_s']:.3f} sel={r['selected_fraction']:.3f}"
-                  + (f" bn={r.get('block_n')} tiles={r.get('tiles_per_program')}" if "block_n" in r else ""))
+                  + (f" bn={r.get('block_n')} tiles={r.get('tiles_per_program')} compact={r.get('compact')}"
+                     if "block_n" in r else ""))
         else:
             print(f"  {r['method']:38s} ERROR {r.get('error')}")
     print("\nserving (full depth extrapolated from measured layer counts):")

@@ -96,9 +96,11 @@ def _sparse_inputs(B, Hkv, G, S, D, C, dtype, seed=0):
     return q, k, v, codes, sel, starts, lengths
 
 
-@pytest.mark.parametrize("D,G,dtype", [(64, 4, torch.float32), (128, 1, torch.float32), (64, 2, torch.float16)])
+@pytest.mark.parametrize("D,G,dtype,compact", [(64, 4, torch.float32, False), (128, 1, torch.float32, False),
+                                               (64, 2, torch.float16, False), (64, 4, torch.float32, True),
+                                               (128, 2, torch.float16, True)])
 @pytest.mark.parametrize("near", [True, False])
-def test_sparse_kernel_equals_reference(D, G, dtype, near):
+def test_sparse_kernel_equals_reference(D, G, dtype, compact, near):
     B, Hkv, S, C = 2, 2, 203, 24
     q, k, v, codes, sel, starts, lengths = _sparse_inputs(B, Hkv, G, S, D, C, dtype)
     sinks, window, scale = 3, 17, D ** -0.5
@@ -109,17 +111,18 @@ def test_sparse_kernel_equals_reference(D, G, dtype, near):
     kp = k.masked_fill(~mask[..., None], float("nan"))
     vp = v.masked_fill(~mask[..., None], float("nan"))
     got, got_lse = sparse_decode_attention_triton(q, kp, vp, codes, sel, starts, lengths, sinks, window, scale, near,
-                                                  return_lse=True, num_splits=3, block_n=32)
+                                                  return_lse=True, num_splits=3, block_n=32, compact=compact)
     tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(got.float(), want.float(), **tol)
     torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-4)
 
 
-def test_sparse_kernel_with_nothing_selected():
+@pytest.mark.parametrize("compact", [False, True])
+def test_sparse_kernel_with_nothing_selected(compact):
     q, k, v, codes, sel, starts, lengths = _sparse_inputs(2, 2, 2, 90, 64, 8, torch.float32, seed=3)
     sel.zero_()
     out, lse = sparse_decode_attention_triton(q, k, v, codes, sel, starts, lengths, 2, 8, 0.1, near=False,
-                                              return_lse=True)
+                                              return_lse=True, compact=compact)
     assert torch.isneginf(lse).all() and (out == 0).all()
     out, lse = sparse_decode_attention_triton(q, k, v, codes, sel, starts, lengths, 2, 8, 0.1, near=True,
                                               return_lse=True)

@@ -149,6 +149,106 @@ def _sparse_split_kernel(
 
 
 @triton.jit
+def _sparse_compact_kernel(
+    Q, K, V, Codes, Sel, Lengths, Starts, Scratch, MidO, MidLse,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_cb, stride_ch, stride_sb, stride_sh,
+    scale_log2, sinks, window, s_max, num_splits, cap,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    NEAR: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    """Same contract as `_sparse_split_kernel`, in two phases: (1) scan the chunk's codes and write the
+    attended slots, compacted, to this program's scratch row; (2) attend over that list, so every K/V load
+    is a useful row and no load waits on a code lookup."""
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    length = tl.minimum(tl.load(Lengths + b), s_max)
+    start = tl.load(Starts + b)
+    near_lo = start + sinks
+    near_hi = length - window
+    if NEAR:
+        lo = start
+        hi = length
+    else:
+        lo = near_lo
+        hi = near_hi
+    lo = tl.maximum(lo, 0)
+    n = tl.maximum(hi - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(n, num_splits), BLOCK_S) * BLOCK_S
+    c_lo = lo + split * chunk
+    c_hi = tl.minimum(c_lo + chunk, hi)
+    c_base = Codes + b.to(tl.int64) * stride_cb + hkv.to(tl.int64) * stride_ch
+    s_base = Sel + b.to(tl.int64) * stride_sb + hkv.to(tl.int64) * stride_sh
+    scratch = Scratch + (pid_bh.to(tl.int64) * num_splits + split) * cap
+
+    offs_s = tl.arange(0, BLOCK_S)
+    count = 0
+    for start_s in range(c_lo, c_hi, BLOCK_S):  # phase 1: compaction
+        slots = start_s + offs_s
+        in_r = slots < c_hi
+        code = tl.load(c_base + slots, mask=in_r, other=0).to(tl.int32)
+        take = tl.load(s_base + code, mask=in_r, other=0) != 0
+        if NEAR:
+            take = take | (slots < near_lo) | (slots >= near_hi)
+        take = take & in_r
+        t = take.to(tl.int32)
+        pos = tl.cumsum(t, 0) - t
+        tl.store(scratch + count + pos, slots, mask=take)
+        count += tl.sum(t, 0)
+    tl.debug_barrier()
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    heads = hkv * G + offs_g
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start_n in range(0, count, BLOCK_N):  # phase 2: attention over the compacted slots
+        live = start_n + offs_n < count
+        slots = tl.load(scratch + start_n + offs_n, mask=live, other=0).to(tl.int64)
+        if BLOCK_D == D:
+            kv_mask = live[:, None]
+        else:
+            kv_mask = live[:, None] & d_mask[None, :]
+        k = tl.load(k_base + slots[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + slots[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(live[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile has a live slot
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE_DOT:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
+    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(MidLse + row, lse, mask=g_mask)
+
+
+@triton.jit
 def _merge_kernel(MidO, MidLse, Out, Lse, stride_ob, stride_oh, num_splits,
                   HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)  # = b * HQ + h
@@ -240,24 +340,36 @@ def code_append_launch(scores, codes, counts, counted, slot, lengths, starts, si
 
 
 def sparse_launch(q, k_store, v_store, codes, sel, starts, lengths, sinks: int, window: int, scaling: float,
-                  near: bool, num_splits: int, block_n: int, num_warps: int, num_stages: int):
-    """Launch the split and merge kernels; inputs validated by the caller. Returns out [B, Hq, D], lse [B, Hq]."""
+                  near: bool, num_splits: int, block_n: int, num_warps: int, num_stages: int,
+                  compact: bool = False, block_s: int = 256):
+    """Launch the split (or compacting split) and merge kernels; inputs validated by the caller.
+    Returns out [B, Hq, D], lse [B, Hq]."""
     B, Hq, D = q.shape
     Hkv, s_max = k_store.shape[1], k_store.shape[2]
     G = Hq // Hkv
     mid_o = torch.empty((B, Hq, num_splits, D), device=q.device, dtype=torch.float32)
     mid_lse = torch.empty((B, Hq, num_splits), device=q.device, dtype=torch.float32)
     block_d = triton.next_power_of_2(D)
-    _sparse_split_kernel[(B * Hkv, num_splits)](
-        q, k_store, v_store, codes, sel, lengths, starts, mid_o, mid_lse,
+    common = (
         q.stride(0), q.stride(1),
         k_store.stride(0), k_store.stride(1), k_store.stride(2),
         v_store.stride(0), v_store.stride(1), v_store.stride(2),
         codes.stride(0), codes.stride(1), sel.stride(0), sel.stride(1),
         float(scaling) * _LOG2E, int(sinks), int(window), s_max, num_splits,
-        HKV=Hkv, G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_N=block_n,
-        NEAR=near, IEEE_DOT=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
+    meta = {"HKV": Hkv, "G": G, "D": D, "BLOCK_G": max(16, triton.next_power_of_2(G)), "BLOCK_D": block_d,
+            "BLOCK_N": block_n, "NEAR": near, "IEEE_DOT": q.dtype == torch.float32, "num_warps": num_warps,
+            "num_stages": num_stages}
+    if compact:
+        per_split = -(-s_max // num_splits)
+        cap = -(-per_split // block_s) * block_s  # the largest chunk a program can get
+        scratch = torch.empty(B * Hkv * num_splits * cap, device=q.device, dtype=torch.int32)
+        _sparse_compact_kernel[(B * Hkv, num_splits)](
+            q, k_store, v_store, codes, sel, lengths, starts, scratch, mid_o, mid_lse, *common, cap,
+            BLOCK_S=block_s, **meta)
+    else:
+        _sparse_split_kernel[(B * Hkv, num_splits)](
+            q, k_store, v_store, codes, sel, lengths, starts, mid_o, mid_lse, *common, **meta)
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq), device=q.device, dtype=torch.float32)
     _merge_kernel[(B * Hq,)](

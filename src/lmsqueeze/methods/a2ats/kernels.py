@@ -29,6 +29,10 @@ MAX_SPLITS = 256
 SPARSE_BLOCK_N = 64
 SPARSE_NUM_WARPS = 4
 SPARSE_NUM_STAGES = 2
+# Two-phase kernel (compact the attended slots, then attend over the list). Off by default: the measured
+# H100 run (benchmarks/results/a2ats_serving_h100.json) used the one-phase kernel; bench_a2ats.py times both
+# and uses the faster one.
+SPARSE_COMPACT = False
 
 
 @functools.cache
@@ -155,7 +159,8 @@ def sparse_decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: tor
 def sparse_decode_attention_triton(q, k_store, v_store, codes, sel, starts, lengths, sinks: int, window: int,
                                    scaling: float, near: bool = True, return_lse: bool = False,
                                    num_splits: int | None = None, *, block_n: int | None = None,
-                                   num_warps: int | None = None, num_stages: int | None = None):
+                                   num_warps: int | None = None, num_stages: int | None = None,
+                                   compact: bool | None = None):
     """The Triton kernels on any tensors Triton accepts; same contract as `sparse_decode_attention`."""
     _check_sparse(q, k_store, v_store, codes, sel, starts, lengths)
     from lmsqueeze.methods.a2ats._triton_a2ats import sparse_launch
@@ -170,5 +175,6 @@ def sparse_decode_attention_triton(q, k_store, v_store, codes, sel, starts, leng
     if num_splits is None:
         num_splits = default_sparse_splits(B, Hkv, S, block_n)
     out, lse = sparse_launch(q, k_store, v_store, codes, sel, starts, lengths, sinks, window, scaling, near,
-                             num_splits, block_n, num_warps or SPARSE_NUM_WARPS, num_stages or SPARSE_NUM_STAGES)
+                             num_splits, block_n, num_warps or SPARSE_NUM_WARPS, num_stages or SPARSE_NUM_STAGES,
+                             SPARSE_COMPACT if compact is None else compact)
     return (out, lse) if return_lse else out
