@@ -120,7 +120,7 @@ def generate(
 @app.command()
 def demo(
     model: Path | None = typer.Option(None, help="local HF model directory (default: bundled model)"),
-    device: str = typer.Option("cpu"), tokens: int = typer.Option(4096, help="held-out tokens to score"),
+    device: str = typer.Option("cpu"), tokens: int = typer.Option(2048, help="held-out tokens to score"),
     out: Path | None = typer.Option(None, help="also write the table as JSON here"),
 ) -> None:
     """Every method on the bundled model: quality, memory and speed in one table."""

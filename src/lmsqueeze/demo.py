@@ -29,15 +29,23 @@ def demo_model(path: Path | None, device: str):
     return tiny_model("llama").to(device), None, "tiny-random-llama (no zoo model bundled)"
 
 
-def demo_methods() -> list:
-    """Dense plus each registered method's demo configurations (`demo_configs()` classmethod)."""
-    from lmsqueeze.methods import METHODS, Dense
+DEMO_METHODS = (  # (label, method name, options): what the demo runs, cheap enough for a CPU
+    ("dense", "dense", {}),
+    ("kvquant nuq4-1%", "kvquant", {"bits": 4}),
+    ("kvquant nuq3-1%", "kvquant", {"bits": 3}),
+    ("kvquant nuq2-1%", "kvquant", {"bits": 2}),
+    ("kivi-2", "kivi", {"bits": 2}),
+    ("int3 per token", "int-uniform", {"bits": 3}),
+    ("chess 50%", "chess", {"sparsity": 0.5}),
+    ("cats 50%", "cats", {"sparsity": 0.5}),
+)
 
-    configs = [Dense()]
-    for name, cls in sorted(METHODS.items()):
-        if name != "dense" and hasattr(cls, "demo_configs"):
-            configs.extend(cls.demo_configs())
-    return configs
+
+def demo_methods() -> list[tuple[str, object]]:
+    """(label, method config) for every demo entry whose method is registered."""
+    from lmsqueeze.methods import METHODS
+
+    return [(label, METHODS[name](**opts)) for label, name, opts in DEMO_METHODS if name in METHODS]
 
 
 def demo_tokens(tok, n: int, vocab: int) -> torch.Tensor:
@@ -56,7 +64,7 @@ def demo_tokens(tok, n: int, vocab: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def run_demo(path: Path | None = None, device: str = "cpu", tokens: int = 4096, out: Path | None = None) -> list:
+def run_demo(path: Path | None = None, device: str = "cpu", tokens: int = 2048, out: Path | None = None) -> list:
     """Score, size and time every demo method; print a table; return its rows."""
     import lmsqueeze
     from lmsqueeze.data.calibration import calibration_batches
@@ -71,7 +79,7 @@ def run_demo(path: Path | None = None, device: str = "cpu", tokens: int = 4096, 
     batches = (calibration_batches(tok, 4, 256) if tok is not None
                else [torch.randint(0, model.config.vocab_size, (1, 256))])
     rows = []
-    for config in demo_methods():
+    for label, config in demo_methods():
         t0 = time.perf_counter()
         method = config.calibrate(model, batches) if config.needs_calibration else config
         calib_s = time.perf_counter() - t0
@@ -81,8 +89,8 @@ def run_demo(path: Path | None = None, device: str = "cpu", tokens: int = 4096, 
             cache = session.new_cache(batch_size=1, max_length=context)
             model(ids[None, :context].to(model.device), past_key_values=cache, logits_to_keep=1)
             kv_bytes = cache.memory_bytes() / context
-        gen = generate(model, ids[None, :256], max_new_tokens=32, method=method, stop_tokens=[])
-        rows.append({"method": getattr(config, "label", config.name), "ppl": ppl.ppl,
+        gen = generate(model, ids[None, :128], max_new_tokens=16, method=method, stop_tokens=[])
+        rows.append({"method": label, "ppl": ppl.ppl,
                      "kv_bytes_per_token": kv_bytes, "decode_tokens_per_s": gen.decode_tokens_per_s,
                      "calibration_s": calib_s})
     dense = rows[0]["ppl"]
