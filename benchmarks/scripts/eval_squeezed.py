@@ -27,6 +27,7 @@ import time
 import torch
 
 OBSERVATION = 64
+DEFAULT_METHODS = "dense,squeezed-70,quest@70,streaming@70,squeezed-90,quest@90,streaming@90,random@90"
 
 
 def squeezed_budget(sparsity: float, centroids: float, tokens: int, observation: int = OBSERVATION) -> float:
@@ -80,9 +81,12 @@ def main() -> int:
     ap.add_argument("--facts", type=int, default=4)
     ap.add_argument("--kinds", default="needles/code,needles/prose",
                     help="comma-separated kind/format pairs, cycled over the contexts (kv/code, kv/prose too)")
-    ap.add_argument("--methods", default=None, help="comma-separated subset of the method names")
+    ap.add_argument("--methods", default=DEFAULT_METHODS,
+                    help="comma-separated method names (also: squeezed-h90, snapkv@90); 'all' for every one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk-size", type=int, default=2048)
+    ap.add_argument("--extra-tokens", type=int, default=3,
+                    help="new tokens per question beyond the answer's own (the harness default is 8)")
     ap.add_argument("--out", default="benchmarks/results/squeezed_quality.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -94,6 +98,7 @@ def main() -> int:
     from lmsqueeze.eval.scoring import string_match_all
     from lmsqueeze.eval.suite import answer_budget
     from lmsqueeze.eval.texts import eval_text
+    from lmsqueeze.methods.squeezed.context import capture_context
 
     torch.manual_seed(args.seed)
     model, tok = lmsqueeze.load_model(args.model)
@@ -103,17 +108,56 @@ def main() -> int:
     samples = [fixed_context_sample(tok, lines, args.context_length, args.facts, args.questions, args.seed, i,
                                     *kinds[i % len(kinds)]) for i in range(args.contexts)]
     methods = methods_for(args.context_length)
-    if args.methods:
-        keep = set(args.methods.split(","))
+    if args.methods != "all":
+        keep = args.methods.split(",")
+        unknown = set(keep) - {m[0] for m in methods}
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; known: {[m[0] for m in methods]}")
         methods = [m for m in methods if m[0] in keep]
     per_method: dict[str, dict] = {name: {"correct": 0, "n": 0, "rows": [], "prepare_s": 0.0, "answer_s": 0.0}
                                    for name, _ in methods}
     records = []
     stops = stop_token_ids(tok)
+    metrics: dict = {}
+
+    def write(complete: bool) -> None:
+        metrics.clear()
+        dense_acc = per_method.get("dense", {}).get("correct", 0) / max(1, per_method.get("dense", {}).get("n", 1))
+        for name, method in methods:
+            pm = per_method[name]
+            acc = pm["correct"] / pm["n"]
+            metrics[name] = {
+                "accuracy": acc, "questions": pm["n"], "delta_vs_dense_points": 100 * (acc - dense_acc),
+                "fixed_rows_read_fraction": sum(pm["rows"]) / len(pm["rows"]),
+                "nominal_budget": getattr(method, "budget", None) if method is not None else 1.0,
+                "config": method.to_dict() if method is not None else {"name": "dense"},
+                "seconds_prepare": pm["prepare_s"], "seconds_answer": pm["answer_s"],
+            }
+            if name.startswith("squeezed"):
+                sp = method.sparsity
+                cents = sum(method.hierarchical) if method.hierarchical else method.centroids
+                metrics[name]["nominal_budget"] = squeezed_budget(sp, cents, args.context_length)
+        result = make_result(
+            "eval.fixed_squeezed", metrics, model=model_info(model, args.model or "zoo:default"),
+            data={**data_info, "contexts": args.contexts, "questions_per_context": args.questions,
+                  "context_length": args.context_length, "facts": args.facts, "kinds": kinds, "seed": args.seed},
+            config={"observation": OBSERVATION, "chunk_size": args.chunk_size,
+                    "budget_note": "fixed_rows_read_fraction: fixed-context rows read per attention call (prefill "
+                                   "chunks and decode steps, averaged over layers) / context tokens; centroid and "
+                                   "page-bound reads are in nominal_budget only"},
+            device="cpu")
+        result["records"] = records
+        result["complete"] = complete
+        result["config"]["extra_tokens"] = args.extra_tokens
+        write_json(args.out, result)
+
     for s in samples:
         ctx = tok(s.context)["input_ids"]
         qs = [tok(q, add_special_tokens=False)["input_ids"] for q in s.questions]
-        budgets = [answer_budget(tok, a) for a in s.answers]
+        budgets = [answer_budget(tok, a) - 8 + args.extra_tokens for a in s.answers]
+        t_cap = time.perf_counter()
+        captured = capture_context(model, ctx, OBSERVATION, args.chunk_size)  # one dense forward, every method
+        t_cap = time.perf_counter() - t_cap
         for name, method in methods:
             t0 = time.perf_counter()
             if method is None:                                       # dense: the harness's own path
@@ -128,8 +172,10 @@ def main() -> int:
                         cache.crop(len(ctx))
                 stats = {"rows_read_per_step": float(len(ctx))}
             else:
-                art = method.prepare(model, ctx)
+                art = method.prepare(model, ctx, captured=captured)
                 t1 = time.perf_counter()
+                pm_extra = t_cap / max(1, len(methods) - 1)             # its share of the shared capture
+                t0 -= pm_extra
                 outs, stats = answer_prepared(model, tok, art, qs, budgets, args.chunk_size)
             pm = per_method[name]
             pm["prepare_s"] += t1 - t0
@@ -142,35 +188,9 @@ def main() -> int:
                 pm["n"] += 1
                 records.append({"method": name, "context": s.index, "kind": s.kind, "format": s.format,
                                 "question": i, "answers": ans, "prediction": pred, "correct": ok})
+        write(len({r["context"] for r in records}) == len(samples))
         line = "  ".join(f"{n}={v['correct'] / max(1, v['n']):.3f}" for n, v in per_method.items())
         print(f"context {s.index} ({s.kind}/{s.format}, {len(ctx)} tokens): {line}", flush=True)
-    metrics = {}
-    dense_acc = per_method.get("dense", {}).get("correct", 0) / max(1, per_method.get("dense", {}).get("n", 1))
-    for name, method in methods:
-        pm = per_method[name]
-        acc = pm["correct"] / pm["n"]
-        metrics[name] = {
-            "accuracy": acc, "questions": pm["n"], "delta_vs_dense_points": 100 * (acc - dense_acc),
-            "fixed_rows_read_fraction": sum(pm["rows"]) / len(pm["rows"]),
-            "nominal_budget": getattr(method, "budget", None) if method is not None else 1.0,
-            "config": method.to_dict() if method is not None else {"name": "dense"},
-            "seconds_prepare": pm["prepare_s"], "seconds_answer": pm["answer_s"],
-        }
-        if name.startswith("squeezed"):
-            sp = method.sparsity
-            cents = sum(method.hierarchical) if method.hierarchical else method.centroids
-            metrics[name]["nominal_budget"] = squeezed_budget(sp, cents, args.context_length)
-    result = make_result(
-        "eval.fixed_squeezed", metrics, model=model_info(model, args.model or "zoo:default"),
-        data={**data_info, "contexts": args.contexts, "questions_per_context": args.questions,
-              "context_length": args.context_length, "facts": args.facts, "kinds": kinds, "seed": args.seed},
-        config={"observation": OBSERVATION, "chunk_size": args.chunk_size,
-                "budget_note": "fixed_rows_read_fraction: fixed-context rows read per attention call (prefill "
-                               "chunks and decode steps, averaged over layers) / context tokens; centroid and "
-                               "page-bound reads are in nominal_budget only"},
-        device="cpu")
-    result["records"] = records
-    write_json(args.out, result)
     print("\nmethod            accuracy  vs dense  rows read  nominal budget")
     for name, m in metrics.items():
         print(f"{name:16s}  {m['accuracy']:.3f}   {m['delta_vs_dense_points']:+6.1f}   {m['fixed_rows_read_fraction']:.3f}"

@@ -87,3 +87,19 @@ def test_spherical_kmeans_recovers_separated_directions():
         assert len(pairs) == 4
     with pytest.raises(LmsqueezeError):
         spherical_kmeans(x, 500)
+
+
+def test_prepare_from_a_shared_capture_equals_fresh():
+    from lmsqueeze.methods.squeezed import SqueezedAttention
+    from lmsqueeze.methods.squeezed.context import capture_context
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, S), generator=torch.Generator().manual_seed(3))
+    cap = capture_context(model, ids, 16)
+    for method in (SqueezedAttention(centroids=0.2, observation=8), SnapKV(budget=0.3, window=8), Quest(budget=0.5)):
+        a, b = method.prepare(model, ids), method.prepare(model, ids, captured=cap)
+        assert a.tensors.keys() == b.tensors.keys()
+        for k in a.tensors:
+            torch.testing.assert_close(a.tensors[k], b.tensors[k])
+    with pytest.raises(LmsqueezeError):                               # too few observation queries captured
+        SqueezedAttention(observation=32).prepare(model, ids, captured=cap)

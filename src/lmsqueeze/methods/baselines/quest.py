@@ -88,11 +88,11 @@ class Quest(Method):
         # the bounds are two key vectors per page: one K+V token equivalent each page
         return max(1, budget_tokens(self.budget, tokens, pages) // self.page_size)
 
-    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048) -> Artifact:
+    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048, captured=None) -> Artifact:
         def bounds(i, cap):
             lo, hi = page_bounds(cap.keys, self.page_size)
             return {"page_min": lo, "page_max": hi}
-        return prepare_fixed_context(self, model, fixed_context_ids, 0, bounds, chunk_size)
+        return prepare_fixed_context(self, model, fixed_context_ids, 0, bounds, chunk_size, captured=captured)
 
     def calibrate(self, model, batches) -> Artifact:
         return self.prepare(model, batches)

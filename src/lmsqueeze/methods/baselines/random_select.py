@@ -26,14 +26,14 @@ class RandomSelect(Method):
     def __post_init__(self) -> None:
         self.budget = check_budget(self.budget)
 
-    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048) -> Artifact:
+    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048, captured=None) -> Artifact:
         def rows(i, cap):
             Hkv, n, _ = cap.keys.shape
             g = torch.Generator().manual_seed(self.seed * 1000003 + i)
             k = budget_tokens(self.budget, n)
             pick = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(Hkv)])
             return {"rows": pick.sort(-1).values.to(torch.int32)}
-        return prepare_fixed_context(self, model, fixed_context_ids, 0, rows, chunk_size)
+        return prepare_fixed_context(self, model, fixed_context_ids, 0, rows, chunk_size, captured=captured)
 
     def calibrate(self, model, batches) -> Artifact:
         return self.prepare(model, batches)

@@ -55,10 +55,10 @@ class SnapKV(Method):
         if self.window < 1 or self.kernel < 1:
             raise LmsqueezeError(f"window and kernel must be >= 1, got {self.window} and {self.kernel}")
 
-    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048) -> Artifact:
+    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048, captured=None) -> Artifact:
         def rows(i, cap):
             return {"rows": snapkv_rows(cap, budget_tokens(self.budget, cap.keys.shape[1]), self.kernel)}
-        return prepare_fixed_context(self, model, fixed_context_ids, self.window, rows, chunk_size)
+        return prepare_fixed_context(self, model, fixed_context_ids, self.window, rows, chunk_size, captured=captured)
 
     def calibrate(self, model, batches) -> Artifact:
         return self.prepare(model, batches)

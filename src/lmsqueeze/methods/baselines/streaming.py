@@ -36,8 +36,8 @@ class StreamingLLM(Method):
         if self.sinks < 0:
             raise LmsqueezeError(f"sinks must be >= 0, got {self.sinks}")
 
-    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048) -> Artifact:
-        return prepare_fixed_context(self, model, fixed_context_ids, 0, None, chunk_size)
+    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048, captured=None) -> Artifact:
+        return prepare_fixed_context(self, model, fixed_context_ids, 0, None, chunk_size, captured=captured)
 
     def calibrate(self, model, batches) -> Artifact:
         return self.prepare(model, batches)

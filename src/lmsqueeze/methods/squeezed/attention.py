@@ -94,7 +94,8 @@ class SqueezedState(FixedContextState):
         s, lse, scored = decode_scores(q, idx, step.scaling)
         out, _, kept = squeezed_decode(q, idx.keys, idx.values, idx.offsets, s, lse, idx.log_threshold,
                                        self.k[:, :, :n], self.v[:, :, :n], lengths, step.scaling, starts, local_valid,
-                                       step.window, step.positions, idx.positions, count_kept=not q.is_cuda)
+                                       step.window, step.positions, idx.positions, count_kept=not q.is_cuda,
+                                       row_cluster=idx.row_cluster)
         if not q.is_cuda:
             self.note_rows(kept)
             if scored is None:

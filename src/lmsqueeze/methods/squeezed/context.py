@@ -92,6 +92,20 @@ def capture_context(model, context_ids, observation: int, chunk_size: int = 2048
     return out
 
 
+def reuse_capture(model, context_ids, observation: int, chunk_size: int = 2048,
+                  captured: list[CapturedLayer] | None = None) -> list[CapturedLayer]:
+    """`capture_context`, or a previous capture of the same context (with at least `observation` observation
+    queries) cut down to the last `observation` queries: several methods prepared from one forward."""
+    if captured is None:
+        return capture_context(model, context_ids, observation, chunk_size)
+    if len(captured) != len(model.model.layers) or any(c.q_obs.shape[1] < observation for c in captured):
+        raise LmsqueezeError(f"the capture passed has {len(captured)} layers and {captured[0].q_obs.shape[1]} "
+                             f"observation queries; this model needs {len(model.model.layers)} layers and "
+                             f"{observation} queries: capture with observation >= {observation}")
+    return [CapturedLayer(c.keys, c.values, c.q_obs[:, c.q_obs.shape[1] - observation:], c.scaling, c.window)
+            for c in captured]
+
+
 def context_positions(S: int, device=None) -> torch.Tensor:
     """Relative positions of an S-token fixed context: [S] int64 = -S .. -1."""
     return torch.arange(S, device=device) - S
@@ -119,16 +133,18 @@ class FixedKV:
 
 
 def prepare_fixed_context(method, model, context_ids, observation: int = 0, per_layer=None,
-                          chunk_size: int = 2048, meta: dict | None = None):
+                          chunk_size: int = 2048, meta: dict | None = None,
+                          captured: list[CapturedLayer] | None = None):
     """An artifact holding a fixed context's KV per layer (context order, relative RoPE) for the baselines.
 
-    per_layer(layer_idx, CapturedLayer) -> dict of extra tensors for that layer (e.g. SnapKV's rows).
+    per_layer(layer_idx, CapturedLayer) -> dict of extra tensors for that layer (e.g. SnapKV's rows);
+    captured: a `capture_context` of this context to reuse (see `reuse_capture`).
     """
     from lmsqueeze.methods.base import Artifact, model_fingerprint
     from lmsqueeze.methods.squeezed.prepare import context_ids_from
 
     ids = context_ids_from(context_ids)
-    layers = capture_context(model, ids, observation, chunk_size)
+    layers = reuse_capture(model, ids, observation, chunk_size, captured)
     tensors: dict[str, torch.Tensor] = {"context_ids": ids.cpu()}
     for i, cap in enumerate(layers):
         tensors[f"layers.{i}.keys"] = cap.keys.cpu()

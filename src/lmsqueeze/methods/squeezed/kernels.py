@@ -177,7 +177,8 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
 
 
 def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths, scaling,
-                    starts=None, local_valid=None, window=None, q_pos=None, key_pos=None, count_kept: bool = True):
+                    starts=None, local_valid=None, window=None, q_pos=None, key_pos=None, count_kept: bool = True,
+                    row_cluster=None):
     """One decode query per sequence over the kept clusters of the fixed context + its local slots.
 
     q: [B, Hq, D] rotated; keys, values: [Hkv, N, D] sorted by cluster; offsets: [Hkv, C + 2] int32;
@@ -190,7 +191,7 @@ def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_
         return squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
                                       lengths, scaling, starts, count_kept=count_kept)
     return squeezed_decode_reference(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
-                                     lengths, scaling, starts, local_valid, window, q_pos, key_pos)
+                                     lengths, scaling, starts, local_valid, window, q_pos, key_pos, row_cluster)
 
 
 # --- prefill -------------------------------------------------------------------------------------------------

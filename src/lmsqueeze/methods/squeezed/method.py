@@ -62,11 +62,12 @@ class SqueezedAttention(Method):
         cents = sum(self.hierarchical) if self.hierarchical else self.centroids
         return (1 - self.sparsity) + cents / 2
 
-    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048) -> Artifact:
-        """Prepare `fixed_context_ids` ([S] or [1, S] token ids) for `model`; save it with `.save(dir)`."""
+    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048, captured=None) -> Artifact:
+        """Prepare `fixed_context_ids` ([S] or [1, S] token ids) for `model`; save it with `.save(dir)`.
+        captured: a `context.capture_context` of the same context to reuse (skips the dense forward)."""
         from lmsqueeze.methods.squeezed.prepare import prepare_squeezed
 
-        return prepare_squeezed(self, model, fixed_context_ids, chunk_size)
+        return prepare_squeezed(self, model, fixed_context_ids, chunk_size, captured)
 
     def calibrate(self, model, batches) -> Artifact:
         """Same as `prepare`: `batches` holds the fixed context's token ids."""

@@ -8,7 +8,7 @@ import time
 import torch
 
 from lmsqueeze.methods.base import Artifact, model_fingerprint
-from lmsqueeze.methods.squeezed.context import capture_context, context_positions
+from lmsqueeze.methods.squeezed.context import context_positions, reuse_capture
 from lmsqueeze.methods.squeezed.index import build_layer_index
 
 log = logging.getLogger(__name__)
@@ -22,12 +22,12 @@ def context_ids_from(batches) -> torch.Tensor:
     return torch.as_tensor(batches, dtype=torch.long).reshape(-1)
 
 
-def prepare_squeezed(method, model, context_ids, chunk_size: int = 2048) -> Artifact:
-    """Capture the context's KV (one dense forward), cluster every layer's keys per KV head, calibrate the
-    thresholds on the last `method.observation` tokens. Returns the artifact (tensors on the CPU)."""
+def prepare_squeezed(method, model, context_ids, chunk_size: int = 2048, captured=None) -> Artifact:
+    """Capture the context's KV (one dense forward, or reuse `captured`), cluster every layer's keys per KV
+    head, calibrate the thresholds on the last `method.observation` tokens. Returns the artifact (CPU)."""
     t0 = time.perf_counter()
     ids = context_ids_from(context_ids)
-    layers = capture_context(model, ids, method.observation, chunk_size)
+    layers = reuse_capture(model, ids, method.observation, chunk_size, captured)
     S = ids.numel()
     tensors: dict[str, torch.Tensor] = {"context_ids": ids.cpu()}
     stats = []

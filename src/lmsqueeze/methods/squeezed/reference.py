@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from lmsqueeze.kernels.merge import merge_attention_states
+
 NEG = float("-inf")
 
 
@@ -126,7 +128,6 @@ def indexed_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: tor
     Hkv = keys.shape[0]
     G = Hq // Hkv
     M = idx.shape[-1]
-    L = local_k.shape[2]
     rows = idx.long().clamp(0, keys.shape[1] - 1)
     kf = keys.float()[None].expand(B, -1, -1, -1).gather(2, rows[..., None].expand(-1, -1, -1, D))  # [B,Hkv,M,D]
     vf = values.float()[None].expand(B, -1, -1, -1).gather(2, rows[..., None].expand(-1, -1, -1, D))
@@ -138,13 +139,22 @@ def indexed_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: tor
         fmask = _fixed_window(fmask, window, q_pos, kp)
     s_fixed = (qg @ kf.transpose(-1, -2)).reshape(B, Hkv, G, T, M) * scaling
     s_fixed = s_fixed.masked_fill(~fmask[:, :, None], NEG)
-    lmask = _local_mask(B, T, L, lengths, starts, local_valid, window, q.device)         # [B, T, L]
-    s_local = (qg @ local_k.float().transpose(-1, -2)).reshape(B, Hkv, G, T, L) * scaling
-    s_local = s_local.masked_fill(~lmask[:, None, None], NEG)
-    scores = torch.cat([s_fixed, s_local], -1)
-    vals = torch.cat([vf, local_v.float()], 2)[:, :, None, None]                            # [B, Hkv, 1, 1, M+L, D]
-    out, lse = _attend(scores, vals)
+    out_f, lse_f = _attend(s_fixed, vf[:, :, None, None])
+    out_l, lse_l = _local_part(qg.reshape(B, Hkv, G, T, D), local_k, local_v, lengths, starts, local_valid, window,
+                               scaling)
+    out, lse = merge_attention_states(out_f, lse_f, out_l, lse_l)
     return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T)
+
+
+def _local_part(qg: torch.Tensor, local_k: torch.Tensor, local_v: torch.Tensor, lengths: torch.Tensor,
+                starts, local_valid, window, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """qg: [B, Hkv, G, T, D] float32 over the causal local slots -> (out [B, Hkv, G, T, D], lse)."""
+    B, Hkv, G, T, D = qg.shape
+    L = local_k.shape[2]
+    lmask = _local_mask(B, T, L, lengths, starts, local_valid, window, qg.device)         # [B, T, L]
+    s_local = (qg.reshape(B, Hkv, G * T, D) @ local_k.float().transpose(-1, -2)).reshape(B, Hkv, G, T, L) * scaling
+    s_local = s_local.masked_fill(~lmask[:, None, None], NEG)
+    return _attend(s_local, local_v.float()[:, :, None, None])
 
 
 def squeezed_decode_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
@@ -152,14 +162,14 @@ def squeezed_decode_reference(q: torch.Tensor, keys: torch.Tensor, values: torch
                               local_k: torch.Tensor, local_v: torch.Tensor, lengths: torch.Tensor, scaling: float,
                               starts: torch.Tensor | None = None, local_valid: torch.Tensor | None = None,
                               window: int | None = None, q_pos: torch.Tensor | None = None,
-                              key_pos: torch.Tensor | None = None,
+                              key_pos: torch.Tensor | None = None, row_cluster: torch.Tensor | None = None,
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode query per sequence: keep clusters by threshold, attend their rows + the observation
     window + the local slots [starts, lengths), all in one softmax.
 
     q: [B, Hq, D]; keys, values: [Hkv, N, D]; offsets: [Hkv, C + 2]; scores: [B, Hq, C]; chunk_lse:
-    [B, Hq, NCH]; log_tau: [Hkv]. Returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 = fixed
-    rows read).
+    [B, Hq, NCH]; log_tau: [Hkv]; row_cluster: [Hkv, N] cluster of each row (derived from offsets if None).
+    Returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 = fixed rows read).
     """
     B, Hq, D = q.shape
     Hkv, N, _ = keys.shape
@@ -167,20 +177,18 @@ def squeezed_decode_reference(q: torch.Tensor, keys: torch.Tensor, values: torch
     C = scores.shape[-1]
     keep = cluster_keep(scores, chunk_lse, log_tau, G)
     keep = torch.cat([keep, torch.ones_like(keep[..., :1])], -1)                          # + observation window
-    sizes = (offsets[:, 1:] - offsets[:, :-1]).long()
-    row_cluster = torch.repeat_interleave(torch.arange(C + 1, device=q.device).repeat(Hkv), sizes.flatten())
-    rmask = keep.gather(-1, row_cluster.reshape(Hkv, N)[None].expand(B, -1, -1))          # [B, Hkv, N]
+    if row_cluster is None:
+        sizes = (offsets[:, 1:] - offsets[:, :-1]).long()
+        row_cluster = torch.repeat_interleave(torch.arange(C + 1, device=q.device).repeat(Hkv),
+                                              sizes.flatten()).reshape(Hkv, N)
+    rmask = keep.gather(-1, row_cluster.long()[None].expand(B, -1, -1))                   # [B, Hkv, N]
     kept = rmask.sum(-1).to(torch.int32)
     fmask = _fixed_window(rmask[:, :, None, :], window, q_pos, key_pos)                   # [B, Hkv, 1, N]
     qg = q.float().reshape(B, Hkv, G, D)
     s_fixed = (qg @ keys.float().transpose(-1, -2)[None]) * scaling                         # [B, Hkv, G, N]
-    s_fixed = s_fixed.masked_fill(~fmask, NEG)
-    L = local_k.shape[2]
-    lmask = _local_mask(B, 1, L, lengths, starts, local_valid, window, q.device)[:, None]   # [B, 1, 1, L]
-    s_local = (qg @ local_k.float().transpose(-1, -2)) * scaling
-    s_local = s_local.masked_fill(~lmask, NEG)
-    vals = torch.cat([values.float()[None].expand(B, -1, -1, -1), local_v.float()], 2)[:, :, None]
-    out, lse = _attend(torch.cat([s_fixed, s_local], -1), vals)
+    out_f, lse_f = _attend(s_fixed.masked_fill(~fmask, NEG), values.float()[None, :, None])
+    out_l, lse_l = _local_part(qg[:, :, :, None], local_k, local_v, lengths, starts, local_valid, window, scaling)
+    out, lse = merge_attention_states(out_f, lse_f, out_l[:, :, :, 0], lse_l[:, :, :, 0])
     return out.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq), kept
 
 
