@@ -167,7 +167,9 @@ def bench_llama(args) -> dict:
             summary[f"median_{name}_speedup"] = statistics.median(x["speedup_vs_greedy"] for x in ok)
             summary[f"{name}_all_identical"] = all(x["identical"] for x in ok)
             summary[f"{name}_tokens_per_full_forward"] = statistics.median(x["tokens_per_full_forward"] for x in ok)
-    return {"model": "src/lmsqueeze/zoo/default", "calibration": {"seconds": calib_s, "table": cal.table},
+    return {"model": "src/lmsqueeze/zoo/default", "calibration": {"seconds": calib_s, "best_tokens_per_full_forward_equiv": cal.tokens_per_full_forward_equiv,
+                                                       "beats_plain_greedy": cal.tokens_per_full_forward_equiv > 1.0,
+                                                       "table": cal.table},
             "rows": rows, "summary": summary}
 
 

@@ -44,10 +44,12 @@ class CalibrationConfig:
 
 @dataclass(slots=True)
 class Calibration:
-    """Best (exit_layer, draft) and the per-candidate table (dicts with acceptance and both scores)."""
+    """Best (exit_layer, draft), its score and the per-candidate table (dicts with acceptance and both scores).
+    `tokens_per_full_forward_equiv` < 1 means no candidate beats plain greedy decoding on this model."""
 
     exit_layer: int
     draft: int
+    tokens_per_full_forward_equiv: float = 0.0
     table: list[dict] = field(default_factory=list)
 
 
@@ -137,4 +139,8 @@ def calibrate_self_speculation(model, tok, cfg: CalibrationConfig | None = None,
     best = max(table, key=lambda r: r["tokens_per_full_forward_equiv"])
     log.info("self-speculation calibration: E=%d k=%d, %.3f tokens per full-forward equivalent",
              best["exit_layer"], best["draft"], best["tokens_per_full_forward_equiv"])
-    return Calibration(exit_layer=best["exit_layer"], draft=best["draft"], table=table)
+    if best["tokens_per_full_forward_equiv"] < 1.0:
+        log.warning("self-speculation: no (E, k) beats plain greedy decoding on this model (best %.3f tokens per "
+                    "full-forward equivalent); the early exits agree too rarely", best["tokens_per_full_forward_equiv"])
+    return Calibration(exit_layer=best["exit_layer"], draft=best["draft"],
+                       tokens_per_full_forward_equiv=best["tokens_per_full_forward_equiv"], table=table)
