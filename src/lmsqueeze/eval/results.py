@@ -23,19 +23,15 @@ from typing import Any
 RESULT_VERSION = 1
 
 
-def git_commit(path: str | Path | None = None) -> str | None:
-    """HEAD of the git repository holding `path` (default: this package), '+dirty' when files changed."""
-    where = Path(path) if path is not None else Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], check=False, capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-                               check=False, capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
+def git_commit() -> str | None:
+    """HEAD of this repository, '+dirty' when tracked files changed (the bench's git_state, which falls back
+    to $LMSQUEEZE_GIT_COMMIT / $LMSQUEEZE_GIT_DIRTY on copies without git)."""
+    from lmsqueeze.bench.results import git_state
+
+    commit, dirty = git_state()
+    if not commit or commit == "unknown":
         return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def device_name(device=None) -> str:
