@@ -115,3 +115,17 @@ def test_calibration_picks_the_exact_exit():
     row = [r for r in cal.table if r["exit_layer"] == 3 and r["draft"] == 11][0]
     assert row["acceptance_rate"] == 1.0 and row["tokens_per_verify"] == 12.0
     assert len(cal.table) == 3 * 3
+
+
+def test_self_spec_with_squeeze_cache():
+    """Inside lmsqueeze.apply (Dense) with the session's SqueezeCache, crop(-n) rollback stays lossless."""
+    import lmsqueeze
+
+    m = tiny("llama", 5)
+    soften_last_layer(m, 0.1)
+    ids = prompt(6)
+    ref = plain_greedy(m, ids, 15)
+    with lmsqueeze.apply(m) as session:
+        out, st = self_speculative_generate(m, ids, 15, exit_layer=2, draft=3, cache=session.new_cache())
+    assert torch.equal(out, ref)
+    assert 0 < st.accepted < st.drafted
