@@ -1,0 +1,344 @@
+"""A²ATS retrieval quality: recall of attention mass at equal token budgets, and the long-context suite.
+
+    python benchmarks/scripts/eval_a2ats.py --out benchmarks/results --plot benchmarks/plots/a2ats_recall.png
+
+Model: the bundled zoo model (or --model DIR), on the CPU. Calibration: corpus train split plus synthetic
+retrieval prompts (seeded apart from the evaluation ones). Evaluation sequences: windows of the held-out text
+and RULER-style retrieval prompts (needles, keys, variable tracking) built on the held-out text, each
+`--length` tokens; the queries are the last `--queries` positions of each sequence (decode-like: each attends
+causally to its prefix).
+
+For every layer, query head and query position m, with dense attention p over slots 0..m:
+  recall(method, r) = sum of p over sinks ∪ window ∪ the k = floor(r (m + 1)) candidates that the method
+  scores highest, per query head (equal budgets for every method).
+Methods: oracle (exact logits), a2ats (query-aware VQ of pre-RoPE keys, windowed RoPE), plain-vq (K-means of
+the keys, windowed RoPE), a2ats-no-wrope (query-aware VQ of post-RoPE keys), quest (page min/max bounds of
+post-RoPE keys, pages of 16; the page metadata is not charged to the budget). Also a2ats as it runs
+(per KV group: union of the heads' top-k by the code histogram threshold), with the fraction of tokens read.
+Then the long-context suite (dense, a2ats, oracle_topk at 3%) through the patched model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+import lmsqueeze
+from lmsqueeze.bench.results import command_line, write_result
+from lmsqueeze.methods.a2ats import A2ATS, retrieval, with_settings
+from lmsqueeze.methods.a2ats.method import layer_codebooks
+from lmsqueeze.methods.a2ats.reference import select_codes_reference
+from lmsqueeze.methods.a2ats.windowed_rope import distance_tables
+from lmsqueeze.methods.cache import SqueezeCache
+from lmsqueeze.methods.dense import DenseState
+from lmsqueeze.models.rope import apply_rope, rope_tables
+
+log = logging.getLogger("eval_a2ats")
+RATIOS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+METHODS = ("oracle", "a2ats", "plain-vq", "a2ats-no-wrope", "quest")
+
+
+# data ----------------------------------------------------------------------------------------------------
+def calibration_data(tok, args) -> list[torch.Tensor]:
+    from lmsqueeze.data.calibration import calibration_batches
+    from lmsqueeze.data.corpus import read_texts
+    from lmsqueeze.data.tasks import TASKS, make_samples
+
+    batches = calibration_batches(tok, num_samples=args.calib_samples, seq_len=args.calib_len, seed=11)
+    hay = "\n\n".join(read_texts(None, split="train", max_chars=2_000_000))
+    samples = make_samples(TASKS, tok, hay, [args.calib_len], depths=(0.3, 0.7), seed=1001,
+                           formats=("prose", "code"))[:args.calib_tasks]
+    for s in samples:
+        ids = tok(s.prompt, add_special_tokens=True)["input_ids"][:args.calib_len]
+        batches.append(torch.tensor([ids]))
+    return batches
+
+
+def eval_sequences(tok, args) -> list[tuple[str, torch.Tensor]]:
+    from lmsqueeze.data.tasks import make_samples
+    from lmsqueeze.eval.texts import eval_text
+
+    text, _info = eval_text(None)
+    ids = tok(text[:4_000_000], add_special_tokens=False)["input_ids"]
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for o in torch.randint(0, len(ids) - args.length, (args.text_seqs,), generator=g).tolist():
+        out.append(("heldout", torch.tensor([ids[o:o + args.length]])))
+    tasks = ("niah_single", "niah_multikey", "kv_retrieval", "vt", "niah_multivalue", "passkey")
+    samples = make_samples(tasks[:args.task_seqs], tok, text, [args.length], depths=(0.4,), seed=0)
+    for s in samples:
+        out.append((f"task:{s.task}", torch.tensor([tok(s.prompt, add_special_tokens=True)["input_ids"]])))
+    return out
+
+
+# recording pre-RoPE q/k ----------------------------------------------------------------------------------
+class _Record(DenseState):
+    def __init__(self, store: dict, layer: int, last: int) -> None:
+        super().__init__()
+        self.store, self.layer, self.last = store, layer, last
+
+    def attend(self, q, k, v, step):
+        rec = self.store.setdefault(self.layer, {"q": [], "k": []})
+        rec["q"].append(q[0].detach().clone())
+        rec["k"].append(k[0].detach().clone())
+        return super().attend(q, k, v, step)
+
+
+@torch.no_grad()
+def record(model, ids: torch.Tensor, queries: int, chunk: int = 2048) -> dict:
+    """Per layer: q [Hq, Q, D] of the last `queries` positions and k [Hkv, n, D], both pre-RoPE."""
+    store: dict = {}
+    n_layers = len(model.model.layers)
+    with lmsqueeze.apply(model, None):
+        cache = SqueezeCache(lambda i: _Record(store, i, queries), n_layers)
+        for a in range(0, ids.shape[1], chunk):
+            model(input_ids=ids[:, a:a + chunk], past_key_values=cache, use_cache=True)
+    return {i: {"q": torch.cat(r["q"], 1)[:, -queries:].float(), "k": torch.cat(r["k"], 1).float()}
+            for i, r in store.items()}
+
+
+# recall --------------------------------------------------------------------------------------------------
+def ranks(scores: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Rank (0 = best) of every slot among the candidates; non-candidates get a huge rank. [H, Q, n]."""
+    s = scores.masked_fill(~cand[None], float("-inf"))
+    order = s.argsort(dim=-1, descending=True, stable=True)
+    r = torch.empty_like(order)
+    r.scatter_(-1, order, torch.arange(s.shape[-1]).expand_as(order))
+    return torch.where(cand[None], r, torch.full_like(r, 1 << 40))
+
+
+def layer_scores(rec: dict, books: dict, rotary, n: int, args) -> dict:
+    """Method scores [Hq, Q, n] and dense probabilities for one layer of one sequence."""
+    q_pre, k_pre = rec["q"], rec["k"]  # [Hq, Q, D], [Hkv, n, D]
+    Hq, Q, D = q_pre.shape
+    Hkv = k_pre.shape[0]
+    G = Hq // Hkv
+    pos = torch.arange(n)
+    cos, sin = rope_tables(rotary, pos[None], torch.float32)  # [1, n, D]
+    k_rot = apply_rope(k_pre[None], cos, sin)[0]
+    q_rot = apply_rope(q_pre[None], cos[:, n - Q:], sin[:, n - Q:])[0]
+    kk = k_rot.repeat_interleave(G, 0)
+    logits = torch.einsum("hqd,hnd->hqn", q_rot, kk) * D ** -0.5
+    m = torch.arange(n - Q, n)[:, None]
+    causal = pos[None, :] <= m
+    p = torch.softmax(logits.masked_fill(~causal[None], float("-inf")), -1)
+    out = {"p": p, "oracle": logits}
+    cos_b, sin_b = distance_tables(rotary, args.distance, torch.float32, "cpu")
+    for name, (bk, windowed) in books.items():
+        keys = k_pre if windowed else k_rot
+        codes = retrieval.assign_codes(keys[None], bk.assign, bk.half_norms)[0].long()  # [Hkv, n]
+        score_cb = retrieval.fold_rotation(bk.score, cos_b, sin_b) if windowed else bk.score.float()
+        qs = q_pre if windowed else q_rot
+        lut = torch.einsum("hqd,hcd->hqc", qs, score_cb.repeat_interleave(G, 0))  # [Hq, Q, C]
+        out[name] = lut.gather(-1, codes.repeat_interleave(G, 0)[:, None, :].expand(Hq, Q, n))
+        out[name + ":codes"] = codes
+        out[name + ":lut"] = lut
+    # Quest: upper bound of q·k over the page (16 post-RoPE keys) holding each slot
+    ps = args.page_size
+    P = -(-n // ps)
+    pad = P * ps - n
+    kp = torch.cat([k_rot, k_rot[:, -1:].expand(Hkv, pad, D)], 1) if pad else k_rot
+    kp = kp.reshape(Hkv, P, ps, D)
+    pmin, pmax = kp.amin(2).repeat_interleave(G, 0), kp.amax(2).repeat_interleave(G, 0)  # [Hq, P, D]
+    bound = torch.maximum(q_rot[:, :, None] * pmin[:, None], q_rot[:, :, None] * pmax[:, None]).sum(-1)
+    out["quest"] = bound.repeat_interleave(ps, -1)[..., :n]
+    out["causal"] = causal
+    return out
+
+
+def layer_recall(sc: dict, n: int, Q: int, G: int, args) -> dict:
+    """{(method, ratio): recall summed over heads x queries} and the union rows, for one layer."""
+    pos = torch.arange(n)
+    m = torch.arange(n - Q, n)[:, None]
+    causal = sc["causal"]
+    near = causal & ((pos[None, :] < args.sinks) | (m - pos[None, :] < args.window))
+    cand = causal & ~near
+    p = sc["p"]
+    base = (p * near[None]).sum(-1)  # [Hq, Q]
+    kth = (torch.arange(n - Q, n) + 1).double()
+    res = {}
+    for name in METHODS:
+        r = ranks(sc[name], cand)
+        for ratio in RATIOS:
+            k = (kth * ratio).floor().long()[None, :, None]  # [1, Q, 1]
+            sel = r < k
+            res[(name, ratio)] = float((base + (p * sel).sum(-1)).sum())
+    # a2ats as it runs: per KV group, union of the heads' top-k via the code-histogram threshold
+    codes, lut = sc["a2ats:codes"], sc["a2ats:lut"]  # [Hkv, n], [Hq, Q, C]
+    Hq, C = lut.shape[0], lut.shape[-1]
+    Hkv = Hq // G
+    for ratio in RATIOS:
+        rec, frac = 0.0, 0.0
+        for qi in range(Q):
+            c = cand[qi]
+            counts = torch.zeros(Hkv, C, dtype=torch.int32).scatter_add_(
+                1, codes[:, c], torch.ones(Hkv, int(c.sum()), dtype=torch.int32))
+            kq = torch.tensor([int(kth[qi] * ratio)], dtype=torch.int32)
+            sel = select_codes_reference(lut[:, qi].reshape(1, Hkv, G, C), counts[None], kq)[0]  # [Hkv, C]
+            take = sel.gather(1, codes) & c[None]  # [Hkv, n]
+            take = take.repeat_interleave(G, 0) | near[qi][None]
+            rec += float((p[:, qi] * take).sum())
+            frac += float(take.float().sum(-1).mean() / (n - Q + qi + 1))
+        res[("a2ats-union", ratio)] = rec
+        res[("a2ats-union:fraction_read", ratio)] = frac * Hq  # summed like the recalls (heads x queries)
+    return res
+
+
+# suite ---------------------------------------------------------------------------------------------------
+def run_suite_rows(model, tok, arts: dict, args) -> list[dict]:
+    from lmsqueeze.eval.suite import SuiteConfig, run_suite
+    from lmsqueeze.eval.texts import eval_text
+    from lmsqueeze.methods.baselines.oracle_topk import OracleTopK
+
+    text, _ = eval_text(None)
+    cfg = SuiteConfig(lengths=(args.suite_length,), samples=args.suite_samples, seed=3, depths=(0.25, 0.75))
+    rows = []
+    methods = {"dense": None,
+               f"a2ats@{args.suite_ratio}": with_settings(arts["a2ats"], ratio=args.suite_ratio, offload=False),
+               f"plain-vq@{args.suite_ratio}": with_settings(arts["plain-vq"], ratio=args.suite_ratio, offload=False),
+               f"oracle_topk@{args.suite_ratio}": OracleTopK(ratio=args.suite_ratio, sinks=args.sinks,
+                                                              window=args.window)}
+    for name, method in methods.items():
+        t = time.perf_counter()
+        summary, records = run_suite(model, tok, text, method, cfg, progress=False)
+        rows.append({"method": f"suite:{name}", "summary": summary, "prompts": len(records),
+                     "seconds": round(time.perf_counter() - t, 1)})
+        print(f"suite {name}: {summary}", flush=True)
+    return rows
+
+
+# main ----------------------------------------------------------------------------------------------------
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF model directory (default: the bundled zoo model)")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default="a2ats_recall.json")
+    p.add_argument("--plot", default=None, help="write the recall-vs-budget PNG here")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--queries", type=int, default=32)
+    p.add_argument("--text-seqs", type=int, default=4)
+    p.add_argument("--task-seqs", type=int, default=4)
+    p.add_argument("--codebook", type=int, default=512)
+    p.add_argument("--calib-samples", type=int, default=6)
+    p.add_argument("--calib-tasks", type=int, default=2)
+    p.add_argument("--calib-len", type=int, default=2048)
+    p.add_argument("--kmeans-iters", type=int, default=12)
+    p.add_argument("--sinks", type=int, default=8)
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--distance", type=int, default=2048)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--suite-length", type=int, default=2048)
+    p.add_argument("--suite-samples", type=int, default=1)
+    p.add_argument("--suite-ratio", type=float, default=0.03)
+    p.add_argument("--no-suite", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("lmsqueeze.methods.a2ats").setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok = lmsqueeze.load_model(args.model, dtype=torch.float32)
+    model.eval()
+    cfg = model.config
+    G = cfg.num_attention_heads // cfg.num_key_value_heads
+    extra = {"model": args.model or "zoo:default", "options": vars(args), "ratios": list(RATIOS)}
+
+    batches = calibration_data(tok, args)
+    print(f"[{time.perf_counter() - t0:7.1f}s] calibration data: {len(batches)} sequences", flush=True)
+    extra["calibration_tokens"] = int(sum(b.numel() for b in batches))
+    common = {"codebook": args.codebook, "sinks": args.sinks, "window": args.window, "distance": args.distance,
+                  "kmeans_iters": args.kmeans_iters, "offload": False}
+    variants = {"a2ats": A2ATS(**common), "plain-vq": A2ATS(query_aware=False, **common),
+                "a2ats-no-wrope": A2ATS(windowed_rope=False, **common)}
+    arts, calib_s = {}, {}
+    for name, method in variants.items():
+        t = time.perf_counter()
+        arts[name] = method.calibrate(model, batches)
+        calib_s[name] = round(time.perf_counter() - t, 1)
+        print(f"[{time.perf_counter() - t0:7.1f}s] calibrated {name} in {calib_s[name]}s: "
+              f"{arts[name].meta['relative_quantization_error']}", flush=True)
+    extra["calibration_seconds"] = calib_s
+    extra["relative_quantization_error"] = {k: a.meta["relative_quantization_error"] for k, a in arts.items()}
+
+    seqs = eval_sequences(tok, args)
+    extra["sequences"] = [{"source": s, "tokens": int(ids.shape[1])} for s, ids in seqs]
+    totals: dict = {}
+    per_source: dict = {}
+    count = 0
+    rotary = model.model.rotary_emb
+    for src, ids in seqs:
+        n = ids.shape[1]
+        rec = record(model, ids, args.queries)
+        for layer in range(cfg.num_hidden_layers):
+            books = {name: (layer_codebooks(arts[name], layer), variants[name].windowed_rope) for name in arts}
+            sc = layer_scores(rec[layer], books, rotary, n, args)
+            res = layer_recall(sc, n, args.queries, G, args)
+            for key, v in res.items():
+                totals[key] = totals.get(key, 0.0) + v
+                per_source.setdefault(src.split(":")[0], {}).setdefault(key, 0.0)
+                per_source[src.split(":")[0]][key] += v
+        count += cfg.num_hidden_layers * cfg.num_attention_heads * args.queries
+        print(f"[{time.perf_counter() - t0:7.1f}s] {src} ({n} tokens): a2ats@3% "
+              f"{totals[('a2ats', 0.03)] / count:.4f} oracle {totals[('oracle', 0.03)] / count:.4f}", flush=True)
+    rows = []
+    src_counts = {}
+    for src, ids in seqs:
+        k = src.split(":")[0]
+        src_counts[k] = src_counts.get(k, 0) + cfg.num_hidden_layers * cfg.num_attention_heads * args.queries
+    for (name, ratio), v in sorted(totals.items()):
+        if name.endswith(":fraction_read"):
+            continue
+        row = {"method": name, "ratio": ratio, "recall": v / count,
+               "recall_by_source": {s: per_source[s][(name, ratio)] / src_counts[s] for s in per_source},
+               "baseline": "oracle", "oracle_recall": totals[("oracle", ratio)] / count}
+        if name == "a2ats-union":
+            row["fraction_read"] = totals[("a2ats-union:fraction_read", ratio)] / count
+        rows.append(row)
+    extra["queries_per_method_ratio"] = count
+    if not args.no_suite:
+        rows += run_suite_rows(model, tok, arts, args)
+    extra["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    path = write_result(Path(args.out) / args.name, "a2ats_recall", command_line(), rows, extra, "cpu")
+    print(f"\nrecall of attention mass (model {extra['model']}, {len(seqs)} sequences x {args.length} tokens, "
+          f"last {args.queries} positions, {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads)")
+    print("method            " + "".join(f"{r:>8.2f}" for r in RATIOS))
+    for name in (*METHODS, "a2ats-union"):
+        print(f"{name:18s}" + "".join(f"{totals[(name, r)] / count:8.4f}" for r in RATIOS))
+    print("a2ats-union read  " + "".join(f"{totals[('a2ats-union:fraction_read', r)] / count:8.4f}" for r in RATIOS))
+    print(f"wrote {path}")
+    if args.plot:
+        plot(totals, count, args.plot, extra)
+
+
+def plot(totals: dict, count: int, path: str, extra: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in (*METHODS, "a2ats-union"):
+        ax.plot([100 * r for r in RATIOS], [totals[(name, r)] / count for r in RATIOS], marker="o",
+                label=name if name != "a2ats-union" else "a2ats (group union, as run)")
+    ax.set_xscale("log")
+    ax.set_xlabel("budget: top-k tokens per head, % of the context (plus 8 sinks + 64 window)")
+    ax.set_ylabel("recall of attention mass")
+    ax.set_title(f"{extra['model']}, {extra['options']['length']} tokens", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
