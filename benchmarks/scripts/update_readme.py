@@ -51,6 +51,19 @@ def kernel_table(name: str) -> list[str]:
     return out + ["", device_line(d, name), ""]
 
 
+def rows_table(name: str, title: str, columns: list[tuple[str, str, str]], keep=lambda r: True) -> list[str]:
+    """A table of selected rows of a result file: columns are (header, row key, format)."""
+    d = load(name)
+    if d is None:
+        return []
+    out = [f"### {title}", "", "| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+    for r in d["rows"]:
+        if keep(r):
+            cells = [format(r[k], f) if r.get(k) is not None else "-" for _, k, f in columns]
+            out.append("| " + " | ".join(cells) + " |")
+    return out + ["", device_line(d, name), ""]
+
+
 def generic_sections() -> list[str]:
     """Method result files that carry a `readme` block: {title, columns, rows} written by their scripts."""
     out = []
@@ -76,6 +89,21 @@ def render() -> str:
     lines += e2e_table("bench_e2e_llama3-8b_b8_h100.json")
     lines += ["### Decode attention kernel (32 query / 8 KV heads, D=128, bf16)", ""]
     lines += kernel_table("decode_kernel_h100.json")
+    lines += rows_table(
+        "kvquant_decode_h100.json", "KVQuant decode attention vs fp16 SDPA (32/8 heads, D=128, H100)",
+        [("batch", "batch", "d"), ("context", "length", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
+         ("SDPA ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f"), ("TB/s", "tb_per_s", ".2f"),
+         ("bits/elt read", "bits_per_element_read", ".3f")])
+    lines += rows_table(
+        "chess_gpu_h100.json", "CHESS sparse GEMV and decode step vs dense (H100)",
+        [("kernel", "kernel", ""), ("batch", "batch", "d"), ("sparsity", "sparsity", ".2f"), ("method", "method", ""),
+         ("ms", "ms", ".4f"), ("dense ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
+        keep=lambda r: r.get("batch") == 1)
+    lines += rows_table(
+        "squeezed_decode_h100.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
+        [("context", "context", "d"), ("batch", "batch", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
+         ("baseline ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
+        keep=lambda r: "ms" in r)
     lines += generic_sections()
     return "\n".join(lines).rstrip() + "\n"
 
