@@ -23,6 +23,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,6 +73,30 @@ def answer_prepared(model, tok, artifact, questions, budgets, chunk: int) -> tup
     return outs, {"rows_read_per_step": sum(rows) / len(rows)}
 
 
+def plot(result: str, png: str) -> None:
+    """Accuracy vs the fraction of the fixed context read per step, one marker per method."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = json.loads(Path(result).read_text())
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in d["metrics"].items():
+        family = name.split("@")[0].split("-")[0]
+        marker = {"dense": "s", "squeezed": "o", "quest": "^", "streaming": "v", "snapkv": "D", "random": "x"}[family]
+        ax.scatter(m["nominal_budget"], m["accuracy"], marker=marker, s=50, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("nominal KV budget (fraction of the fixed context read per decode step)")
+    ax.set_ylabel("accuracy (string match)")
+    n = d["metrics"]["dense"]["questions"] if "dense" in d["metrics"] else "?"
+    ax.set_title(f"fixed-context QA, zoo:default, {d['data']['context_length']} tokens, {n} questions", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF model directory (default: the bundled zoo model)")
@@ -88,7 +113,12 @@ def main() -> int:
     ap.add_argument("--extra-tokens", type=int, default=3,
                     help="new tokens per question beyond the answer's own (the harness default is 8)")
     ap.add_argument("--out", default="benchmarks/results/squeezed_quality.json")
+    ap.add_argument("--plot-from", default=None, help="only plot this result JSON to --plot")
+    ap.add_argument("--plot", default="benchmarks/plots/squeezed_quality.png")
     args = ap.parse_args()
+    if args.plot_from:
+        plot(args.plot_from, args.plot)
+        return 0
     logging.basicConfig(level=logging.WARNING)
 
     import lmsqueeze
