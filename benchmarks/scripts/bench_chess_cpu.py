@@ -3,9 +3,9 @@
     python benchmarks/scripts/bench_chess_cpu.py [--out benchmarks/results/chess_cpu.json] [--model HF_DIR]
 
 Model: a 1.1B-parameter Llama shape (hidden 2048, 16 layers, intermediate 8192, 32 q / 8 kv heads, vocab
-32000) with random weights, or a local HF model directory (--model, e.g. a zoo model). The dtype is the one
-whose *dense* decode is faster here (fp32 and bf16 are both timed), unless --dtype is given. CHESS(0.5) is
-calibrated on random tokens, the same distribution as the prompt and the decoded tokens.
+32000) with random weights, or a local HF model directory (--model, e.g. a zoo model). Both fp32 and bf16 are
+run (unless --dtype is given); the headline rows (`headline: true`) are the dtype whose dense decode is faster.
+CHESS(0.5) is calibrated on random tokens, the same distribution as the prompt and the decoded tokens.
 
 Decode: a random prompt is prefilled, then greedy one-token steps through `lmsqueeze.apply` (Dense vs CHESS;
 also CATS), each with its own cache. Blocks of steps of the methods alternate, so that a load change on this
@@ -82,25 +82,6 @@ def interleaved(fns: dict, warmup: int, iters: int) -> dict[str, list[float]]:
             f()
             times[k].append(time.perf_counter() - t0)
     return times
-
-
-def dense_probe(models: dict, prompt: torch.Tensor, steps: int) -> dict[str, float]:
-    """Median dense decode ms/step of each model (e.g. fp32 and bf16 copies), steps interleaved."""
-    state = {}
-    with torch.no_grad():
-        for name, model in models.items():
-            with lmsqueeze.apply(model) as session:
-                cache = session.new_cache()
-                state[name] = [cache, model(prompt, past_key_values=cache).logits[:, -1:].argmax(-1), []]
-        for i in range(steps + 3):
-            for name, model in models.items():
-                cache, tok, ts = state[name]
-                with lmsqueeze.apply(model):
-                    t0 = time.perf_counter()
-                    state[name][1] = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
-                    if i >= 3:
-                        ts.append(time.perf_counter() - t0)
-    return {name: median_ms(s[2]) for name, s in state.items()}
 
 
 def decode_rounds(model, methods: dict, prompt: torch.Tensor, rounds: int, per_round: int, warmup: int):
@@ -195,55 +176,53 @@ def main() -> None:
     extra: dict = {"cpu_model": cpu_model(), "threads": torch.get_num_threads(), "loadavg_before": load_before}
     gen = torch.Generator().manual_seed(1)
 
-    # 1. which dtype decodes faster dense?
+    # Both dtypes are run in full (dense and sparse timed in the same rounds); the headline is the dtype whose
+    # dense decode is faster in those rounds (a separate short probe proved too noisy on a shared machine).
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    names = ["fp32", "bf16"] if args.dtype == "auto" else [args.dtype]
     model = build_model(args, torch.float32)
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen)
-    extra["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
-    if args.dtype == "auto":
-        import copy
-
-        half = copy.deepcopy(model).to(torch.bfloat16)
-        extra["dtype_probe_dense_ms"] = dense_probe({"fp32": model, "bf16": half}, prompt, 12)
-        name = min(extra["dtype_probe_dense_ms"], key=extra["dtype_probe_dense_ms"].get)
-        model = model if name == "fp32" else half
-        del half
-    else:
-        name = args.dtype
-        model = model.to(dtypes[name])
-    dtype = dtypes[name]
-    extra["dtype"] = name
-    print(f"params {extra['params_b']:.2f}B, dtype {name}", flush=True)
-
-    # 2. calibrate on random tokens (same distribution as prompt / decoded tokens)
-    batches = [torch.randint(0, vocab, (1, 128), generator=gen) for _ in range(4)]
-    t0 = time.perf_counter()
-    arts = {"dense": None, "chess": CHESS(sparsity=args.sparsity).calibrate(model, batches)}
-    if not args.no_cats:
-        arts["cats"] = CATS(sparsity=args.sparsity).calibrate(model, batches)
-    extra["calibrate_s"] = time.perf_counter() - t0
-
-    # 3. end-to-end decode, blocks of methods alternating
-    times = decode_rounds(model, arts, prompt, args.rounds, args.per_round, warmup=3)
-    rows = []
-    dense = median_ms(times["dense"])
-    for m in arts:
-        ms = median_ms(times[m])
-        rows.append(dict(method=m, kind="decode_step", batch=1, prompt=args.prompt, dtype=name,
-                         sparsity=None if m == "dense" else args.sparsity, ms=ms, tokens_per_s=1e3 / ms,
-                         iters=len(times[m]), p10_ms=sorted(times[m])[len(times[m]) // 10] * 1e3,
-                         p90_ms=sorted(times[m])[-max(1, len(times[m]) // 10)] * 1e3,
-                         baseline="dense", baseline_ms=dense, speedup=dense / ms))
-        print(f"{m:<6} {ms:8.1f} ms/token  {1e3 / ms:6.2f} tok/s  x{dense / ms:.3f}", flush=True)
-
-    # 4. single GEMVs at the model's shapes
     cfg = model.config
     H, I = cfg.hidden_size, cfg.intermediate_size
-    del model, arts
-    rows += gemv_rows(dtype, H, I, iters=25)
-    for r in rows[-2:]:
-        print(f"{r['kernel']:<8} dense {r['dense_ms']:.3f} ms  sparse {r['ms']:.3f} ms  x{r['speedup']:.3f}")
+    prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen)
+    batches = [torch.randint(0, vocab, (1, 128), generator=gen) for _ in range(4)]
+    extra["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
+    rows = []
+    dense_by_dtype = {}
+    for name in names:  # fp32 first: the bf16 model is converted from it
+        model = model.to(dtypes[name])
+        print(f"params {extra['params_b']:.2f}B, dtype {name}", flush=True)
+        # calibrate on random tokens (same distribution as the prompt and the decoded tokens)
+        t0 = time.perf_counter()
+        arts = {"dense": None, "chess": CHESS(sparsity=args.sparsity).calibrate(model, batches)}
+        if not args.no_cats:
+            arts["cats"] = CATS(sparsity=args.sparsity).calibrate(model, batches)
+        extra[f"calibrate_s_{name}"] = time.perf_counter() - t0
+        # end-to-end decode, blocks of methods alternating
+        times = decode_rounds(model, arts, prompt, args.rounds, args.per_round, warmup=3)
+        dense = dense_by_dtype[name] = median_ms(times["dense"])
+        for m in arts:
+            ms = median_ms(times[m])
+            ts = sorted(times[m])
+            rows.append({"method": m, "kind": "decode_step", "batch": 1, "prompt": args.prompt, "dtype": name,
+                         "sparsity": None if m == "dense" else args.sparsity, "ms": ms, "tokens_per_s": 1e3 / ms,
+                         "iters": len(ts), "p10_ms": ts[len(ts) // 10] * 1e3,
+                         "p90_ms": ts[-max(1, len(ts) // 10)] * 1e3, "baseline": "dense", "baseline_ms": dense,
+                         "speedup": dense / ms})
+            print(f"{name} {m:<6} {ms:8.1f} ms/token  {1e3 / ms:6.2f} tok/s  x{dense / ms:.3f}", flush=True)
+        arts = None
+        # single GEMVs at the model's shapes
+        gemv = gemv_rows(dtypes[name], H, I, iters=25)
+        for r in gemv:
+            r["dtype"] = name
+            print(f"{name} {r['kernel']:<8} dense {r['dense_ms']:.3f} ms  sparse {r['ms']:.3f} ms  "
+                  f"x{r['speedup']:.3f}", flush=True)
+        rows += gemv
+    extra["dense_ms_by_dtype"] = dense_by_dtype
+    extra["headline_dtype"] = min(dense_by_dtype, key=dense_by_dtype.get)
+    for r in rows:
+        r["headline"] = r["dtype"] == extra["headline_dtype"]
+    print("faster dense dtype:", extra["headline_dtype"])
     extra["loadavg_after"] = os.getloadavg()
     doc = build_result("chess_cpu", command_line(), rows, extra, device="cpu")
     doc["device"]["name"] = extra["cpu_model"]
