@@ -112,7 +112,7 @@ def test_zoo_model_greedy_equals_transformers():
         tok.pad_token = tok.eos_token
     for batch in (texts[:1], texts):
         enc = tok(batch, return_tensors="pt", padding=True)
-        ref = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
-        out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=24,
+        ref = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        out = generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=12,
                        pad_token_id=tok.pad_token_id)
         assert torch.equal(out.sequences, ref)

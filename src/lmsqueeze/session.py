@@ -109,8 +109,9 @@ def _as_method(method_or_artifact) -> tuple[Method, Artifact | None]:
     if isinstance(method_or_artifact, Method):
         if method_or_artifact.needs_calibration:
             raise LmsqueezeError(
-                f"the {method_or_artifact.name} method needs calibration: "
-                f"artifact = method.calibrate(model, batches), then apply(model, artifact)"
+                f"the {method_or_artifact.name} method needs calibration: artifact = "
+                f"method.calibrate(model, batches) (fixed-context methods: method.prepare(model, context_ids)), "
+                f"then apply(model, artifact)"
             )
         return method_or_artifact, None
     raise LmsqueezeError(
