@@ -33,7 +33,6 @@ DEMO_METHODS = (  # (label, method name, options): what the demo runs, cheap eno
     ("dense", "dense", {}),
     ("kvquant nuq4-1%", "kvquant", {"bits": 4}),
     ("kvquant nuq3-1%", "kvquant", {"bits": 3}),
-    ("kvquant nuq2-1%", "kvquant", {"bits": 2}),
     ("kivi-2", "kivi", {"bits": 2}),
     ("int3 per token", "int-uniform", {"bits": 3}),
     ("chess 50%", "chess", {"sparsity": 0.5}),
