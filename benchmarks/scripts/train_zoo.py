@@ -120,6 +120,11 @@ def main() -> int:
     ap.add_argument("--looped-budget-s", type=float, default=185.0)
     ap.add_argument("--looped-eval-reserve-s", type=float, default=45.0)
     ap.add_argument("--max-chars", type=int, default=400_000_000)
+    ap.add_argument("--only", choices=["default", "looped-4x3"], help="train one model only")
+    ap.add_argument("--init-default", type=Path, help="continue training the default model from this exported "
+                    "directory (a fine-tuning stage, preset gpu-finetune) instead of fresh weights")
+    ap.add_argument("--mix", type=str, default=None, help="RetrievalMix fields as JSON, e.g. "
+                    "'{\"fraction\": 0.6, \"early_fact_prob\": 0.3}'")
     ap.add_argument("--plot", type=Path, nargs="*", help="results JSON files to plot into --dest")
     ap.add_argument("--cpu-check", type=Path, help="write the bundled models' held-out perplexity on this "
                     "machine's CPU (fp32) to this JSON")
@@ -171,11 +176,14 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         corpus = CorpusSpec(include_packages=True, max_chars=args.max_chars)
         models = [("default", "default"), ("looped-4x3", "looped-4x3")]
-        tcfg = {"default": train_preset("gpu", time_budget_s=args.default_budget_s),
+        tcfg = {"default": train_preset("gpu-finetune" if args.init_default else "gpu",
+                                        time_budget_s=args.default_budget_s),
                 "looped-4x3": train_preset("gpu-looped", time_budget_s=args.looped_budget_s)}
         ecfg = EvalConfig()
         val_chars, min_stream = 4_000_000, 5_000_000
-    mix = RetrievalMix()
+    mix = RetrievalMix(**json.loads(args.mix)) if args.mix else RetrievalMix()
+    if args.only:
+        models = [m for m in models if m[0] == args.only]
     data = prepare_data(args.tokenizer, corpus, val_max_chars=val_chars, harness_lengths=ecfg.lengths,
                         harness_n=2 if args.smoke else 10)
     log.info("data ready to start after %.1fs: val %d tokens, test %d tokens",
@@ -191,7 +199,8 @@ def main() -> int:
         try:
             res = train_and_evaluate(name, model_preset(preset, vocab), cfg, data, mix,
                                      run_dir=staging / "runs" / name, out_dir=staging / "zoo" / name,
-                                     ecfg=ecfg, command=command, min_stream_tokens=min_stream)
+                                     ecfg=ecfg, command=command, min_stream_tokens=min_stream,
+                                     init_from=args.init_default if name == "default" else None)
         except Exception as e:  # keep going: the other model and the packing still run
             log.error("%s failed:\n%s", name, traceback.format_exc())
             res = {"error": f"{type(e).__name__}: {e}"}

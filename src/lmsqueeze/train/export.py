@@ -77,3 +77,26 @@ def save_hf(model: LoopedDecoder, out_dir: str | Path, tokenizer_dir: str | Path
     if too_big:
         raise LmsqueezeError(f"files {too_big} are >= 15 MiB; lower MAX_SHARD_SIZE")
     return out
+
+
+def load_single_pass(hf_dir: str | Path, cfg: LoopedConfig) -> LoopedDecoder:
+    """The inverse of `save_hf`: a single-pass `LoopedDecoder` (fp32) with the weights of an exported directory.
+
+    Used to continue training a bundled model (a fine-tuning stage). `cfg` must describe the same shape.
+    """
+    from safetensors.torch import load_file
+
+    files = sorted(Path(hf_dir).glob("*.safetensors"))
+    if not files:
+        raise LmsqueezeError(f"no *.safetensors in {hf_dir}; pass a directory written by `lmsqueeze train model`")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    model = LoopedDecoder(cfg)
+    ours = {k[len("model."):]: v.float() for k, v in state.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    missing = [m for m in missing if "rotary" not in m]
+    if missing or unexpected:
+        raise LmsqueezeError(f"{hf_dir} does not match the {cfg.name} shape (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}); pick the preset it was trained with")
+    return model

@@ -29,6 +29,10 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     "gpu-looped": TrainConfig(seq_len=8320, batch_size=8, lr=2e-3, warmup_steps=100, max_steps=100_000,
                               curriculum=[(0.0, 2080), (0.6, 8320)], log_every=25, eval_every=300,
                               ckpt_every=1000, device="cuda"),
+    # a second stage from a trained model: full length only, a short warm-up, a lower peak learning rate
+    "gpu-finetune": TrainConfig(seq_len=8320, batch_size=8, lr=6e-4, warmup_steps=30, max_steps=100_000,
+                                curriculum=[(0.0, 8320)], log_every=25, eval_every=300, ckpt_every=1000,
+                                device="cuda"),
     "smoke": TrainConfig(seq_len=512, batch_size=2, lr=3e-3, warmup_steps=2, max_steps=6,
                          curriculum=[(0.0, 256), (0.5, 512)], log_every=2, eval_every=3, ckpt_every=3,
                          device="cpu", amp=False),

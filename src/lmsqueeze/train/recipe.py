@@ -222,9 +222,14 @@ def _eval_looped(out_dir: Path, data: ZooData, builder, ecfg: EvalConfig, device
 
 def train_and_evaluate(name: str, model_cfg: LoopedConfig, train_cfg: TrainConfig, data: ZooData,
                        mix: RetrievalMix, run_dir: str | Path, out_dir: str | Path, ecfg: EvalConfig = EvalConfig(),
-                       command: str = "", resume: bool = True, min_stream_tokens: int | None = None) -> dict:
-    """Train preset `name`, write its model directory to `out_dir`, evaluate it; returns the results dict."""
-    from lmsqueeze.train.export import save_hf
+                       command: str = "", resume: bool = True, min_stream_tokens: int | None = None,
+                       init_from: str | Path | None = None) -> dict:
+    """Train preset `name`, write its model directory to `out_dir`, evaluate it; returns the results dict.
+
+    init_from: an exported single-pass directory to continue training from (a fine-tuning stage; its
+    `zoo_card.json` is kept in the card as the earlier stage), else fresh weights.
+    """
+    from lmsqueeze.train.export import load_single_pass, save_hf
 
     device = train_cfg.device
     out_dir, run_dir = Path(out_dir), Path(run_dir)
@@ -232,8 +237,14 @@ def train_and_evaluate(name: str, model_cfg: LoopedConfig, train_cfg: TrainConfi
     data.train.wait_for(min_stream_tokens or 20 * (train_cfg.seq_len + 1))
     wait_s = time.perf_counter() - t0
     torch.manual_seed(train_cfg.seed)
-    model = LoopedDecoder(model_cfg)
-    model.init_weights(seed=train_cfg.seed)
+    base = None
+    if init_from is not None:
+        model = load_single_pass(init_from, model_cfg)
+        card_file = Path(init_from) / "zoo_card.json"
+        base = {"path": str(init_from), "card": json.loads(card_file.read_text()) if card_file.exists() else None}
+    else:
+        model = LoopedDecoder(model_cfg)
+        model.init_weights(seed=train_cfg.seed)
     synth = RetrievalSynth(data.encoder, mix) if mix.fraction > 0 else None
     sampler = MixedSampler(data.train, data.bos_id, synth, seed=train_cfg.seed)
     builder = CaseBuilder(data.encoder, data.bos_id, data.test_tokens)
@@ -246,6 +257,8 @@ def train_and_evaluate(name: str, model_cfg: LoopedConfig, train_cfg: TrainConfi
             "training_mix": {"corpus": "Python sources of the training machine (stdlib + site-packages), "
                                        "train split by path hash, held-out files excluded",
                              "retrieval": mix.describe()}}
+    if base is not None:
+        card["earlier_stage"] = base["card"]
     if model_cfg.num_loops == 1:
         save_hf(model, out_dir, data.tokenizer_dir, card=card)
     else:
@@ -264,4 +277,4 @@ def train_and_evaluate(name: str, model_cfg: LoopedConfig, train_cfg: TrainConfi
             "weights_bytes": size, "train": {k: v for k, v in summary.items() if k != "log"},
             "data_wait_s": wait_s, "corpus": {"train": dict(data.train.stats), "validation": data.val_stats,
                                               "test_heldout_tokens": len(data.test_tokens)},
-            "mix": mix.describe(), "final": final, "log": summary["log"]}
+            "mix": mix.describe(), "init_from": base, "final": final, "log": summary["log"]}

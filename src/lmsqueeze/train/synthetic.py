@@ -87,6 +87,7 @@ class RetrievalMix:
     needle_counts: dict[int, float] = field(default_factory=lambda: {1: 0.5, 2: 0.2, 3: 0.15, 4: 0.15})
     end_query_prob: float = 0.6  # a query at the very end (longest distance), else anywhere after its needle
     intro_prob: float = 0.3  # start the sequence with an instruction line
+    early_fact_prob: float = 0.0  # put a fact in the first quarter of the filler (long distances to its query)
 
     def __post_init__(self) -> None:
         if not 0 <= self.fraction <= 1:
@@ -95,13 +96,16 @@ class RetrievalMix:
             bad = set(table) - set(allowed)
             if bad or not table or min(table.values()) < 0 or sum(table.values()) <= 0:
                 raise LmsqueezeError(f"retrieval {name} {table} must be non-negative weights over {allowed}")
+        if not 0 <= self.early_fact_prob <= 1:
+            raise LmsqueezeError(f"early_fact_prob {self.early_fact_prob} must be in [0, 1]")
         if not self.needle_counts or min(self.needle_counts) < 1:
             raise LmsqueezeError(f"needle_counts {self.needle_counts} must map counts >= 1 to weights")
 
     def describe(self) -> dict:
         return {"fraction_of_sequences": self.fraction, "formats": self.formats, "fillers": self.fillers,
                 "needles_per_sequence": {str(k): v for k, v in self.needle_counts.items()},
-                "end_query_prob": self.end_query_prob, "intro_prob": self.intro_prob}
+                "end_query_prob": self.end_query_prob, "intro_prob": self.intro_prob,
+                "early_fact_prob": self.early_fact_prob}
 
 
 @dataclass(slots=True)
@@ -323,7 +327,9 @@ class RetrievalSynth:
         else:
             toks, bounds = self.prose_filler(rng, n_fill, filler)
         bounds = bounds if len(bounds) else np.arange(n_fill + 1)
-        fact_pos = [int(bounds[int(rng.integers(0, len(bounds)))]) for _ in fact_ids]
+        early = max(1, (len(bounds) + 3) // 4)
+        fact_pos = [int(bounds[int(rng.integers(0, early if self.mix.early_fact_prob > 0 and rng.random() < self.mix.early_fact_prob else len(bounds)))])
+                    for _ in fact_ids]
         events = [(p, 0, i, ids) for i, (p, ids) in enumerate(zip(fact_pos, fact_ids))]
         for j, ((fi, _), ids) in enumerate(zip(queries, query_ids)):
             after = bounds[bounds >= fact_pos[fi]]
