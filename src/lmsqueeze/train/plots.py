@@ -34,7 +34,8 @@ def plot_training(results_json: str | Path, out_png: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     meta = res["meta"]
-    fig.suptitle(f"{res['name']}: {res['parameters']:,} params, {res['train']['tokens'] / 1e6:.0f}M tokens, "
+    stage = " (second stage, continued from a trained model)" if res.get("init_from") else ""
+    fig.suptitle(f"{res['name']}{stage}: {res['parameters']:,} params, {res['train']['tokens'] / 1e6:.0f}M tokens, "
                  f"{res['train']['elapsed_s']:.0f}s on {meta['device']} (commit {meta['git_commit'][:8]})")
     fig.tight_layout()
     out = Path(out_png)
