@@ -203,6 +203,7 @@ def _split_kernel(
     D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, NOUT: tl.constexpr, NSIDE: tl.constexpr, NSIDE_P2: tl.constexpr,
     HAS_STARTS: tl.constexpr, USE_ASM: tl.constexpr, QROWS: tl.constexpr,
+    KROT: tl.constexpr = False, VFOLD: tl.constexpr = False,
 ):
     HALF: tl.constexpr = D // 2
     if BITS == 4:
@@ -272,6 +273,11 @@ def _split_kernel(
     # relative RoPE tables of the tile's offsets, in the levels' layout
     CR, SR = _rope_tables(ROPE_TAB, nn * W, NWH, BITS, BLOCK_N, W)
     T = _opaque(_cat(CR, SR, BLOCK_N, HALF), USE_ASM)
+    if KROT:
+        CRf = CR.to(tl.float32)
+        SRf = SR.to(tl.float32)
+        zk1 = z1   # key = (level / 128) * s1 + zeff, and z1 = z16 + 1152 * s16 = zeff
+        zk2 = z2
 
     # scores are computed transposed, [BLOCK_N, BLOCK_G], so the big operands (keys, values) are the MMA's
     # M side and the G query heads its (padded) N side
@@ -345,16 +351,27 @@ def _split_kernel(
         for n0 in range(s_lo, s_hi, BLOCK_N):
             slots = n0 + nn
             row = slots * W
-            Y = _cat(_cat(A1 * qt1, A1 * qt2, BLOCK_G, HALF), _cat(A2 * qt2, -(A2 * qt1), BLOCK_G, HALF),
-                     BLOCK_G, D).to(tl.float16)
-            Y = _opaque(Y, USE_ASM)
-            Yz = _opaque(_cat(Z1 * qt1 + Z2 * qt2, Z1 * qt2 - Z2 * qt1, BLOCK_G, HALF).to(tl.float16), USE_ASM)
-            # keys: levels of each half times the relative RoPE tables; scales and zeros sit in Y / Yz
             l1 = _unpack(KCb, row, 0, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
             l2 = _unpack(KCb, row, NWH, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
-            X = _cat(_cat(l1 * CR, l1 * SR, BLOCK_N, HALF), _cat(l2 * CR, l2 * SR, BLOCK_N, HALF), BLOCK_N, D)
-            X = _opaque(X, USE_ASM)
-            qk = tl.dot(X, tl.trans(Y)) * ynorm[None, :] + tl.dot(T, tl.trans(Yz)) * znorm[None, :]
+            if KROT:
+                # keys dequantized (per-channel scale and zero) and rotated by the tile's relative offsets in
+                # registers: one [BLOCK_N, D] operand against the query rotated to the tile's first position
+                k1 = l1.to(tl.float32) * s1[None, :] + zk1[None, :]
+                k2 = l2.to(tl.float32) * s2[None, :] + zk2[None, :]
+                X = _cat(k1 * CRf - k2 * SRf, k2 * CRf + k1 * SRf, BLOCK_N, HALF).to(tl.float16)
+                X = _opaque(X, USE_ASM)
+                Yq = _opaque(_cat(qt1, qt2, BLOCK_G, HALF).to(tl.float16), USE_ASM)
+                qk = tl.dot(X, tl.trans(Yq))
+            else:
+                Y = _cat(_cat(A1 * qt1, A1 * qt2, BLOCK_G, HALF), _cat(A2 * qt2, -(A2 * qt1), BLOCK_G, HALF),
+                         BLOCK_G, D).to(tl.float16)
+                Y = _opaque(Y, USE_ASM)
+                Yz = _opaque(_cat(Z1 * qt1 + Z2 * qt2, Z1 * qt2 - Z2 * qt1, BLOCK_G, HALF).to(tl.float16),
+                             USE_ASM)
+                # keys: levels of each half times the relative RoPE tables; scales and zeros sit in Y / Yz
+                X = _cat(_cat(l1 * CR, l1 * SR, BLOCK_N, HALF), _cat(l2 * CR, l2 * SR, BLOCK_N, HALF), BLOCK_N, D)
+                X = _opaque(X, USE_ASM)
+                qk = tl.dot(X, tl.trans(Y)) * ynorm[None, :] + tl.dot(T, tl.trans(Yz)) * znorm[None, :]
             # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
             for j in tl.static_range(NOUT):
                 ow = tl.load(KOb + slots * NOUT + j)
@@ -379,16 +396,25 @@ def _split_kernel(
             # values: levels on tensor cores with the per-token scale on p; zeros as p . z; outliers via identity rows
             vs = tl.load(VSb + slots).to(tl.float32) * 128.0
             vz = tl.load(VZb + slots).to(tl.float32)
-            lv = _opaque(_unpack(VCb, row, 0, vt0, vt1, vt2, vt3, VLUT, 2 * NWH, WB, BITS, USE_ASM), USE_ASM)
+            lv = _unpack(VCb, row, 0, vt0, vt1, vt2, vt3, VLUT, 2 * NWH, WB, BITS, USE_ASM)
+            if VFOLD:  # sparse value outliers folded into the levels (residual / scale at their channel)
+                vsafe = tl.where(vs > 0, vs, 1.0)
+                for j in tl.static_range(NOUT):
+                    ow = tl.load(VOb + slots * NOUT + j)
+                    oi = (ow >> 16) & 0xFFFF
+                    ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    lv = lv + tl.where(d[None, :] == oi[:, None], (ov / vsafe)[:, None], 0.0).to(tl.float16)
+            lv = _opaque(lv, USE_ASM)
             pv = _opaque((p * (vs / vmax)[:, None]).to(tl.float16), USE_ASM)
             za = za * alpha[None, :] + p * vz[:, None]
             upd = tl.dot(tl.trans(lv), pv) * vmax
-            for j in tl.static_range(NOUT):
-                ow = tl.load(VOb + slots * NOUT + j)
-                oi = (ow >> 16) & 0xFFFF
-                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                ev = tl.load(EYE + oi[:, None] * D + d[None, :])
-                upd += tl.dot(tl.trans(ev), _opaque((p * ov[:, None]).to(tl.float16), USE_ASM))
+            if not VFOLD:  # sparse value outliers through identity rows
+                for j in tl.static_range(NOUT):
+                    ow = tl.load(VOb + slots * NOUT + j)
+                    oi = (ow >> 16) & 0xFFFF
+                    ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    ev = tl.load(EYE + oi[:, None] * D + d[None, :])
+                    upd += tl.dot(tl.trans(ev), _opaque((p * ov[:, None]).to(tl.float16), USE_ASM))
             acc = acc * alpha[None, :] + upd
             m_i = m_new
             qn1 = qt1 * cB[None, :] + qt2 * sB[None, :]

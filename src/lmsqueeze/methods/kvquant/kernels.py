@@ -42,6 +42,9 @@ PROGRAMS_PER_SM = 6
 LOG2E = 1.4426950408889634
 QROWS = False  # scores as [keys, queries] (measured faster on the H100); True: [queries, keys]
 MAXNREG = 168  # registers per thread: 3 programs of 4 warps per SM (faster than 255 in the H100 sweep)
+KROT = False   # keys dequantized and rotated in registers ([BLOCK_N, D] operand) instead of the 2D-wide form
+VFOLD = False  # value outliers folded into the level tile instead of identity-row dots
+LAST_SPLIT_KERNEL: dict = {}  # the last launched split kernel (benchmarks read its registers / spills)
 
 
 @functools.cache
@@ -121,7 +124,8 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
                              *, num_splits: int | None = None, block_n: int | None = None,
                              num_warps: int | None = None, num_stages: int = 1, maxnreg: int | None = MAXNREG,
                              use_asm: bool | None = None,
-                             qrows: bool | None = None, return_lse: bool = False):
+                             qrows: bool | None = None, krot: bool | None = None, vfold: bool | None = None,
+                             return_lse: bool = False):
     """Attention of one query per sequence over a packed KVQuant cache (same contract as the reference).
 
     q: [B, Hq, D] (RoPE applied, contiguous); lengths: [B] int32 filled slots (device); starts: [B] int32
@@ -146,6 +150,8 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
         raise LmsqueezeError(f"cache capacity {cap} is not a multiple of block_n={block_n}")
     if qrows is None:
         qrows = QROWS
+    krot = KROT if krot is None else krot
+    vfold = VFOLD if vfold is None else vfold
     if use_asm is None:
         use_asm = q.is_cuda and not _interpreting()
     if num_splits is None:
@@ -162,7 +168,7 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
     l_part = torch.empty(B * Hq * num_splits, dtype=torch.float32, device=q.device)
     n_side = kv.side_slot.shape[1]
     kt, vt = c["ktab"], c["vtab"]
-    split_kernel[(num_splits, B * Hkv)](
+    compiled = split_kernel[(num_splits, B * Hkv)](
         q, o_part, l_part,
         kv.kcodes, kv.vcodes, kv.kout, kv.vout, kv.vscale, kv.vzero, kv.positions, kv.kind,
         kv.side_k, kv.side_v, kv.side_slot,
@@ -172,9 +178,11 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
         kt[0], kt[1], kt[2], kt[3], vt[0], vt[1], vt[2], vt[3],
         D=D, BITS=bits, W=kv.kcodes.shape[-1], G=G, BLOCK_G=max(1, triton_next_pow2(G)), BLOCK_N=block_n,
         NOUT=kv.n_out, NSIDE=n_side, NSIDE_P2=max(16, triton_next_pow2(n_side)),
-        HAS_STARTS=starts is not None, USE_ASM=use_asm, QROWS=qrows, num_warps=num_warps, num_stages=num_stages,
+        HAS_STARTS=starts is not None, USE_ASM=use_asm, QROWS=qrows, KROT=krot and not qrows,
+        VFOLD=vfold and not qrows, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
+    LAST_SPLIT_KERNEL["compiled"] = compiled
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
     merge_kernel[(B * Hq,)](o_part, l_part, out, lse, num_splits, D=D,
