@@ -452,6 +452,12 @@ def main() -> None:
     if not args.skip_check:
         result["checks"] = check_correctness(device, configs)
         save()
+    if args.capacity:
+        try:
+            capacity(args.capacity, device, env, Path(args.out), t_start)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            log("capacity FAILED", f"{type(e).__name__}: {str(e)[:400]}")
     for B in (1, 8):
         for L in (32768, 131072):
             sd_ms, sd_bytes = time_sdpa(B, L, Hq, H, D, device)
@@ -480,12 +486,6 @@ def main() -> None:
     for c in result["checks"]:
         log("check", c.get("bits"), c.get("heads"), c.get("use_asm"), c.get("rel_err"), c.get("graph_replay_rel_err"),
             "ok" if c.get("ok") else "FAIL")
-    if args.capacity:
-        try:
-            capacity(args.capacity, device, env, Path(args.out), t_start)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            log("capacity FAILED", f"{type(e).__name__}: {str(e)[:400]}")
     log(f"total {time.time() - t_start:.0f}s")
 
 
