@@ -11,6 +11,7 @@ import torch
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.a2ats import retrieval
 from lmsqueeze.methods.a2ats.kernels import (
+    band_edge_tensor,
     code_append_triton,
     select_codes,
     select_codes_triton,
@@ -46,23 +47,24 @@ def test_select_kernel_equals_reference(G, C, ties):
     assert everything[counts > 0].all()  # k above the candidates keeps every code in use
 
 
-@pytest.mark.parametrize("sinks,window", [(2, 5), (0, 2)])
-def test_code_append_kernel_equals_reference(sinks, window):
+@pytest.mark.parametrize("sinks,window,bands", [(2, 5, ()), (0, 2, ()), (2, 5, (7, 12)), (1, 3, (4, 6, 15))])
+def test_code_append_kernel_equals_reference(sinks, window, bands):
     """Code write + histogram update, Triton vs reference, over forward steps, replays and rewinds."""
     B, Hkv, S, C = 3, 2, 40, 33
     codes = torch.randint(0, C, (B, Hkv, S), dtype=torch.int16)
     starts = torch.tensor([0, 3, 9], dtype=torch.int32)
-    counts, counted = retrieval.recount(codes, starts, 20, sinks, window, C)
+    counts, counted = retrieval.recount(codes, starts, 20, sinks, window, C, bands)
+    edges = band_edge_tensor(window, bands, "cpu")
     state = [t.clone() for t in (codes, counts, counted)]
     for n in (21, 22, 22, 23, 24, 25, 23, 24, 24, 25, 26, 27, 28, 26, 27):  # replays; rewinds (warm-up)
         scores = torch.randn(Hkv, B, C)
         slot = torch.tensor([n - 1])
         lengths = torch.full((B,), n, dtype=torch.int32)
-        code_append_triton(scores, *state, slot, lengths, starts, sinks, window)
-        code_append_reference(scores, codes, counts, counted, slot, lengths, starts, sinks, window)
+        code_append_triton(scores, *state, slot, lengths, starts, sinks, edges)
+        code_append_reference(scores, codes, counts, counted, slot, lengths, starts, sinks, window, bands)
         assert torch.equal(state[0], codes) and torch.equal(state[1], counts) and torch.equal(state[2], counted)
         assert torch.equal(codes[:, :, n - 1].long(), scores.argmax(-1).T)
-        want, _ = retrieval.recount(codes, starts, n, sinks, window, C)
+        want, _ = retrieval.recount(codes, starts, n, sinks, window, C, bands)
         assert torch.equal(counts, want), n
 
 
@@ -84,34 +86,37 @@ def test_select_reference_keeps_the_top_tokens():
             assert torch.equal(union, sel[b, h, tokens])
 
 
-def _sparse_inputs(B, Hkv, G, S, D, C, dtype, seed=0):
+def _sparse_inputs(B, Hkv, G, S, D, C, dtype, seed=0, nb=1):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hkv * G, D, generator=gen).to(dtype)
     k = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
     v = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
     codes = torch.randint(0, C, (B, Hkv, S), generator=gen).to(torch.int16)
-    sel = (torch.rand(B, Hkv, C, generator=gen) < 0.2).to(torch.int8)
+    sel = (torch.rand(B, Hkv, nb * C, generator=gen) < 0.2).to(torch.int8)
     starts = torch.randint(0, 9, (B,), generator=gen).to(torch.int32)
     lengths = (S - torch.randint(0, 30, (B,), generator=gen)).to(torch.int32)
     return q, k, v, codes, sel, starts, lengths
 
 
-@pytest.mark.parametrize("D,G,dtype,compact", [(64, 4, torch.float32, False), (128, 1, torch.float32, False),
-                                               (64, 2, torch.float16, False), (64, 4, torch.float32, True),
-                                               (128, 2, torch.float16, True)])
+@pytest.mark.parametrize("D,G,dtype,compact,bands", [(64, 4, torch.float32, False, ()),
+                                                     (128, 1, torch.float32, False, (40, 90)),
+                                                     (64, 2, torch.float16, False, ()),
+                                                     (64, 4, torch.float32, True, (30, 60, 120)),
+                                                     (128, 2, torch.float16, True, ())])
 @pytest.mark.parametrize("near", [True, False])
-def test_sparse_kernel_equals_reference(D, G, dtype, compact, near):
+def test_sparse_kernel_equals_reference(D, G, dtype, compact, bands, near):
     B, Hkv, S, C = 2, 2, 203, 24
-    q, k, v, codes, sel, starts, lengths = _sparse_inputs(B, Hkv, G, S, D, C, dtype)
+    q, k, v, codes, sel, starts, lengths = _sparse_inputs(B, Hkv, G, S, D, C, dtype, nb=len(bands) + 1)
     sinks, window, scale = 3, 17, D ** -0.5
     want, want_lse = sparse_decode_attention_reference(q, k, v, codes, sel, starts, lengths, sinks, window, scale,
-                                                       near, return_lse=True)
+                                                       near, return_lse=True, bands=bands)
     # poison every slot the step must not read: a kernel that loads one gives NaN
-    mask = selected_slots(codes, sel, starts, lengths, sinks, window, near)
+    mask = selected_slots(codes, sel, starts, lengths, sinks, window, near, bands)
     kp = k.masked_fill(~mask[..., None], float("nan"))
     vp = v.masked_fill(~mask[..., None], float("nan"))
     got, got_lse = sparse_decode_attention_triton(q, kp, vp, codes, sel, starts, lengths, sinks, window, scale, near,
-                                                  return_lse=True, num_splits=3, block_n=32, compact=compact)
+                                                  return_lse=True, num_splits=3, block_n=32, compact=compact,
+                                                  edges=band_edge_tensor(window, bands, "cpu"))
     tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(got.float(), want.float(), **tol)
     torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-4)
@@ -129,13 +134,14 @@ def test_sparse_kernel_with_nothing_selected(compact):
     assert torch.isfinite(lse).all()
 
 
-@pytest.mark.parametrize("near", [True, False])
-def test_cpu_attention_path_equals_reference(near):
+@pytest.mark.parametrize("near,bands", [(True, ()), (False, ()), (False, (20, 70))])
+def test_cpu_attention_path_equals_reference(near, bands):
     """The CPU-threads path (gathers only the selected rows) computes the reference's function."""
-    q, k, v, codes, sel, starts, lengths = _sparse_inputs(3, 2, 4, 150, 64, 16, torch.float32, seed=5)
+    q, k, v, codes, sel, starts, lengths = _sparse_inputs(3, 2, 4, 150, 64, 16, torch.float32, seed=5,
+                                                          nb=len(bands) + 1)
     want, want_lse = sparse_decode_attention_reference(q, k, v, codes, sel, starts, lengths, 4, 10, 0.125, near,
-                                                       return_lse=True)
-    got, got_lse = selected_attention_cpu(q, k, v, codes, sel, starts, lengths, 4, 10, 0.125, near)
+                                                       return_lse=True, bands=bands)
+    got, got_lse = selected_attention_cpu(q, k, v, codes, sel, starts, lengths, 4, 10, 0.125, near, bands)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=1e-5)
 

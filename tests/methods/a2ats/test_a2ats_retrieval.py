@@ -8,7 +8,16 @@ import torch
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.a2ats import retrieval, vq
 from lmsqueeze.methods.a2ats.calibrate import fit_layer
-from lmsqueeze.methods.a2ats.windowed_rope import distance_tables, windowed_scores, wrope_query
+from lmsqueeze.methods.a2ats.reference import selected_slots
+from lmsqueeze.methods.a2ats.windowed_rope import (
+    band_distances,
+    band_edges,
+    band_queries,
+    distance_tables,
+    multi_distance_tables,
+    windowed_scores,
+    wrope_query,
+)
 from lmsqueeze.models.rope import rope_tables
 from lmsqueeze.models.tiny import tiny_model
 
@@ -68,6 +77,34 @@ def test_lookup_table_scores_far_keys_like_windowed_rope():
     torch.testing.assert_close(folded, lut, atol=1e-4, rtol=1e-4)
 
 
+def test_band_lookup_table_scores_each_band_at_its_distance():
+    """With every key its own codeword, the score of slot j's virtual code is RoPE(q, d_band(m - j)) · k_pre,
+    and the slots `selected_slots` attends are exactly those whose (band, code) is selected."""
+    model = tiny_model("llama")
+    rotary = model.model.rotary_emb
+    B, Hkv, G, S, D, window, bands = 2, 2, 2, 50, 16, 4, (10, 25)
+    q = torch.randn(B, Hkv * G, D)
+    k = torch.randn(Hkv, S, D)
+    dists = band_distances(window, bands, 2048)
+    assert dists == (6, 16, 35)
+    cos, sin = multi_distance_tables(rotary, dists, torch.float32, "cpu")
+    lut = retrieval.lookup_table(band_queries(q, cos, sin), k)  # [B, Hkv, G, NB * S]
+    codes = torch.arange(S).expand(B, Hkv, S)
+    dist = (S - 1 - torch.arange(S)).clamp_min(0)
+    v = retrieval.virtual_codes(codes, dist[None, None], bands, S)  # [B, Hkv, S]
+    got = lut.gather(3, v[:, :, None].expand(B, Hkv, G, S))
+    for j in (0, 20, 30, 40, 45):
+        d = dists[sum(int(S - 1 - j >= e) for e in bands)]
+        qb = wrope_query(q[:, :, None], *distance_tables(rotary, d, torch.float32, "cpu"))[:, :, 0]
+        want = torch.einsum("bhgd,hd->bhg", qb.reshape(B, Hkv, G, D), k[:, j])
+        torch.testing.assert_close(got[..., j], want, atol=1e-4, rtol=1e-4)
+    sel = torch.rand(B, Hkv, 3 * S) < 0.3
+    mask = selected_slots(codes.to(torch.int16), sel, torch.zeros(B, dtype=torch.int32),
+                          torch.full((B,), S, dtype=torch.int32), 0, window, near=False, bands=bands)
+    assert torch.equal(mask[..., :S - window], sel.gather(2, v)[..., :S - window])
+    assert not mask[..., S - window:].any()
+
+
 def test_assigned_code_minimizes_the_query_weighted_error():
     torch.manual_seed(0)
     Hkv, N, D, C = 2, 300, 16, 12
@@ -84,18 +121,20 @@ def test_assigned_code_minimizes_the_query_weighted_error():
     torch.testing.assert_close(codes.long(), err.argmin(-1))
 
 
-def test_histogram_updates_are_incremental_and_idempotent():
+@pytest.mark.parametrize("bands", [(), (9, 16, 30)])
+def test_histogram_updates_are_incremental_and_idempotent(bands):
     B, Hkv, S, C, sinks, window = 3, 2, 60, 9, 2, 5
     codes = torch.randint(0, C, (B, Hkv, S), dtype=torch.int16)
     starts = torch.tensor([0, 4, 11])
-    counts, counted = retrieval.recount(codes, starts, 20, sinks, window, C)
+    counts, counted = retrieval.recount(codes, starts, 20, sinks, window, C, bands)
+    edges = band_edges(window, bands)
     steps = list(range(21, S + 1))
     steps[10:10] = [28, 29, 30, 27, 28, 29, 30]  # steps run ahead, then back (graph warm-up)
     for n in steps:
         lengths = torch.full((B,), n, dtype=torch.int32)
         for _ in range(2):  # a replayed step must not count twice
-            retrieval.count_leaving(codes, counts, counted, lengths, starts, sinks, window)
-        want, _ = retrieval.recount(codes, starts, n, sinks, window, C)
+            retrieval.shift_histogram(codes, counts, counted, lengths, starts, sinks, edges)
+        want, _ = retrieval.recount(codes, starts, n, sinks, window, C, bands)
         assert torch.equal(counts, want), n
     kth = retrieval.tokens_to_keep(0.25, torch.tensor([40, 41]), torch.tensor([0, 3]))
     assert kth.tolist() == [10, 9] and kth.dtype == torch.int32

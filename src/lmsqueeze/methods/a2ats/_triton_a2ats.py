@@ -5,11 +5,12 @@ order-preserving integer image of the float scores the kth-largest candidate sco
 many candidate tokens carry them; k = floor(ratio x length)), and writes which codes reach it for any head.
 
 `_code_append_kernel`, grid (B,): the candidate histogram rewound if the lengths went back, the new
-token's code (argmax of its assignment scores) written at the step's slot, and the slot leaving the recent
-window added to the histogram (once).
+token's code (argmax of its assignment scores) written at the step's slot, and one step of band crossings
+counted once (the slot leaving the recent window joins band 0; one token per inner band edge moves up).
 
 `_sparse_split_kernel`, grid (B * Hkv, num_splits): split-K flash decoding over the slots of one sequence,
-reading each slot's code (2 bytes), looking it up in the selected-code table, and loading K/V rows only for
+reading each slot's code (2 bytes), looking its virtual code (distance band x C + code) up in the
+selected table, and loading K/V rows only for
 attended slots (masked loads: unselected rows cost no memory traffic). The K/V store may be pinned host
 memory: the kernel then reads the selected rows over PCIe (zero-copy). `_merge_kernel` merges the splits.
 """
@@ -60,16 +61,25 @@ def _select_kernel(Lut, Counts, Lengths, Starts, Ratio, Sel,
 
 
 @triton.jit
+def _virtual_code(code, dist, Bands, C, NB: tl.constexpr):
+    """band(dist) x C + code; Bands: int32 [NB] lower band edges (Bands[0] = window, unused here)."""
+    band = tl.zeros_like(code)
+    for i in tl.static_range(1, NB):
+        band += (dist >= tl.load(Bands + i)).to(tl.int32)
+    return band * C + code
+
+
+@triton.jit
 def _sparse_split_kernel(
-    Q, K, V, Codes, Sel, Lengths, Starts, MidO, MidLse,
+    Q, K, V, Codes, Sel, Bands, Lengths, Starts, MidO, MidLse,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_cb, stride_ch, stride_sb, stride_sh,
-    scale_log2, sinks, window, s_max, num_splits,
+    scale_log2, sinks, window, s_max, num_splits, C,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NEAR: tl.constexpr, IEEE_DOT: tl.constexpr,
+    NEAR: tl.constexpr, IEEE_DOT: tl.constexpr, NB: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -112,7 +122,7 @@ def _sparse_split_kernel(
         slots = start_n + offs_n
         in_r = slots < c_hi
         code = tl.load(c_base + slots, mask=in_r, other=0).to(tl.int32)
-        take = tl.load(s_base + code, mask=in_r, other=0) != 0
+        take = tl.load(s_base + _virtual_code(code, length - 1 - slots, Bands, C, NB), mask=in_r, other=0) != 0
         if NEAR:
             take = take | (slots < near_lo) | (slots >= near_hi)
         take = take & in_r
@@ -150,15 +160,15 @@ def _sparse_split_kernel(
 
 @triton.jit
 def _sparse_compact_kernel(
-    Q, K, V, Codes, Sel, Lengths, Starts, Scratch, MidO, MidLse,
+    Q, K, V, Codes, Sel, Bands, Lengths, Starts, Scratch, MidO, MidLse,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_cb, stride_ch, stride_sb, stride_sh,
-    scale_log2, sinks, window, s_max, num_splits, cap,
+    scale_log2, sinks, window, s_max, num_splits, C, cap,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    NEAR: tl.constexpr, IEEE_DOT: tl.constexpr,
+    NEAR: tl.constexpr, IEEE_DOT: tl.constexpr, NB: tl.constexpr,
 ):
     """Same contract as `_sparse_split_kernel`, in two phases: (1) scan the chunk's codes and write the
     attended slots, compacted, to this program's scratch row; (2) attend over that list, so every K/V load
@@ -192,7 +202,7 @@ def _sparse_compact_kernel(
         slots = start_s + offs_s
         in_r = slots < c_hi
         code = tl.load(c_base + slots, mask=in_r, other=0).to(tl.int32)
-        take = tl.load(s_base + code, mask=in_r, other=0) != 0
+        take = tl.load(s_base + _virtual_code(code, length - 1 - slots, Bands, C, NB), mask=in_r, other=0) != 0
         if NEAR:
             take = take | (slots < near_lo) | (slots >= near_hi)
         take = take & in_r
@@ -287,27 +297,31 @@ def select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor
 
 
 @triton.jit
-def _code_append_kernel(Scores, Codes, Counts, Counted, Slot, Lengths, Starts,
+def _code_append_kernel(Scores, Codes, Counts, Counted, Slot, Lengths, Starts, Edges,
                         stride_sh, stride_sb, stride_cb, stride_ch, stride_nb, stride_nh,
-                        C, sinks, window, s_max, HKV: tl.constexpr, BLOCK_C: tl.constexpr,
-                        MAX_REWIND: tl.constexpr):
+                        C, sinks, s_max, HKV: tl.constexpr, BLOCK_C: tl.constexpr,
+                        MAX_REWIND: tl.constexpr, NB: tl.constexpr):
     b = tl.program_id(0)
     code_row = Codes + b.to(tl.int64) * stride_cb
     count_row = Counts + b.to(tl.int64) * stride_nb
-    # the histogram follows the candidates [start + sinks, length - window): first take out the slots counted
-    # beyond them (the lengths went back: graph warm-up), reading their codes before this step writes one
+    # the histogram follows the candidates of a query at `length` (`retrieval.shift_histogram`): first undo
+    # the steps counted beyond it (the lengths went back: graph warm-up), reading codes before this step
+    # writes one: from a query at L' to L' - 1 the token at distance e_i moves from band i to band i - 1
     length = tl.load(Lengths + b)
-    hi = tl.maximum(length - window, 0)
     lo = tl.load(Starts + b) + sinks
     counted = tl.load(Counted + b)
     for r in tl.static_range(MAX_REWIND):
-        s = hi + r
-        out = (s.to(tl.int64) < counted) & (s >= lo)
-        s_safe = tl.minimum(s, s_max - 1)
-        for h in tl.static_range(HKV):
-            c = tl.load(code_row + h * stride_ch + s_safe).to(tl.int32)
-            tl.atomic_add(count_row + h * stride_nh + c, -1, mask=out)
-    counted = tl.minimum(counted, hi.to(tl.int64))
+        lp = length + 1 + r
+        for i in tl.static_range(NB):
+            s = lp - 1 - tl.load(Edges + i)
+            out = (lp.to(tl.int64) <= counted) & (s >= lo)
+            s_safe = tl.minimum(tl.maximum(s, 0), s_max - 1)
+            for h in tl.static_range(HKV):
+                c = tl.load(code_row + h * stride_ch + s_safe).to(tl.int32)
+                tl.atomic_add(count_row + h * stride_nh + i * C + c, -1, mask=out)
+                if i > 0:
+                    tl.atomic_add(count_row + h * stride_nh + (i - 1) * C + c, 1, mask=out)
+    counted = tl.minimum(counted, length.to(tl.int64))
     tl.debug_barrier()
     # the new token's code: argmax of its assignment scores
     slot = tl.load(Slot)
@@ -317,36 +331,46 @@ def _code_append_kernel(Scores, Codes, Counts, Counted, Slot, Lengths, Starts,
         sc = tl.load(Scores + h * stride_sh + b.to(tl.int64) * stride_sb + offs, mask=cm, other=float("-inf"))
         code = tl.argmax(sc, 0)
         tl.store(code_row + h * stride_ch + slot, code.to(tl.int16))
-    # the slot that just left the window joins, once (it is older than the slot just written)
-    s_out = hi - 1
-    add = (s_out.to(tl.int64) >= counted) & (s_out >= lo)
-    s_safe = tl.maximum(s_out, 0)
-    for h in tl.static_range(HKV):
-        c = tl.load(code_row + h * stride_ch + s_safe).to(tl.int32)
-        tl.atomic_add(count_row + h * stride_nh + c, 1, mask=add)
-    tl.store(Counted + b, tl.maximum(counted, hi.to(tl.int64)))
+    # one step forward, once: the token at distance e_i moves from band i - 1 (none for i = 0) to band i
+    fwd = counted < length.to(tl.int64)
+    for i in tl.static_range(NB):
+        s = length - 1 - tl.load(Edges + i)
+        add = fwd & (s >= lo)
+        s_safe = tl.minimum(tl.maximum(s, 0), s_max - 1)
+        for h in tl.static_range(HKV):
+            c = tl.load(code_row + h * stride_ch + s_safe).to(tl.int32)
+            tl.atomic_add(count_row + h * stride_nh + i * C + c, 1, mask=add)
+            if i > 0:
+                tl.atomic_add(count_row + h * stride_nh + (i - 1) * C + c, -1, mask=add)
+    tl.store(Counted + b, tl.maximum(counted, length.to(tl.int64)))
 
 
-def code_append_launch(scores, codes, counts, counted, slot, lengths, starts, sinks: int, window: int) -> None:
-    """scores: [Hkv, B, C] float32; codes: [B, Hkv, S] int16; counts: [B, Hkv, C] int32; counted: [B] int64."""
+def code_append_launch(scores, codes, counts, counted, slot, lengths, starts, sinks: int, edges: torch.Tensor,
+                       ) -> None:
+    """scores: [Hkv, B, C] float32; codes: [B, Hkv, S] int16; counts: [B, Hkv, NB * C] int32; counted: [B]
+    int64; edges: int32 [NB] lower band edges (window first)."""
     Hkv, B, C = scores.shape
     block_c = triton.next_power_of_2(C)
     _code_append_kernel[(B,)](
-        scores, codes, counts, counted, slot, lengths, starts,
+        scores, codes, counts, counted, slot, lengths, starts, edges,
         scores.stride(0), scores.stride(1), codes.stride(0), codes.stride(1), counts.stride(0), counts.stride(1),
-        C, int(sinks), int(window), codes.shape[2], HKV=Hkv, BLOCK_C=block_c, MAX_REWIND=MAX_REWIND,
+        C, int(sinks), codes.shape[2], HKV=Hkv, BLOCK_C=block_c, MAX_REWIND=MAX_REWIND, NB=edges.shape[0],
         num_warps=4 if block_c <= 4096 else 8,
     )
 
 
 def sparse_launch(q, k_store, v_store, codes, sel, starts, lengths, sinks: int, window: int, scaling: float,
                   near: bool, num_splits: int, block_n: int, num_warps: int, num_stages: int,
-                  compact: bool = False, block_s: int = 256):
+                  compact: bool = False, block_s: int = 256, edges: torch.Tensor | None = None):
     """Launch the split (or compacting split) and merge kernels; inputs validated by the caller.
     Returns out [B, Hq, D], lse [B, Hq]."""
     B, Hq, D = q.shape
     Hkv, s_max = k_store.shape[1], k_store.shape[2]
     G = Hq // Hkv
+    if edges is None:
+        edges = torch.full((1,), int(window), dtype=torch.int32, device=q.device)
+    NB = edges.shape[0]
+    C = sel.shape[2] // NB
     mid_o = torch.empty((B, Hq, num_splits, D), device=q.device, dtype=torch.float32)
     mid_lse = torch.empty((B, Hq, num_splits), device=q.device, dtype=torch.float32)
     block_d = triton.next_power_of_2(D)
@@ -355,21 +379,21 @@ def sparse_launch(q, k_store, v_store, codes, sel, starts, lengths, sinks: int, 
         k_store.stride(0), k_store.stride(1), k_store.stride(2),
         v_store.stride(0), v_store.stride(1), v_store.stride(2),
         codes.stride(0), codes.stride(1), sel.stride(0), sel.stride(1),
-        float(scaling) * _LOG2E, int(sinks), int(window), s_max, num_splits,
+        float(scaling) * _LOG2E, int(sinks), int(window), s_max, num_splits, C,
     )
     meta = {"HKV": Hkv, "G": G, "D": D, "BLOCK_G": max(16, triton.next_power_of_2(G)), "BLOCK_D": block_d,
             "BLOCK_N": block_n, "NEAR": near, "IEEE_DOT": q.dtype == torch.float32, "num_warps": num_warps,
-            "num_stages": num_stages}
+            "num_stages": num_stages, "NB": NB}
     if compact:
         per_split = -(-s_max // num_splits)
         cap = -(-per_split // block_s) * block_s  # the largest chunk a program can get
         scratch = torch.empty(B * Hkv * num_splits * cap, device=q.device, dtype=torch.int32)
         _sparse_compact_kernel[(B * Hkv, num_splits)](
-            q, k_store, v_store, codes, sel, lengths, starts, scratch, mid_o, mid_lse, *common, cap,
+            q, k_store, v_store, codes, sel, edges, lengths, starts, scratch, mid_o, mid_lse, *common, cap,
             BLOCK_S=block_s, **meta)
     else:
         _sparse_split_kernel[(B * Hkv, num_splits)](
-            q, k_store, v_store, codes, sel, lengths, starts, mid_o, mid_lse, *common, **meta)
+            q, k_store, v_store, codes, sel, edges, lengths, starts, mid_o, mid_lse, *common, **meta)
     out = torch.empty((B, Hq, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, Hq), device=q.device, dtype=torch.float32)
     _merge_kernel[(B * Hq,)](

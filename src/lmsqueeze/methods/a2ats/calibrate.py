@@ -1,7 +1,8 @@
 """A²ATS calibration: collect keys and (window-rotated) queries, then fit one codebook per layer and KV head.
 
 Keys: pre-RoPE with windowed RoPE (post-RoPE for the no-windowed-RoPE ablation). Queries: rotated as if at
-`distance` (post-RoPE for the ablation); only their second moment H = E[qᵀq] per KV group is kept. Then
+each distance band's distance, pooled (post-RoPE for the ablation); only their second moment H = E[qᵀq] per
+KV group is kept. Then
 per layer: L = chol(H) (identity for plain VQ), K-means of the keys in L-space (vq.py), and the three
 tensors the decode step needs (state.Codebooks).
 """
@@ -15,7 +16,7 @@ import torch
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.a2ats import vq
-from lmsqueeze.methods.a2ats.windowed_rope import distance_tables, wrope_query
+from lmsqueeze.methods.a2ats.windowed_rope import band_distances, distance_tables, wrope_query
 from lmsqueeze.methods.base import Artifact, model_fingerprint
 from lmsqueeze.methods.cache import SqueezeCache, Step
 from lmsqueeze.methods.dense import DenseState
@@ -59,26 +60,28 @@ def as_batches(batches) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
 class _Collector:
     """Keys [N, Hkv, D] (host, model dtype) and query second moments [Hkv, D, D] (float64) per layer."""
 
-    def __init__(self, windowed: bool, distance: int) -> None:
-        self.windowed, self.distance = windowed, distance
+    def __init__(self, windowed: bool, distances: tuple[int, ...]) -> None:
+        self.windowed, self.distances = windowed, distances
         self.keys: dict[int, list[torch.Tensor]] = {}
         self.qq: dict[int, torch.Tensor] = {}
-        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def record(self, layer: int, q: torch.Tensor, k: torch.Tensor, step: Step) -> None:
         B, Hq, T, D = q.shape
         Hkv = k.shape[1]
         if self.windowed:
             if self.tables is None:
-                self.tables = distance_tables(step.rotary, self.distance, torch.float32, q.device)
-            qs, ks = wrope_query(q.float(), *self.tables), k
+                self.tables = [distance_tables(step.rotary, d, torch.float32, q.device) for d in self.distances]
+            qss, ks = [wrope_query(q.float(), *t) for t in self.tables], k
         else:
-            qs, ks = apply_rope(q, step.cos, step.sin).float(), apply_rope(k, step.cos, step.sin)
+            qss, ks = [apply_rope(q, step.cos, step.sin).float()], apply_rope(k, step.cos, step.sin)
         keep = torch.ones(B, T, dtype=torch.bool, device=q.device) if step.valid is None else step.valid
         kk = ks.permute(0, 2, 1, 3)[keep]  # [N, Hkv, D]
-        qk = qs.permute(0, 2, 1, 3)[keep].reshape(-1, Hkv, Hq // Hkv, D)  # [N, Hkv, G, D]
-        x = qk.permute(1, 0, 2, 3).reshape(Hkv, -1, D)
-        h = torch.bmm(x.transpose(1, 2), x).double()
+        h = 0
+        for qs in qss:
+            qk = qs.permute(0, 2, 1, 3)[keep].reshape(-1, Hkv, Hq // Hkv, D)  # [N, Hkv, G, D]
+            x = qk.permute(1, 0, 2, 3).reshape(Hkv, -1, D)
+            h = h + torch.bmm(x.transpose(1, 2), x).double()
         self.qq[layer] = self.qq[layer] + h if layer in self.qq else h
         self.keys.setdefault(layer, []).append(kk.detach().to("cpu"))
 
@@ -96,11 +99,12 @@ class _CollectState(DenseState):
 
 
 @torch.no_grad()
-def collect(model, batches, windowed: bool, distance: int, chunk: int = 2048) -> _Collector:
-    """Run the calibration batches through the model (dense attention, chunked prefill) and collect."""
+def collect(model, batches, windowed: bool, distances: tuple[int, ...], chunk: int = 2048) -> _Collector:
+    """Run the calibration batches through the model (dense attention, chunked prefill) and collect; the
+    queries' second moment pools the rotations to every band distance."""
     from lmsqueeze.session import apply
 
-    collector = _Collector(windowed, distance)
+    collector = _Collector(windowed, tuple(distances))
     num_layers = len(model.model.layers)
     device = next(model.parameters()).device
     with apply(model, None):
@@ -143,7 +147,8 @@ def fit_layer(keys: torch.Tensor, qq: torch.Tensor | None, codebook: int, iters:
 
 def calibrate_a2ats(method, model, batches) -> Artifact:
     """Fit the codebooks of `method` (an A2ATS config) on `batches`; returns the artifact."""
-    collector = collect(model, batches, method.windowed_rope, method.distance, method.calib_chunk)
+    distances = band_distances(method.window, method.bands, method.distance)
+    collector = collect(model, batches, method.windowed_rope, distances, method.calib_chunk)
     num_layers = len(model.model.layers)
     if len(collector.keys) != num_layers:
         raise LmsqueezeError("calibration saw no attention layers; is this a supported model?")

@@ -1,10 +1,11 @@
 """A²ATS retrieval kernels: Triton on CUDA, the PyTorch reference (`reference.py`) elsewhere.
 
-- `code_append`: the new token's code (argmax of its assignment scores) and the candidate histogram update.
-- `select_codes`: from the lookup table q·C and the candidate histogram per code, the codes whose score
-  reaches the kth-largest candidate score of any head of a KV group.
+- `code_append`: the new token's code (argmax of its assignment scores) and the candidate histogram update
+  (tokens crossing the window and the distance-band edges).
+- `select_codes`: from the lookup table q·C and the candidate histogram per virtual code (band x C + code),
+  the virtual codes whose score reaches the kth-largest candidate score of any head of a KV group.
 - `sparse_decode_attention`: one decode query per sequence over the sinks, the window and the slots whose
-  code is selected, reading K/V rows only for attended slots. The K/V store may be pinned host memory
+  virtual code is selected, reading K/V rows only for attended slots. The K/V store may be pinned host memory
   (zero-copy reads over PCIe) while q, codes and sel are on the GPU.
 
 Both read lengths/starts from device tensors and never synchronise with the host: CUDA-graph capturable.
@@ -96,29 +97,43 @@ def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
     return out
 
 
+def band_edge_tensor(window: int, bands: tuple[int, ...], device) -> torch.Tensor:
+    """int32 [NB] lower band edges (window, e1, ...) on `device`: make it once, outside captured graphs."""
+    from lmsqueeze.methods.a2ats.windowed_rope import band_edges
+
+    return torch.tensor(band_edges(window, bands), dtype=torch.int32, device=device)
+
+
 def code_append(scores: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor,
-                slot: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, sinks: int, window: int) -> None:
+                slot: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, sinks: int, window: int,
+                bands: tuple[int, ...] = (), edges: torch.Tensor | None = None) -> None:
     """Write the new token's code and update the candidate histogram, in place (one launch on CUDA).
 
     scores: [Hkv, B, C] float32 assignment scores of the new token (`retrieval.assign_scores`); codes:
-    [B, Hkv, S] int16; counts: [B, Hkv, C] int32; counted: [B] int64; slot: [1] int64; lengths, starts: [B]
-    int32. Same effect as `code_append_reference`.
+    [B, Hkv, S] int16; counts: [B, Hkv, NB * C] int32 (NB = len(bands) + 1); counted: [B] int64; slot: [1]
+    int64; lengths, starts: [B] int32; edges: `band_edge_tensor(window, bands, device)` (made here if None;
+    pass it inside captured graphs). Same effect as `code_append_reference`.
     """
     if scores.is_cuda and scores.shape[2] <= MAX_TRITON_CODEBOOK:
-        return code_append_triton(scores, codes, counts, counted, slot, lengths, starts, sinks, window)
-    return code_append_reference(scores, codes, counts, counted, slot, lengths, starts, sinks, window)
+        if edges is None:
+            edges = band_edge_tensor(window, bands, scores.device)
+        return code_append_triton(scores, codes, counts, counted, slot, lengths, starts, sinks, edges)
+    return code_append_reference(scores, codes, counts, counted, slot, lengths, starts, sinks, window, bands)
 
 
-def code_append_triton(scores, codes, counts, counted, slot, lengths, starts, sinks: int, window: int) -> None:
+def code_append_triton(scores, codes, counts, counted, slot, lengths, starts, sinks: int,
+                       edges: torch.Tensor) -> None:
+    """The Triton code-append kernel; edges: int32 [NB] lower band edges (window first)."""
     from lmsqueeze.methods.a2ats._triton_a2ats import code_append_launch
 
     Hkv, B, C = scores.shape
-    if codes.shape[:2] != (B, Hkv) or counts.shape != (B, Hkv, C) or counted.shape != (B,):
+    NB = edges.shape[0]
+    if codes.shape[:2] != (B, Hkv) or counts.shape != (B, Hkv, NB * C) or counted.shape != (B,):
         raise LmsqueezeError(f"code_append: scores {tuple(scores.shape)} do not match codes "
                              f"{tuple(codes.shape)} / counts {tuple(counts.shape)} / counted {tuple(counted.shape)}")
-    if scores.stride(2) != 1 or codes.stride(2) != 1 or counts.stride(2) != 1 or window < 1:
-        raise LmsqueezeError("code_append needs contiguous last dims and window >= 1")
-    code_append_launch(scores, codes, counts, counted, slot, lengths, starts, sinks, window)
+    if scores.stride(2) != 1 or codes.stride(2) != 1 or counts.stride(2) != 1:
+        raise LmsqueezeError("code_append needs contiguous last dims")
+    code_append_launch(scores, codes, counts, counted, slot, lengths, starts, sinks, edges)
 
 
 def _check_sparse(q, k_store, v_store, codes, sel, starts, lengths) -> None:
@@ -140,27 +155,31 @@ def _check_sparse(q, k_store, v_store, codes, sel, starts, lengths) -> None:
 def sparse_decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, codes: torch.Tensor,
                             sel: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, sinks: int,
                             window: int, scaling: float, near: bool = True, return_lse: bool = False,
-                            num_splits: int | None = None):
+                            num_splits: int | None = None, bands: tuple[int, ...] = (),
+                            edges: torch.Tensor | None = None):
     """Decode attention over the slots picked by `reference.selected_slots`.
 
     q: [B, Hq, D] (RoPE applied); k_store, v_store: [B, Hkv, S, D] RoPE'd keys and values (GPU, or pinned
-    host memory when q is on the GPU); codes: [B, Hkv, S] int16; sel: [B, Hkv, C] int8; starts, lengths:
-    [B] int32 device tensors. near=False attends the selected candidates only (for a merge with the sinks
+    host memory when q is on the GPU); codes: [B, Hkv, S] int16; sel: [B, Hkv, NB * C] int8 over virtual
+    codes (NB = len(bands) + 1; edges: `band_edge_tensor`, made here if None); starts, lengths: [B] int32
+    device tensors. near=False attends the selected candidates only (for a merge with the sinks
     and window held elsewhere). Returns out: [B, Hq, D] (and lse: [B, Hq] float32 when return_lse).
     """
     _check_sparse(q, k_store, v_store, codes, sel, starts, lengths)
     if q.is_cuda:
+        if edges is None:
+            edges = band_edge_tensor(window, bands, q.device)
         return sparse_decode_attention_triton(q, k_store, v_store, codes, sel, starts, lengths, sinks, window,
-                                              scaling, near, return_lse, num_splits)
+                                              scaling, near, return_lse, num_splits, edges=edges)
     return sparse_decode_attention_reference(q, k_store, v_store, codes, sel, starts, lengths, sinks, window,
-                                             scaling, near, return_lse)
+                                             scaling, near, return_lse, bands)
 
 
 def sparse_decode_attention_triton(q, k_store, v_store, codes, sel, starts, lengths, sinks: int, window: int,
                                    scaling: float, near: bool = True, return_lse: bool = False,
                                    num_splits: int | None = None, *, block_n: int | None = None,
                                    num_warps: int | None = None, num_stages: int | None = None,
-                                   compact: bool | None = None):
+                                   compact: bool | None = None, edges: torch.Tensor | None = None):
     """The Triton kernels on any tensors Triton accepts; same contract as `sparse_decode_attention`."""
     _check_sparse(q, k_store, v_store, codes, sel, starts, lengths)
     from lmsqueeze.methods.a2ats._triton_a2ats import sparse_launch
@@ -176,5 +195,5 @@ def sparse_decode_attention_triton(q, k_store, v_store, codes, sel, starts, leng
         num_splits = default_sparse_splits(B, Hkv, S, block_n)
     out, lse = sparse_launch(q, k_store, v_store, codes, sel, starts, lengths, sinks, window, scaling, near,
                              num_splits, block_n, num_warps or SPARSE_NUM_WARPS, num_stages or SPARSE_NUM_STAGES,
-                             SPARSE_COMPACT if compact is None else compact)
+                             SPARSE_COMPACT if compact is None else compact, edges=edges)
     return (out, lse) if return_lse else out

@@ -34,7 +34,9 @@ class A2ATS(Method):
 
     ratio: tokens kept per query head, as a fraction of the sequence length (1.0 = dense); codebook:
     centroids per layer and KV head (<= 32768); sinks / window: first and most recent tokens, always
-    attended; distance: the fixed relative position of windowed RoPE; query_aware: weight the K-means by
+    attended; distance: the fixed relative position of windowed RoPE when `bands` is empty (the paper's
+    form); bands: inner edges of the distance bands [window, e1), [e1, e2), ..., [e_last, inf), each scored
+    at its own distance (windowed_rope.py; same codes, NB x larger lookup table and histogram); query_aware: weight the K-means by
     the queries' second moment (False: plain VQ); windowed_rope: code pre-RoPE keys and rotate the query to
     `distance` (False: code post-RoPE keys); offload: after prefill keep K/V in pinned host memory;
     offload_attention: "gpu" (zero-copy reads of the selected rows) or "cpu" (CPU threads, eager only).
@@ -50,6 +52,7 @@ class A2ATS(Method):
     sinks: int = 8
     window: int = 64
     distance: int = 2048
+    bands: tuple[int, ...] = (256, 1024, 4096)
     query_aware: bool = True
     windowed_rope: bool = True
     offload: bool = True
@@ -68,6 +71,10 @@ class A2ATS(Method):
             raise LmsqueezeError(f"a2ats codebook must be in 2..{MAX_CODEBOOK} (int16 codes); got {self.codebook}")
         if self.sinks < 0 or self.window < 1:
             raise LmsqueezeError(f"a2ats needs sinks >= 0 and window >= 1; got {self.sinks}, {self.window}")
+        self.bands = tuple(int(e) for e in self.bands)
+        if any(b <= a for a, b in zip((self.window, *self.bands), self.bands)):
+            raise LmsqueezeError(f"a2ats bands must be increasing distances above the window ({self.window}); "
+                                 f"got {self.bands}")
         if self.distance < 0:
             raise LmsqueezeError(f"a2ats distance must be >= 0, got {self.distance}")
         if self.offload_attention not in OFFLOAD_ATTENTION:
@@ -77,8 +84,9 @@ class A2ATS(Method):
             raise LmsqueezeError("a2ats kmeans_iters, kmeans_tol must be >= 0 and max_keys, calib_chunk >= 1")
 
     def settings(self) -> Settings:
+        bands = self.bands if self.windowed_rope else ()
         return Settings(self.ratio, self.sinks, self.window, self.distance, self.windowed_rope, self.offload,
-                        self.offload_attention)
+                        self.offload_attention, bands)
 
     def calibrate(self, model, batches) -> Artifact:
         from lmsqueeze.methods.a2ats.calibrate import calibrate_a2ats

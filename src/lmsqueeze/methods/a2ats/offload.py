@@ -43,18 +43,19 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 
 def selected_attention_cpu(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, codes: torch.Tensor,
                            sel: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, sinks: int, window: int,
-                           scaling: float, near: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           scaling: float, near: bool = False, bands: tuple[int, ...] = (),
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the selected slots on CPU threads, gathering only those rows.
 
     q: [B, Hq, D] (RoPE applied, any device); k_store, v_store: [B, Hkv, S, D] host tensors; codes:
-    [B, Hkv, S] (host mirror); sel: [B, Hkv, C]; starts, lengths: [B]. Same result as
+    [B, Hkv, S] (host mirror); sel: [B, Hkv, NB * C] (virtual codes of `bands`); starts, lengths: [B]. Same result as
     `reference.sparse_decode_attention_reference`; returns out: [B, Hq, D] and lse: [B, Hq] on q's device.
     """
     dev = q.device
     B, Hq, D = q.shape
     _, Hkv, S, _ = k_store.shape
     G = Hq // Hkv
-    mask = selected_slots(codes, sel.cpu(), starts.cpu(), lengths.cpu(), sinks, window, near)  # [B, Hkv, S]
+    mask = selected_slots(codes, sel.cpu(), starts.cpu(), lengths.cpu(), sinks, window, near, bands)
     cnt = mask.sum(-1).reshape(-1)  # [B*Hkv]
     m = int(cnt.max()) if cnt.numel() else 0
     if m == 0:

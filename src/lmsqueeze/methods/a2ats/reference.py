@@ -5,7 +5,9 @@ tensors. Slot conventions (one decode query per sequence, left padding only):
 
 - sequence b holds slots [starts[b], lengths[b]) (lengths counts the new token);
 - sinks: slots [starts, starts + sinks); window: slots [lengths - window, lengths); both always attended;
-- candidates: slots [starts + sinks, lengths - window), attended iff their code is selected (`sel`).
+- candidates: slots [starts + sinks, lengths - window), attended iff their virtual code is selected
+  (`sel`): band(lengths - 1 - slot) x C + code, with the distance bands of `windowed_rope` (no bands: the
+  code itself).
 """
 
 from __future__ import annotations
@@ -36,29 +38,35 @@ def select_codes_reference(lut: torch.Tensor, counts: torch.Tensor, kth: torch.T
 
 def code_append_reference(scores: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor,
                           slot: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, sinks: int,
-                          window: int) -> None:
+                          window: int, bands: tuple[int, ...] = ()) -> None:
     """Histogram rewind (`retrieval.uncount_rewound`), the new token's code = argmax of scores: [Hkv, B, C]
-    written at `slot`, then the slot leaving the window counted (`retrieval.add_leaving`)."""
-    from lmsqueeze.methods.a2ats.retrieval import add_leaving, uncount_rewound
+    written at `slot`, then one step of band crossings counted (`retrieval.add_crossing`)."""
+    from lmsqueeze.methods.a2ats.retrieval import add_crossing, uncount_rewound
+    from lmsqueeze.methods.a2ats.windowed_rope import band_edges
 
-    uncount_rewound(codes, counts, counted, lengths, starts, sinks, window)
+    edges = band_edges(window, bands)
+    uncount_rewound(codes, counts, counted, lengths, starts, sinks, edges)
     new = scores.argmax(-1).transpose(0, 1).to(torch.int16)[:, :, None]  # [B, Hkv, 1]
     codes.index_copy_(2, slot, new)
-    add_leaving(codes, counts, counted, lengths, starts, sinks, window)
+    add_crossing(codes, counts, counted, lengths, starts, sinks, edges)
 
 
 def selected_slots(codes: torch.Tensor, sel: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor,
-                   sinks: int, window: int, near: bool = True) -> torch.Tensor:
+                   sinks: int, window: int, near: bool = True, bands: tuple[int, ...] = ()) -> torch.Tensor:
     """Bool [B, Hkv, S]: the slots a decode step attends to.
 
-    codes: [B, Hkv, S] int; sel: [B, Hkv, C] bool/int; starts, lengths: [B] int. near=True: sinks, window
-    and selected candidates; near=False: selected candidates only.
+    codes: [B, Hkv, S] int; sel: [B, Hkv, NB * C] bool/int (NB = len(bands) + 1); starts, lengths: [B] int.
+    near=True: sinks, window and selected candidates; near=False: selected candidates only.
     """
+    from lmsqueeze.methods.a2ats.retrieval import virtual_codes
+
     _B, _Hkv, S = codes.shape
     slots = torch.arange(S, device=codes.device)[None, None, :]
     st = starts.long()[:, None, None]
     ln = lengths.long()[:, None, None]
-    picked = sel.bool().gather(2, codes.long().clamp_min(0))
+    C = sel.shape[2] // (len(bands) + 1)
+    vc = virtual_codes(codes.long().clamp_min(0), (ln - 1 - slots).clamp_min(0), bands, C)
+    picked = sel.bool().gather(2, vc)
     cand = (slots >= st + sinks) & (slots < ln - window)
     mask = cand & picked
     if near:
@@ -89,11 +97,11 @@ def masked_decode_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: tor
 def sparse_decode_attention_reference(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
                                       codes: torch.Tensor, sel: torch.Tensor, starts: torch.Tensor,
                                       lengths: torch.Tensor, sinks: int, window: int, scaling: float,
-                                      near: bool = True, return_lse: bool = False):
+                                      near: bool = True, return_lse: bool = False, bands: tuple[int, ...] = ()):
     """Decode attention over the slots picked by `selected_slots` (see that function for the arguments).
 
     q: [B, Hq, D] (RoPE applied); k_store, v_store: [B, Hkv, S, D]. Returns out: [B, Hq, D] (and lse: [B, Hq]).
     """
-    mask = selected_slots(codes, sel, starts, lengths, sinks, window, near)
+    mask = selected_slots(codes, sel, starts, lengths, sinks, window, near, bands)
     out, lse = masked_decode_attention(q, k_store, v_store, mask.to(q.device), scaling)
     return (out, lse) if return_lse else out

@@ -1,10 +1,12 @@
 """A²ATS retrieval pieces as free functions (device-agnostic, no host synchronisation, graph-capturable).
 
-Per decode step and layer: the new key gets a code (`assign_codes`), the token that just left the recent
-window joins the candidate histogram (`count_leaving`), each query head scores every code once
-(`lookup_table`: q·Ĉ, the scores of all tokens are then those of their codes), and `kernels.select_codes`
-keeps, per KV group, the codes reaching the kth-largest candidate score of any of its heads, with
-k = ratio x the sequence length (`tokens_to_keep`).
+Per decode step and layer: the new key gets a code (`assign_codes`), the candidate histogram follows the
+tokens that cross a band edge (`shift_histogram`: the one leaving the recent window joins band 0, one
+token per inner edge moves up a band), each query head scores every (band, code) pair once (`lookup_table`:
+the query rotated to each band's distance, dotted with Ĉ; the scores of all tokens are then those of their
+virtual codes band x C + code), and `kernels.select_codes` keeps, per KV group, the virtual codes reaching
+the kth-largest candidate score of any of its heads, with k = ratio x the sequence length
+(`tokens_to_keep`). With no bands (NB = 1) the virtual code is the code.
 """
 
 from __future__ import annotations
@@ -39,17 +41,21 @@ def assign_codes(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Ten
 
 
 def lookup_table(q: torch.Tensor, score_cb: torch.Tensor) -> torch.Tensor:
-    """Scores of every code per query head: q: [B, Hq, D], score_cb: [Hkv, C, D] float32 (Ĉ = C_L L⁻¹).
+    """Scores of every (band, code) per query head: q: [B, Hq, D] or [B, Hq, NB, D] (one query per band);
+    score_cb: [Hkv, C, D] float32 (Ĉ = C_L L⁻¹).
 
-    Returns lut: [B, Hkv, G, C] float32 (a permuted view; the code dim is contiguous). One bmm per KV head
-    over all B x G queries, so the codebook is read once per step, not once per sequence.
+    Returns lut: [B, Hkv, G, NB * C] float32 (a permuted view; the virtual-code dim band x C + code is
+    contiguous). One bmm per KV head over all B x G x NB queries, so the codebook is read once per step,
+    not once per sequence or band.
     """
-    B, Hq, D = q.shape
+    if q.dim() == 3:
+        q = q[:, :, None]
+    B, Hq, NB, D = q.shape
     Hkv, C, _ = score_cb.shape
     G = Hq // Hkv
-    x = q.float().reshape(B, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, B * G, D)
-    lut = torch.bmm(x, score_cb.transpose(1, 2))  # [Hkv, B*G, C]
-    return lut.view(Hkv, B, G, C).permute(1, 0, 2, 3)
+    x = q.float().reshape(B, Hkv, G * NB, D).permute(1, 0, 2, 3).reshape(Hkv, B * G * NB, D)
+    lut = torch.bmm(x, score_cb.transpose(1, 2))  # [Hkv, B*G*NB, C]
+    return lut.view(Hkv, B, G, NB * C).permute(1, 0, 2, 3)
 
 
 def tokens_to_keep(ratio: float, lengths: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
@@ -71,62 +77,88 @@ def fold_rotation(score_cb: torch.Tensor, cos_b: torch.Tensor, sin_b: torch.Tens
     return apply_rope(score_cb.float()[None], cos, -sin)[0].contiguous()
 
 
-def recount(codes: torch.Tensor, starts: torch.Tensor, length: int, sinks: int, window: int,
-            num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Histogram of the candidates' codes (eager, after a prefill or a crop).
+def virtual_codes(codes: torch.Tensor, dist: torch.Tensor, bands: tuple[int, ...], num_codes: int) -> torch.Tensor:
+    """band(dist) x num_codes + code, int64. codes and dist broadcast together."""
+    from lmsqueeze.methods.a2ats.windowed_rope import band_of
 
-    codes: [B, Hkv, S] int; candidates of sequence b: slots [starts[b] + sinks, length - window).
-    Returns counts: [B, Hkv, num_codes] int32 and counted: [B] int64 (= every candidate slot below it is in
-    the histogram).
+    return band_of(dist, bands) * num_codes + codes.long()
+
+
+def recount(codes: torch.Tensor, starts: torch.Tensor, length: int, sinks: int, window: int,
+            num_codes: int, bands: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histogram of the candidates' virtual codes for a query at `length` (eager, after a prefill or a crop).
+
+    codes: [B, Hkv, S] int; candidates of sequence b: slots [starts[b] + sinks, length - window), slot j in
+    band(length - 1 - j). Returns counts: [B, Hkv, NB * num_codes] int32 and counted: [B] int64 (= the
+    length the histogram reflects).
     """
     B, Hkv, _ = codes.shape
+    NB = len(bands) + 1
     hi = max(length - window, 0)
-    counts = torch.zeros(B, Hkv, num_codes, dtype=torch.int32, device=codes.device)
+    counts = torch.zeros(B, Hkv, NB * num_codes, dtype=torch.int32, device=codes.device)
     if hi > 0:
         slots = torch.arange(hi, device=codes.device)
         w = (slots[None, :] >= starts.long()[:, None] + sinks).to(torch.int32)  # [B, hi]
-        counts.scatter_add_(2, codes[:, :, :hi].long(), w[:, None, :].expand(B, Hkv, hi).contiguous())
-    counted = torch.full((B,), hi, dtype=torch.long, device=codes.device)
+        v = virtual_codes(codes[:, :, :hi], (length - 1 - slots)[None, None], bands, num_codes)
+        counts.scatter_add_(2, v, w[:, None, :].expand(B, Hkv, hi).contiguous())
+    counted = torch.full((B,), length, dtype=torch.long, device=codes.device)
     return counts, counted
 
 
-def uncount_rewound(codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor, lengths: torch.Tensor,
-                    starts: torch.Tensor, sinks: int, window: int) -> None:
-    """Take out of the histogram the slots counted beyond a step at `lengths` (up to MAX_REWIND of them).
-
-    The decode runner rewinds the lengths after its graph warm-up steps; this puts the histogram back to
-    the candidates [starts + sinks, lengths − window). Runs before the step writes its new code.
-    """
+def _move(codes: torch.Tensor, counts: torch.Tensor, j: torch.Tensor, ok: torch.Tensor, src: int | None,
+          dst: int | None, num_codes: int) -> None:
+    """Move the tokens at slots j: [B, R] (where ok) from band src to band dst (None: out of / into nothing)."""
     B, Hkv, S = codes.shape
-    hi = (lengths.long() - window).clamp_min(0)
-    lo = starts.long() + sinks
-    slots = hi[:, None] + torch.arange(MAX_REWIND, device=codes.device)[None, :]  # [B, R]
-    out = (slots < counted[:, None]) & (slots >= lo[:, None])
-    idx = slots.clamp_max(S - 1)[:, None, :].expand(B, Hkv, MAX_REWIND)
-    counts.scatter_add_(2, codes.gather(2, idx).long(), -out.to(torch.int32)[:, None, :].expand(B, Hkv, MAX_REWIND))
-    counted.copy_(torch.minimum(counted, hi))
+    R = j.shape[1]
+    c = codes.gather(2, j.clamp(0, S - 1)[:, None, :].expand(B, Hkv, R)).long()
+    w = ok.to(torch.int32)[:, None, :].expand(B, Hkv, R)
+    if src is not None:
+        counts.scatter_add_(2, src * num_codes + c, -w)
+    if dst is not None:
+        counts.scatter_add_(2, dst * num_codes + c, w)
 
 
-def add_leaving(codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor, lengths: torch.Tensor,
-                starts: torch.Tensor, sinks: int, window: int) -> None:
-    """Add the slot that just left the window (lengths − 1 − window) to the histogram unless counted."""
-    B, Hkv, _ = codes.shape
-    hi = (lengths.long() - window).clamp_min(0)
-    s_out = hi - 1
-    add = (s_out >= counted) & (s_out >= starts.long() + sinks)
-    idx = s_out.clamp_min(0)[:, None, None].expand(B, Hkv, 1)
-    counts.scatter_add_(2, codes.gather(2, idx).long(), add.to(torch.int32)[:, None, None].expand(B, Hkv, 1))
-    counted.copy_(torch.maximum(counted, hi))
+def uncount_rewound(codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor, lengths: torch.Tensor,
+                    starts: torch.Tensor, sinks: int, edges: tuple[int, ...]) -> None:
+    """Undo the steps counted beyond `lengths` (up to MAX_REWIND of them): going back from a query at L' to
+    L' - 1, the token at distance e_i moves from band i down to band i - 1 (band 0: leaves the candidates).
 
-
-def count_leaving(codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor, lengths: torch.Tensor,
-                  starts: torch.Tensor, sinks: int, window: int) -> None:
-    """Bring the histogram to the candidates of a step at `lengths`: slots [starts + sinks, lengths − window).
-
-    Normally that adds the slot that just left the window. `counted` [B] records how far the histogram
-    reaches, so replaying a step does not count a slot twice, and lengths that went back by up to
-    MAX_REWIND steps are handled (`uncount_rewound`). codes: [B, Hkv, S]; counts: [B, Hkv, C] int32;
-    counted: [B] int64; lengths, starts: [B].
+    The decode runner rewinds the lengths after its graph warm-up steps. Runs before the step writes its
+    new code. edges: (window, e1, ...) the lower edge of every band.
     """
-    uncount_rewound(codes, counts, counted, lengths, starts, sinks, window)
-    add_leaving(codes, counts, counted, lengths, starts, sinks, window)
+    num_codes = counts.shape[2] // len(edges)
+    L = lengths.long()[:, None]
+    lp = L + 1 + torch.arange(MAX_REWIND, device=codes.device)[None, :]  # [B, R] the query lengths undone
+    active = lp <= counted[:, None]
+    lo = starts.long()[:, None] + sinks
+    for i, e in enumerate(edges):
+        j = lp - 1 - e
+        _move(codes, counts, j, active & (j >= lo), i, i - 1 if i else None, num_codes)
+    counted.copy_(torch.minimum(counted, lengths.long()))
+
+
+def add_crossing(codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor, lengths: torch.Tensor,
+                 starts: torch.Tensor, sinks: int, edges: tuple[int, ...]) -> None:
+    """One step forward (histogram at L - 1, query at L): the token at distance e_i moves from band i - 1 up
+    to band i; for i = 0 that is the slot leaving the recent window joining the candidates. Once."""
+    num_codes = counts.shape[2] // len(edges)
+    L = lengths.long()[:, None]
+    active = counted[:, None] < L
+    lo = starts.long()[:, None] + sinks
+    for i, e in enumerate(edges):
+        j = L - 1 - e
+        _move(codes, counts, j, active & (j >= lo), i - 1 if i else None, i, num_codes)
+    counted.copy_(torch.maximum(counted, lengths.long()))
+
+
+def shift_histogram(codes: torch.Tensor, counts: torch.Tensor, counted: torch.Tensor, lengths: torch.Tensor,
+                    starts: torch.Tensor, sinks: int, edges: tuple[int, ...]) -> None:
+    """Bring the histogram to the candidates of a step at `lengths` (query slot lengths - 1).
+
+    Normally one step forward (`add_crossing`). `counted` [B] records the length the histogram reflects,
+    so replaying a step does not count twice, and lengths that went back by up to MAX_REWIND steps are
+    handled (`uncount_rewound`). codes: [B, Hkv, S]; counts: [B, Hkv, NB * C] int32; counted: [B] int64;
+    lengths, starts: [B]; edges: `windowed_rope.band_edges(window, bands)`.
+    """
+    uncount_rewound(codes, counts, counted, lengths, starts, sinks, edges)
+    add_crossing(codes, counts, counted, lengths, starts, sinks, edges)

@@ -3,14 +3,15 @@
 Buffers (allocated once for max_length slots; grown only outside captured graphs):
   k, v     [B, Hkv, cap, D]  RoPE'd keys and values: on the GPU, or pinned host memory once offloaded
   codes    [B, Hkv, cap]     int16 code of every token's key (pre-RoPE key with windowed RoPE), GPU
-  counts   [B, Hkv, C]       int32 histogram of the candidates' codes (tokens past the sinks and the window)
+  counts   [B, Hkv, NB * C]  int32 histogram of the candidates' virtual codes (distance band x C + code;
+                             tokens past the sinks and the window)
   near_k/v [B, Hkv, sinks + window + 8, D] and near_slots: the sinks and a ring holding the recent window,
            on the GPU (offloaded layers only)
 
 Prefill (T > 1) is exact dense attention. A decode step (T == 1) writes the new token, codes it, scores all
-codes once per query head (lookup table), keeps the codes reaching the kth-largest candidate score of any
-head of the KV group (k = ratio x length), and attends exactly (normal RoPE) over sinks, window and the
-tokens carrying a kept code. With offload, the first decode step moves K/V to pinned host memory.
+(distance band, code) pairs once per query head (lookup table), keeps the virtual codes reaching the
+kth-largest candidate score of any head of the KV group (k = ratio x length), and attends exactly (normal
+RoPE) over sinks, window and the tokens whose (band, code) is kept. With offload, the first decode step moves K/V to pinned host memory.
 Layers with a model sliding window are served densely (nothing to retrieve beyond the window).
 """
 
@@ -25,7 +26,7 @@ from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.merge import merge_attention_states
 from lmsqueeze.kernels.rope_append import rope_append
 from lmsqueeze.methods.a2ats import retrieval
-from lmsqueeze.methods.a2ats.kernels import code_append, select_codes, sparse_decode_attention
+from lmsqueeze.methods.a2ats.kernels import band_edge_tensor, code_append, select_codes, sparse_decode_attention
 from lmsqueeze.methods.a2ats.offload import (
     host_empty,
     near_attention,
@@ -34,7 +35,7 @@ from lmsqueeze.methods.a2ats.offload import (
     selected_attention_cpu,
     to_host,
 )
-from lmsqueeze.methods.a2ats.windowed_rope import distance_tables
+from lmsqueeze.methods.a2ats.windowed_rope import band_distances, band_queries, multi_distance_tables
 from lmsqueeze.methods.cache import LayerState, Step
 from lmsqueeze.methods.dense import DenseState
 from lmsqueeze.methods.slot_attention import slot_attention
@@ -47,8 +48,8 @@ GROW_BLOCK = 256
 
 @dataclass(slots=True)
 class Codebooks:
-    """One layer's codebooks. assign: [Hkv, C, D] = C_L Lᵀ; score: [Hkv, C, D] = C_L L⁻¹ (on the device with
-    windowed RoPE: rotated by −distance, so it scores the pre-RoPE query); half_norms: [Hkv, C]."""
+    """One layer's codebooks. assign: [Hkv, C, D] = C_L Lᵀ; score: [Hkv, C, D] = C_L L⁻¹ (scored against the
+    query rotated to each band's distance); half_norms: [Hkv, C]."""
 
     assign: torch.Tensor
     score: torch.Tensor
@@ -74,6 +75,7 @@ class Settings:
     windowed_rope: bool
     offload: bool
     offload_attention: str
+    bands: tuple[int, ...] = ()
 
 
 class A2ATSState(LayerState):
@@ -100,6 +102,9 @@ class A2ATSState(LayerState):
         self.offloaded = False
         self.dense: DenseState | None = None  # layers with a model sliding window
         self.device: torch.device | None = None
+        self.edges: torch.Tensor | None = None  # int32 [NB] lower band edges
+        self.band_cos: torch.Tensor | None = None  # [NB, D] rotary tables at the band distances
+        self.band_sin: torch.Tensor | None = None
 
     # buffers -------------------------------------------------------------------------------------------
     @property
@@ -114,7 +119,7 @@ class A2ATSState(LayerState):
                                  "on this model")
         self.device = k.device
         books = self.books.to(k.device)
-        C = self.books.size
+        C = self.books.size * (len(self.cfg.bands) + 1)  # virtual codes
         self.codes = torch.zeros(B, Hkv, 0, dtype=torch.int16, device=k.device)
         self.k = k.new_zeros(B, Hkv, 0, D)
         self.v = k.new_zeros(B, Hkv, 0, D)
@@ -124,9 +129,10 @@ class A2ATSState(LayerState):
         self.sel = torch.zeros(B, Hkv, C, dtype=torch.int8, device=k.device)
         self.starts = torch.zeros(B, dtype=torch.int32, device=k.device)
         self.ratio = torch.tensor([self.cfg.ratio], dtype=torch.float64, device=k.device)
-        if self.cfg.windowed_rope:  # score the pre-RoPE query: q · RoPE(ĉ, −distance) == RoPE(q, distance) · ĉ
-            cos_b, sin_b = distance_tables(step.rotary, self.cfg.distance, torch.float32, k.device)
-            books.score = retrieval.fold_rotation(books.score, cos_b, sin_b)
+        self.edges = band_edge_tensor(self.cfg.window, self.cfg.bands, k.device)
+        if self.cfg.windowed_rope:  # the pre-RoPE query rotated to each band's distance scores ĉ
+            dist = band_distances(self.cfg.window, self.cfg.bands, self.cfg.distance)
+            self.band_cos, self.band_sin = multi_distance_tables(step.rotary, dist, torch.float32, k.device)
         self.books = books
         self.is_initialized = True
 
@@ -237,7 +243,7 @@ class A2ATSState(LayerState):
     def _recount(self) -> None:
         """Rebuild the candidate histogram in place (buffers keep their addresses for captured graphs)."""
         counts, counted = retrieval.recount(self.codes, self.starts, self.length, self.cfg.sinks, self.cfg.window,
-                                            self.books.size)
+                                            self.books.size, self.cfg.bands)
         self.counts.copy_(counts)
         self.counted.copy_(counted)
 
@@ -260,12 +266,14 @@ class A2ATSState(LayerState):
         q_rot = rope_append(q, k, v, cos, sin, self.k, self.v, slot)  # [B, Hq, D]; writes slot
         k_code = k if cfg.windowed_rope else apply_rope(k, step.cos, step.sin)
         scores = retrieval.assign_scores(k_code, books.assign, books.half_norms)  # [Hkv, B, C]
-        code_append(scores, self.codes, self.counts, self.counted, slot, lengths, starts, cfg.sinks, cfg.window)
-        lut = retrieval.lookup_table(q[:, :, 0] if cfg.windowed_rope else q_rot, books.score)
+        code_append(scores, self.codes, self.counts, self.counted, slot, lengths, starts, cfg.sinks, cfg.window,
+                    cfg.bands, self.edges)
+        qs = band_queries(q[:, :, 0], self.band_cos, self.band_sin) if cfg.windowed_rope else q_rot
+        lut = retrieval.lookup_table(qs, books.score)
         sel = select_codes(lut, self.counts, lengths, starts, self.ratio, out=self.sel)
         if not self.offloaded:
             out = sparse_decode_attention(q_rot, self.k, self.v, self.codes, sel, starts, lengths, cfg.sinks,
-                                          cfg.window, step.scaling, near=True)
+                                          cfg.window, step.scaling, near=True, bands=cfg.bands, edges=self.edges)
         else:
             out = self._decode_offloaded(q_rot, k, v, step, slot, lengths, starts, sel)
         if not static:
@@ -289,11 +297,12 @@ class A2ATSState(LayerState):
                                      "use generate(..., use_graph=False) or offload_attention='gpu'")
             self.codes_host.index_copy_(2, slot.cpu(), self.codes.index_select(2, slot).cpu())
             far_out, far_lse = selected_attention_cpu(q_rot, self.k, self.v, self.codes_host, sel, starts, lengths,
-                                                      cfg.sinks, cfg.window, step.scaling, near=False)
+                                                      cfg.sinks, cfg.window, step.scaling, near=False,
+                                                      bands=cfg.bands)
         else:
             far_out, far_lse = sparse_decode_attention(q_rot, self.k, self.v, self.codes, sel, starts, lengths,
                                                        cfg.sinks, cfg.window, step.scaling, near=False,
-                                                       return_lse=True)
+                                                       return_lse=True, bands=cfg.bands, edges=self.edges)
         out, _ = merge_attention_states(far_out, far_lse, near_out, near_lse)
         return out
 
