@@ -11,11 +11,14 @@ causally to its prefix).
 For every layer, query head and query position m, with dense attention p over slots 0..m:
   recall(method, r) = sum of p over sinks ∪ window ∪ the k = floor(r (m + 1)) candidates that the method
   scores highest, per query head (equal budgets for every method).
-Methods: oracle (exact logits), a2ats (query-aware VQ of pre-RoPE keys, windowed RoPE), plain-vq (K-means of
-the keys, windowed RoPE), a2ats-no-wrope (query-aware VQ of post-RoPE keys), quest (page min/max bounds of
-post-RoPE keys, pages of 16; the page metadata is not charged to the budget). Also a2ats as it runs
-(per KV group: union of the heads' top-k by the code histogram threshold), with the fraction of tokens read.
-Then the long-context suite (dense, a2ats, oracle_topk at 3%) through the patched model.
+Methods: oracle (exact logits), a2ats (query-aware VQ of pre-RoPE keys, windowed RoPE with distance bands:
+each band of distances scored at its own distance), a2ats-1band (the paper's windowed RoPE: one distance for
+every far key), plain-vq (K-means of the keys, distance bands), a2ats-no-wrope (query-aware VQ of post-RoPE
+keys), quest (page min/max bounds of post-RoPE keys, pages of 16; the page metadata is not charged to the
+budget); diagnostics exact-bands / exact-1band: windowed-RoPE scores of the unquantized keys (the ceiling of
+each scoring rule, no VQ). Also a2ats as it runs (per KV group: union of the heads' top-k by the
+virtual-code histogram threshold), with the fraction of tokens read.
+Then the long-context suite (dense, a2ats, a2ats-1band, plain-vq, oracle_topk at 3%) through the patched model.
 """
 
 from __future__ import annotations
@@ -36,14 +39,14 @@ from lmsqueeze.bench.results import command_line, write_result
 from lmsqueeze.methods.a2ats import A2ATS, retrieval, with_settings
 from lmsqueeze.methods.a2ats.method import layer_codebooks
 from lmsqueeze.methods.a2ats.reference import select_codes_reference
-from lmsqueeze.methods.a2ats.windowed_rope import distance_tables
+from lmsqueeze.methods.a2ats.windowed_rope import band_distances, band_of, distance_tables
 from lmsqueeze.methods.cache import SqueezeCache
 from lmsqueeze.methods.dense import DenseState
 from lmsqueeze.models.rope import apply_rope, rope_tables
 
 log = logging.getLogger("eval_a2ats")
 RATIOS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
-METHODS = ("oracle", "a2ats", "plain-vq", "a2ats-no-wrope", "quest")
+METHODS = ("oracle", "exact-bands", "exact-1band", "a2ats", "a2ats-1band", "plain-vq", "a2ats-no-wrope", "quest")
 
 
 # data ----------------------------------------------------------------------------------------------------
@@ -131,16 +134,36 @@ def layer_scores(rec: dict, books: dict, rotary, n: int, args) -> dict:
     causal = pos[None, :] <= m
     p = torch.softmax(logits.masked_fill(~causal[None], float("-inf")), -1)
     out = {"p": p, "oracle": logits}
-    cos_b, sin_b = distance_tables(rotary, args.distance, torch.float32, "cpu")
-    for name, (bk, windowed) in books.items():
+    dist = (torch.arange(n - Q, n)[:, None] - pos[None, :]).clamp_min(0)  # [Q, n]
+
+    def band_tables(bands: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [distance_tables(rotary, d, torch.float32, "cpu")
+                for d in band_distances(args.window, bands, args.distance)]
+
+    def banded(per_band: list[torch.Tensor], bands: tuple[int, ...]) -> torch.Tensor:
+        """[Hq, Q, n] scores of every slot from the per-band score tensors, by the slot's distance band."""
+        band = band_of(dist, bands)  # [Q, n]
+        return torch.stack(per_band, 0).gather(0, band[None, None].expand(1, Hq, Q, n))[0]
+
+    bands = tuple(args.bands)
+    for name, bb in (("exact-bands", bands), ("exact-1band", ())):
+        kk_pre = k_pre.repeat_interleave(G, 0)
+        out[name] = banded([torch.einsum("hqd,hnd->hqn", apply_rope(q_pre[None], *(t.expand(1, Q, D) for t in tb))[0],
+                                         kk_pre) for tb in band_tables(bb)], bb)
+    for name, (bk, windowed, bb) in books.items():
         keys = k_pre if windowed else k_rot
         codes = retrieval.assign_codes(keys[None], bk.assign, bk.half_norms)[0].long()  # [Hkv, n]
-        score_cb = retrieval.fold_rotation(bk.score, cos_b, sin_b) if windowed else bk.score.float()
-        qs = q_pre if windowed else q_rot
-        lut = torch.einsum("hqd,hcd->hqc", qs, score_cb.repeat_interleave(G, 0))  # [Hq, Q, C]
-        out[name] = lut.gather(-1, codes.repeat_interleave(G, 0)[:, None, :].expand(Hq, Q, n))
+        cg = codes.repeat_interleave(G, 0)[:, None, :].expand(Hq, Q, n)
+        score_cb = bk.score.float().repeat_interleave(G, 0)
+        if windowed:
+            luts = [torch.einsum("hqd,hcd->hqc", apply_rope(q_pre[None], *(t.expand(1, Q, D) for t in tb))[0],
+                                 score_cb) for tb in band_tables(bb)]
+        else:
+            luts = [torch.einsum("hqd,hcd->hqc", q_rot, score_cb)]
+        out[name] = banded([lut.gather(-1, cg) for lut in luts], bb if windowed else ())
         out[name + ":codes"] = codes
-        out[name + ":lut"] = lut
+        out[name + ":lut"] = torch.cat(luts, -1)  # [Hq, Q, NB * C] virtual codes
+        out[name + ":bands"] = bb if windowed else ()
     # Quest: upper bound of q·k over the page (16 post-RoPE keys) holding each slot
     ps = args.page_size
     P = -(-n // ps)
@@ -165,25 +188,27 @@ def layer_recall(sc: dict, n: int, Q: int, G: int, args) -> dict:
     base = (p * near[None]).sum(-1)  # [Hq, Q]
     kth = (torch.arange(n - Q, n) + 1).double()
     res = {}
-    for name in METHODS:
+    for name in (m for m in METHODS if m in sc):
         r = ranks(sc[name], cand)
         for ratio in RATIOS:
             k = (kth * ratio).floor().long()[None, :, None]  # [1, Q, 1]
             sel = r < k
             res[(name, ratio)] = float((base + (p * sel).sum(-1)).sum())
     # a2ats as it runs: per KV group, union of the heads' top-k via the code-histogram threshold
-    codes, lut = sc["a2ats:codes"], sc["a2ats:lut"]  # [Hkv, n], [Hq, Q, C]
-    Hq, C = lut.shape[0], lut.shape[-1]
+    codes, lut, bands = sc["a2ats:codes"], sc["a2ats:lut"], sc["a2ats:bands"]  # [Hkv, n], [Hq, Q, NB * C]
+    Hq, VC = lut.shape[0], lut.shape[-1]
+    C = VC // (len(bands) + 1)
     Hkv = Hq // G
     for ratio in RATIOS:
         rec, frac = 0.0, 0.0
         for qi in range(Q):
             c = cand[qi]
-            counts = torch.zeros(Hkv, C, dtype=torch.int32).scatter_add_(
-                1, codes[:, c], torch.ones(Hkv, int(c.sum()), dtype=torch.int32))
+            vcode = retrieval.virtual_codes(codes, (n - Q + qi - pos)[None].clamp_min(0), bands, C)  # [Hkv, n]
+            counts = torch.zeros(Hkv, VC, dtype=torch.int32).scatter_add_(
+                1, vcode[:, c], torch.ones(Hkv, int(c.sum()), dtype=torch.int32))
             kq = torch.tensor([int(kth[qi] * ratio)], dtype=torch.int32)
-            sel = select_codes_reference(lut[:, qi].reshape(1, Hkv, G, C), counts[None], kq)[0]  # [Hkv, C]
-            take = sel.gather(1, codes) & c[None]  # [Hkv, n]
+            sel = select_codes_reference(lut[:, qi].reshape(1, Hkv, G, VC), counts[None], kq)[0]  # [Hkv, VC]
+            take = sel.gather(1, vcode) & c[None]  # [Hkv, n]
             take = take.repeat_interleave(G, 0) | near[qi][None]
             rec += float((p[:, qi] * take).sum())
             frac += float(take.float().sum(-1).mean() / (n - Q + qi + 1))
@@ -199,13 +224,15 @@ def run_suite_rows(model, tok, arts: dict, args) -> list[dict]:
     from lmsqueeze.methods.baselines.oracle_topk import OracleTopK
 
     text, _ = eval_text(None)
-    cfg = SuiteConfig(lengths=(args.suite_length,), samples=args.suite_samples, seed=3, depths=(0.25, 0.75))
+    cfg = SuiteConfig(lengths=tuple(args.suite_lengths), samples=args.suite_samples, seed=3, depths=(0.25, 0.75),
+                      formats=("prose", "code"))
     rows = []
-    methods = {"dense": None,
-               f"a2ats@{args.suite_ratio}": with_settings(arts["a2ats"], ratio=args.suite_ratio, offload=False),
-               f"plain-vq@{args.suite_ratio}": with_settings(arts["plain-vq"], ratio=args.suite_ratio, offload=False),
-               f"oracle_topk@{args.suite_ratio}": OracleTopK(ratio=args.suite_ratio, sinks=args.sinks,
-                                                              window=args.window)}
+    methods = {"dense": None}
+    for name in ("a2ats", "a2ats-1band", "plain-vq"):
+        if name in arts:
+            methods[f"{name}@{args.suite_ratio}"] = with_settings(arts[name], ratio=args.suite_ratio, offload=False)
+    methods[f"oracle_topk@{args.suite_ratio}"] = OracleTopK(ratio=args.suite_ratio, sinks=args.sinks,
+                                                            window=args.window)
     for name, method in methods.items():
         t = time.perf_counter()
         summary, records = run_suite(model, tok, text, method, cfg, progress=False)
@@ -233,9 +260,12 @@ def main() -> None:
     p.add_argument("--kmeans-iters", type=int, default=12)
     p.add_argument("--sinks", type=int, default=8)
     p.add_argument("--window", type=int, default=64)
-    p.add_argument("--distance", type=int, default=2048)
+    p.add_argument("--distance", type=int, default=2048, help="the single distance of a2ats-1band")
+    p.add_argument("--bands", type=lambda x: [int(v) for v in x.split(",") if v], default=[256, 1024, 4096],
+                   help="inner distance-band edges of a2ats and plain-vq")
+    p.add_argument("--variants", default="a2ats,a2ats-1band,plain-vq,a2ats-no-wrope")
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--suite-length", type=int, default=2048)
+    p.add_argument("--suite-lengths", type=lambda x: [int(v) for v in x.split(",")], default=[2048, 4096])
     p.add_argument("--suite-samples", type=int, default=1)
     p.add_argument("--suite-ratio", type=float, default=0.03)
     p.add_argument("--no-suite", action="store_true")
@@ -255,9 +285,14 @@ def main() -> None:
     print(f"[{time.perf_counter() - t0:7.1f}s] calibration data: {len(batches)} sequences", flush=True)
     extra["calibration_tokens"] = int(sum(b.numel() for b in batches))
     common = {"codebook": args.codebook, "sinks": args.sinks, "window": args.window, "distance": args.distance,
-                  "kmeans_iters": args.kmeans_iters, "offload": False}
-    variants = {"a2ats": A2ATS(**common), "plain-vq": A2ATS(query_aware=False, **common),
-                "a2ats-no-wrope": A2ATS(windowed_rope=False, **common)}
+              "kmeans_iters": args.kmeans_iters, "offload": False}
+    bands = tuple(args.bands)
+    variants = {"a2ats": A2ATS(bands=bands, **common), "a2ats-1band": A2ATS(bands=(), **common),
+                "plain-vq": A2ATS(query_aware=False, bands=bands, **common),
+                "a2ats-no-wrope": A2ATS(windowed_rope=False, bands=(), **common)}
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+    if "a2ats" not in variants:
+        raise SystemExit("--variants must include a2ats")
     arts, calib_s = {}, {}
     for name, method in variants.items():
         t = time.perf_counter()
@@ -278,7 +313,8 @@ def main() -> None:
         n = ids.shape[1]
         rec = record(model, ids, args.queries)
         for layer in range(cfg.num_hidden_layers):
-            books = {name: (layer_codebooks(arts[name], layer), variants[name].windowed_rope) for name in arts}
+            books = {name: (layer_codebooks(arts[name], layer), variants[name].windowed_rope, variants[name].bands)
+                     for name in arts}
             sc = layer_scores(rec[layer], books, rotary, n, args)
             res = layer_recall(sc, n, args.queries, G, args)
             for key, v in res.items():
@@ -310,7 +346,7 @@ def main() -> None:
     print(f"\nrecall of attention mass (model {extra['model']}, {len(seqs)} sequences x {args.length} tokens, "
           f"last {args.queries} positions, {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads)")
     print("method            " + "".join(f"{r:>8.2f}" for r in RATIOS))
-    for name in (*METHODS, "a2ats-union"):
+    for name in (m for m in (*METHODS, "a2ats-union") if (m, RATIOS[0]) in totals):
         print(f"{name:18s}" + "".join(f"{totals[(name, r)] / count:8.4f}" for r in RATIOS))
     print("a2ats-union read  " + "".join(f"{totals[('a2ats-union:fraction_read', r)] / count:8.4f}" for r in RATIOS))
     print(f"wrote {path}")
@@ -325,7 +361,7 @@ def plot(totals: dict, count: int, path: str, extra: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in (*METHODS, "a2ats-union"):
+    for name in (m for m in (*METHODS, "a2ats-union") if (m, RATIOS[0]) in totals):
         ax.plot([100 * r for r in RATIOS], [totals[(name, r)] / count for r in RATIOS], marker="o",
                 label=name if name != "a2ats-union" else "a2ats (group union, as run)")
     ax.set_xscale("log")
