@@ -1,15 +1,17 @@
 """Fixed-context many-questions quality of Squeezed Attention and its baselines, every method in one run.
 
-Each context (needles in held-out code or prose, or a key-value table) is prepared once per method and asked
-all its questions; the cache is cropped back between questions. Methods: dense (the context prefilled
-densely), Squeezed Attention at 70% and 90% sparsity (5% centroids; hierarchical 1% / 5% at 90%), and at the
-KV budget of each Squeezed setting: Quest (pages of 16, page bounds counted), StreamingLLM (4 sinks + recent),
-SnapKV-style prepare-time selection and random rows. The budget of a Squeezed setting is what one decode step
-reads: (1 - sparsity) of the clustered keys, the centroids (keys only: half a token each) and the observation
-window, as a fraction of the context.
+Each context (needles in held-out code or prose) is captured once (one dense forward), prepared once per
+method from that capture and asked all its questions; the cache is cropped back between questions. Methods:
+dense (every row of the captured context: the same function as prefilling it densely), Squeezed Attention at
+70% and 90% sparsity (5% centroids, 4 sink tokens always read; squeezed-90 reuses squeezed-70's clusters),
+and at the KV budget of each Squeezed setting: Quest (pages of 16, page bounds counted), StreamingLLM
+(4 sinks + recent), SnapKV-style prepare-time selection and random rows. The budget of a Squeezed setting is
+what one decode step reads: (1 - sparsity) of the clustered keys, the centroids (keys only: half a token
+each), the sinks and the observation window, as a fraction of the context.
 
-    python benchmarks/scripts/eval_squeezed.py --context-length 2048 --contexts 52 --facts 4 --questions 4 \
-        --out benchmarks/results/squeezed_quality.json
+    python benchmarks/scripts/eval_squeezed.py --context-length 8192 --contexts 52 --shard 0/2 --out a.json &
+    python benchmarks/scripts/eval_squeezed.py --context-length 8192 --contexts 52 --shard 1/2 --out b.json
+    python benchmarks/scripts/eval_squeezed.py --merge a.json,b.json --out benchmarks/results/squeezed_quality.json
 
 (The zoo model recalls single needles well and several facts poorly, and never kv tables: see docs/zoo.md;
 hence 4 needles per context by default.)
@@ -28,30 +30,34 @@ from pathlib import Path
 import torch
 
 OBSERVATION = 64
-DEFAULT_METHODS = "dense,squeezed-70,quest@70,streaming@70,squeezed-90,quest@90,streaming@90,random@90"
+SINKS = 4
+DEFAULT_METHODS = ("dense,squeezed-70,quest@70,streaming@70,snapkv@70,squeezed-90,quest@90,streaming@90,snapkv@90,"
+                   "random@90")
 
 
-def squeezed_budget(sparsity: float, centroids: float, tokens: int, observation: int = OBSERVATION) -> float:
-    """Fraction of the context's K+V one Squeezed decode step reads (kept rows, centroids, window)."""
-    nc = tokens - observation
-    return ((1 - sparsity) * nc + centroids * nc / 2 + observation) / tokens
+def squeezed_budget(sparsity: float, centroids: float, tokens: int, observation: int = OBSERVATION,
+                    sinks: int = SINKS) -> float:
+    """Fraction of the context's K+V one Squeezed decode step reads (kept rows, centroids, sinks, window)."""
+    nc = tokens - observation - sinks
+    return ((1 - sparsity) * nc + centroids * nc / 2 + observation + sinks) / tokens
 
 
-def methods_for(tokens: int) -> list[tuple[str, object]]:
+def methods_for(tokens: int, sinks: int = SINKS, threshold: str = "head") -> list[tuple[str, object]]:
     from lmsqueeze.methods.baselines.quest import Quest
     from lmsqueeze.methods.baselines.random_select import RandomSelect
     from lmsqueeze.methods.baselines.snapkv import SnapKV
     from lmsqueeze.methods.baselines.streaming import StreamingLLM
     from lmsqueeze.methods.squeezed import SqueezedAttention
 
-    out: list[tuple[str, object]] = [("dense", None)]
+    out: list[tuple[str, object]] = [("dense", StreamingLLM(budget=1.0))]   # every row of the context
     for sp in (0.7, 0.9):
-        b = squeezed_budget(sp, 0.05, tokens)
-        out += [(f"squeezed-{int(sp * 100)}", SqueezedAttention(centroids=0.05, sparsity=sp, observation=OBSERVATION)),
-                (f"quest@{int(sp * 100)}", Quest(budget=b)), (f"streaming@{int(sp * 100)}", StreamingLLM(budget=b))]
-    out += [("squeezed-h90", SqueezedAttention(sparsity=0.9, hierarchical=(0.01, 0.05), observation=OBSERVATION)),
-            ("snapkv@90", SnapKV(budget=squeezed_budget(0.9, 0.05, tokens))),
-            ("random@90", RandomSelect(budget=squeezed_budget(0.9, 0.05, tokens)))]
+        b = squeezed_budget(sp, 0.05, tokens, sinks=sinks)
+        out += [(f"squeezed-{int(sp * 100)}", SqueezedAttention(centroids=0.05, sparsity=sp, observation=OBSERVATION,
+                                                                sinks=sinks, threshold=threshold)),
+                (f"quest@{int(sp * 100)}", Quest(budget=b)), (f"streaming@{int(sp * 100)}", StreamingLLM(budget=b)),
+                (f"snapkv@{int(sp * 100)}", SnapKV(budget=b)), (f"random@{int(sp * 100)}", RandomSelect(budget=b))]
+    out += [("squeezed-h90", SqueezedAttention(sparsity=0.9, hierarchical=(0.01, 0.05), observation=OBSERVATION,
+                                               sinks=sinks))]
     return out
 
 
@@ -73,6 +79,64 @@ def answer_prepared(model, tok, artifact, questions, budgets, chunk: int) -> tup
     return outs, {"rows_read_per_step": sum(rows) / len(rows)}
 
 
+def method_metrics(methods, per_method: dict, tokens: int, sinks: int) -> dict:
+    """Accuracy, delta vs dense (points), rows read and KV budget of every method from its counts."""
+    metrics = {}
+    dense = per_method.get("dense", {})
+    dense_acc = dense.get("correct", 0) / max(1, dense.get("n", 1))
+    for name, method in methods:
+        pm = per_method[name]
+        if not pm["n"]:
+            continue
+        acc = pm["correct"] / pm["n"]
+        metrics[name] = {
+            "accuracy": acc, "correct": pm["correct"], "questions": pm["n"],
+            "delta_vs_dense_points": 100 * (acc - dense_acc),
+            "fixed_rows_read_fraction": sum(pm["rows"]) / len(pm["rows"]),
+            "nominal_budget": getattr(method, "budget", None),
+            "config": method.to_dict(),
+            "seconds_prepare": pm["prepare_s"], "seconds_answer": pm["answer_s"],
+        }
+        if name.startswith("squeezed"):
+            cents = sum(method.hierarchical) if method.hierarchical else method.centroids
+            metrics[name]["nominal_budget"] = squeezed_budget(method.sparsity, cents, tokens, sinks=method.sinks)
+    return metrics
+
+
+def merge(paths: list[str], out: str) -> None:
+    """Merge shard results (same settings, disjoint contexts) into one result with metrics over all."""
+    import json
+
+    from lmsqueeze.eval.results import write_json
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    if not all(p["complete"] for p in parts):
+        raise SystemExit("a shard is incomplete; wait for it or rerun it")
+    args = first["config"]
+    methods = [(n, _method_from(m["config"])) for n, m in first["metrics"].items()]
+    per_method = {n: {"correct": 0, "n": 0, "rows": [], "prepare_s": 0.0, "answer_s": 0.0} for n, _ in methods}
+    for p in parts:
+        for n, pm in p["per_method"].items():
+            for k in ("correct", "n", "prepare_s", "answer_s"):
+                per_method[n][k] += pm[k]
+            per_method[n]["rows"] += pm["rows"]
+    result = dict(first)
+    result["metrics"] = method_metrics(methods, per_method, first["data"]["context_length"], args["sinks"])
+    result["per_method"] = per_method
+    result["records"] = [r for p in parts for r in p["records"]]
+    result["data"] = {**first["data"], "shard": "merged: " + ", ".join(p["data"]["shard"] for p in parts)}
+    result["command"] = " ; ".join(p["command"] for p in parts) + " ; merged by: " + " ".join(sys.argv)
+    result["shard_commits"] = [p["git_commit"] for p in parts]
+    write_json(out, result)
+
+
+def _method_from(d: dict):
+    from lmsqueeze.methods.base import method_from_dict
+
+    return method_from_dict(d)
+
+
 def plot(result: str, png: str) -> None:
     """Accuracy vs the fraction of the fixed context read per step, one marker per method."""
     import json
@@ -87,8 +151,20 @@ def plot(result: str, png: str) -> None:
         family = name.split("@")[0].split("-")[0]
         marker = {"dense": "s", "squeezed": "o", "quest": "^", "streaming": "v", "snapkv": "D", "random": "x"}[family]
         ax.scatter(m["nominal_budget"], m["accuracy"], marker=marker, s=50, label=name)
+    fams: dict[str, list] = {}
+    for name, m in d["metrics"].items():
+        fams.setdefault(name.split("@")[0].split("-")[0], []).append((m["nominal_budget"], m["accuracy"]))
+    for fam, pts in fams.items():
+        if len(pts) > 1 and fam != "squeezed":
+            pts.sort()
+            ax.plot(*zip(*pts), lw=0.8, alpha=0.6)
+    sq = sorted((m["nominal_budget"], m["accuracy"]) for n, m in d["metrics"].items() if n in ("squeezed-70", "squeezed-90"))
+    if len(sq) == 2:
+        ax.plot(*zip(*sq), lw=1.2, color="k", alpha=0.7)
+    if "dense" in d["metrics"]:
+        ax.axhline(d["metrics"]["dense"]["accuracy"], color="grey", ls="--", lw=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("nominal KV budget (fraction of the fixed context read per decode step)")
+    ax.set_xlabel("KV budget (fraction of the fixed context's K+V read per decode step, metadata counted)")
     ax.set_ylabel("accuracy (string match)")
     n = d["metrics"]["dense"]["questions"] if "dense" in d["metrics"] else "?"
     ax.set_title(f"fixed-context QA, zoo:default, {d['data']['context_length']} tokens, {n} questions", fontsize=9)
@@ -100,7 +176,7 @@ def plot(result: str, png: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="HF model directory (default: the bundled zoo model)")
-    ap.add_argument("--context-length", type=int, default=2048)
+    ap.add_argument("--context-length", type=int, default=8192)
     ap.add_argument("--contexts", type=int, default=52)
     ap.add_argument("--questions", type=int, default=4)
     ap.add_argument("--facts", type=int, default=4)
@@ -109,7 +185,12 @@ def main() -> int:
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help="comma-separated method names (also: squeezed-h90, snapkv@90); 'all' for every one")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chunk-size", type=int, default=2048)
+    ap.add_argument("--chunk-size", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
+    ap.add_argument("--sinks", type=int, default=SINKS, help="Squeezed: first context tokens always read")
+    ap.add_argument("--threshold", default="head", help="Squeezed: 'head' or 'layer' calibrated thresholds")
+    ap.add_argument("--shard", default="0/1", help="k/n: only the contexts i with i %% n == k (merge with --merge)")
+    ap.add_argument("--merge", default=None, help="comma-separated shard JSONs to merge into --out (and plot)")
     ap.add_argument("--extra-tokens", type=int, default=3,
                     help="new tokens per question beyond the answer's own (the harness default is 8)")
     ap.add_argument("--out", default="benchmarks/results/squeezed_quality.json")
@@ -119,11 +200,17 @@ def main() -> int:
     if args.plot_from:
         plot(args.plot_from, args.plot)
         return 0
+    if args.merge:
+        merge(args.merge.split(","), args.out)
+        plot(args.out, args.plot)
+        print(f"wrote {args.out} and {args.plot}")
+        return 0
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    shard_k, shard_n = (int(x) for x in args.shard.split("/"))
 
     import lmsqueeze
     from lmsqueeze.data.tasks import fixed_context_sample, haystack_lines
-    from lmsqueeze.eval.decoding import greedy_decode, prefill, stop_token_ids
     from lmsqueeze.eval.results import make_result, model_info, write_json
     from lmsqueeze.eval.scoring import string_match_all
     from lmsqueeze.eval.suite import answer_budget
@@ -136,8 +223,8 @@ def main() -> int:
     lines = haystack_lines(text)
     kinds = [tuple(k.split("/")) for k in args.kinds.split(",")]
     samples = [fixed_context_sample(tok, lines, args.context_length, args.facts, args.questions, args.seed, i,
-                                    *kinds[i % len(kinds)]) for i in range(args.contexts)]
-    methods = methods_for(args.context_length)
+                                    *kinds[i % len(kinds)]) for i in range(args.contexts) if i % shard_n == shard_k]
+    methods = methods_for(args.context_length, args.sinks, args.threshold)
     if args.methods != "all":
         keep = args.methods.split(",")
         unknown = set(keep) - {m[0] for m in methods}
@@ -147,36 +234,26 @@ def main() -> int:
     per_method: dict[str, dict] = {name: {"correct": 0, "n": 0, "rows": [], "prepare_s": 0.0, "answer_s": 0.0}
                                    for name, _ in methods}
     records = []
-    stops = stop_token_ids(tok)
     metrics: dict = {}
 
     def write(complete: bool) -> None:
         metrics.clear()
-        dense_acc = per_method.get("dense", {}).get("correct", 0) / max(1, per_method.get("dense", {}).get("n", 1))
-        for name, method in methods:
-            pm = per_method[name]
-            acc = pm["correct"] / pm["n"]
-            metrics[name] = {
-                "accuracy": acc, "questions": pm["n"], "delta_vs_dense_points": 100 * (acc - dense_acc),
-                "fixed_rows_read_fraction": sum(pm["rows"]) / len(pm["rows"]),
-                "nominal_budget": getattr(method, "budget", None) if method is not None else 1.0,
-                "config": method.to_dict() if method is not None else {"name": "dense"},
-                "seconds_prepare": pm["prepare_s"], "seconds_answer": pm["answer_s"],
-            }
-            if name.startswith("squeezed"):
-                sp = method.sparsity
-                cents = sum(method.hierarchical) if method.hierarchical else method.centroids
-                metrics[name]["nominal_budget"] = squeezed_budget(sp, cents, args.context_length)
+        metrics.update(method_metrics(methods, per_method, args.context_length, args.sinks))
         result = make_result(
             "eval.fixed_squeezed", metrics, model=model_info(model, args.model or "zoo:default"),
-            data={**data_info, "contexts": args.contexts, "questions_per_context": args.questions,
+            data={**data_info, "contexts": args.contexts, "shard": args.shard,
+                  "questions_per_context": args.questions,
                   "context_length": args.context_length, "facts": args.facts, "kinds": kinds, "seed": args.seed},
-            config={"observation": OBSERVATION, "chunk_size": args.chunk_size,
+            config={"observation": OBSERVATION, "chunk_size": args.chunk_size, "sinks": args.sinks,
+                    "threshold": args.threshold, "threads": args.threads,
+                    "dense_note": "dense = StreamingLLM(budget=1.0) on the captured context: every row, one softmax "
+                                  "(the same function as a dense prefill; RoPE at relative positions)",
                     "budget_note": "fixed_rows_read_fraction: fixed-context rows read per attention call (prefill "
                                    "chunks and decode steps, averaged over layers) / context tokens; centroid and "
                                    "page-bound reads are in nominal_budget only"},
             device="cpu")
         result["records"] = records
+        result["per_method"] = {n: {k: v for k, v in pm.items()} for n, pm in per_method.items()}
         result["complete"] = complete
         result["config"]["extra_tokens"] = args.extra_tokens
         write_json(args.out, result)
@@ -188,25 +265,16 @@ def main() -> int:
         t_cap = time.perf_counter()
         captured = capture_context(model, ctx, OBSERVATION, args.chunk_size)  # one dense forward, every method
         t_cap = time.perf_counter() - t_cap
+        prepared: dict[str, object] = {}
         for name, method in methods:
             t0 = time.perf_counter()
-            if method is None:                                       # dense: the harness's own path
-                with lmsqueeze.apply(model, None) as session, torch.inference_mode():
-                    cache = session.new_cache(batch_size=1, max_length=len(ctx) + 64)
-                    prefill(model, torch.tensor(ctx), cache, args.chunk_size)
-                    t1 = time.perf_counter()
-                    outs = []
-                    for q, b in zip(qs, budgets):
-                        outs.append(greedy_decode(model, cache, prefill(model, torch.tensor(q), cache,
-                                                                           args.chunk_size), b, stops))
-                        cache.crop(len(ctx))
-                stats = {"rows_read_per_step": float(len(ctx))}
-            else:
-                art = method.prepare(model, ctx, captured=captured)
-                t1 = time.perf_counter()
-                pm_extra = t_cap / max(1, len(methods) - 1)             # its share of the shared capture
-                t0 -= pm_extra
-                outs, stats = answer_prepared(model, tok, art, qs, budgets, args.chunk_size)
+            reuse = prepared.get("squeezed-70") if name == "squeezed-90" else None   # same clusters
+            art = (method.prepare(model, ctx, captured=captured, reuse=reuse) if reuse is not None else
+                   method.prepare(model, ctx, captured=captured))
+            prepared[name] = art
+            t1 = time.perf_counter()
+            t0 -= t_cap / len(methods)                                  # its share of the shared capture
+            outs, stats = answer_prepared(model, tok, art, qs, budgets, args.chunk_size)
             pm = per_method[name]
             pm["prepare_s"] += t1 - t0
             pm["answer_s"] += time.perf_counter() - t1

@@ -4,6 +4,10 @@ Each question sees exactly the prepared context: after answering, the cache is c
 length (`cache.crop(-n)`), or, for a method whose cache cannot roll back, every question starts from a
 copy of the cache taken right after the context prefill. This is how Squeezed Attention and serving use
 a cache: the context is prepared offline, the questions arrive later.
+
+A method that prepares a fixed context (Squeezed Attention, the fixed-context baselines: anything with a
+`prepare(model, ids)`) is prepared once per context here; an artifact that already holds its context's KV
+(`tensors["context_ids"]`) is used as is: the context is not prefilled again, the cache starts empty after it.
 """
 
 from __future__ import annotations
@@ -49,18 +53,43 @@ def _croppable(cache) -> bool:
         cache, "crop")
 
 
+def prepared_context(method) -> torch.Tensor | None:
+    """The fixed context's token ids ([S] int64) an artifact already holds, or None."""
+    tensors = getattr(method, "tensors", None)
+    return tensors.get("context_ids") if isinstance(tensors, dict) else None
+
+
+def prepares_context(method) -> bool:
+    """Whether `method` is a config that must prepare each fixed context (e.g. SqueezedAttention, Quest)."""
+    return method is not None and not hasattr(method, "tensors") and callable(getattr(method, "prepare", None))
+
+
+def check_prepared(method, context_ids: list[int]) -> bool:
+    """True when `method` is an artifact holding exactly `context_ids`; raises if it holds another context."""
+    held = prepared_context(method)
+    if held is None:
+        return False
+    if held.numel() != len(context_ids) or not torch.equal(held.cpu().long(), torch.tensor(context_ids)):
+        raise LmsqueezeError(f"the artifact was prepared for another fixed context ({held.numel()} tokens); pass "
+                             "the method config to prepare each context, or an artifact of this context")
+    return True
+
+
 @torch.inference_mode()
 def answer_questions(model, tokenizer, session, context_ids: list[int], questions: Sequence[list[int]],
-                     budgets: Sequence[int], config: FixedContextConfig) -> tuple[list[list[int]], dict]:
-    """Prefill context_ids once, then answer each question (token ids) greedily from that same state.
+                     budgets: Sequence[int], config: FixedContextConfig,
+                     context_in_cache: bool = False) -> tuple[list[list[int]], dict]:
+    """Prefill context_ids once (not when `context_in_cache`: the session's artifact already holds its KV),
+    then answer each question (token ids) greedily from that same state.
 
     Returns (generated token ids per question, timings in seconds: 'context', 'questions').
     """
     stops = stop_token_ids(tokenizer)
     longest = max(len(q) + b for q, b in zip(questions, budgets))
-    cache = session.new_cache(batch_size=1, max_length=len(context_ids) + longest)
+    cache = session.new_cache(batch_size=1, max_length=(0 if context_in_cache else len(context_ids)) + longest)
     t0 = time.perf_counter()
-    prefill(model, torch.tensor(context_ids), cache, config.chunk_size)
+    if not context_in_cache:
+        prefill(model, torch.tensor(context_ids), cache, config.chunk_size)
     t_context = time.perf_counter() - t0
     ctx_len = cache.get_seq_length()
     mode = config.rollback
@@ -88,7 +117,9 @@ def answer_questions(model, tokenizer, session, context_ids: list[int], question
 
 def run_fixed_context(model, tokenizer, samples: Sequence[FixedContextSample], method=None,
                       config: FixedContextConfig | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Answer every question of every sample after one prefill of its context; return (summary, records)."""
+    """Answer every question of every sample after one prefill (or one `prepare`) of its context; return
+    (summary, records). method: None (dense), an artifact, or a fixed-context method config (prepared per
+    context; 'seconds_context_prefill' then counts the prepare)."""
     from tqdm.auto import tqdm
 
     import lmsqueeze
@@ -98,21 +129,25 @@ def run_fixed_context(model, tokenizer, samples: Sequence[FixedContextSample], m
         raise LmsqueezeError("no fixed-context samples; generate at least one")
     records: list[dict] = []
     t_ctx = t_q = 0.0
-    with lmsqueeze.apply(model, method) as session:
-        for s in tqdm(samples, desc="fixed-context", unit="context", disable=not progress):
-            ctx = tokenizer(s.context)["input_ids"]
-            qs = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in s.questions]
-            budgets = [answer_budget(tokenizer, a, config.max_new_tokens) for a in s.answers]
-            outs, timings = answer_questions(model, tokenizer, session, ctx, qs, budgets, config)
-            t_ctx, t_q = t_ctx + timings["context"], t_q + timings["questions"]
-            for i, (q, ans, out) in enumerate(zip(s.questions, s.answers, outs)):
-                pred = tokenizer.decode(out, skip_special_tokens=True)
-                records.append({
-                    "context": s.index, "question": i, "kind": s.kind, "format": s.format, "length": s.length,
-                    "num_tokens": len(ctx), "key": s.keys[i] if i < len(s.keys) else "", "answers": list(ans),
-                    "prediction": pred, "string_match_all": string_match_all(pred, ans),
-                    "exact_match": exact_match(pred, ans), "rollback": timings["rollback"],
-                })
+    for s in tqdm(samples, desc="fixed-context", unit="context", disable=not progress):
+        ctx = tokenizer(s.context)["input_ids"]
+        qs = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in s.questions]
+        budgets = [answer_budget(tokenizer, a, config.max_new_tokens) for a in s.answers]
+        t0 = time.perf_counter()
+        art = method.prepare(model, ctx, config.chunk_size) if prepares_context(method) else method
+        t_prep = time.perf_counter() - t0
+        in_cache = check_prepared(art, ctx)
+        with lmsqueeze.apply(model, art) as session:
+            outs, timings = answer_questions(model, tokenizer, session, ctx, qs, budgets, config, in_cache)
+        t_ctx, t_q = t_ctx + t_prep + timings["context"], t_q + timings["questions"]
+        for i, (q, ans, out) in enumerate(zip(s.questions, s.answers, outs)):
+            pred = tokenizer.decode(out, skip_special_tokens=True)
+            records.append({
+                "context": s.index, "question": i, "kind": s.kind, "format": s.format, "length": s.length,
+                "num_tokens": len(ctx), "key": s.keys[i] if i < len(s.keys) else "", "answers": list(ans),
+                "prediction": pred, "string_match_all": string_match_all(pred, ans),
+                "exact_match": exact_match(pred, ans), "rollback": timings["rollback"],
+            })
     n = len(records)
     summary = {
         "accuracy": sum(r["string_match_all"] for r in records) / n,

@@ -25,6 +25,12 @@ def _assign(xn: torch.Tensor, cn: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _dots(xn: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """xn: [H, N, D], c: [H, D] -> [H, N] row dot products (a multiply-sum: einsum/bmm take a slow matvec path
+    on the CPU)."""
+    return (xn * c[:, None, :]).sum(-1)
+
+
 def kmeans_pp_init(xn: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """k-means++ seeding on unit rows. xn: [H, N, D] -> initial centres [H, k, D] (rows of xn).
 
@@ -37,12 +43,12 @@ def kmeans_pp_init(xn: torch.Tensor, k: int, generator: torch.Generator | None =
     first = torch.randint(0, N, (H,), generator=generator, device=xn.device)
     centres = torch.empty(H, k, D, dtype=xn.dtype, device=xn.device)
     centres[:, 0] = xn[rows, first]
-    d2 = (2 - 2 * torch.einsum("hnd,hd->hn", xn, centres[:, 0])).clamp_min_(0)
+    d2 = (2 - 2 * _dots(xn, centres[:, 0])).clamp_min_(0)
     for i in range(1, k):
         w = d2 + 1e-12  # all-zero distances (duplicate keys) still give a valid draw
         pick = torch.multinomial(w, 1, generator=generator).squeeze(1)
         centres[:, i] = xn[rows, pick]
-        d2 = torch.minimum(d2, (2 - 2 * torch.einsum("hnd,hd->hn", xn, centres[:, i])).clamp_min_(0))
+        d2 = torch.minimum(d2, (2 - 2 * _dots(xn, centres[:, i])).clamp_min_(0))
     return centres
 
 

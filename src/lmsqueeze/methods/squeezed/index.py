@@ -1,13 +1,15 @@
 """The per-layer index of a prepared fixed context: keys sorted by cluster, centroids, offsets, thresholds.
 
-Layout (per layer, per KV head; N = Nc + W fixed-context tokens, Nc clustered, W observation window):
+Layout (per layer, per KV head; N = Nc + A fixed-context tokens, Nc clustered, A always attended: the first
+`sinks` tokens (attention sinks) and the W-token observation window):
   keys, values: [Hkv, N, D]  RoPE applied at *relative* positions (token i of an S-token context sits at
                 i - S, so the user input starts at position 0); rows [0, Nc) sorted by cluster (a cluster is
-                the contiguous range offsets[j]:offsets[j+1]), rows [Nc, N) the observation window in order.
+                the contiguous range offsets[j]:offsets[j+1]), rows [Nc, N) the sinks then the observation
+                window, in context order.
   positions:    [Hkv, N] int32 relative position of each row (for sliding-window models).
-  offsets:      [Hkv, C + 2] int32; "cluster" C is the observation window (always attended).
+  offsets:      [Hkv, C + 2] int32; "cluster" C is the sinks + observation window (always attended).
   centroids:    [Hkv, C, D] float32 mean of the raw keys of each cluster (0 for an empty one).
-  labels:       [Hkv, Nc] int32 cluster of each clustered key in context order.
+  labels:       [Hkv, Nc] int32 cluster of each clustered key (context tokens sinks .. S - W - 1) in order.
   log_threshold:[Hkv] float32 (decode keeps cluster j iff its score > this).
 Hierarchical mode adds coarse_centroids [Hkv, C1, D], coarse_offsets [Hkv, C1 + 1] (fine clusters are sorted
 by coarse cluster: a coarse cluster owns fine clusters coarse_offsets[c]:coarse_offsets[c+1]), parent
@@ -42,28 +44,38 @@ def _offsets(sizes: torch.Tensor) -> torch.Tensor:
 def build_layer_index(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, q_obs: torch.Tensor,
                       scaling: float, *, centroids: float, sparsity: float, observation: int,
                       hierarchical: tuple[float, float] | None = None, coarse_sparsity: float = 0.5,
-                      iters: int = 16, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                      iters: int = 16, seed: int = 0, sinks: int = 0, threshold: str = "head",
+                      labels: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Cluster one layer's fixed-context keys and calibrate its thresholds.
 
     keys, values: [Hkv, S, D] (RoPE at relative positions); positions: [S] int relative positions;
-    q_obs: [Hq, W, D] the queries of the last W = `observation` tokens (same RoPE convention).
+    q_obs: [Hq, W, D] the queries of the last W = `observation` tokens (same RoPE convention); sinks: first
+    tokens always attended (never clustered); threshold: 'head' (one calibrated threshold per KV head) or
+    'layer' (one per layer: heads with peaked attention keep fewer keys, flat ones more); labels: [Hkv, Nc]
+    cluster labels to reuse (another index of this context with the same clusters: skips K-means; flat only).
     Returns (tensors named as in the module docstring, calibration statistics).
     """
     Hkv, S, D = keys.shape
     W = observation
-    if S <= W:
-        raise LmsqueezeError(f"the fixed context has {S} tokens, not more than the observation window ({W}); "
-                             "use a longer context or a smaller `observation`")
+    if S <= W + sinks:
+        raise LmsqueezeError(f"the fixed context has {S} tokens, not more than the observation window ({W}) "
+                             f"plus {sinks} sinks; use a longer context or a smaller `observation` / `sinks`")
     Hq = q_obs.shape[0]
     if q_obs.shape != (Hq, W, D) or Hq % Hkv:
         raise LmsqueezeError(f"observation queries {tuple(q_obs.shape)} do not match keys {tuple(keys.shape)}")
-    Nc = S - W
-    clustered = keys[:, :Nc]
+    Nc = S - W - sinks
+    clustered = keys[:, sinks:sinks + Nc]
     C = num_clusters(hierarchical[1] if hierarchical else centroids, Nc)
-    labels = spherical_kmeans(clustered, C, iters, seed)
+    if labels is not None:
+        if hierarchical or labels.shape != (Hkv, Nc) or int(labels.max()) >= C:
+            raise LmsqueezeError(f"labels to reuse {tuple(labels.shape)} do not fit {Hkv} heads x {Nc} clustered "
+                                 f"keys in {C} clusters (flat lookup only): prepare without `reuse`")
+        labels = labels.to(keys.device).long()
+    else:
+        labels = spherical_kmeans(clustered, C, iters, seed)
     cents, sizes = cluster_means(clustered, labels, C)
     out: dict[str, torch.Tensor] = {}
-    stats: dict[str, float] = {"clusters": C, "clustered": Nc, "observation": W,
+    stats: dict[str, float] = {"clusters": C, "clustered": Nc, "observation": W, "sinks": sinks,
                                "empty_clusters": float((sizes == 0).float().mean())}
     if hierarchical:
         C1 = num_clusters(hierarchical[0], Nc)
@@ -87,12 +99,13 @@ def build_layer_index(keys: torch.Tensor, values: torch.Tensor, positions: torch
         out["log_threshold"] = tau2
         stats.update(coarse_clusters=C1, fine_scored_fraction=float(scored.mean()))
     else:
-        tau, kept = flat_threshold(q_obs.reshape(Hkv, Hq // Hkv, W, D), cents, sizes, scaling, sparsity)
+        tau, kept = flat_threshold(q_obs.reshape(Hkv, Hq // Hkv, W, D), cents, sizes, scaling, sparsity,
+                                   per_head=threshold == "head")
         out["log_threshold"] = tau
     stats["calibrated_kept_fraction"] = float(kept.mean())
-    order = torch.argsort(labels, dim=-1, stable=True)                    # [Hkv, Nc] rows grouped by cluster
-    obs_rows = torch.arange(Nc, S, device=keys.device)[None].expand(Hkv, -1)
-    rows = torch.cat([order, obs_rows], -1)                               # [Hkv, N]
+    order = torch.argsort(labels, dim=-1, stable=True) + sinks            # [Hkv, Nc] rows grouped by cluster
+    always = torch.cat([torch.arange(sinks, device=keys.device), torch.arange(sinks + Nc, S, device=keys.device)])
+    rows = torch.cat([order, always[None].expand(Hkv, -1)], -1)           # [Hkv, N]
     out["keys"] = keys.gather(1, rows[..., None].expand(-1, -1, D)).contiguous()
     out["values"] = values.gather(1, rows[..., None].expand(-1, -1, D)).contiguous()
     out["positions"] = positions.to(keys.device)[rows].to(torch.int32)

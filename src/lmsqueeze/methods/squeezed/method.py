@@ -18,7 +18,9 @@ class SqueezedAttention(Method):
     sparsity: fraction of the clustered keys not read (decode: calibrated threshold; prefill: key budget);
     hierarchical: None, or (coarse, fine) cluster fractions for the two-level lookup (fine replaces
     `centroids`); coarse_sparsity: fraction of keys the coarse level prunes (at most `sparsity`); observation: the last tokens of
-    the context used as calibration queries (always attended, never clustered); kmeans_iters, seed: K-means.
+    the context used as calibration queries (always attended, never clustered); sinks: first tokens of the
+    context always attended (attention sinks, never clustered); threshold: 'head' (a calibrated threshold per
+    KV head) or 'layer' (one per layer, shared by its heads); kmeans_iters, seed: K-means.
     """
 
     name: ClassVar[str] = "squeezed"
@@ -29,6 +31,8 @@ class SqueezedAttention(Method):
     hierarchical: tuple[float, float] | None = None
     coarse_sparsity: float = 0.5
     observation: int = 64
+    sinks: int = 0
+    threshold: str = "head"
     kmeans_iters: int = 16
     seed: int = 0
 
@@ -48,6 +52,13 @@ class SqueezedAttention(Method):
             raise LmsqueezeError(f"coarse_sparsity must be in [0, 1), got {self.coarse_sparsity}")
         if not isinstance(self.observation, int) or self.observation < 1:
             raise LmsqueezeError(f"observation must be a positive number of tokens, got {self.observation!r}")
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise LmsqueezeError(f"sinks must be a number of tokens >= 0, got {self.sinks!r}")
+        if self.threshold not in ("head", "layer"):
+            raise LmsqueezeError(f"threshold must be 'head' or 'layer', got {self.threshold!r}")
+        if self.threshold == "layer" and self.hierarchical is not None:
+            raise LmsqueezeError("threshold='layer' is for the one-level lookup; use threshold='head' with "
+                                 "hierarchical")
         if self.kmeans_iters < 0:
             raise LmsqueezeError(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
 
@@ -60,14 +71,17 @@ class SqueezedAttention(Method):
         """Nominal fraction of the clustered context's K+V bytes one decode step reads: kept keys and values
         plus the centroids (keys only, so half a token each)."""
         cents = sum(self.hierarchical) if self.hierarchical else self.centroids
-        return (1 - self.sparsity) + cents / 2
+        return (1 - self.sparsity) + cents / 2  # (+ sinks and observation window: see eval_squeezed.py)
 
-    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048, captured=None) -> Artifact:
+    def prepare(self, model, fixed_context_ids, chunk_size: int = 2048, captured=None,
+                reuse: Artifact | None = None) -> Artifact:
         """Prepare `fixed_context_ids` ([S] or [1, S] token ids) for `model`; save it with `.save(dir)`.
-        captured: a `context.capture_context` of the same context to reuse (skips the dense forward)."""
+        captured: a `context.capture_context` of the same context to reuse (skips the dense forward);
+        reuse: a flat Squeezed artifact of the same context and clustering (e.g. another sparsity): its
+        clusters are reused, only the thresholds are calibrated again (skips K-means)."""
         from lmsqueeze.methods.squeezed.prepare import prepare_squeezed
 
-        return prepare_squeezed(self, model, fixed_context_ids, chunk_size, captured)
+        return prepare_squeezed(self, model, fixed_context_ids, chunk_size, captured, reuse)
 
     def calibrate(self, model, batches) -> Artifact:
         """Same as `prepare`: `batches` holds the fixed context's token ids."""

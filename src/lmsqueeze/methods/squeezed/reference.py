@@ -183,13 +183,33 @@ def squeezed_decode_reference(q: torch.Tensor, keys: torch.Tensor, values: torch
                                               sizes.flatten()).reshape(Hkv, N)
     rmask = keep.gather(-1, row_cluster.long()[None].expand(B, -1, -1))                   # [B, Hkv, N]
     kept = rmask.sum(-1).to(torch.int32)
-    fmask = _fixed_window(rmask[:, :, None, :], window, q_pos, key_pos)                   # [B, Hkv, 1, N]
     qg = q.float().reshape(B, Hkv, G, D)
-    s_fixed = (qg @ keys.float().transpose(-1, -2)[None]) * scaling                         # [B, Hkv, G, N]
-    out_f, lse_f = _attend(s_fixed.masked_fill(~fmask, NEG), values.float()[None, :, None])
+    if not q.is_cuda and window is None:
+        # read only the kept rows (a host sync: fine off the GPU, and ~10x less work at 90% sparsity)
+        idx, counts = _mask_rows(rmask)
+        M = idx.shape[-1]
+        kf = keys[None].expand(B, -1, -1, -1).gather(2, idx[..., None].expand(-1, -1, -1, D)).float()
+        vf = values[None].expand(B, -1, -1, -1).gather(2, idx[..., None].expand(-1, -1, -1, D)).float()
+        s_fixed = (qg @ kf.transpose(-1, -2)) * scaling                                   # [B, Hkv, G, M]
+        live = (torch.arange(M, device=q.device)[None, None] < counts[..., None])[:, :, None]
+        out_f, lse_f = _attend(s_fixed.masked_fill(~live, NEG), vf[:, :, None])
+    else:
+        fmask = _fixed_window(rmask[:, :, None, :], window, q_pos, key_pos)               # [B, Hkv, 1, N]
+        s_fixed = (qg @ keys.float().transpose(-1, -2)[None]) * scaling                     # [B, Hkv, G, N]
+        out_f, lse_f = _attend(s_fixed.masked_fill(~fmask, NEG), values.float()[None, :, None])
     out_l, lse_l = _local_part(qg[:, :, :, None], local_k, local_v, lengths, starts, local_valid, window, scaling)
     out, lse = merge_attention_states(out_f, lse_f, out_l[:, :, :, 0], lse_l[:, :, :, 0])
     return out.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq), kept
+
+
+def _mask_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask: [B, H, N] bool -> (rows [B, H, M] int64 ascending, padded with 0; counts [B, H] int64); M = the
+    largest count (at least 1)."""
+    counts = mask.sum(-1)
+    M = max(1, int(counts.max()))
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :M]   # kept rows first, in order
+    live = torch.arange(M, device=mask.device) < counts[..., None]
+    return torch.where(live, order, torch.zeros_like(order)), counts
 
 
 def prefill_scores_reference(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor,

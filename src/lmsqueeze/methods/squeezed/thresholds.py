@@ -39,10 +39,16 @@ def obs_scores(q_obs: torch.Tensor, centroids: torch.Tensor, scaling: float) -> 
 
 
 def flat_threshold(q_obs: torch.Tensor, centroids: torch.Tensor, sizes: torch.Tensor, scaling: float,
-                   sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-level lookup. Returns (log tau [Hkv], kept fraction of keys per head on the observation queries)."""
+                   sparsity: float, per_head: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-level lookup. Returns (log tau [Hkv], kept fraction of keys per head on the observation queries).
+    per_head False: one threshold for all the layer's heads (the sparsity target holds for the layer)."""
     a = group_log_scores(obs_scores(q_obs, centroids, scaling), log_sizes(sizes)[:, None, None, :])  # [H, W, C]
-    tau = weighted_log_threshold(a, sizes, sparsity)
+    if per_head:
+        tau = weighted_log_threshold(a, sizes, sparsity)
+    else:
+        H, W, C = a.shape
+        joint = a.permute(1, 0, 2).reshape(1, W, H * C)
+        tau = weighted_log_threshold(joint, sizes.reshape(1, H * C), sparsity).expand(H).contiguous()
     return tau, _kept_fraction(a > tau[:, None, None], sizes)
 
 
