@@ -46,3 +46,14 @@ def test_rope_planes_layout():
     s, n, w = 5, 7, 2
     assert torch.isclose(tab[s, n, w], torch.cos(n * inv[16 * w + s]))
     assert torch.isclose(tab[16 + s, n, w], torch.sin(n * inv[16 * w + s]))
+
+
+def test_kernel_register_rotation_variant(make_state):
+    """The non-default KROT variant (keys dequantized and rotated in registers) stays correct."""
+    state, _rot, starts, S = make_state(3, [37, 20], 2, 128, seed=11, rope_scale=1.1)
+    q = torch.randn(2, 8, 128)
+    lengths = torch.full((2,), S, dtype=torch.int32)
+    ref = decode_attention_reference(q, state.kv, lengths, 128**-0.5, state.rope, starts)
+    out = kvquant_decode_attention(q, state.kv, lengths, 128**-0.5, state.rope, starts, num_splits=2, block_n=32,
+                                   krot=True, vfold=False)
+    assert rel_err(out, ref) < 5e-3

@@ -19,11 +19,14 @@ the per-token value metadata, and
 Softmax is online in base 2. GQA: all query heads of a KV head share each tile. Per-sequence lengths (and
 left-padding starts) are read from device tensors, and the grid depends only on shapes: CUDA-graph safe.
 
-Status (benchmarks/results/kvquant_decode_h100.json): correct on the H100, but still slower than fp16 SDPA at
-the Llama-3-8B shape: the kernel is issue-bound (about 7 instructions per cached element in the loop, and
-barriers around six shared-memory round trips per tile), far from the bytes floor. Known next steps: fewer
-per-tile round trips (keep the query-side operands and the probabilities in registers), prefetch of the next
-tile's words, and a cheaper 3-bit selector path.
+Status (benchmarks/results/kvquant_decode_h100.json, H100): correct, CUDA-graph safe, but still 0.55-1.05x
+of fp16 SDPA at the Llama-3-8B shape (0.3-0.7 TB/s of 3.0): issue/latency-bound, far from the bytes floor.
+The sweep there: folding value outliers into the levels (VFOLD, now the default) is level with identity-row
+dots; dequantizing and rotating keys in registers (KROT) is 2x slower (fp32 RoPE tables push 168 registers
+into ~195 spills); BLOCK_N 32 / 128 and more programs per SM are slower. 3-bit is slower than 2- and 4-bit
+(the high-bit words cost more than the bytes they save). Next steps: a layout where the packed words are
+loaded straight into the MMA operand layout (no shared-memory round trip for the unpacked levels), and a
+3-bit packing whose selectors need no second word.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ PROGRAMS_PER_SM = 6
 LOG2E = 1.4426950408889634
 QROWS = False  # scores as [keys, queries] (measured faster on the H100); True: [queries, keys]
 MAXNREG = 168  # registers per thread: 3 programs of 4 warps per SM (faster than 255 in the H100 sweep)
-KROT = False   # keys dequantized and rotated in registers ([BLOCK_N, D] operand) instead of the 2D-wide form
-VFOLD = False  # value outliers folded into the level tile instead of identity-row dots
+# keys dequantized and rotated in registers ([BLOCK_N, D] operand) instead of the 2D-wide form: measured 2x
+# slower on the H100 (fp32 RoPE tables in registers: 168 registers and ~195 spilled; kvquant_decode_h100.json)
+KROT = False
+VFOLD = True  # value outliers folded into the level tile instead of identity-row dots (no identity-row loads)
 LAST_SPLIT_KERNEL: dict = {}  # the last launched split kernel (benchmarks read its registers / spills)
 
 
