@@ -123,7 +123,7 @@ def check(run: Run, name: str, fn) -> None:
     print(f"[{run.elapsed():6.1f}s] {row}", flush=True)
 
 
-def kernel_inputs(B, Hkv, G, S, D, C, dtype, dev, seed=0, ratio=0.03):
+def kernel_inputs(B, Hkv, G, S, D, C, dtype, dev, seed=0, ratio=0.03, bands=()):
     gen = torch.Generator(device=dev).manual_seed(seed)
     q = torch.randn(B, Hkv * G, D, generator=gen, device=dev).to(dtype)
     k = torch.randn(B, Hkv, S, D, generator=gen, device=dev, dtype=dtype)
@@ -132,10 +132,12 @@ def kernel_inputs(B, Hkv, G, S, D, C, dtype, dev, seed=0, ratio=0.03):
     score_cb = torch.randn(Hkv, C, D, generator=gen, device=dev)
     starts = torch.zeros(B, dtype=torch.int32, device=dev)
     lengths = torch.full((B,), S, dtype=torch.int32, device=dev)
-    counts, _ = retrieval.recount(codes, starts, S, 8, 64, C)
-    lut = retrieval.lookup_table(q, score_cb)
-    return {"q": q, "k": k, "v": v, "codes": codes, "score_cb": score_cb, "starts": starts, "lengths": lengths, "counts": counts,
-                "lut": lut, "ratio": ratio}
+    counts, _ = retrieval.recount(codes, starts, S, 8, 64, C, bands)
+    qb = q[:, :, None].expand(B, Hkv * G, len(bands) + 1, D)  # stands for the band-rotated queries
+    lut = retrieval.lookup_table(qb, score_cb)
+    return {"q": q, "qb": qb, "k": k, "v": v, "codes": codes, "score_cb": score_cb, "starts": starts,
+            "lengths": lengths, "counts": counts, "lut": lut, "ratio": ratio, "bands": bands,
+            "edges": kernels.band_edge_tensor(64, bands, dev)}
 
 
 def checks(run: Run, dev: torch.device) -> None:
@@ -144,7 +146,8 @@ def checks(run: Run, dev: torch.device) -> None:
     S = 4099 if not args.smoke else 300
 
     def kernels_vs_reference():
-        x = kernel_inputs(3, 2, 4, S, 128, 512, dt, dev, seed=1, ratio=0.05)
+        bands = (300, 1000) if not args.smoke else (100, 200)
+        x = kernel_inputs(3, 2, 4, S, 128, 512, dt, dev, seed=1, ratio=0.05, bands=bands)
         sel = kernels.select_codes(x["lut"], x["counts"], x["lengths"], x["starts"], x["ratio"])
         kth = retrieval.tokens_to_keep(x["ratio"], x["lengths"], x["starts"])
         want_sel = select_codes_reference(x["lut"], x["counts"], kth)
@@ -152,29 +155,31 @@ def checks(run: Run, dev: torch.device) -> None:
         x["starts"][1] = 37
         x["lengths"][2] = S - 500
         for near in (True, False):
-            mask = selected_slots(x["codes"], sel, x["starts"], x["lengths"], 8, 64, near)
+            mask = selected_slots(x["codes"], sel, x["starts"], x["lengths"], 8, 64, near, bands)
             kp = x["k"].masked_fill(~mask[..., None], float("nan"))  # poison every slot that must not be read
             vp = x["v"].masked_fill(~mask[..., None], float("nan"))
-            got, lse = kernels.sparse_decode_attention_triton(x["q"], kp, vp, x["codes"], sel, x["starts"],
-                                                              x["lengths"], 8, 64, 0.088, near, return_lse=True)
             want, want_lse = sparse_decode_attention_reference(x["q"], x["k"], x["v"], x["codes"], sel,
                                                                x["starts"], x["lengths"], 8, 64, 0.088, near,
-                                                               return_lse=True)
-            out[f"sparse_near{int(near)}_rel_err"] = rel_err(got, want)
-            out[f"sparse_near{int(near)}_lse_max_err"] = float((lse - want_lse).abs().max())
+                                                               return_lse=True, bands=bands)
+            for compact in (False, True):
+                got, lse = kernels.sparse_decode_attention_triton(x["q"], kp, vp, x["codes"], sel, x["starts"],
+                                                                  x["lengths"], 8, 64, 0.088, near, return_lse=True,
+                                                                  compact=compact, edges=x["edges"])
+                out[f"sparse_near{int(near)}_compact{int(compact)}_rel_err"] = rel_err(got, want)
+                out[f"sparse_near{int(near)}_compact{int(compact)}_lse_max_err"] = float((lse - want_lse).abs().max())
             out["selected_fraction"] = float(mask.float().mean())
         host_k, host_v = to_host(x["k"]), to_host(x["v"])
         got_h = kernels.sparse_decode_attention(x["q"], host_k, host_v, x["codes"], sel, x["starts"], x["lengths"],
-                                                8, 64, 0.088, False)
+                                                8, 64, 0.088, False, bands=bands, edges=x["edges"])
         got_g = kernels.sparse_decode_attention(x["q"], x["k"], x["v"], x["codes"], sel, x["starts"], x["lengths"],
-                                                8, 64, 0.088, False)
+                                                8, 64, 0.088, False, bands=bands, edges=x["edges"])
         out["pinned_host_equals_gpu"] = bool(torch.equal(got_h, got_g))
         cpu_out, _ = selected_attention_cpu(x["q"], host_k, host_v, x["codes"].cpu(), sel, x["starts"],
-                                            x["lengths"], 8, 64, 0.088, False)
+                                            x["lengths"], 8, 64, 0.088, False, bands)
         out["cpu_path_rel_err"] = rel_err(cpu_out, got_g)
         tol = 2e-2 if dt == torch.bfloat16 else 1e-5
         out["ok"] = (out["select_equal"] and out["pinned_host_equals_gpu"] and out["cpu_path_rel_err"] < tol
-                     and all(out[f"sparse_near{n}_rel_err"] < tol for n in (0, 1)))
+                     and all(out[f"sparse_near{n}_compact{c}_rel_err"] < tol for n in (0, 1) for c in (0, 1)))
         return out
 
     check(run, "kernels_vs_reference", kernels_vs_reference)
@@ -187,7 +192,7 @@ def checks(run: Run, dev: torch.device) -> None:
 
     def calibrate_tiny():
         batches = [torch.randint(0, 256, (2, 256)) for _ in range(2)]
-        art = A2ATS(codebook=64, sinks=4, window=16, kmeans_iters=10).calibrate(model, batches)
+        art = A2ATS(codebook=64, sinks=4, window=16, bands=(24, 64), kmeans_iters=10).calibrate(model, batches)
         art_box["art"] = art
         return {"relative_quantization_error": art.meta["relative_quantization_error"]}
 
@@ -311,7 +316,8 @@ def preset_shape_check(run: Run, model, dev) -> None:
 
     def fn():
         kv = list(random_kv(kv_shape(model), B, n, seed=3))
-        base = random_artifact(A2ATS(ratio=1.0, codebook=run.args.codebook, offload=False), model)
+        base = random_artifact(A2ATS(ratio=1.0, codebook=run.args.codebook, bands=tuple(run.args.bands),
+                                     offload=False), model)
         out = {}
         with torch.no_grad():
             cache = dense_cache(model, B, n, kv)
@@ -339,15 +345,17 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
     B = args.kernel_batch
     C = args.codebook
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    x = kernel_inputs(B, Hkv, G, n, D, C, dt, dev, seed=5, ratio=args.ratio)
+    bands = tuple(args.bands)
+    NB = len(bands) + 1
+    x = kernel_inputs(B, Hkv, G, n, D, C, dt, dev, seed=5, ratio=args.ratio, bands=bands)
     sel = kernels.select_codes(x["lut"], x["counts"], x["lengths"], x["starts"], x["ratio"])
-    mask = selected_slots(x["codes"], sel, x["starts"], x["lengths"], 8, 64, True)
+    mask = selected_slots(x["codes"], sel, x["starts"], x["lengths"], 8, 64, True, bands)
     rows_read = int(mask.sum())
     elt = torch.empty((), dtype=dt).element_size()
-    sparse_bytes = rows_read * 2 * D * elt + x["codes"].numel() * 2 + B * Hkv * C
+    sparse_bytes = rows_read * 2 * D * elt + x["codes"].numel() * 2 + B * Hkv * NB * C
     dense_bytes = 2 * B * Hkv * n * D * elt
-    base = {"batch": B, "length": n, "kv_heads": Hkv, "groups": G, "head_dim": D, "codebook": C, "ratio": args.ratio,
-                "selected_fraction": rows_read / (B * Hkv * n)}
+    base = {"batch": B, "length": n, "kv_heads": Hkv, "groups": G, "head_dim": D, "codebook": C, "bands": list(bands),
+            "ratio": args.ratio, "selected_fraction": rows_read / (B * Hkv * n)}
 
     def add(name, fn, bytes_moved, graph=True, **extra):
         try:
@@ -369,10 +377,11 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
 
     add("dense_decode_attention", lambda: decode_attention(x["q"], x["k"], x["v"], x["lengths"], 0.088),
         dense_bytes)
-    add("lookup_table", lambda: retrieval.lookup_table(x["q"], x["score_cb"]), Hkv * C * D * 4 + B * Hkv * G * C * 4)
+    add("lookup_table", lambda: retrieval.lookup_table(x["qb"], x["score_cb"]),
+        Hkv * C * D * 4 + B * Hkv * G * NB * C * 4)
     ratio_t = torch.tensor([args.ratio], dtype=torch.float64, device=dev)
     add("select_codes", lambda: kernels.select_codes(x["lut"], x["counts"], x["lengths"], x["starts"], ratio_t,
-                                                     out=sel), B * Hkv * (G * C * 4 + C * 4 + C))
+                                                     out=sel), B * Hkv * NB * (G * C * 4 + C * 4 + C))
     newk = torch.randn(B, Hkv, 1, D, device=dev, dtype=dt)
     assign_cb, hn = x["score_cb"], 0.5 * x["score_cb"].pow(2).sum(-1)
     slot = torch.tensor([n - 1], device=dev)
@@ -380,17 +389,18 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
 
     def assign_and_append():
         sc = retrieval.assign_scores(newk, assign_cb, hn)
-        kernels.code_append(sc, x["codes"], x["counts"], counted, slot, x["lengths"], x["starts"], 8, 64)
+        kernels.code_append(sc, x["codes"], x["counts"], counted, slot, x["lengths"], x["starts"], 8, 64, bands,
+                            x["edges"])
     add("assign_scores+code_append", assign_and_append, Hkv * C * D * 4 + Hkv * B * C * 4 * 2)
     best = None
-    configs = [(128, 16, False), (64, 16, False), (32, 16, False), (64, 16, True), (64, 32, True), (128, 32, True)] \
-        if dev.type == "cuda" else [(64, 16, False), (64, 16, True)]
+    configs = [(128, 16, False), (64, 16, False), (64, 16, True), (64, 8, True), (32, 16, True), (32, 8, True),
+               (64, 32, True), (128, 8, True)] if dev.type == "cuda" else [(64, 16, False), (64, 16, True)]
     for block_n, tiles, compact in configs:
         splits = kernels.default_sparse_splits(B, Hkv, n, block_n, tiles)
         row = add("sparse_decode_attention",
                   lambda bn=block_n, s=splits, c=compact: kernels.sparse_decode_attention_triton(
                       x["q"], x["k"], x["v"], x["codes"], sel, x["starts"], x["lengths"], 8, 64, 0.088, True,
-                      num_splits=s, block_n=bn, compact=c),
+                      num_splits=s, block_n=bn, compact=c, edges=x["edges"]),
                   sparse_bytes, block_n=block_n, tiles_per_program=tiles, num_splits=splits, compact=compact)
         if "ms" in row and (best is None or row["ms"] < best["ms"]):
             best = row
@@ -404,18 +414,20 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
     hk, hv = to_host(x["k"][:bh]), to_host(x["v"][:bh])
     hx = {k: x[k][:bh] for k in ("q", "codes", "starts", "lengths")}
     hsel = sel[:bh]
-    far = selected_slots(hx["codes"], hsel, hx["starts"], hx["lengths"], 8, 64, False)
+    far = selected_slots(hx["codes"], hsel, hx["starts"], hx["lengths"], 8, 64, False, bands)
     far_bytes = int(far.sum()) * 2 * D * elt
     hbase = dict(base, batch=bh, selected_fraction=float(far.float().mean()))
     base_saved = dict(base)
     base.clear()
     base.update(hbase)
     add("sparse_decode_attention_pinned_host", lambda: kernels.sparse_decode_attention(
-        hx["q"], hk, hv, hx["codes"], hsel, hx["starts"], hx["lengths"], 8, 64, 0.088, False, return_lse=True),
+        hx["q"], hk, hv, hx["codes"], hsel, hx["starts"], hx["lengths"], 8, 64, 0.088, False, return_lse=True,
+        bands=bands, edges=x["edges"]),
         far_bytes, note_bytes="selected K/V rows read over PCIe")
     codes_h = hx["codes"].cpu()
     add("selected_attention_cpu_threads", lambda: selected_attention_cpu(
-        hx["q"], hk, hv, codes_h, hsel, hx["starts"], hx["lengths"], 8, 64, 0.088, False), far_bytes, graph=False,
+        hx["q"], hk, hv, codes_h, hsel, hx["starts"], hx["lengths"], 8, 64, 0.088, False, bands), far_bytes,
+        graph=False,
         cpu_threads=torch.get_num_threads())
     base.clear()
     base.update(base_saved)
@@ -456,8 +468,9 @@ def memory_model(model, preset, n: int, system: str, method: A2ATS, gpu_total: i
     other_params = sum(p.numel() for p in model.parameters()) - layer_params * len(model.model.layers)
     weights = (other_params + L * layer_params) * elt
     C = method.codebook
+    VC = C * (len(method.bands) + 1)  # virtual codes (distance band x code)
     kv = 2 * L * Hkv * cap * D * elt
-    index = L * Hkv * (cap * 2 + C * 4 + C) + L * 8  # codes, histogram, selected codes, counters
+    index = L * Hkv * (cap * 2 + VC * 4 + VC) + L * 8  # codes, histogram, selected codes, counters
     E = method.sinks + ring_size(method.window)
     near = 2 * L * Hkv * E * D * elt + L * E * 4
     books = L * Hkv * C * (2 * D + 1) * 4
@@ -485,7 +498,7 @@ def serving(run: Run, model, preset, dev: torch.device) -> None:
     host_avail = host_available_bytes()
     run.extra["host_available_bytes"] = host_avail
     run.extra["gpu_total_bytes"] = gpu_total
-    base_method = A2ATS(ratio=args.ratio, codebook=args.codebook)
+    base_method = A2ATS(ratio=args.ratio, codebook=args.codebook, bands=tuple(args.bands))
     art0 = random_artifact(base_method, model)
     systems = {"dense": None,
                "a2ats-gpu": with_settings(art0, offload=False),
@@ -600,7 +613,9 @@ def main() -> None:
     p.add_argument("--contexts", default="32768,131072")
     p.add_argument("--systems", default="dense,a2ats-gpu,a2ats-offload,a2ats-offload-cpu")
     p.add_argument("--ratio", type=float, default=0.03)
-    p.add_argument("--codebook", type=int, default=4096)
+    p.add_argument("--codebook", type=int, default=2048,
+                   help="codes per KV head; x (bands + 1) virtual codes must stay <= 8192 for the Triton select")
+    p.add_argument("--bands", type=lambda x: [int(v) for v in x.split(",") if v], default=[256, 1024, 4096])
     p.add_argument("--kernel-batch", type=int, default=14)
     p.add_argument("--cpu-path-batch", type=int, default=4)
     p.add_argument("--cpu-path-contexts", default="32768", help="contexts at which the eager CPU path runs")
@@ -621,7 +636,7 @@ def main() -> None:
     run = Run(args)
     preset = get_preset(args.preset)
     run.extra["preset"] = args.preset
-    run.extra["method"] = A2ATS(ratio=args.ratio, codebook=args.codebook).to_dict()
+    run.extra["method"] = A2ATS(ratio=args.ratio, codebook=args.codebook, bands=tuple(args.bands)).to_dict()
     run.extra["torch_threads"] = torch.get_num_threads()
     skip = set(args.skip.split(","))
     try:
