@@ -100,6 +100,10 @@ def check_kernels(dev) -> list[dict]:
                                                              starts)
             out.append({**case, "kernel": "squeezed_decode", "rel_err": rel(o, o_r), "lse_err": rel(lse, lse_r),
                         "kept_equal": bool(torch.equal(kept, kept_r)), "tol": tol})
+            for impl in (K.squeezed_decode_triton, K.squeezed_decode_compact_triton):
+                o, lse, kept = impl(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts, local_splits=2)
+                out.append({**case, "kernel": impl.__name__, "rel_err": rel(o, o_r), "lse_err": rel(lse, lse_r),
+                            "kept_equal": bool(torch.equal(kept, kept_r)), "tol": tol})
             qq = torch.randn(B, Hkv * G, T, Dh, generator=gen).to(dev, dtype)
             mask = torch.rand(B, Hkv, keys.shape[1], generator=gen).to(dev) < 0.3
             idx, cnt = mask_to_index(mask)
@@ -280,9 +284,9 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
                                               for k, v in zip(k16, v16)], iters=iters, calls_per_iter=len(k16))
     timings["triton_dense"] = time_cuda(lambda: [decode_attention(q, k, v, lens_all, sc) for k, v in zip(kalls, valls)],
                                         iters=iters, calls_per_iter=len(kalls))
-    base = timings["sdpa_bf16"]
+    base = timings["sdpa_fp16"]
     for name in ("sdpa_bf16", "sdpa_fp16", "triton_dense"):
-        rows.append(timing_row(f"dense_{name}", timings[name], baseline="dense_sdpa_bf16", baseline_timing=base,
+        rows.append(timing_row(f"dense_{name}", timings[name], baseline="dense_sdpa_fp16", baseline_timing=base,
                                bytes_moved=dense_bytes(), peak_tb_per_s=PEAK_TB_S, context=N, local=LOCAL, batch=1))
 
     # selection alone, attention alone (sweep of tile configs), full step
@@ -291,7 +295,7 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     sel_bytes = HKV * C * D * 2 + HQ * C * 4 + HKV * C * 4
     t_sel = time_cuda(lambda: [K.centroid_scores(q, ix.centroids, ix.log_sizes, sc) for ix in idxs], iters=iters,
                       calls_per_iter=ncopy)
-    rows.append(timing_row("squeezed_selection_flat", t_sel, baseline="dense_sdpa_bf16", baseline_timing=base,
+    rows.append(timing_row("squeezed_selection_flat", t_sel, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=sel_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1))
     kept_rows = int(kept.sum())
     attn_bytes = kept_rows * D * 2 * 2 + HKV * LOCAL * D * 4 + HQ * C * 4 + HKV * (C + 2) * 4
@@ -313,32 +317,80 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     extra["decode_sweep"] = sweep
     (bc, bn, w), t_attn = best
     extra["decode_best_config"] = {"block_c": bc, "block_n": bn, "num_warps": w}
-    rows.append(timing_row("squeezed_attention_only", t_attn, baseline="dense_sdpa_bf16", baseline_timing=base,
+    rows.append(timing_row("squeezed_attention_only", t_attn, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
                            kept_fraction=kept_frac, config=extra["decode_best_config"]))
 
-    def full(ixs, taus=None):
+    # compacted decode (select + pack, balanced split-K): correctness at this shape, then a tile/split sweep
+    oc, _, keptc = K.squeezed_decode_compact_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold,
+                                                    lk, lv, lengths, sc)
+    extra["compact_rel_err_vs_reference"] = rel(oc, o_r)
+    extra["compact_kept_equal_reference"] = bool(torch.equal(keptc, kept_r))
+    say(f"N={N}: compact rel err vs reference {extra['compact_rel_err_vs_reference']:.2e}, kept equal "
+        f"{extra['compact_kept_equal_reference']}")
+    csweep, cbest = [], None
+    nsd = K.default_compact_splits(idx.keys.shape[1])
+    for bn_, ns_, w_ in ((32, nsd, 4), (64, nsd, 4), (32, 2 * nsd, 4), (64, 2 * nsd, 8), (16, 2 * nsd, 4),
+                         (32, max(1, nsd // 2), 4)):
+        def cattn(bn_=bn_, ns_=ns_, w_=w_):
+            return [K.squeezed_decode_compact_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk,
+                                                     lv, lengths, sc, block_n=bn_, splits=ns_, num_warps=w_,
+                                                     count_kept=False)
+                    for ix, (s_, e_) in zip(idxs, scores)]
+        try:
+            t = time_cuda(cattn, iters=iters, calls_per_iter=ncopy)
+        except Exception as ex:  # noqa: BLE001
+            csweep.append({"block_n": bn_, "splits": ns_, "num_warps": w_, "error": repr(ex)[:200]})
+            continue
+        csweep.append({"block_n": bn_, "splits": ns_, "num_warps": w_, "ms": t.median_ms})
+        if cbest is None or t.median_ms < cbest[1].median_ms:
+            cbest = ((bn_, ns_, w_), t)
+    extra["compact_sweep"] = csweep
+    (cbn, cns, cw), t_cattn = cbest
+    extra["compact_best_config"] = {"block_n": cbn, "splits": cns, "num_warps": cw}
+    rows.append(timing_row("squeezed_attention_only_compact", t_cattn, baseline="dense_sdpa_fp16",
+                           baseline_timing=base, bytes_moved=attn_bytes + HKV * Nc * 4 * 2, peak_tb_per_s=PEAK_TB_S,
+                           context=N, batch=1, kept_fraction=kept_frac, config=extra["compact_best_config"]))
+
+    def full(ixs, taus=None, compact=False):
         def fn():
             for i, ix in enumerate(ixs):
                 s_, e_, _ = decode_scores(q, ix, sc)
-                K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_,
-                                         ix.log_threshold if taus is None else taus, lk, lv, lengths, sc,
-                                         block_c=bc, block_n=bn, num_warps=w, count_kept=False)
+                tau_ = ix.log_threshold if taus is None else taus
+                if compact:
+                    K.squeezed_decode_compact_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, tau_, lk, lv, lengths,
+                                                     sc, block_n=cbn, splits=cns, num_warps=cw, count_kept=False)
+                else:
+                    K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, tau_, lk, lv, lengths, sc,
+                                             block_c=bc, block_n=bn, num_warps=w, count_kept=False)
         return fn
+    t_fc = time_cuda(full(idxs, compact=True), iters=iters, calls_per_iter=ncopy)
+    rows.append(timing_row("squeezed_decode_flat_compact", t_fc, baseline="dense_sdpa_fp16", baseline_timing=base,
+                           bytes_moved=sel_bytes + attn_bytes + HKV * Nc * 4 * 2, peak_tb_per_s=PEAK_TB_S, context=N,
+                           batch=1, sparsity=0.9, centroids=0.05, kept_fraction=kept_frac, threshold="calibrated"))
+    t_fc10 = time_cuda(full(idxs, tau10, compact=True), iters=iters, calls_per_iter=ncopy)
+    rows.append(timing_row("squeezed_decode_flat_compact_kept10", t_fc10, baseline="dense_sdpa_fp16",
+                           baseline_timing=base, bytes_moved=sel_bytes + int(kept10.sum()) * D * 4 + HKV * Nc * 8,
+                           peak_tb_per_s=PEAK_TB_S, context=N, batch=1, sparsity=0.9, centroids=0.05,
+                           kept_fraction=extra["kept_fraction_fixed10"], threshold="fixed 10% for this query"))
+    t_hc = time_cuda(full(hidxs, compact=True), iters=iters, calls_per_iter=ncopy)
+    rows.append(timing_row("squeezed_decode_hierarchical_compact", t_hc, baseline="dense_sdpa_fp16",
+                           baseline_timing=base, peak_tb_per_s=PEAK_TB_S, context=N, batch=1, sparsity=0.9,
+                           centroids=[0.01, 0.05], kept_fraction=extra["hier_kept_fraction"]))
     t_full = time_cuda(full(idxs), iters=iters, calls_per_iter=ncopy)
-    rows.append(timing_row("squeezed_decode_flat", t_full, baseline="dense_sdpa_bf16", baseline_timing=base,
+    rows.append(timing_row("squeezed_decode_flat", t_full, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=sel_bytes + attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
                            sparsity=0.9, centroids=0.05, kept_fraction=kept_frac, threshold="calibrated"))
     kept10_rows = int(kept10.sum())
     t_full10 = time_cuda(full(idxs, tau10), iters=iters, calls_per_iter=ncopy)
-    rows.append(timing_row("squeezed_decode_flat_kept10", t_full10, baseline="dense_sdpa_bf16", baseline_timing=base,
+    rows.append(timing_row("squeezed_decode_flat_kept10", t_full10, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=sel_bytes + attn_bytes + (kept10_rows - kept_rows) * D * 4,
                            peak_tb_per_s=PEAK_TB_S, context=N, batch=1, sparsity=0.9, centroids=0.05,
                            kept_fraction=extra["kept_fraction_fixed10"], threshold="fixed 10% for this query"))
     C1 = hidx.coarse_centroids.shape[1]
     h_bytes = HKV * C1 * D * 2 + int(scored.sum()) * D * 2 + int(hkept.sum()) * D * 4 + HKV * LOCAL * D * 4
     t_h = time_cuda(full(hidxs), iters=iters, calls_per_iter=ncopy)
-    rows.append(timing_row("squeezed_decode_hierarchical", t_h, baseline="dense_sdpa_bf16", baseline_timing=base,
+    rows.append(timing_row("squeezed_decode_hierarchical", t_h, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=h_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1, sparsity=0.9,
                            centroids=[0.01, 0.05], kept_fraction=extra["hier_kept_fraction"],
                            fine_scored_fraction=extra["hier_fine_scored_fraction"]))
@@ -383,6 +435,12 @@ def bench_prefill(N: int, T: int, dev, iters: int) -> tuple[list[dict], dict]:
     t_sel = time_cuda(select, iters=iters, use_graph=False)
     rows.append(timing_row("prefill_squeezed_selection", t_sel, baseline="prefill_dense_sdpa_bf16",
                            baseline_timing=base, context=N, user_tokens=T))
+    # where the selection's time goes: the scoring kernel alone, and the rest (top clusters, key list)
+    t_ps = time_cuda(lambda: K.prefill_scores(q, idx.centroids, idx.log_sizes[None], sc), iters=iters,
+                     use_graph=False)
+    rows.append(timing_row("prefill_squeezed_selection_scores_kernel", t_ps, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T,
+                           tflops=4 * HQ * T * idx.num_clusters * D / (t_ps.median_ms * 1e-3) / 1e12))
     sweep, best = [], None
     for bm, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2), (128, 8, 3)):
         try:

@@ -115,3 +115,35 @@ def test_kernel_inputs_are_checked():
     q = torch.randn(1, 3, 64)                                  # 3 query heads over 2 KV heads
     with pytest.raises(LmsqueezeError):
         K.centroid_scores_triton(q, torch.randn(2, 5, 64), torch.zeros(2, 5), 1.0)
+
+
+@pytest.mark.parametrize("G,D", CASES + [(3, 64)])
+def test_compacted_decode_matches_reference(G, D, gen):
+    """Select-and-pack + balanced split-K decode: same output, lse and kept count as the reference, and the
+    packed rows of every block of clusters are exactly its kept rows in order (odd sizes, batch 2)."""
+    B, Hkv, C, W, L, BC = 2, 2, 71, 5, 37, 16
+    sizes, offs, keys, vals = _index(Hkv, D, C, W, gen)
+    ls = log_sizes(sizes)
+    cents = torch.randn(Hkv, C, D, generator=gen)
+    q = torch.randn(B, Hkv * G, D, generator=gen)
+    sc = D ** -0.5
+    s_r, e_r = R.centroid_scores_reference(q, cents, ls, sc, K.BLOCK_C)
+    a = (s_r - torch.logsumexp(e_r, -1, keepdim=True)).reshape(B, Hkv, G, C).amax(2)
+    tau = torch.nan_to_num(a, neginf=-1e30).flatten(0).median().repeat(Hkv)
+    lk, lv = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
+    lengths = torch.tensor([L - 9, L], dtype=torch.int32)
+    starts = torch.tensor([0, 4], dtype=torch.int32)
+    rows = torch.full((B, Hkv, keys.shape[1]), -7, dtype=torch.int32)  # poison: unwritten slots stay -7
+    o, lse, kept, (rows, cnt) = K.squeezed_decode_compact_triton(
+        q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts, local_splits=2, block_c=BC, block_n=16,
+        splits=3, return_rows=True)
+    o_r, lse_r, kept_r = R.squeezed_decode_reference(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts)
+    assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
+    assert torch.equal(kept, kept_r) and (kept > W).all() and (kept < keys.shape[1]).all()
+    want, want_cnt = R.select_rows_reference(offs, s_r, e_r, tau, G, BC)
+    assert torch.equal(cnt.reshape(want_cnt.shape), want_cnt)
+    for b in range(B):
+        for h in range(Hkv):
+            for j in range(want_cnt.shape[-1]):
+                lo = int(offs[h, j * BC])
+                assert torch.equal(rows[b, h, lo:lo + int(want_cnt[b, h, j])].long(), want[b][h][j])

@@ -27,6 +27,9 @@ BLOCK_N = 64          # keys per tile (prefill)
 DECODE_BLOCK_C = 32
 DECODE_BLOCK_N = 32
 LOG2E = 1.4426950408889634
+# CUDA decode: "compact" (select + pack the kept rows, then balanced split-K: _triton_compact.py) or "fused" (one
+# pass, each program a fixed range of clusters: _triton_kernels.py); both measured by bench_squeezed.py.
+DECODE_IMPL = "compact"
 
 
 def _pow2(n: int) -> int:
@@ -176,6 +179,77 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     return out, lse, (kept.sum(-1, dtype=torch.int32) if count_kept else None)
 
 
+def default_compact_splits(n_rows: int) -> int:
+    """Attention programs per (batch, KV head) over the kept fixed rows: from the index size only (graph-safe);
+    about one program per 1024 context rows (~100 kept rows at 90% sparsity), at most 64."""
+    return max(1, min(64, -(-n_rows // 1024)))
+
+
+def squeezed_decode_compact_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
+                                   scaling, starts=None, *, block_c: int = DECODE_BLOCK_C,
+                                   block_n: int = DECODE_BLOCK_N, splits: int | None = None,
+                                   local_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                                   count_kept: bool = True, select_block_n: int = 128, return_rows: bool = False):
+    """`squeezed_decode_triton` in two steps (_triton_compact.py): select and pack the kept rows per block of
+    clusters, then split-K flash-decoding over equal shares of the kept rows (balanced whatever the
+    threshold keeps). Same arguments and returns (+ the packed (rows [B, Hkv, N] int32, counts [B*Hkv, NSP])
+    when `return_rows`); graph-capturable (fixed-size scratch, no host sync)."""
+    from lmsqueeze.kernels._triton_decode import _merge_splits_kernel
+    from lmsqueeze.methods.squeezed._triton_compact import _compact_decode_kernel, _select_rows_kernel
+
+    B, Hq, D = q.shape
+    Hkv, N, _ = keys.shape
+    G = _check_heads(q, Hkv, keys.shape[-1], "squeezed_decode")
+    C = scores.shape[-1]
+    nch = chunk_lse.shape[-1]
+    if offsets.shape != (Hkv, C + 2) or local_k.shape[:2] != (B, Hkv) or local_k.shape[-1] != D:
+        raise LmsqueezeError(f"squeezed_decode: offsets {tuple(offsets.shape)} / local cache "
+                             f"{tuple(local_k.shape)} do not match {C} clusters, batch {B}, {Hkv} KV heads")
+    for t in (keys, values, local_k, local_v):
+        if t.stride(-1) != 1 or t.dtype != q.dtype:
+            raise LmsqueezeError("squeezed_decode needs keys/values/local caches in q's dtype with a contiguous "
+                                 "last dim")
+    nsp = -(-(C + 1) // block_c)
+    rows = torch.empty(B, Hkv, N, device=q.device, dtype=torch.int32)
+    counts = torch.empty(B * Hkv, nsp, device=q.device, dtype=torch.int32)
+    bg = max(16, _pow2(G))
+    _select_rows_kernel[(B * Hkv, nsp)](
+        offsets, scores, chunk_lse, log_tau, rows, counts,
+        offsets.stride(0), scores.stride(0), scores.stride(1), chunk_lse.stride(0), chunk_lse.stride(1),
+        rows.stride(0), rows.stride(1),
+        C, nch, nsp,
+        HKV=Hkv, G=G, BLOCK_G=bg, BLOCK_N=select_block_n, BLOCK_C=block_c, BLOCK_CH=max(2, _pow2(nch)),
+        num_warps=4,
+    )
+    l_max = local_k.shape[2]
+    ns = splits or default_compact_splits(N)
+    nloc = local_splits or default_local_splits(l_max)
+    total_splits = ns + nloc
+    mid_o = torch.empty(B, Hq, total_splits, D, device=q.device, dtype=torch.float32)
+    mid_lse = torch.empty(B, Hq, total_splits, device=q.device, dtype=torch.float32)
+    _compact_decode_kernel[(B * Hkv, total_splits)](
+        q, keys, values, offsets, rows, counts, local_k, local_v, lengths,
+        starts if starts is not None else lengths, mid_o, mid_lse,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        offsets.stride(0), rows.stride(0), rows.stride(1),
+        local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
+        local_v.stride(2),
+        nsp, ns, nloc, l_max, float(scaling) * LOG2E,
+        HKV=Hkv, G=G, D=D, BLOCK_G=bg, BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
+        BLOCK_NSP=max(2, _pow2(nsp)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
+    _merge_splits_kernel[(B * Hq,)](
+        mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), total_splits,
+        HQ=Hq, D=D, BLOCK_S=max(2, _pow2(total_splits)), BLOCK_D=_pow2(D), WRITE_LSE=True,
+        num_warps=4 if total_splits * D <= 8192 else 8,
+    )
+    kept = counts.reshape(B, Hkv, nsp).sum(-1, dtype=torch.int32) if count_kept else None
+    return (out, lse, kept, (rows, counts)) if return_rows else (out, lse, kept)
+
+
 def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths, scaling,
                     starts=None, local_valid=None, window=None, q_pos=None, key_pos=None, count_kept: bool = True,
                     row_cluster=None):
@@ -188,8 +262,9 @@ def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_
     Sliding windows and arbitrary padding masks run the reference. count_kept=False skips the count on CUDA.
     """
     if q.is_cuda and window is None and local_valid is None:
-        return squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
-                                      lengths, scaling, starts, count_kept=count_kept)
+        fn = squeezed_decode_compact_triton if DECODE_IMPL == "compact" else squeezed_decode_triton
+        return fn(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths, scaling, starts,
+                  count_kept=count_kept)
     return squeezed_decode_reference(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
                                      lengths, scaling, starts, local_valid, window, q_pos, key_pos, row_cluster)
 
