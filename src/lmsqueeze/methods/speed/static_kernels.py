@@ -85,19 +85,19 @@ def pipeline_update_reference(pred, tok, pos, valid, wpos, lens, h_out, h_in, em
     f = torch.where(mism, r, torch.full_like(r, -1)).amax()
     keep = vb & (r >= f)
     s = torch.where(keep, r, torch.full_like(r, r_)).amin()
-    sc = s.clamp(max=r_ - 1)
-    new_tok = torch.where(s < r_, pred[sc], torch.zeros_like(pred[sc]))  # no slot left: token 0, invalid
-    new_pos = torch.where(s < r_, pos[sc], torch.zeros_like(pos[sc])) + 1
+    sc = s.clamp(max=r_ - 1).reshape(1)  # 1-element index tensors: no host sync (graph-capturable)
+    new_tok = torch.where(s < r_, pred.index_select(0, sc), 0)  # no slot left: token 0, invalid
+    new_pos = torch.where(s < r_, pos.index_select(0, sc), 0) + 1
     new_valid = (s < r_) & (new_pos <= last_pos[0])
     fin = vb[r_ - 1]
     idx = (pos[r_ - 1] + 1).reshape(1)
     out.index_put_((idx,), torch.where(fin, pred[r_ - 1], out[idx][0]).reshape(1))
     stats += torch.stack([fin.long(), (f >= 0).long(), (vb & (r < f)).long().sum()])
-    tok_n = torch.cat([new_tok.reshape(1), tok[:-1]])
-    pos_n = torch.cat([new_pos.reshape(1), pos[:-1]])
-    val_n = torch.cat([new_valid.reshape(1), keep[:-1]])
+    tok_n = torch.cat([new_tok, tok[:-1]])
+    pos_n = torch.cat([new_pos, pos[:-1]])
+    val_n = torch.cat([new_valid, keep[:-1]])
     h_in[1:] = h_out[:-1]
-    h_in[0] = emb[new_tok]
+    h_in[:1] = emb.index_select(0, new_tok)
     tok.copy_(tok_n)
     pos.copy_(pos_n)
     valid.copy_(val_n.to(valid.dtype))
