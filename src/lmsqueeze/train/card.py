@@ -118,7 +118,8 @@ def model_section(res: dict, source: str) -> list[str]:
         lines += ["### Retrieval on the evaluation harness's prompts (`lmsqueeze.data.tasks`)", "",
                   f"The exact prompts `lmsqueeze eval` builds (haystack: the held-out text), {n} per cell "
                   f"(depths evenly spaced), scored teacher-forced as above (stricter than the harness's "
-                  f"string match). `lmsqueeze eval` results replace this table once committed.", ""]
+                  f"string match), measured at the end of training; for the default model the tables under \"Through "
+                  f"`lmsqueeze eval`\" are the harness's own runs.", ""]
         rows = []
         for task, by_fmt in h.items():
             for fmt, by_len in by_fmt.items():
