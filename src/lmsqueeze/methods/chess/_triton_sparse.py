@@ -10,6 +10,10 @@ float32 partials [num_splits, B, N]; `_reduce_kernel` sums them, adds the bias a
 |silu(gate)| <= t_i. The gate rows are read densely (they decide the mask); an up row is read only if its
 channel survives for some batch row. No partials: each program finishes its BLOCK_I channels.
 
+`_input_sparse_b1_fused_kernel`, same grid, batch 1 only: the same tile loop, then the last program of each
+column block to finish (an atomic ticket per block) sums the partials, adds the bias and writes y, and resets
+its ticket to 0 for the next call: one launch instead of two, no host synchronisation (graph-safe).
+
 BLOCK_B == 1 uses broadcast-multiply-and-sum into a 2D accumulator (reduced once at the end), optionally
 software-pipelined (PREFETCH); BLOCK_B >= 16 uses tl.dot over the padded batch.
 """
@@ -83,6 +87,39 @@ def _input_sparse_kernel(
             acc += tl.sum(acc2, axis=0)[None, :]
     tl.store(Part + pid_s * stride_ps + offs_b[:, None] * stride_pb + offs_n[None, :], acc,
              mask=b_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _input_sparse_b1_fused_kernel(
+    X, W, Part, Ticket, Bias, Y, K, N, k_per_split, num_splits, threshold, stride_wk, stride_ps,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+        keep = tl.abs(x) > threshold
+        w = tl.load(W + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :],
+                    mask=keep[:, None] & n_ok[None, :], other=0.0)
+        acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
+    acc = tl.sum(acc2, axis=0)
+    tl.store(Part + pid_s * stride_ps + offs_n, acc, mask=n_ok)
+    tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+    ticket = tl.atomic_add(Ticket + pid_n, 1, sem="acq_rel")
+    if ticket == num_splits - 1:  # the last program of this column block: sum the partials
+        tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for s in range(num_splits):
+            tot += tl.load(Part + s * stride_ps + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            tot += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(Y + offs_n, tot.to(Y.dtype.element_ty), mask=n_ok)
+        tl.atomic_xchg(Ticket + pid_n, 0)
 
 
 @triton.jit

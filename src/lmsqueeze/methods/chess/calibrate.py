@@ -89,17 +89,19 @@ class _Recorder:
         return x.reshape(-1, x.shape[-1])
 
 
-def _scalar_pre_hook(rec: _Recorder, layer: int, site: str, sparsity: float):
+def _scalar_pre_hook(rec: _Recorder, layer: int, site: str, sparsities: tuple[float, ...]):
     def hook(module, args):
         x = rec.tokens(args[0], f"layer {layer} {site}")
-        rec.per_batch[(layer, site)].append(magnitude_threshold(x, sparsity))
+        for s in sparsities:
+            rec.per_batch[(layer, site, s)].append(magnitude_threshold(x, s))
     return hook
 
 
-def _cats_gate_hook(rec: _Recorder, layer: int, act, sparsity: float):
+def _cats_gate_hook(rec: _Recorder, layer: int, act, sparsities: tuple[float, ...]):
     def hook(module, args, out):
-        g = rec.tokens(out, f"layer {layer} gate_proj")
-        rec.per_batch[(layer, "gate")].append(magnitude_threshold(act(g.float()), sparsity))
+        a = act(rec.tokens(out, f"layer {layer} gate_proj").float())
+        for s in sparsities:
+            rec.per_batch[(layer, "gate", s)].append(magnitude_threshold(a, s))
     return hook
 
 
@@ -112,10 +114,11 @@ def _up_square_hook(rec: _Recorder, layer: int):
     return hook
 
 
-def _chess_gate_hook(rec: _Recorder, layer: int, act, up_sq_mean: torch.Tensor, sparsity: float):
+def _chess_gate_hook(rec: _Recorder, layer: int, act, up_sq_mean: torch.Tensor, sparsities: tuple[float, ...]):
     def hook(module, args, out):
-        g = rec.tokens(out, f"layer {layer} gate_proj")
-        rec.per_batch[(layer, "tau")].append(importance_threshold(act(g.float()), up_sq_mean, sparsity))
+        a = act(rec.tokens(out, f"layer {layer} gate_proj").float())
+        for s in sparsities:
+            rec.per_batch[(layer, "tau", s)].append(importance_threshold(a, up_sq_mean, s))
     return hook
 
 
@@ -152,8 +155,23 @@ def calibrate_thresholds(model, batches, kind: str, sparsity: float, attention_s
     CHESS's fraction for the q_proj/o_proj inputs (None: no attention sparsification).
     Returns {"layers.{i}.{site}": float32 tensor} (sites in the module docstring).
     """
+    att = None if attention_sparsity is None else [attention_sparsity]
+    return calibrate_threshold_sweep(model, batches, kind, [sparsity], att)[0]
+
+
+def calibrate_threshold_sweep(model, batches, kind: str, sparsities, attention_sparsities=None
+                              ) -> list[dict[str, torch.Tensor]]:
+    """`calibrate_thresholds` for several sparsities from one pass over the batches (two for CHESS).
+
+    sparsities: [S] targets; attention_sparsities: [S] CHESS q_proj/o_proj targets (pairs with sparsities)
+    or None. Returns S dicts of artifact tensors, in the order given.
+    """
     if kind not in KINDS:
         raise LmsqueezeError(f"unknown threshold kind {kind!r}; use one of {', '.join(KINDS)}")
+    sps = tuple(float(s) for s in sparsities)
+    atts = None if attention_sparsities is None else tuple(float(s) for s in attention_sparsities)
+    if not sps or (atts is not None and len(atts) != len(sps)):
+        raise LmsqueezeError("give one attention sparsity per FFN sparsity (or none)")
     data = as_batches(batches)
     layers = model.model.layers
     rec = _Recorder()
@@ -161,29 +179,35 @@ def calibrate_thresholds(model, batches, kind: str, sparsity: float, attention_s
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         if kind == "teal":
-            hooks += [(attn.q_proj, "pre", _scalar_pre_hook(rec, i, "qkv_in", sparsity)),
-                      (attn.o_proj, "pre", _scalar_pre_hook(rec, i, "o_in", sparsity)),
-                      (mlp.gate_proj, "pre", _scalar_pre_hook(rec, i, "mlp_in", sparsity)),
-                      (mlp.down_proj, "pre", _scalar_pre_hook(rec, i, "down_in", sparsity))]
+            hooks += [(attn.q_proj, "pre", _scalar_pre_hook(rec, i, "qkv_in", sps)),
+                      (attn.o_proj, "pre", _scalar_pre_hook(rec, i, "o_in", sps)),
+                      (mlp.gate_proj, "pre", _scalar_pre_hook(rec, i, "mlp_in", sps)),
+                      (mlp.down_proj, "pre", _scalar_pre_hook(rec, i, "down_in", sps))]
         elif kind == "cats":
-            hooks.append((mlp.gate_proj, "post", _cats_gate_hook(rec, i, mlp.act_fn, sparsity)))
+            hooks.append((mlp.gate_proj, "post", _cats_gate_hook(rec, i, mlp.act_fn, sps)))
         else:
             hooks.append((mlp.up_proj, "post", _up_square_hook(rec, i)))
-            if attention_sparsity is not None:
-                hooks += [(attn.q_proj, "pre", _scalar_pre_hook(rec, i, "q_in", attention_sparsity)),
-                          (attn.o_proj, "pre", _scalar_pre_hook(rec, i, "o_in", attention_sparsity))]
+            if atts is not None:
+                hooks += [(attn.q_proj, "pre", _scalar_pre_hook(rec, i, "q_in", tuple(dict.fromkeys(atts)))),
+                          (attn.o_proj, "pre", _scalar_pre_hook(rec, i, "o_in", tuple(dict.fromkeys(atts))))]
     _run(model, data, rec, hooks)
-    out = {f"layers.{i}.{site}": _mean(v).reshape(-1) for (i, site), v in rec.per_batch.items()}
+    outs: list[dict[str, torch.Tensor]] = []
+    for j, s in enumerate(sps):
+        want = s if kind != "chess" else (None if atts is None else atts[j])
+        outs.append({f"layers.{i}.{site}": _mean(v).reshape(-1) for (i, site, t), v in rec.per_batch.items()
+                     if t == want})
     if kind == "chess":
-        up_sq_mean = {i: (rec.sq_sum[i] / max(rec.count[i], 1)) for i in range(len(layers))}
         if any(rec.count[i] == 0 for i in range(len(layers))):
             raise LmsqueezeError("calibration saw no valid tokens; pass batches with unpadded tokens")
+        up_sq_mean = {i: (rec.sq_sum[i] / rec.count[i]) for i in range(len(layers))}
         rec2 = _Recorder()
-        hooks = [(layer.mlp.gate_proj, "post", _chess_gate_hook(rec2, i, layer.mlp.act_fn, up_sq_mean[i], sparsity))
+        hooks = [(layer.mlp.gate_proj, "post", _chess_gate_hook(rec2, i, layer.mlp.act_fn, up_sq_mean[i], sps))
                  for i, layer in enumerate(layers)]
         _run(model, data, rec2, hooks)
-        for i in range(len(layers)):
-            tau = _mean(rec2.per_batch[(i, "tau")])
-            out[f"layers.{i}.gate"] = channel_thresholds(tau, up_sq_mean[i].float().cpu())
-    log.info("calibrated %s thresholds for %d layers on %d batches", kind, len(layers), len(data))
-    return dict(sorted(out.items()))
+        for out, s in zip(outs, sps):
+            for i in range(len(layers)):
+                tau = _mean(rec2.per_batch[(i, "tau", s)])
+                out[f"layers.{i}.gate"] = channel_thresholds(tau, up_sq_mean[i].float().cpu())
+    log.info("calibrated %s thresholds for %d layers on %d batches at sparsities %s", kind, len(layers), len(data),
+             sps)
+    return [dict(sorted(o.items())) for o in outs]

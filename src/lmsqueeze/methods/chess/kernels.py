@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MAX_KERNEL_BATCH = 16
 _CHOICE: dict[tuple, object] = {}
+_TICKETS: dict[torch.device, torch.Tensor] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,7 @@ class SpmvConfig:
     num_warps: int
     programs_per_sm: int
     prefetch: bool = False  # batch 1 only: request the next tiles before this step's multiply-adds
+    fused: bool = False  # batch 1 only: the last program of each column block reduces the partials (one launch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,13 @@ SPMV_CONFIGS_B1 = (
     SpmvConfig(128, 64, 4, 4, True), SpmvConfig(128, 32, 4, 4, True), SpmvConfig(256, 32, 8, 4, True),
     SpmvConfig(128, 64, 4, 2, True), SpmvConfig(64, 64, 2, 8, True), SpmvConfig(128, 32, 4, 8, True),
     SpmvConfig(256, 64, 8, 2, True), SpmvConfig(64, 128, 4, 4, True),
+    # wider column blocks (longer contiguous row segments per request) and the fused one-launch reduction
+    SpmvConfig(512, 16, 4, 8), SpmvConfig(1024, 16, 8, 4), SpmvConfig(1024, 8, 4, 8),
+    SpmvConfig(64, 64, 2, 8, fused=True), SpmvConfig(128, 64, 4, 4, fused=True), SpmvConfig(128, 32, 4, 8, fused=True),
+    SpmvConfig(256, 32, 4, 8, fused=True), SpmvConfig(256, 16, 4, 8, fused=True), SpmvConfig(512, 16, 4, 8, fused=True),
+    SpmvConfig(512, 32, 8, 4, fused=True), SpmvConfig(1024, 16, 8, 4, fused=True), SpmvConfig(1024, 8, 4, 8, fused=True),
+    SpmvConfig(64, 64, 2, 16, fused=True), SpmvConfig(128, 32, 4, 16, fused=True), SpmvConfig(256, 16, 4, 16, fused=True),
+    SpmvConfig(64, 32, 2, 16, fused=True), SpmvConfig(128, 64, 4, 8, fused=True),
 )
 SPMV_CONFIGS_DOT = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(64, 64, 4, 4), SpmvConfig(128, 32, 4, 8), SpmvConfig(256, 64, 8, 2),
@@ -134,6 +143,18 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """[>= n] int32 zeros, one per column block, kept per device: the fused kernel leaves them at 0 again.
+
+    Calls on one device must not run concurrently on two streams (they would share tickets).
+    """
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[device] = t
+    return t
+
+
 def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: float = 0.0,
                                bias: torch.Tensor | None = None, config: SpmvConfig | None = None
                                ) -> torch.Tensor:
@@ -161,6 +182,14 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
         k_per = triton_cdiv(triton_cdiv(K, splits), cfg.block_k) * cfg.block_k
         splits = triton_cdiv(K, k_per)
         part = torch.empty(splits, B, N, dtype=torch.float32, device=x.device)
+        if cfg.fused and BB == 1:
+            y = torch.empty(B, N, dtype=x.dtype, device=x.device)
+            ts._input_sparse_b1_fused_kernel[(n_blocks, splits)](
+                x, w_t, part, _tickets(x.device, n_blocks), bias if bias is not None else part, y, K, N, k_per,
+                splits, float(threshold), w_t.stride(0), part.stride(0),
+                BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+            )
+            return y
         ts._input_sparse_kernel[(n_blocks, splits)](
             x, w_t, part, B, K, N, k_per, float(threshold),
             x.stride(0), w_t.stride(0), part.stride(0), part.stride(1),
