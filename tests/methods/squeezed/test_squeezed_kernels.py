@@ -42,8 +42,8 @@ def gen():
     return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
 
 
-@pytest.mark.parametrize("G,D", CASES)
-def test_centroid_scores_and_decode_match_reference(G, D, gen):
+@pytest.mark.parametrize("G,D,nsub", [(1, 64, 1), (4, 128, 3)])
+def test_centroid_scores_and_decode_match_reference(G, D, nsub, gen):
     B, Hkv, C, W, L = 2, 2, 71, 5, 37          # odd sizes; C + 1 spans two programs of BLOCK_C
     sizes, offs, keys, vals = _index(Hkv, D, C, W, gen)
     ls = log_sizes(sizes)
@@ -60,7 +60,7 @@ def test_centroid_scores_and_decode_match_reference(G, D, gen):
     lengths = torch.tensor([L - 9, L], dtype=torch.int32)
     starts = torch.tensor([0, 4], dtype=torch.int32)
     o, lse, kept = K.squeezed_decode_triton(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts,
-                                            local_splits=2, block_c=32, block_n=16)
+                                            local_splits=2, block_c=32, block_n=16, sub_splits=nsub)
     o_r, lse_r, kept_r = R.squeezed_decode_reference(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts)
     assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
     assert torch.equal(kept, kept_r)

@@ -6,7 +6,9 @@ Decode (one query per sequence), all without host synchronisation (CUDA-graph ca
   `_fine_scores_kernel`      hierarchical second level, same grid over fine centroids: recomputes the coarse
                              decision of each fine centroid's parent and loads/multiplies only the rows of
                              surviving parents (masked loads read no memory; a chunk with none skips the dot).
-  `_squeezed_decode_kernel`  grid (B*Hkv, NSP + NLOC): program s < NSP owns clusters [s*BLOCK_C, (s+1)*BLOCK_C)
+  `_squeezed_decode_kernel`  grid (B*Hkv, NSP*NSUB + NLOC): programs s < NSP*NSUB own clusters [j*BLOCK_C,
+                             (j+1)*BLOCK_C), j = s // NSUB, each taking every NSUB-th tile of their kept rows
+                             (NSUB > 1 splits a block that keeps many clusters over several programs)
                              (their rows are one contiguous range, keys being sorted by cluster): it combines the
                              chunk logsumexps into log Z, keeps clusters whose score beats the threshold, and
                              runs flash-decoding over the kept rows only, in full BLOCK_N tiles: the row of the
@@ -142,7 +144,7 @@ def _squeezed_decode_kernel(
     C, NCH, NSP, NLOC, l_max, scale_log2,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_CH: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_CH: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, NSUB: tl.constexpr = 1,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -159,11 +161,13 @@ def _squeezed_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    if split < NSP:
+    if split < NSP * NSUB:
+        cb = split // NSUB                                               # cluster block
+        sub = split % NSUB                                               # this program's tiles: sub, sub+NSUB, ..
         # which of this program's clusters to read
         z = _log_z(ChunkLse, b * stride_eb + heads * stride_eh, offs_g, g_mask, NCH, BLOCK_CH)
         offs_c = tl.arange(0, BLOCK_C)
-        cids = split * BLOCK_C + offs_c
+        cids = cb * BLOCK_C + offs_c
         real = cids < C
         inr = cids < C + 1                                               # cluster C: the observation window
         s = tl.load(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :],
@@ -178,10 +182,10 @@ def _squeezed_decode_kernel(
         us = size - ks
         ends = tl.cumsum(ks, 0)                                          # kept keys up to and including j
         total = tl.sum(ks, 0)
-        base = tl.load(o_base + split * BLOCK_C)
+        base = tl.load(o_base + cb * BLOCK_C)
         k_base = K + hkv.to(tl.int64) * stride_kh
         v_base = V + hkv.to(tl.int64) * stride_vh
-        for t0 in range(0, total, BLOCK_N):
+        for t0 in range(sub * BLOCK_N, total, NSUB * BLOCK_N):
             p = t0 + offs_n
             p_mask = p < total
             shift = tl.sum(tl.where(ends[None, :] <= p[:, None], us[None, :], 0), 1)
@@ -204,9 +208,10 @@ def _squeezed_decode_kernel(
                 pv = tl.dot(pr.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        tl.store(Kept + pid_bh * NSP + split, total)
+        if sub == 0:
+            tl.store(Kept + pid_bh * NSP + cb, total)
     else:
-        loc = split - NSP
+        loc = split - NSP * NSUB
         loc_hi = tl.minimum(tl.load(Lengths + b), l_max)
         loc_lo = loc_hi * 0
         if HAS_STARTS:
@@ -242,7 +247,7 @@ def _squeezed_decode_kernel(
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    num_splits = NSP + NLOC
+    num_splits = NSP * NSUB + NLOC
     row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
     tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(MidLse + row, lse, mask=g_mask)

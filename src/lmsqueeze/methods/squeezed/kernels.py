@@ -29,7 +29,8 @@ DECODE_BLOCK_N = 32
 LOG2E = 1.4426950408889634
 # CUDA decode: "compact" (select + pack the kept rows, then balanced split-K: _triton_compact.py) or "fused" (one
 # pass, each program a fixed range of clusters: _triton_kernels.py); both measured by bench_squeezed.py.
-DECODE_IMPL = "compact"
+DECODE_IMPL = "fused"
+DECODE_SUB_SPLITS = 1
 
 
 def _pow2(n: int) -> int:
@@ -132,9 +133,10 @@ def default_local_splits(l_max: int) -> int:
 def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
                            scaling, starts=None, *, block_c: int = DECODE_BLOCK_C, block_n: int = DECODE_BLOCK_N,
                            local_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                           count_kept: bool = True):
+                           count_kept: bool = True, sub_splits: int = DECODE_SUB_SPLITS):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
-    None unless `count_kept` (its sum is one more launch in the decode step)."""
+    None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
+    of clusters (each takes every sub_splits-th tile of the block's kept rows)."""
     from lmsqueeze.kernels._triton_decode import _merge_splits_kernel
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
@@ -153,7 +155,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     l_max = local_k.shape[2]
     nsp = -(-(C + 1) // block_c)
     nloc = local_splits or default_local_splits(l_max)
-    splits = nsp + nloc
+    splits = nsp * sub_splits + nloc
     mid_o = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
     mid_lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
     kept = torch.empty(B, Hkv, nsp, device=q.device, dtype=torch.int32)
@@ -166,7 +168,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         local_v.stride(2),
         C, nch, nsp, nloc, l_max, float(scaling) * LOG2E,
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
-        BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q),
+        BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q), NSUB=sub_splits,
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
