@@ -39,7 +39,7 @@ class _Rotary:
 
 def packed_state(k: torch.Tensor, v: torch.Tensor, bits: int, outliers: float = 0.01) -> KVQuantState:
     """A filled KVQuantState from post-RoPE keys k and values v: [B, Hkv, N, D] at positions 0..N-1."""
-    B, H, N, D = k.shape
+    B, _, N, D = k.shape
     rot = _Rotary(D, k.device)
     pos = torch.arange(N, device=k.device)[None].expand(B, N)
     lo = torch.quantile(k[0, :, :4096].float(), 0.005, dim=1)  # [H, D] ranges of the (rotated-back) keys
