@@ -30,7 +30,6 @@ LOG2E = 1.4426950408889634
 # CUDA decode: "compact" (select + pack the kept rows, then balanced split-K: _triton_compact.py) or "fused" (one
 # pass, each program a fixed range of clusters: _triton_kernels.py); both measured by bench_squeezed.py.
 DECODE_IMPL = "fused"
-DECODE_SUB_SPLITS = 1
 
 
 def _pow2(n: int) -> int:
@@ -125,6 +124,13 @@ def fine_scores(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, c
 
 # --- sparse decode -------------------------------------------------------------------------------------------
 
+def default_sub_splits(cluster_blocks: int) -> int:
+    """Programs per block of clusters in the fused decode, from the shape only (graph-safe): 2 up to 64 blocks
+    (18.7 vs 21.6 us at 32K, 1635 clusters), 1 beyond (38.7 vs 42.5 us at 128K, 6550 clusters): H100,
+    benchmarks/results/squeezed_decode_sweep_h100.json, extra.decode_*.decode_sweep."""
+    return 2 if cluster_blocks <= 64 else 1
+
+
 def default_local_splits(l_max: int) -> int:
     """Programs per (batch, KV head) over the local slots: from the buffer size only (graph-safe)."""
     return max(1, min(8, -(-l_max // 512)))
@@ -133,10 +139,10 @@ def default_local_splits(l_max: int) -> int:
 def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
                            scaling, starts=None, *, block_c: int = DECODE_BLOCK_C, block_n: int = DECODE_BLOCK_N,
                            local_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                           count_kept: bool = True, sub_splits: int = DECODE_SUB_SPLITS):
+                           count_kept: bool = True, sub_splits: int | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
     None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
-    of clusters (each takes every sub_splits-th tile of the block's kept rows)."""
+    of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`."""
     from lmsqueeze.kernels._triton_decode import _merge_splits_kernel
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
@@ -155,6 +161,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     l_max = local_k.shape[2]
     nsp = -(-(C + 1) // block_c)
     nloc = local_splits or default_local_splits(l_max)
+    sub_splits = sub_splits or default_sub_splits(nsp)
     splits = nsp * sub_splits + nloc
     mid_o = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
     mid_lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
