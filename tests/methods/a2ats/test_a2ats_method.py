@@ -13,7 +13,7 @@ from lmsqueeze.methods.base import METHODS
 from lmsqueeze.methods.baselines.oracle_topk import OracleTopK
 from lmsqueeze.models.tiny import tiny_model
 
-SMALL = {"codebook": 16, "sinks": 2, "window": 4, "kmeans_iters": 4}
+SMALL = {"codebook": 16, "sinks": 2, "window": 4, "bands": (8, 16), "kmeans_iters": 4}  # band crossings in play
 
 
 def _calibrate(model, **kw):
@@ -141,7 +141,8 @@ def test_oracle_topk_ratio_one_is_dense_and_smaller_ratio_is_not(llama):
 def test_bad_inputs(llama):
     model, art = llama
     for bad in ({"ratio": 0.0}, {"ratio": 1.5}, {"codebook": 1}, {"codebook": 40000}, {"window": 0},
-                {"sinks": -1}, {"offload_attention": "disk"}, {"max_keys": 0}):
+                {"sinks": -1}, {"offload_attention": "disk"}, {"max_keys": 0}, {"bands": (64, 300)},
+                {"bands": (300, 200)}):
         with pytest.raises(LmsqueezeError):
             A2ATS(**bad)
     with pytest.raises(LmsqueezeError):
