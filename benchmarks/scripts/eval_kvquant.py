@@ -13,7 +13,8 @@ Every method runs through lmsqueeze's own harness on the same tokens in the same
   recent-token window) counted at fp16 as on a GPU (this CPU run keeps them in fp32);
 - passkey (dense and nuq3-1% only): `lmsqueeze eval suite --tasks passkey --lengths 8192 --formats prose,code`.
 Methods: dense (the model's own precision: fp32 on the CPU), KVQuant nuq4/nuq3/nuq2 with 1% outliers (Fisher-
-weighted, calibrated on --calib-samples x --calib-len tokens of the training corpus), nuq3 without outliers,
+weighted, calibrated on --calib-samples x --calib-len tokens of the training corpus), nuq3 without outliers and
+with 3% outliers, nuq4/3/2-1% with an fp16 window of the 128 most recent tokens (as KIVI keeps),
 uniform int3 per token, KIVI-2 and KIVI-4 (groups of 32, fp16 window of 128), and transformers'
 QuantizedCache when a backend (optimum-quanto or hqq) is installed (recorded as unavailable otherwise).
 """
@@ -54,6 +55,9 @@ METHODS = {  # name -> (config, calibrated)
     "nuq2-1%": (KVQuant(bits=2, outliers=0.01), True),
     "nuq3-0%": (KVQuant(bits=3, outliers=0.0), True),
     "nuq3-3%": (KVQuant(bits=3, outliers=0.03), True),
+    "nuq4-1%-w128": (KVQuant(bits=4, outliers=0.01, window=128), True),  # + fp16 window of 128 recent tokens,
+    "nuq3-1%-w128": (KVQuant(bits=3, outliers=0.01, window=128), True),  # like KIVI's residual
+    "nuq2-1%-w128": (KVQuant(bits=2, outliers=0.01, window=128), True),
     "int3": (IntUniform(bits=3), False),
     "kivi-2": (KIVI(bits=2), False),
     "kivi-4": (KIVI(bits=4), False),
