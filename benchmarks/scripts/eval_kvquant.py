@@ -58,6 +58,8 @@ METHODS = {  # name -> (config, calibrated)
     "nuq4-1%-w128": (KVQuant(bits=4, outliers=0.01, window=128), True),  # + fp16 window of 128 recent tokens,
     "nuq3-1%-w128": (KVQuant(bits=3, outliers=0.01, window=128), True),  # like KIVI's residual
     "nuq2-1%-w128": (KVQuant(bits=2, outliers=0.01, window=128), True),
+    "nuq3-1%-nofisher": (KVQuant(bits=3, outliers=0.01, fisher=False), True),  # ablations of the nuq3 miss
+    "nuq3-1%-sink8": (KVQuant(bits=3, outliers=0.01, sink_tokens=8), True),
     "int3": (IntUniform(bits=3), False),
     "kivi-2": (KIVI(bits=2), False),
     "kivi-4": (KIVI(bits=4), False),
