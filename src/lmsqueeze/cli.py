@@ -18,6 +18,7 @@ SUBAPPS = {  # name -> (module, attribute, help)
     "eval": ("lmsqueeze.eval.cli", "app", "Quality: perplexity, long-context suite, fixed context, LongBench."),
     "bench": ("lmsqueeze.bench.cli", "app", "Speed and memory benchmarks on the GPU."),
     "train": ("lmsqueeze.train.cli", "app", "Train the zoo: tokenizer, models, looped decoders."),
+    "squeezed": ("lmsqueeze.methods.squeezed.cli", "app", "Squeezed Attention: prepare a document once, ask it."),
 }
 
 
