@@ -104,28 +104,42 @@ def method_metrics(methods, per_method: dict, tokens: int, sinks: int) -> dict:
 
 
 def merge(paths: list[str], out: str) -> None:
-    """Merge shard results (same settings, disjoint contexts) into one result with metrics over all."""
+    """Merge shard results (same settings) into one result with metrics over all their contexts: every context
+    whose methods all finished counts once (a context two shards both finished is taken from the first)."""
     import json
 
     from lmsqueeze.eval.results import write_json
 
     parts = [json.loads(Path(p).read_text()) for p in paths]
     first = parts[0]
-    if not all(p["complete"] for p in parts):
-        raise SystemExit("a shard is incomplete; wait for it or rerun it")
     args = first["config"]
     methods = [(n, _method_from(m["config"])) for n, m in first["metrics"].items()]
     per_method = {n: {"correct": 0, "n": 0, "rows": [], "prepare_s": 0.0, "answer_s": 0.0} for n, _ in methods}
+    seen: set[int] = set()
+    records = []
     for p in parts:
-        for n, pm in p["per_method"].items():
-            for k in ("correct", "n", "prepare_s", "answer_s"):
-                per_method[n][k] += pm[k]
-            per_method[n]["rows"] += pm["rows"]
+        order = list(dict.fromkeys(r["context"] for r in p["records"]))     # contexts in the order run
+        for j, c in enumerate(order):
+            recs = [r for r in p["records"] if r["context"] == c]
+            if c in seen or {r["method"] for r in recs} != set(per_method):
+                continue                                                      # taken already, or unfinished
+            seen.add(c)
+            records += recs
+            for n, pm in per_method.items():
+                mine = [r for r in recs if r["method"] == n]
+                pm["correct"] += sum(r["correct"] for r in mine)
+                pm["n"] += len(mine)
+                pm["rows"].append(p["per_method"][n]["rows"][j])
+        for n, pm in per_method.items():                                      # timings: whole shards
+            pm["prepare_s"] += p["per_method"][n]["prepare_s"]
+            pm["answer_s"] += p["per_method"][n]["answer_s"]
     result = dict(first)
     result["metrics"] = method_metrics(methods, per_method, first["data"]["context_length"], args["sinks"])
     result["per_method"] = per_method
-    result["records"] = [r for p in parts for r in p["records"]]
-    result["data"] = {**first["data"], "shard": "merged: " + ", ".join(p["data"]["shard"] for p in parts)}
+    result["records"] = records
+    result["complete"] = True
+    result["data"] = {**first["data"], "contexts_evaluated": sorted(seen)}
+    result["data"]["shard"] = "merged: " + ", ".join(p["data"]["shard"] for p in parts)
     result["command"] = " ; ".join(p["command"] for p in parts) + " ; merged by: " + " ".join(sys.argv)
     result["shard_commits"] = [p["git_commit"] for p in parts]
     write_json(out, result)
@@ -190,6 +204,8 @@ def main() -> int:
     ap.add_argument("--sinks", type=int, default=SINKS, help="Squeezed: first context tokens always read")
     ap.add_argument("--threshold", default="head", help="Squeezed: 'head' or 'layer' calibrated thresholds")
     ap.add_argument("--shard", default="0/1", help="k/n: only the contexts i with i %% n == k (merge with --merge)")
+    ap.add_argument("--reverse", action="store_true", help="run this shard's contexts last to first (a helper "
+                    "process can then take the tail of a running shard; --merge keeps each context once)")
     ap.add_argument("--merge", default=None, help="comma-separated shard JSONs to merge into --out (and plot)")
     ap.add_argument("--extra-tokens", type=int, default=3,
                     help="new tokens per question beyond the answer's own (the harness default is 8)")
@@ -224,6 +240,8 @@ def main() -> int:
     kinds = [tuple(k.split("/")) for k in args.kinds.split(",")]
     samples = [fixed_context_sample(tok, lines, args.context_length, args.facts, args.questions, args.seed, i,
                                     *kinds[i % len(kinds)]) for i in range(args.contexts) if i % shard_n == shard_k]
+    if args.reverse:
+        samples = samples[::-1]
     methods = methods_for(args.context_length, args.sinks, args.threshold)
     if args.methods != "all":
         keep = args.methods.split(",")
