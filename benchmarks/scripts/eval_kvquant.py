@@ -102,6 +102,60 @@ def _fp32_to_fp16(attrs: dict) -> None:
             attrs[name] = t.half()
 
 
+def key_error_diagnosis(model, tok, ids: torch.Tensor, art, tokens: int = 2048) -> list[dict]:
+    """Per layer, on the first `tokens` held-out tokens: relative error of the keys, of the attention scores
+    q . k and the mean total-variation distance of each query's attention distribution, for this artifact's
+    per-channel (pre-RoPE) keys and for per-token uniform int3 keys (post-RoPE, as the int3 baseline)."""
+    from lmsqueeze.methods.baselines.int_uniform import dequantize_uniform, quantize_uniform
+    from lmsqueeze.methods.kvquant import fisher
+    from lmsqueeze.methods.kvquant.quantizers import dequantize_keys
+    from lmsqueeze.models.rope import apply_rope
+
+    layers = model.model.layers
+    x = ids[None, :tokens]
+    qs = {}
+    hooks = [ly.self_attn.q_proj.register_forward_hook(lambda mod, i, o, j=j: qs.__setitem__(j, o.detach()))
+             for j, ly in enumerate(layers)]
+    try:
+        with fisher.capture(model, list(range(len(layers))), grad=False) as store, torch.no_grad():
+            model(input_ids=x, use_cache=False)
+            keys = {i: store[i].k.detach().clone() for i in range(len(layers))}  # [1, T, H, D]
+    finally:
+        for h in hooks:
+            h.remove()
+    T = x.shape[1]
+    cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(T)[None])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    rows = []
+    for i, ly in enumerate(layers):
+        D = ly.self_attn.head_dim
+        k = keys[i][0].transpose(0, 1)[None].float()                     # [1, H, T, D] pre-RoPE
+        H = k.shape[1]
+        q = qs[i].reshape(1, T, -1, D).transpose(1, 2).float()           # [1, Hq, T, D] pre-RoPE
+        G = q.shape[1] // H
+        qr = apply_rope(q, cos, sin)
+        kr = apply_rope(k, cos, sin)
+        kq, _vq = art.method.quantizers(art, i)
+        codes, outl = kq.quantize(k)
+        k_nuq = apply_rope(dequantize_keys(kq, codes, outl, D), cos, sin)
+        c, sc, z = quantize_uniform(kr, 3)
+        k_int = dequantize_uniform(c, sc, z)
+        for kd in (k_nuq, k_int):  # the first token is a full-precision sink in both caches
+            kd[:, :, 0] = kr[:, :, 0]
+        ref = (qr @ kr.repeat_interleave(G, 1).transpose(-1, -2)) * D**-0.5
+        p_ref = ref.masked_fill(~causal, -torch.inf).softmax(-1)
+        row = {"layer": i}
+        for name, kd in (("nuq_per_channel", k_nuq), ("int3_per_token", k_int)):
+            s = (qr @ kd.repeat_interleave(G, 1).transpose(-1, -2)) * D**-0.5
+            p = s.masked_fill(~causal, -torch.inf).softmax(-1)
+            row[f"{name}_key_rel_err"] = ((kd - kr)[:, :, 1:].norm() / kr[:, :, 1:].norm()).item()
+            row[f"{name}_score_rel_err"] = ((s - ref)[..., causal].norm() / ref[..., causal].norm()).item()
+            row[f"{name}_attention_tv"] = (0.5 * (p - p_ref).abs().sum(-1)).mean().item()
+        rows.append(row)
+        log.info("diagnosis layer %d: %s", i, {k: round(v, 4) for k, v in row.items() if k != "layer"})
+    return rows
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -146,6 +200,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--passkey-samples", type=int, default=1, help="prompts per format and depth (0: skip)")
     ap.add_argument("--passkey-methods", default="dense,nuq3-1%")
+    ap.add_argument("--diagnose", default=None, help="a calibrated method name: per-layer key / score / attention "
+                    "errors of its keys against per-token int3 keys (written as 'diagnosis')")
     ap.add_argument("--merge", type=Path, nargs="*", default=None,
                     help="combine these result files (shards of one configuration run in parallel) into --out")
     ap.add_argument("--threads", type=int, default=2)
@@ -192,6 +248,10 @@ def main() -> None:
                    bits_per_element=bits_per_element(model, meth, ids, args.context_length))
         log.info("%s: ppl %.4f, %.2f bits/element", name, res.ppl, row["bits_per_element"] or math.nan)
         result["rows"].append(row)
+        write_json(args.out, result)
+    if args.diagnose:
+        result["diagnosis"] = {"method": args.diagnose,
+                               "layers": key_error_diagnosis(model, tok, ids, prepared(args.diagnose))}
         write_json(args.out, result)
     if args.passkey_samples > 0:
         scfg = SuiteConfig(tasks=("passkey",), lengths=(8192,), depths=(0.1, 0.5, 0.9),
