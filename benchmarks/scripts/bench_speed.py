@@ -4,6 +4,7 @@ transformers' early-exit assistant, all in one run, batch 1, greedy, EOS ignored
 
 CPU FIGURES ONLY (eager PyTorch, no CUDA graphs): tokens per forward and flush / acceptance rates are
 properties of the models and the held-out text and carry over to a GPU; the wall-clock tokens/s do not.
+GPU figures (both sides CUDA-graphed): benchmarks/scripts/bench_speed_gpu.py.
 
     python benchmarks/scripts/bench_speed.py --out benchmarks/results/speed_cpu.json
 """

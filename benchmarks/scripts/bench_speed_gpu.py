@@ -26,14 +26,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmsqueeze.bench.results import atomic_write_text, command_line, environment  # noqa: E402
-from lmsqueeze.bench.timing import time_fn  # noqa: E402
-from lmsqueeze.data.heldout import load_heldout_text  # noqa: E402
-from lmsqueeze.methods.speed.pipeline import speed_decode_looped  # noqa: E402
-from lmsqueeze.methods.speed.static_pipeline import (block_pass, build_static, capture_step, exit_argmax,  # noqa: E402
-                                                     greedy_step, pipeline_step, run_greedy, run_pipeline,
-                                                     start_static, static_ids)
-from lmsqueeze.models.looped import LoopedConfig, LoopedDecoder, greedy_decode, load_looped  # noqa: E402
+from lmsqueeze.bench.results import atomic_write_text, command_line, environment
+from lmsqueeze.bench.timing import time_fn
+from lmsqueeze.data.heldout import load_heldout_text
+from lmsqueeze.methods.speed.pipeline import speed_decode_looped
+from lmsqueeze.methods.speed.static_pipeline import (
+    block_pass,
+    build_static,
+    capture_step,
+    exit_argmax,
+    greedy_step,
+    pipeline_step,
+    run_greedy,
+    run_pipeline,
+    start_static,
+    static_ids,
+)
+from lmsqueeze.models.looped import LoopedConfig, LoopedDecoder, greedy_decode, load_looped
 
 LOOPED_DIR = ROOT / "src/lmsqueeze/zoo/looped-4x3"
 TB = 3.0e12  # measured H100 copy bandwidth (DESIGN.md), bytes/s
@@ -104,76 +113,82 @@ def bench_zoo(args, backends: list[str], res: dict) -> dict:
     cfg = model.config
     plist = [p.to(DEV) for p in prompts(tok, args.prompts, args.prompt_tokens)]
     n = args.new_tokens
-    max_len = args.prompt_tokens + n
     res.update({"model": str(LOOPED_DIR.relative_to(ROOT)), "config": cfg.name, "dtype": "float32",
                 "prompt_tokens": args.prompt_tokens, "new_tokens": n, "prompts": len(plist)})
     res.setdefault("backends", {})
     refs = [greedy_decode(model, p, n) for p in plist]  # eager reference (LoopedCache, SDPA)
     for backend in backends:
-        t_start = time.perf_counter()
-        st = build_static(model, max_len, triton=(backend == "triton"))
-        start_static(st, model, plist[0], n)
-        g_pipe = capture(lambda: pipeline_step(st))
-        start_static(st, model, plist[0], n)
-        g_greedy = capture(lambda: greedy_step(st))
-        blk, head = weight_bytes(st)
-        rows = []
-        for i, p in enumerate(plist):
-            def reset(p=p):
-                start_static(st, model, p, n)
-
-            reset()
-            run_greedy(st, g_greedy)
-            plain = static_ids(st, greedy=True)
-            reset()
-            steps, syncs = run_pipeline(st, g_pipe)
-            piped = static_ids(st)
-            c = st.stats.tolist()
-            t_plain = timed(reset, lambda: run_greedy(st, g_greedy), args.reps)
-            t_pipe = timed(reset, lambda: run_pipeline(st, g_pipe), args.reps)
-            mp, mg = statistics.median(t_pipe), statistics.median(t_plain)
-            ctx_mid = args.prompt_tokens + n // 2
-            row = {"prompt": i, "identical_pipelined_vs_plain": bool(torch.equal(piped, plain)),
-                   "first_diff_pipelined_vs_plain": first_diff(piped, plain),
-                   "identical_plain_vs_eager_greedy": bool(torch.equal(plain, refs[i])),
-                   "first_diff_plain_vs_eager_greedy": first_diff(plain, refs[i]),
-                   "steps": steps, "host_syncs": syncs, "committed_after_first": c[0], "flushes": c[1],
-                   "flushed_tokens": c[2], "tokens_per_step": c[0] / steps,
-                   "tokens_per_forward": c[0] * cfg.num_loops / steps, "flush_rate": c[1] / max(c[0], 1),
-                   "plain_ms": mg, "pipelined_ms": mp, "plain_ms_p10_p90": [min(t_plain), max(t_plain)],
-                   "plain_tok_s": (n - 1) / mg * 1e3, "pipelined_tok_s": (n - 1) / mp * 1e3, "speedup": mg / mp,
-                   "plain_ms_per_step": mg / (n - 1), "pipelined_ms_per_step": mp / steps,
-                   "timed_runs": len(t_pipe)}
-            # bytes: weights + KV read at mid context; floor = bytes / 3.0 TB/s
-            row["plain_bytes_per_step"] = cfg.num_loops * (blk + kv_bytes_per_row(st, ctx_mid)) + head
-            row["pipelined_bytes_per_step"] = blk + cfg.num_loops * kv_bytes_per_row(st, ctx_mid) + head
-            row["plain_floor_ms_per_step"] = row["plain_bytes_per_step"] / TB * 1e3
-            row["pipelined_floor_ms_per_step"] = row["pipelined_bytes_per_step"] / TB * 1e3
-            rows.append(row)
-            print(f"[{backend}] prompt {i}: same={row['identical_pipelined_vs_plain']} "
-                  f"same_as_eager={row['identical_plain_vs_eager_greedy']} tpf={row['tokens_per_forward']:.2f} "
-                  f"flush={row['flush_rate']:.3f} plain {row['plain_tok_s']:.0f} tok/s pipelined "
-                  f"{row['pipelined_tok_s']:.0f} tok/s ({row['speedup']:.2f}x)", flush=True)
-        committed = sum(r["committed_after_first"] for r in rows)
-        steps = sum(r["steps"] for r in rows)
-        res["backends"][backend] = {
-            "rows": rows, "setup_s": time.perf_counter() - t_start,
-            "summary": {
-                "all_identical_pipelined_vs_plain": all(r["identical_pipelined_vs_plain"] for r in rows),
-                "all_identical_plain_vs_eager_greedy": all(r["identical_plain_vs_eager_greedy"] for r in rows),
-                "flush_rate": sum(r["flushes"] for r in rows) / committed,
-                "flushed_tokens_per_token": sum(r["flushed_tokens"] for r in rows) / committed,
-                "tokens_per_step": committed / steps, "tokens_per_forward": committed * cfg.num_loops / steps,
-                "median_speedup": statistics.median(r["speedup"] for r in rows),
-                "speedup_total_time": sum(r["plain_ms"] for r in rows) / sum(r["pipelined_ms"] for r in rows),
-                "median_plain_tok_s": statistics.median(r["plain_tok_s"] for r in rows),
-                "median_pipelined_tok_s": statistics.median(r["pipelined_tok_s"] for r in rows),
-                "median_plain_ms_per_step": statistics.median(r["plain_ms_per_step"] for r in rows),
-                "median_pipelined_ms_per_step": statistics.median(r["pipelined_ms_per_step"] for r in rows),
-                "host_syncs_per_decode_pipelined": statistics.median(r["host_syncs"] for r in rows),
-                "host_syncs_per_decode_plain": 0}}
-        del g_pipe, g_greedy
+        res["backends"][backend] = bench_backend(args, model, plist, refs, backend)
     return res
+
+
+def bench_backend(args, model, plist: list[torch.Tensor], refs: list[torch.Tensor], backend: str) -> dict:
+    """Plain vs pipelined decoding of every prompt on one backend's static buffers and graphs."""
+    cfg = model.config
+    n = args.new_tokens
+    max_len = args.prompt_tokens + n
+    t_start = time.perf_counter()
+    st = build_static(model, max_len, triton=(backend == "triton"))
+    start_static(st, model, plist[0], n)
+    g_pipe = capture(lambda: pipeline_step(st))
+    start_static(st, model, plist[0], n)
+    g_greedy = capture(lambda: greedy_step(st))
+    blk, head = weight_bytes(st)
+    rows = []
+    for i, p in enumerate(plist):
+        def reset(p=p):
+            start_static(st, model, p, n)
+
+        reset()
+        run_greedy(st, g_greedy)
+        plain = static_ids(st, greedy=True)
+        reset()
+        steps, syncs = run_pipeline(st, g_pipe)
+        piped = static_ids(st)
+        c = st.stats.tolist()
+        t_plain = timed(reset, lambda: run_greedy(st, g_greedy), args.reps)
+        t_pipe = timed(reset, lambda: run_pipeline(st, g_pipe), args.reps)
+        mp, mg = statistics.median(t_pipe), statistics.median(t_plain)
+        ctx_mid = args.prompt_tokens + n // 2
+        row = {"prompt": i, "identical_pipelined_vs_plain": bool(torch.equal(piped, plain)),
+               "first_diff_pipelined_vs_plain": first_diff(piped, plain),
+               "identical_plain_vs_eager_greedy": bool(torch.equal(plain, refs[i])),
+               "first_diff_plain_vs_eager_greedy": first_diff(plain, refs[i]),
+               "steps": steps, "host_syncs": syncs, "committed_after_first": c[0], "flushes": c[1],
+               "flushed_tokens": c[2], "tokens_per_step": c[0] / steps,
+               "tokens_per_forward": c[0] * cfg.num_loops / steps, "flush_rate": c[1] / max(c[0], 1),
+               "plain_ms": mg, "pipelined_ms": mp, "plain_ms_p10_p90": [min(t_plain), max(t_plain)],
+               "plain_tok_s": (n - 1) / mg * 1e3, "pipelined_tok_s": (n - 1) / mp * 1e3, "speedup": mg / mp,
+               "plain_ms_per_step": mg / (n - 1), "pipelined_ms_per_step": mp / steps,
+               "timed_runs": len(t_pipe)}
+        # bytes: weights + KV read at mid context; floor = bytes / 3.0 TB/s
+        row["plain_bytes_per_step"] = cfg.num_loops * (blk + kv_bytes_per_row(st, ctx_mid)) + head
+        row["pipelined_bytes_per_step"] = blk + cfg.num_loops * kv_bytes_per_row(st, ctx_mid) + head
+        row["plain_floor_ms_per_step"] = row["plain_bytes_per_step"] / TB * 1e3
+        row["pipelined_floor_ms_per_step"] = row["pipelined_bytes_per_step"] / TB * 1e3
+        rows.append(row)
+        print(f"[{backend}] prompt {i}: same={row['identical_pipelined_vs_plain']} "
+              f"same_as_eager={row['identical_plain_vs_eager_greedy']} tpf={row['tokens_per_forward']:.2f} "
+              f"flush={row['flush_rate']:.3f} plain {row['plain_tok_s']:.0f} tok/s pipelined "
+              f"{row['pipelined_tok_s']:.0f} tok/s ({row['speedup']:.2f}x)", flush=True)
+    committed = sum(r["committed_after_first"] for r in rows)
+    steps = sum(r["steps"] for r in rows)
+    return {
+        "rows": rows, "setup_s": time.perf_counter() - t_start,
+        "summary": {
+            "all_identical_pipelined_vs_plain": all(r["identical_pipelined_vs_plain"] for r in rows),
+            "all_identical_plain_vs_eager_greedy": all(r["identical_plain_vs_eager_greedy"] for r in rows),
+            "flush_rate": sum(r["flushes"] for r in rows) / committed,
+            "flushed_tokens_per_token": sum(r["flushed_tokens"] for r in rows) / committed,
+            "tokens_per_step": committed / steps, "tokens_per_forward": committed * cfg.num_loops / steps,
+            "median_speedup": statistics.median(r["speedup"] for r in rows),
+            "speedup_total_time": sum(r["plain_ms"] for r in rows) / sum(r["pipelined_ms"] for r in rows),
+            "median_plain_tok_s": statistics.median(r["plain_tok_s"] for r in rows),
+            "median_pipelined_tok_s": statistics.median(r["pipelined_tok_s"] for r in rows),
+            "median_plain_ms_per_step": statistics.median(r["plain_ms_per_step"] for r in rows),
+            "median_pipelined_ms_per_step": statistics.median(r["pipelined_ms_per_step"] for r in rows),
+            "host_syncs_per_decode_pipelined": statistics.median(r["host_syncs"] for r in rows),
+            "host_syncs_per_decode_plain": 0}}
 
 
 def bench_fp64_exactness(args) -> dict:
@@ -211,10 +226,11 @@ def bench_fp64_exactness(args) -> dict:
 def bench_7b(args) -> dict:
     """Random bf16 weights at a 7B-scale shape: graphed step times vs tokens in flight."""
     r_ = args.big_loops
-    shape = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8,
-                 head_dim=128)
+    shape = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_heads": 32,
+             "num_kv_heads": 8, "head_dim": 128}
     if DEV != "cuda":  # --cpu-smoke: same code, toy sizes
-        shape = dict(vocab_size=300, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=64)
+        shape = {"vocab_size": 300, "hidden_size": 128, "intermediate_size": 256, "num_heads": 4, "num_kv_heads": 2,
+                 "head_dim": 64}
     cfg = LoopedConfig(**shape, num_unique_layers=args.big_unique, num_loops=r_, max_position_embeddings=8192)
     torch.manual_seed(0)
     with torch.device(DEV):
@@ -234,9 +250,14 @@ def bench_7b(args) -> dict:
         x = torch.randn(m, d, device=DEV, dtype=torch.bfloat16)
         wpos = torch.full((m,), ctx, device=DEV, dtype=torch.int64)
         lens = torch.full((m,), ctx + 1, device=DEV, dtype=torch.int32)
-        t_blk = time_fn(lambda: block_pass(st, x, slice(0, m), wpos, wpos, lens), DEV, warmup=3, iters=args.iters)
-        t_all = time_fn(lambda: exit_argmax(st, block_pass(st, x, slice(0, m), wpos, wpos, lens)), DEV, warmup=3,
-                        iters=args.iters)
+        def blk_only(x=x, m=m, wpos=wpos, lens=lens):
+            return block_pass(st, x, slice(0, m), wpos, wpos, lens)
+
+        def blk_head(x=x, m=m, wpos=wpos, lens=lens):
+            return exit_argmax(st, block_pass(st, x, slice(0, m), wpos, wpos, lens))
+
+        t_blk = time_fn(blk_only, DEV, warmup=3, iters=args.iters)
+        t_all = time_fn(blk_head, DEV, warmup=3, iters=args.iters)
         byt = blk + head + m * kv_row
         rows.append({"tokens_in_flight": m, "block_ms": t_blk.median_ms, "block_plus_head_ms": t_all.median_ms,
                      "graph": t_all.graph, "bytes": byt, "floor_ms": byt / TB * 1e3,
@@ -331,7 +352,7 @@ def main() -> None:
             r = fn()
             if name != "looped_4x3":
                 result[name] = r
-        except Exception as exc:  # keep the other sections' results
+        except Exception as exc:  # noqa: BLE001 - keep the other sections' results
             traceback.print_exc()
             result[f"error_section_{i}_{name}"] = f"{type(exc).__name__}: {exc}"[:500]
         result[f"seconds_section_{i}_{name}"] = time.perf_counter() - t

@@ -7,8 +7,15 @@ import torch
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.speed import speed_decode_looped
 from lmsqueeze.methods.speed.static_kernels import greedy_update, pipeline_update, rope_write
-from lmsqueeze.methods.speed.static_pipeline import (build_static, greedy_decode_static, pipeline_step, run_pipeline,
-                                                     speed_decode_static, start_static, static_ids)
+from lmsqueeze.methods.speed.static_pipeline import (
+    build_static,
+    greedy_decode_static,
+    pipeline_step,
+    run_pipeline,
+    speed_decode_static,
+    start_static,
+    static_ids,
+)
 from lmsqueeze.models.looped import LoopedConfig, LoopedDecoder, greedy_decode
 
 

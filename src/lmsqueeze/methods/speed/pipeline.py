@@ -8,6 +8,9 @@ rolled back (`LoopedCache.crop(pos)`: per (pass, layer) entries only ever hold a
 positions). A token's final-pass prediction commits the next token, so the output equals
 `greedy_decode` of the same model token for token (up to floating-point differences of batched vs
 single-token matmuls; exact in float64).
+
+This eager version keeps Python lists and syncs every step; `static_pipeline.speed_decode_static` is the same
+schedule on preallocated device state, one CUDA graph per step (the fast path on a GPU).
 """
 
 from __future__ import annotations

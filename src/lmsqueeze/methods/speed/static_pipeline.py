@@ -312,7 +312,7 @@ def speed_decode_static(model: LoopedDecoder, input_ids: torch.Tensor, max_new_t
     input_ids: [1, T] -> ([1, T + max_new_tokens], stats). use_graph: capture one CUDA graph per step (CUDA).
     """
     st = build_static(model, max_len or input_ids.shape[1] + max_new_tokens, triton)
-    step: Callable[[], object] = lambda: pipeline_step(st)  # noqa: E731
+    step: Callable[[], object] = lambda: pipeline_step(st)
     if use_graph:
         start_static(st, model, input_ids, max_new_tokens)
         step = capture_step(step).replay
@@ -330,7 +330,7 @@ def greedy_decode_static(model: LoopedDecoder, input_ids: torch.Tensor, max_new_
                          ) -> torch.Tensor:
     """Plain greedy decoding of the looped model on the same static buffers and kernels: [1, T + n]."""
     st = build_static(model, max_len or input_ids.shape[1] + max_new_tokens, triton)
-    step: Callable[[], object] = lambda: greedy_step(st)  # noqa: E731
+    step: Callable[[], object] = lambda: greedy_step(st)
     if use_graph:
         start_static(st, model, input_ids, max_new_tokens)
         step = capture_step(step).replay
