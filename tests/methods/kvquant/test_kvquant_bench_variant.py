@@ -8,7 +8,7 @@ import torch
 from lmsqueeze.bench.attention import ATTENTION_VARIANTS, AttentionInputs, reference_attention, rel_err
 
 
-@pytest.mark.parametrize("bits,tol", [(4, 0.35), (3, 0.6)])
+@pytest.mark.parametrize("bits,tol", [(4, 0.3), (3, 0.45)])
 def test_bench_variant_matches_dense_attention(bits, tol):
     B, Hq, Hkv, N, D = 2, 4, 2, 77, 64
     k = torch.randn(B, Hkv, N, D)

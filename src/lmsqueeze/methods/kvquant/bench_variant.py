@@ -1,8 +1,8 @@
 """KVQuant rows for `lmsqueeze bench attention --variants sdpa,kvquant-nuq3,...` (nuq2 / nuq3 / nuq4).
 
 The benchmark's random keys are post-RoPE; they are rotated back to positions 0..N-1 and quantized through the
-cache's real append path (per-channel key ranges and per-token values from the data itself, NormalFloat
-levels, 1% outliers = max(1, round(0.01 * D)) slots per vector, one fp16 sink), so the kernel, which re-applies
+cache's real append path (per-channel key ranges and nuq datatypes fitted on the data itself, per-token values,
+1% outliers = max(1, round(0.01 * D)) slots per vector, one fp16 sink), so the kernel, which re-applies
 RoPE on the fly, computes the same attention up to quantization error. The timed call is the fused Triton
 decode kernel on CUDA (the PyTorch reference on the CPU). Bytes moved: every byte the kernel must read.
 """
@@ -14,12 +14,14 @@ import torch
 from lmsqueeze.bench.attention import AttentionBench, AttentionInputs, register_attention_variant
 from lmsqueeze.methods.cache import Step
 from lmsqueeze.methods.kvquant.cache import KVQuantState
-from lmsqueeze.methods.kvquant.codebooks import fit_codebook
+from lmsqueeze.methods.kvquant.calibrate import key_ranges, value_normalise
+from lmsqueeze.methods.kvquant.codebooks import Histogram, fit_codebook
 from lmsqueeze.methods.kvquant.quantizers import KeyQuantizer, ValueQuantizer, outlier_slots
 from lmsqueeze.methods.kvquant.rope import KernelRope
 from lmsqueeze.models.rope import apply_rope
 
 APPEND_CHUNK = 16384  # tokens quantized per append (bounds the temporaries at long lengths)
+STATS_TOKENS = 4096   # tokens of sequence 0 the key ranges and datatypes are fitted on
 
 
 class _Rotary:
@@ -37,22 +39,37 @@ class _Rotary:
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
+def _rotate_back(k: torch.Tensor, rot: _Rotary, pos: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys [B, H, T, D] at positions pos [B, T] -> pre-RoPE keys R(p)^-1 k."""
+    cos, sin = rot(k, pos)
+    return apply_rope(k.float(), cos.float(), -sin.float()).to(k.dtype)
+
+
 def packed_state(k: torch.Tensor, v: torch.Tensor, bits: int, outliers: float = 0.01) -> KVQuantState:
-    """A filled KVQuantState from post-RoPE keys k and values v: [B, Hkv, N, D] at positions 0..N-1."""
+    """A filled KVQuantState from post-RoPE keys k and values v: [B, Hkv, N, D] at positions 0..N-1.
+
+    Key ranges (1% outliers) and both datatypes (plain k-means, no Fisher weights) are fitted on the first
+    STATS_TOKENS tokens of sequence 0, the way calibration fits them on calibration data."""
     B, _, N, D = k.shape
     rot = _Rotary(D, k.device)
     pos = torch.arange(N, device=k.device)[None].expand(B, N)
-    lo = torch.quantile(k[0, :, :4096].float(), 0.005, dim=1)  # [H, D] ranges of the (rotated-back) keys
-    hi = torch.quantile(k[0, :, :4096].float(), 0.995, dim=1)
     n_out = outlier_slots(outliers, D)
-    cb = fit_codebook("nf", bits, None)
-    st = KVQuantState(KeyQuantizer(cb, lo.cpu(), hi.cpu(), n_out), ValueQuantizer(cb, n_out), n_sink=1, window=0,
-                      max_length=N)
+    n = min(N, STATS_TOKENS)
+    ks = _rotate_back(k[:1, :, :n], rot, pos[:1, :n])[0].transpose(0, 1).float()    # [n, H, D]
+    lo, hi = key_ranges([ks], outliers)
+    lo, hi = lo.to(k.device), hi.to(k.device)
+    hk, hv = Histogram(device=k.device), Histogram(device=k.device)
+    xk = (ks - (hi + lo) / 2) / ((hi - lo) / 2)
+    hk.add(xk[xk.abs() <= 1], torch.ones_like(xk[xk.abs() <= 1]))
+    xv, inl, _ = value_normalise(v[0, :, :n].transpose(0, 1), n_out)
+    hv.add(xv[inl], torch.ones_like(xv[inl]))
+    kq = KeyQuantizer(fit_codebook("nuq", bits, hk), lo.cpu(), hi.cpu(), n_out)
+    st = KVQuantState(kq, ValueQuantizer(fit_codebook("nuq", bits, hv), n_out), n_sink=1, window=0, max_length=N)
     st.rope = KernelRope.from_rotary(rot, k.device)
     for a in range(0, N, APPEND_CHUNK):
         b = min(N, a + APPEND_CHUNK)
         cos, sin = rot(k, pos[:, a:b])
-        k_pre = apply_rope(k[:, :, a:b].float(), cos.float(), -sin.float()).to(k.dtype)  # R(p)^-1 k
+        k_pre = _rotate_back(k[:, :, a:b], rot, pos[:, a:b])
         step = Step(cos=cos, sin=sin, positions=pos[:, a:b], valid=None, scaling=D**-0.5, window=None,
                     layer_idx=0, rotary=rot)
         if st.kv is None:
