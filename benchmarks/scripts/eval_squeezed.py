@@ -152,7 +152,7 @@ def _method_from(d: dict):
 
 
 def plot(result: str, png: str) -> None:
-    """Accuracy vs the fraction of the fixed context read per step, one marker per method."""
+    """Accuracy vs KV budget: one colour and marker per method family, its settings joined by a line."""
     import json
 
     import matplotlib
@@ -160,28 +160,29 @@ def plot(result: str, png: str) -> None:
     import matplotlib.pyplot as plt
 
     d = json.loads(Path(result).read_text())
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, m in d["metrics"].items():
-        family = name.split("@")[0].split("-")[0]
-        marker = {"dense": "s", "squeezed": "o", "quest": "^", "streaming": "v", "snapkv": "D", "random": "x"}[family]
-        ax.scatter(m["nominal_budget"], m["accuracy"], marker=marker, s=50, label=name)
+    style = {"dense": ("s", "k"), "squeezed": ("o", "tab:red"), "quest": ("^", "tab:blue"),
+             "streaming": ("v", "tab:green"), "snapkv": ("D", "tab:purple"), "random": ("x", "tab:gray")}
     fams: dict[str, list] = {}
     for name, m in d["metrics"].items():
-        fams.setdefault(name.split("@")[0].split("-")[0], []).append((m["nominal_budget"], m["accuracy"]))
+        fam = name.split("@")[0].split("-")[0]
+        fams.setdefault(fam, []).append((m["nominal_budget"], m["accuracy"], name))
+    fig, ax = plt.subplots(figsize=(6.4, 4))
     for fam, pts in fams.items():
-        if len(pts) > 1 and fam != "squeezed":
-            pts.sort()
-            ax.plot(*zip(*pts), lw=0.8, alpha=0.6)
-    sq = sorted((m["nominal_budget"], m["accuracy"]) for n, m in d["metrics"].items() if n in ("squeezed-70", "squeezed-90"))
-    if len(sq) == 2:
-        ax.plot(*zip(*sq), lw=1.2, color="k", alpha=0.7)
+        marker, color = style.get(fam, ("o", None))
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, lw=1, ms=7, label=fam)
+        for x, y, name in pts:
+            if fam != "dense":
+                ax.annotate(name.split("@")[-1].split("-")[-1] + "%", (x, y), fontsize=6, xytext=(4, -8),
+                            textcoords="offset points", color=color)
     if "dense" in d["metrics"]:
-        ax.axhline(d["metrics"]["dense"]["accuracy"], color="grey", ls="--", lw=0.8)
+        ax.axhline(d["metrics"]["dense"]["accuracy"], color="k", ls="--", lw=0.6)
     ax.set_xscale("log")
-    ax.set_xlabel("KV budget (fraction of the fixed context's K+V read per decode step, metadata counted)")
+    ax.set_xlabel("KV budget: fraction of the context's K+V read per decode step (metadata counted)", fontsize=8)
     ax.set_ylabel("accuracy (string match)")
     n = d["metrics"]["dense"]["questions"] if "dense" in d["metrics"] else "?"
-    ax.set_title(f"fixed-context QA, zoo:default, {d['data']['context_length']} tokens, {n} questions", fontsize=9)
+    ax.set_title(f"fixed-context QA, zoo:default, {d['data']['context_length']}-token contexts, {n} questions "
+                 "(labels: sparsity setting)", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
