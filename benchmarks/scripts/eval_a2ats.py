@@ -58,7 +58,7 @@ def calibration_data(tok, args) -> list[torch.Tensor]:
     batches = calibration_batches(tok, num_samples=args.calib_samples, seq_len=args.calib_len, seed=11)
     hay = "\n\n".join(read_texts(None, split="train", max_chars=2_000_000))
     samples = make_samples(TASKS, tok, hay, [args.calib_len], depths=(0.3, 0.7), seed=1001,
-                           formats=("prose", "code"))[:args.calib_tasks]
+                           formats=tuple(args.suite_formats.split(",")))[:args.calib_tasks]
     for s in samples:
         ids = tok(s.prompt, add_special_tokens=True)["input_ids"][:args.calib_len]
         batches.append(torch.tensor([ids]))
@@ -225,14 +225,15 @@ def run_suite_rows(model, tok, arts: dict, args) -> list[dict]:
 
     text, _ = eval_text(None)
     cfg = SuiteConfig(lengths=tuple(args.suite_lengths), samples=args.suite_samples, seed=3, depths=(0.25, 0.75),
-                      formats=("prose", "code"))
+                      formats=tuple(args.suite_formats.split(",")))
     rows = []
     methods = {"dense": None}
     for name in ("a2ats", "a2ats-1band", "plain-vq"):
         if name in arts:
             methods[f"{name}@{args.suite_ratio}"] = with_settings(arts[name], ratio=args.suite_ratio, offload=False)
-    methods[f"oracle_topk@{args.suite_ratio}"] = OracleTopK(ratio=args.suite_ratio, sinks=args.sinks,
-                                                            window=args.window)
+    if "oracle" in args.suite_methods.split(","):
+        methods[f"oracle_topk@{args.suite_ratio}"] = OracleTopK(ratio=args.suite_ratio, sinks=args.sinks,
+                                                                window=args.window)
     for name, method in methods.items():
         t = time.perf_counter()
         summary, records = run_suite(model, tok, text, method, cfg, progress=False)
@@ -268,7 +269,10 @@ def main() -> None:
     p.add_argument("--suite-lengths", type=lambda x: [int(v) for v in x.split(",")], default=[2048, 4096])
     p.add_argument("--suite-samples", type=int, default=1)
     p.add_argument("--suite-ratio", type=float, default=0.03)
+    p.add_argument("--suite-formats", default="prose,code")
+    p.add_argument("--suite-methods", default="oracle", help="baselines in the suite besides dense and the variants")
     p.add_argument("--no-suite", action="store_true")
+    p.add_argument("--no-recall", action="store_true", help="calibrate and run the suite only")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -303,7 +307,7 @@ def main() -> None:
     extra["calibration_seconds"] = calib_s
     extra["relative_quantization_error"] = {k: a.meta["relative_quantization_error"] for k, a in arts.items()}
 
-    seqs = eval_sequences(tok, args)
+    seqs = eval_sequences(tok, args) if not args.no_recall else []
     extra["sequences"] = [{"source": s, "tokens": int(ids.shape[1])} for s, ids in seqs]
     totals: dict = {}
     per_source: dict = {}
@@ -343,6 +347,9 @@ def main() -> None:
         rows += run_suite_rows(model, tok, arts, args)
     extra["elapsed_s"] = round(time.perf_counter() - t0, 1)
     path = write_result(Path(args.out) / args.name, "a2ats_recall", command_line(), rows, extra, "cpu")
+    if not totals:
+        print(f"wrote {path}")
+        return
     print(f"\nrecall of attention mass (model {extra['model']}, {len(seqs)} sequences x {args.length} tokens, "
           f"last {args.queries} positions, {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads)")
     print("method            " + "".join(f"{r:>8.2f}" for r in RATIOS))
