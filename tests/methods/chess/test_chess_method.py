@@ -12,7 +12,7 @@ from lmsqueeze.methods.base import METHODS
 from lmsqueeze.methods.baselines.cats import CATS
 from lmsqueeze.methods.baselines.teal import TEAL
 from lmsqueeze.methods.chess import CHESS, SparseLinear, SparseMLP
-from lmsqueeze.methods.chess.calibrate import calibrate_thresholds
+from lmsqueeze.methods.chess.calibrate import calibrate_threshold_sweep, calibrate_thresholds
 from lmsqueeze.methods.chess.thresholds import keep_fraction
 from lmsqueeze.models.tiny import tiny_model
 
@@ -174,6 +174,22 @@ def test_thresholds_reach_target_sparsity_on_calibration_data(kind, s):
         if kind == "teal":
             for site, key in (("q", "qkv_in"), ("o", "o_in"), ("mlp", "mlp_in"), ("down", "down_in")):
                 assert abs((1 - keep_fraction(acts[(i, site)], t[f"layers.{i}.{key}"])) - s) < 0.04
+
+
+@pytest.mark.parametrize("kind, att", [("chess", (0.2, 0.5, 0.5)), ("teal", None)])
+def test_sweep_equals_one_calibration_per_sparsity(kind, att):
+    model = tiny_model("llama", intermediate_size=128)
+    batches = _batches(1, B=2, T=32)
+    sps = (0.3, 0.5, 0.7)
+    sweep = calibrate_threshold_sweep(model, batches, kind, sps, att)
+    assert len(sweep) == 3
+    for j, s in enumerate(sps):
+        one = calibrate_thresholds(model, batches, kind, s, None if att is None else att[j])
+        assert sweep[j].keys() == one.keys()
+        for k in one:
+            torch.testing.assert_close(sweep[j][k], one[k], rtol=0, atol=0)
+    with pytest.raises(LmsqueezeError):
+        calibrate_threshold_sweep(model, batches, "chess", sps, (0.5,))
 
 
 def test_chess_ranks_channels_by_importance():
