@@ -1,11 +1,13 @@
 """CPU benchmark of CHESS (batch 1 decode) on this machine: end-to-end tokens/s and single sparse GEMVs.
 
     python benchmarks/scripts/bench_chess_cpu.py [--out benchmarks/results/chess_cpu.json] [--model HF_DIR]
+    python benchmarks/scripts/bench_chess_cpu.py --model zoo --threads 2 --out benchmarks/results/chess_cpu_zoo.json
 
 Model: a 1.1B-parameter Llama shape (hidden 2048, 16 layers, intermediate 8192, 32 q / 8 kv heads, vocab
 32000) with random weights, or a local HF model directory (--model, e.g. a zoo model). Both fp32 and bf16 are
 run (unless --dtype is given); the headline rows (`headline: true`) are the dtype whose dense decode is faster.
-CHESS(0.5) is calibrated on random tokens, the same distribution as the prompt and the decoded tokens.
+CHESS(0.5) is calibrated on random tokens, the same distribution as the prompt and the decoded tokens (a
+--model: on corpus text, prompted with held-out text).
 
 Decode: a random prompt is prefilled, then greedy one-token steps through `lmsqueeze.apply` (Dense vs CHESS;
 also CATS), each with its own cache. Blocks of steps of the methods alternate, so that a load change on this
@@ -59,7 +61,8 @@ def median_ms(ts: list[float]) -> float:
 
 def build_model(args, dtype: torch.dtype):
     if args.model:
-        model, _ = lmsqueeze.load_model(args.model, dtype=dtype)
+        model, tok = lmsqueeze.load_model(None if args.model == "zoo" else args.model, dtype=dtype)
+        args.tokenizer = tok
         return model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -162,7 +165,8 @@ def gemv_rows(dtype: torch.dtype, H: int, I: int, iters: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/chess_cpu.json")
-    ap.add_argument("--model", default=None, help="a local HF model directory (default: random 1.1B Llama shape)")
+    ap.add_argument("--model", default=None,
+                    help="a local HF model directory or 'zoo' (the bundled model; default: random 1.1B Llama shape)")
     ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
@@ -186,6 +190,14 @@ def main() -> None:
     H, I = cfg.hidden_size, cfg.intermediate_size
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen)
     batches = [torch.randint(0, vocab, (1, 128), generator=gen) for _ in range(4)]
+    if args.model:  # a trained model: calibrate on corpus text and prompt with held-out text
+        from lmsqueeze.data.calibration import calibration_batches
+        from lmsqueeze.eval.texts import eval_text
+
+        batches = calibration_batches(args.tokenizer, num_samples=8, seq_len=256)
+        text, _ = eval_text(None, max_chars=20 * args.prompt)
+        prompt = torch.tensor([args.tokenizer(text)["input_ids"][: args.prompt]])
+        extra["calibration"] = "8 x 256 corpus train-split tokens; prompt: held-out text"
     extra["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     rows = []
     dense_by_dtype = {}
