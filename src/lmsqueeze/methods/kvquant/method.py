@@ -4,6 +4,10 @@
     art.save("runs/kvq3"); art = lmsqueeze.load_artifact("runs/kvq3")
     with lmsqueeze.apply(model, art) as s:
         out = model.generate(ids, past_key_values=s.new_cache(), max_new_tokens=32)
+
+Quality on the zoo's default model (benchmarks/results/kvquant_quality_zoo*.json): the loss comes from the keys
+and depends on the calibration sample (nuq4-1% +1.2% / +2.0% with 16x512 / 16x2048 calibration tokens; nuq3-1%
++6.5% / +5.1%, +3.9% with 64x512); calibrate on more data than the CLI's default 16x512 tokens.
 """
 
 from __future__ import annotations
