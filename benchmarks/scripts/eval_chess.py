@@ -69,6 +69,49 @@ class SparsityMeter:
         return {k: self.zero[k] / self.total[k] for k in sorted(self.total)}
 
 
+def diagnose(model, ids: list[int], thresholds: dict[str, dict[str, torch.Tensor]], tokens: int) -> dict:
+    """Per layer, for each rule's FFN mask (thresholds[rule]['layers.{i}.gate']) on the dense model's
+    activations over `tokens` held-out tokens: the relative L2 error of the MLP output that the rule causes
+    (what CHESS's importance minimises), and the first-order change of the LM loss it causes, sum_t g_t . d_t / T
+    with g_t = dLoss/d(mlp output) (both measured with every other layer dense)."""
+    x = torch.tensor([ids[:tokens]])
+    outs: dict[int, torch.Tensor] = {}
+    ins: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        def hook(m, a, o, i=i):
+            o.retain_grad()
+            outs[i], ins[i] = o, a[0].detach()
+        handles.append(layer.mlp.register_forward_hook(hook))
+    model.zero_grad()
+    with torch.enable_grad():
+        model.requires_grad_(True)
+        loss = model(x, labels=x, use_cache=False).loss
+        loss.backward()
+        model.requires_grad_(False)
+    for h in handles:
+        h.remove()
+    rows = []
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            m = layer.mlp
+            g = outs[i].grad[0] * x.numel()  # per-token loss gradients
+            a = m.act_fn(m.gate_proj(ins[i][0]))
+            h = a * m.up_proj(ins[i][0])
+            y = m.down_proj(h)
+            row = {"layer": i}
+            for rule, t in thresholds.items():
+                keep = a.abs() > t[f"layers.{i}.gate"]
+                d = -m.down_proj(h * ~keep)
+                row[rule] = {"mlp_out_rel_l2_err": float(d.square().sum() / y.square().sum()),
+                             "first_order_loss_change": float((g * d).sum(-1).mean()),
+                             "fisher_term": float((g * d).sum(-1).square().mean()),
+                             "kept": float(keep.float().mean())}
+            rows.append(row)
+    total = {rule: sum(r[rule]["first_order_loss_change"] for r in rows) for rule in thresholds}
+    return {"tokens": int(x.numel()), "layers": rows, "sum_first_order_loss_change": total}
+
+
 def plot(result: str, png: str) -> None:
     """Perplexity vs FFN sparsity, one line per method, dense as a horizontal line."""
     import json
@@ -110,6 +153,8 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/chess_quality_zoo.json")
     ap.add_argument("--plot", default="benchmarks/plots/chess_quality_zoo.png")
     ap.add_argument("--plot-from", default=None, help="only plot this result JSON to --plot")
+    ap.add_argument("--diagnose", type=float, default=None,
+                    help="instead: per-layer error analysis of CHESS vs CATS masks at this sparsity (JSON to --out)")
     args = ap.parse_args()
     if args.plot_from:
         plot(args.plot_from, args.plot)
@@ -134,6 +179,19 @@ def main() -> int:
     calib_read_s = time.perf_counter() - t0
     sparsities = [float(s) for s in args.sparsities.split(",")]
     families = args.families.split(",")
+    if args.diagnose is not None:
+        th = {kind: calibrate_threshold_sweep(model, batches, kind, [args.diagnose])[0] for kind in ("chess", "cats")}
+        diag = diagnose(model, ids, th, min(len(ids), args.context_length))
+        result = make_result("eval.chess_diagnosis", diag, model=model_info(model, args.model or "zoo:default"),
+                             data={**data_info, "calibration_samples": args.calib_samples,
+                                   "calibration_seq_len": args.calib_len},
+                             config={"sparsity": args.diagnose}, device="cpu")
+        write_json(args.out, result)
+        for r in diag["layers"]:
+            print(r["layer"], "  ".join(f"{k}: err {v['mlp_out_rel_l2_err']:.4f} dL1 {v['first_order_loss_change']:+.4f} "
+                                        f"fisher {v['fisher_term']:.4f}" for k, v in r.items() if k != "layer"))
+        print("sum of first-order loss changes:", diag["sum_first_order_loss_change"], "\nwrote", args.out)
+        return 0
 
     # One calibration pass per threshold kind gives every sparsity (CHESS: two passes; chess-ffn is CHESS's
     # artifact without its q_proj/o_proj thresholds, i.e. exactly what CHESS(s, attention=False) calibrates).
