@@ -20,3 +20,13 @@ def test_demo_speed_is_lossless_on_the_bundled_looped_model():
 def test_demo_methods_are_registered():
     labels = [label for label, _ in demo_methods()]
     assert labels[0] == "dense" and "kvquant nuq3-1%" in labels and "chess 50%" in labels
+
+
+def test_demo_fixed_context_rows():
+    import lmsqueeze
+    from lmsqueeze.demo import FIXED_CONTEXT_METHODS, demo_fixed_context
+
+    model, tok = lmsqueeze.load_model()
+    rows = demo_fixed_context(model, tok, length=512)
+    assert [r["method"] for r in rows] == [m[0] for m in FIXED_CONTEXT_METHODS]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["prepare_s"] > 0 for r in rows)

@@ -94,9 +94,48 @@ def run_demo(path: Path | None = None, device: str = "cpu", tokens: int = 2048, 
                      "calibration_s": calib_s})
     dense = rows[0]["ppl"]
     _print_table(name, device, ppl.tokens, rows, dense)
+    fixed = demo_fixed_context(model, tok) if tok is not None else None
     speed = demo_speed(ids, device) if tok is not None else None
     if out is not None:
-        Path(out).write_text(json.dumps({"model": name, "device": device, "rows": rows, "speed": speed}, indent=2))
+        Path(out).write_text(json.dumps({"model": name, "device": device, "rows": rows, "fixed_context": fixed,
+                                         "speed": speed}, indent=2))
+    return rows
+
+
+FIXED_CONTEXT_METHODS = (("dense", None, {}), ("squeezed 70%", "squeezed", {"sparsity": 0.7}),
+                         ("squeezed 90%", "squeezed", {"sparsity": 0.9}),
+                         ("quest, squeezed 90%'s budget", "quest", {"same_budget_as": 0.9}))
+
+
+def demo_fixed_context(model, tok, length: int = 2048) -> list[dict]:
+    """Squeezed Attention's use: a long context prepared once, several questions answered after it.
+
+    Two contexts of `length` tokens (held-out code with 4 facts in code and in prose form), 4 questions each;
+    every method answers the same questions. Returns one row per method (accuracy, prepare and per-question
+    seconds).
+    """
+    from lmsqueeze.data.heldout import load_heldout_text
+    from lmsqueeze.data.tasks import fixed_context_sample, haystack_lines
+    from lmsqueeze.eval.fixed_context import run_fixed_context
+    from lmsqueeze.methods import METHODS
+
+    lines = haystack_lines(load_heldout_text())
+    samples = [fixed_context_sample(tok, lines, length, num_facts=4, num_questions=4, index=i, fmt=fmt)
+               for i, fmt in enumerate(("code", "prose"))]
+    rows = []
+    for label, name, opts in FIXED_CONTEXT_METHODS:
+        if name is not None and name not in METHODS:
+            continue
+        if "same_budget_as" in opts:  # centroids counted: the KV fraction squeezed reads at that sparsity
+            opts = {"budget": METHODS["squeezed"](sparsity=opts["same_budget_as"]).kv_budget()}
+        method = None if name is None else METHODS[name](**opts)
+        summary, _ = run_fixed_context(model, tok, samples, method, progress=False)
+        rows.append({"method": label, "accuracy": summary["accuracy"],
+                     "prepare_s": summary["seconds_context_prefill"],
+                     "seconds_per_question": summary["seconds_per_question"]})
+    print(f"fixed context (2 contexts of {length} tokens, each prepared once, 8 questions): " + "; ".join(
+        f"{r['method']} {r['accuracy']:.2f} (prepare {r['prepare_s']:.1f} s, {r['seconds_per_question']:.2f} s/question)"
+        for r in rows))
     return rows
 
 
