@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lmsqueeze.methods.squeezed._triton_kernels import _dot, _log_z
+from lmsqueeze.methods.squeezed._triton_kernels import _log_z, _softmax_tile
 
 
 @triton.jit
@@ -117,20 +117,9 @@ def _compact_decode_kernel(
                 kv_mask = v_mask[:, None]
             else:
                 kv_mask = v_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = _dot(q, tl.trans(k), IEEE_DOT)
-            qk = tl.where(v_mask[None, :], qk * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            pr = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            vv = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE_DOT:
-                pv = tl.dot(pr, vv, input_precision="ieee")
-            else:
-                pv = tl.dot(pr.to(vv.dtype), vv)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
+                                          v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
+                                          v_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
     else:
         loc = split - NS
         loc_hi = tl.minimum(tl.load(Lengths + b), l_max)
@@ -151,20 +140,9 @@ def _compact_decode_kernel(
                 lkv_mask = n_mask[:, None]
             else:
                 lkv_mask = n_mask[:, None] & d_mask[None, :]
-            lk = tl.load(lk_base + slots[:, None] * stride_lks + offs_d[None, :], mask=lkv_mask, other=0.0)
-            qk = _dot(q, tl.trans(lk), IEEE_DOT)
-            qk = tl.where(n_mask[None, :], qk * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            pr = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            lv = tl.load(lv_base + slots[:, None] * stride_lvs + offs_d[None, :], mask=lkv_mask, other=0.0)
-            if IEEE_DOT:
-                pv = tl.dot(pr, lv, input_precision="ieee")
-            else:
-                pv = tl.dot(pr.to(lv.dtype), lv)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_tile(q, lk_base + slots[:, None] * stride_lks + offs_d[None, :],
+                                          lv_base + slots[:, None] * stride_lvs + offs_d[None, :], lkv_mask,
+                                          n_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))

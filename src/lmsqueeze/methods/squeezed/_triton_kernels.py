@@ -40,6 +40,30 @@ def _dot(a, b, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IEEE_DOT: tl.constexpr):
+    """One online-softmax step (log2 domain) over a tile of keys and values.
+
+    q: [BLOCK_M, BLOCK_D]; k_ptrs, v_ptrs, kv_mask: [BLOCK_N, BLOCK_D]; vis: which (query, key) pairs count,
+    [BLOCK_M or 1, BLOCK_N]; m_i, l_i: [BLOCK_M]; acc: [BLOCK_M, BLOCK_D] fp32. Returns (m_i, l_i, acc);
+    a row with no visible key so far keeps m_i = -inf, l_i = 0, acc = 0.
+    """
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    qk = _dot(q, tl.trans(k), IEEE_DOT)
+    qk = tl.where(vis, qk * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    pr = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    if IEEE_DOT:
+        pv = tl.dot(pr, v, input_precision="ieee")
+    else:
+        pv = tl.dot(pr.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _lse_rows(x):
     """Row-wise logsumexp of a 2D block, -inf for all -inf rows."""
     m = tl.max(x, 1)
@@ -194,20 +218,9 @@ def _squeezed_decode_kernel(
                 kv_mask = p_mask[:, None]
             else:
                 kv_mask = p_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = _dot(q, tl.trans(k), IEEE_DOT)
-            qk = tl.where(p_mask[None, :], qk * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            pr = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE_DOT:
-                pv = tl.dot(pr, v, input_precision="ieee")
-            else:
-                pv = tl.dot(pr.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
+                                          v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
+                                          p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
         if sub == 0:
             tl.store(Kept + pid_bh * NSP + cb, total)
     else:
@@ -230,20 +243,9 @@ def _squeezed_decode_kernel(
                 lkv_mask = n_mask[:, None]
             else:
                 lkv_mask = n_mask[:, None] & d_mask[None, :]
-            lk = tl.load(lk_base + slots[:, None] * stride_lks + offs_d[None, :], mask=lkv_mask, other=0.0)
-            qk = _dot(q, tl.trans(lk), IEEE_DOT)
-            qk = tl.where(n_mask[None, :], qk * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            pr = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            lv = tl.load(lv_base + slots[:, None] * stride_lvs + offs_d[None, :], mask=lkv_mask, other=0.0)
-            if IEEE_DOT:
-                pv = tl.dot(pr, lv, input_precision="ieee")
-            else:
-                pv = tl.dot(pr.to(lv.dtype), lv)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_tile(q, lk_base + slots[:, None] * stride_lks + offs_d[None, :],
+                                          lv_base + slots[:, None] * stride_lvs + offs_d[None, :], lkv_mask,
+                                          n_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -341,23 +343,10 @@ def _indexed_attention_kernel(
     for n0 in range(0, cnt, BLOCK_N):
         n_mask = n0 + offs_n < cnt
         rows = tl.load(i_base + n0 + offs_n, mask=n_mask, other=0)
-        k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        qk = _dot(q, tl.trans(k), IEEE_DOT)
-        qk = tl.where(n_mask[None, :], qk * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        if IEEE_DOT:
-            pv = tl.dot(pr, v, input_precision="ieee")
-        else:
-            pv = tl.dot(pr.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
+                                      v_base + rows[:, None] * stride_vn + offs_d[None, :],
+                                      n_mask[:, None] & d_mask[None, :], n_mask[None, :], scale_log2, m_i, l_i,
+                                      acc, IEEE_DOT)
     # 2) the local slots, causal: query t sits at slot L - T + t
     L = tl.minimum(tl.load(Lengths + b), l_max)
     qs = L - T + t
@@ -372,24 +361,10 @@ def _indexed_attention_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         j = n0 + offs_n
         j_mask = j < hi
-        k = tl.load(lk_base + j[:, None] * stride_lks + offs_d[None, :], mask=j_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        qk = _dot(q, tl.trans(k), IEEE_DOT)
         vis = j_mask[None, :] & (j[None, :] <= qs[:, None])
-        qk = tl.where(vis, qk * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        v = tl.load(lv_base + j[:, None] * stride_lvs + offs_d[None, :], mask=j_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        if IEEE_DOT:
-            pv = tl.dot(pr, v, input_precision="ieee")
-        else:
-            pv = tl.dot(pr.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _softmax_tile(q, lk_base + j[:, None] * stride_lks + offs_d[None, :],
+                                      lv_base + j[:, None] * stride_lvs + offs_d[None, :],
+                                      j_mask[:, None] & d_mask[None, :], vis, scale_log2, m_i, l_i, acc, IEEE_DOT)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     o_ptrs = b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + t[:, None] * stride_ot + offs_d[None, :]
