@@ -21,7 +21,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,11 +44,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The commit of the code that runs ($LMSQUEEZE_GIT_COMMIT on a copied tree, else git)."""
+    from lmsqueeze.bench.results import git_state
+
+    return git_state()[0]
 
 
 def time_graph(calls: list) -> dict:

@@ -106,3 +106,13 @@ def test_plot_from_result_json(tmp_path):
     other = write_result(tmp_path / "m.json", "memory", "cmd", [{"method": "hf"}], device="cpu")
     with pytest.raises(LmsqueezeError, match="decode_attention"):
         plot_attention(other, tmp_path / "m.png")
+
+
+def test_environment_commit_wins_over_a_stale_git(monkeypatch):
+    """A copied tree may carry an old .git: the commit the caller passes is the one recorded."""
+    monkeypatch.setattr(results, "_git", lambda *a: "0" * 40 if a[0] == "rev-parse" else "")
+    monkeypatch.setenv("LMSQUEEZE_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("LMSQUEEZE_GIT_DIRTY", "1")
+    assert git_state() == ("abc123", True)
+    monkeypatch.delenv("LMSQUEEZE_GIT_COMMIT")
+    assert git_state() == ("0" * 40, False)

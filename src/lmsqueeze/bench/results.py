@@ -46,18 +46,21 @@ def _git(*args: str) -> str | None:
 
 
 def git_state() -> tuple[str, bool | None]:
-    """(commit, dirty) of the repository; falls back to $LMSQUEEZE_GIT_COMMIT / $LMSQUEEZE_GIT_DIRTY.
+    """(commit, dirty) of the code that runs: $LMSQUEEZE_GIT_COMMIT / $LMSQUEEZE_GIT_DIRTY when set, else git.
 
-    The fallback is for copies of the tree where git cannot answer (no `.git`, no git): the caller passes the
-    commit. `safe.directory=*` lets git read a copied tree owned by another user.
+    The variables win because a copy of the tree (e.g. on a GPU machine) may carry a stale `.git` of an older
+    commit while its files are newer: the caller who made the copy knows the commit. `safe.directory=*` lets
+    git read a copied tree owned by another user.
     """
+    dirty_env = os.environ.get("LMSQUEEZE_GIT_DIRTY")
+    env_dirty = None if dirty_env is None else dirty_env not in ("0", "false", "")
+    if os.environ.get("LMSQUEEZE_GIT_COMMIT"):
+        return os.environ["LMSQUEEZE_GIT_COMMIT"], env_dirty
     commit = _git("rev-parse", "HEAD")
     if commit:
         status = _git("status", "--porcelain", "--untracked-files=no")
         return commit, (bool(status) if status is not None else None)
-    dirty_env = os.environ.get("LMSQUEEZE_GIT_DIRTY")
-    dirty = None if dirty_env is None else dirty_env not in ("0", "false", "")
-    return os.environ.get("LMSQUEEZE_GIT_COMMIT", "unknown"), dirty
+    return "unknown", env_dirty
 
 
 def _version(dist: str) -> str | None:
