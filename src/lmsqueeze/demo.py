@@ -104,17 +104,21 @@ def run_demo(path: Path | None = None, device: str = "cpu", tokens: int = 2048, 
 
 FIXED_CONTEXT_METHODS = (("dense", None, {}), ("squeezed 70%", "squeezed", {"sparsity": 0.7}),
                          ("squeezed 90%", "squeezed", {"sparsity": 0.9}),
-                         ("quest, squeezed 90%'s budget", "quest", {"same_budget_as": 0.9}))
+                         ("quest, squeezed 90%'s budget", "quest", {"same_budget_as": 0.9}),
+                         ("a2ats 3% (retrieval in decode)", "a2ats", {"codebook": 256, "kmeans_iters": 8,
+                                                                      "offload": False}))
 
 
 def demo_fixed_context(model, tok, length: int = 2048) -> list[dict]:
-    """Squeezed Attention's use: a long context prepared once, several questions answered after it.
+    """Squeezed Attention's use: a long context prepared once, several questions answered after it (A2ATS
+    too: a calibrated method whose top-K retrieval acts on the decoded answer tokens).
 
     Two contexts of `length` tokens (held-out code with 4 facts in code and in prose form), 4 questions each;
     every method answers the same questions. Returns one row per method (accuracy, prepare and per-question
     seconds).
     """
     from lmsqueeze.data.heldout import load_heldout_text
+    from lmsqueeze.data.calibration import calibration_batches
     from lmsqueeze.data.tasks import fixed_context_sample, haystack_lines
     from lmsqueeze.eval.fixed_context import run_fixed_context
     from lmsqueeze.methods import METHODS
@@ -129,6 +133,8 @@ def demo_fixed_context(model, tok, length: int = 2048) -> list[dict]:
         if "same_budget_as" in opts:  # centroids counted: the KV fraction squeezed reads at that sparsity
             opts = {"budget": METHODS["squeezed"](sparsity=opts["same_budget_as"]).kv_budget()}
         method = None if name is None else METHODS[name](**opts)
+        if method is not None and not hasattr(method, "prepare") and method.needs_calibration:
+            method = method.calibrate(model, calibration_batches(tok, 4, 256))
         summary, _ = run_fixed_context(model, tok, samples, method, progress=False)
         rows.append({"method": label, "accuracy": summary["accuracy"],
                      "prepare_s": summary["seconds_context_prefill"],
