@@ -119,12 +119,25 @@ def _as_method(method_or_artifact) -> tuple[Method, Artifact | None]:
     )
 
 
+CACHE_KWARGS = ("past_key_values", "cache")  # transformers < 5.24 / >= 5.24 (the old name still accepted)
+
+
+def passed_cache(arguments: dict):
+    """The cache among a forward's bound arguments, under either name (also inside a `**kwargs` catch-all)."""
+    extra = arguments.get("kwargs") or {}
+    for name in CACHE_KWARGS:
+        for where in (arguments, extra):
+            if where.get(name) is not None:
+                return where[name]
+    return None
+
+
 def _decoder_pre_hook(session: Session, signature: inspect.Signature):
     def hook(module, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
         ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
         num_new = (ids if ids is not None else embeds).shape[1]
-        session.begin_forward(bound.get("attention_mask"), num_new, bound.get("past_key_values"))
+        session.begin_forward(bound.get("attention_mask"), num_new, passed_cache(bound))
     return hook
 
 
@@ -157,11 +170,12 @@ def apply(model, method=None) -> Iterator[Session]:
         )
         model.config._attn_implementation = ATTN_IMPL
         original_generate = model.generate
+        cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
         @functools.wraps(original_generate)
         def generate(*args, **kwargs):
-            if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-                kwargs["past_key_values"] = session.new_cache()
+            if passed_cache(kwargs) is None and kwargs.get("use_cache", True):
+                kwargs[cache_kwarg] = session.new_cache()
             return original_generate(*args, **kwargs)
 
         model.generate = generate

@@ -10,8 +10,11 @@ import torch
 
 
 def lmsqueeze_attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None,
-                                attention_mask=None, past_key_values=None, **kwargs):
-    """Drop-in for `XAttention.forward` (transformers >= 5.4). hidden_states: [B, T, hidden]."""
+                                attention_mask=None, past_key_values=None, cache=None, **kwargs):
+    """Drop-in for `XAttention.forward` (transformers >= 5.4). hidden_states: [B, T, hidden].
+
+    The cache comes as `past_key_values` (transformers < 5.24) or `cache` (5.24 renamed it)."""
+    past_key_values = past_key_values if past_key_values is not None else cache
     B, T, _ = hidden_states.shape
     shape = (B, T, -1, self.head_dim)
     q = self.q_proj(hidden_states).view(shape)
