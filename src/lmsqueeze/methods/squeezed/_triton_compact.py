@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lmsqueeze.methods.squeezed._triton_kernels import _log_z, _softmax_tile
+from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _log_z, _softmax_tile
 
 
 @triton.jit
@@ -121,28 +121,9 @@ def _compact_decode_kernel(
                                           v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
                                           v_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
     else:
-        loc = split - NS
-        loc_hi = tl.minimum(tl.load(Lengths + b), l_max)
-        loc_lo = loc_hi * 0
-        if HAS_STARTS:
-            loc_lo = tl.load(Starts + b)
-        loc_lo = tl.maximum(loc_lo, 0)
-        loc_n = tl.maximum(loc_hi - loc_lo, 0)
-        loc_chunk = tl.cdiv(tl.cdiv(loc_n, NLOC), BLOCK_N) * BLOCK_N
-        c_lo = loc_lo + loc * loc_chunk
-        c_hi = tl.minimum(c_lo + loc_chunk, loc_hi)
-        lk_base = LK + b.to(tl.int64) * stride_lkb + hkv.to(tl.int64) * stride_lkh
-        lv_base = LV + b.to(tl.int64) * stride_lvb + hkv.to(tl.int64) * stride_lvh
-        for start_n in range(c_lo, c_hi, BLOCK_N):
-            slots = start_n + offs_n
-            n_mask = slots < c_hi
-            if BLOCK_D == D:
-                lkv_mask = n_mask[:, None]
-            else:
-                lkv_mask = n_mask[:, None] & d_mask[None, :]
-            m_i, l_i, acc = _softmax_tile(q, lk_base + slots[:, None] * stride_lks + offs_d[None, :],
-                                          lv_base + slots[:, None] * stride_lvs + offs_d[None, :], lkv_mask,
-                                          n_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
+        m_i, l_i, acc = _attend_local(q, LK, LV, Lengths, Starts, b, hkv, split - NS, NLOC, l_max, offs_n, offs_d,
+                                      d_mask, stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
+                                      scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, HAS_STARTS, IEEE_DOT)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))

@@ -64,6 +64,37 @@ def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IE
 
 
 @triton.jit
+def _attend_local(q, LK, LV, Lengths, Starts, b, hkv, loc, NLOC, l_max, offs_n, offs_d, d_mask,
+                  stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs, scale_log2, m_i, l_i, acc,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_STARTS: tl.constexpr,
+                  IEEE_DOT: tl.constexpr):
+    """Split `loc` of NLOC over the dense local slots [start, length) of sequence b, KV head hkv (the user and
+    generated tokens): online softmax into (m_i, l_i, acc), returned."""
+    loc_hi = tl.minimum(tl.load(Lengths + b), l_max)
+    loc_lo = loc_hi * 0
+    if HAS_STARTS:
+        loc_lo = tl.load(Starts + b)
+    loc_lo = tl.maximum(loc_lo, 0)
+    loc_n = tl.maximum(loc_hi - loc_lo, 0)
+    loc_chunk = tl.cdiv(tl.cdiv(loc_n, NLOC), BLOCK_N) * BLOCK_N
+    c_lo = loc_lo + loc * loc_chunk
+    c_hi = tl.minimum(c_lo + loc_chunk, loc_hi)
+    lk_base = LK + b.to(tl.int64) * stride_lkb + hkv.to(tl.int64) * stride_lkh
+    lv_base = LV + b.to(tl.int64) * stride_lvb + hkv.to(tl.int64) * stride_lvh
+    for start_n in range(c_lo, c_hi, BLOCK_N):
+        slots = start_n + offs_n
+        n_mask = slots < c_hi
+        if BLOCK_D == D:
+            lkv_mask = n_mask[:, None]
+        else:
+            lkv_mask = n_mask[:, None] & d_mask[None, :]
+        m_i, l_i, acc = _softmax_tile(q, lk_base + slots[:, None] * stride_lks + offs_d[None, :],
+                                      lv_base + slots[:, None] * stride_lvs + offs_d[None, :], lkv_mask,
+                                      n_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _lse_rows(x):
     """Row-wise logsumexp of a 2D block, -inf for all -inf rows."""
     m = tl.max(x, 1)
@@ -224,28 +255,9 @@ def _squeezed_decode_kernel(
         if sub == 0:
             tl.store(Kept + pid_bh * NSP + cb, total)
     else:
-        loc = split - NSP * NSUB
-        loc_hi = tl.minimum(tl.load(Lengths + b), l_max)
-        loc_lo = loc_hi * 0
-        if HAS_STARTS:
-            loc_lo = tl.load(Starts + b)
-        loc_lo = tl.maximum(loc_lo, 0)
-        loc_n = tl.maximum(loc_hi - loc_lo, 0)
-        loc_chunk = tl.cdiv(tl.cdiv(loc_n, NLOC), BLOCK_N) * BLOCK_N
-        c_lo = loc_lo + loc * loc_chunk
-        c_hi = tl.minimum(c_lo + loc_chunk, loc_hi)
-        lk_base = LK + b.to(tl.int64) * stride_lkb + hkv.to(tl.int64) * stride_lkh
-        lv_base = LV + b.to(tl.int64) * stride_lvb + hkv.to(tl.int64) * stride_lvh
-        for start_n in range(c_lo, c_hi, BLOCK_N):
-            slots = start_n + offs_n
-            n_mask = slots < c_hi
-            if BLOCK_D == D:
-                lkv_mask = n_mask[:, None]
-            else:
-                lkv_mask = n_mask[:, None] & d_mask[None, :]
-            m_i, l_i, acc = _softmax_tile(q, lk_base + slots[:, None] * stride_lks + offs_d[None, :],
-                                          lv_base + slots[:, None] * stride_lvs + offs_d[None, :], lkv_mask,
-                                          n_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
+        m_i, l_i, acc = _attend_local(q, LK, LV, Lengths, Starts, b, hkv, split - NSP * NSUB, NLOC, l_max, offs_n, offs_d,
+                                      d_mask, stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
+                                      scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, HAS_STARTS, IEEE_DOT)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
