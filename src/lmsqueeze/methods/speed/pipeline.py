@@ -28,27 +28,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class PipelineStats:
-    """Counters of one pipelined decode (batch 1).
-
-    `steps`: batched passes of the shared block after prefill (each reads the block's weights once);
-    `block_passes_greedy`: passes plain greedy decoding needs for the same tokens ((n - 1) * R);
-    `flushes`: changed predictions that flushed in-flight tokens; `flushed_tokens`: tokens thrown away;
-    `checks`: predictions re-checked against an in-flight successor.
-    """
+class FlushCounts:
+    """What every pipelined decode counts (batch 1). `steps`: batched passes of the shared block after prefill
+    (each reads the block's weights once); `flushes`: changed predictions that flushed in-flight tokens;
+    `flushed_tokens`: tokens thrown away."""
 
     new_tokens: int = 0
     num_passes: int = 0
     steps: int = 0
-    token_passes: int = 0
     flushes: int = 0
     flushed_tokens: int = 0
-    checks: int = 0
-    in_flight_hist: list[int] = field(default_factory=list)
-
-    @property
-    def block_passes_greedy(self) -> int:
-        return max(self.new_tokens - 1, 0) * self.num_passes
 
     @property
     def tokens_per_step(self) -> float:
@@ -67,10 +56,28 @@ class PipelineStats:
 
     def as_dict(self) -> dict:
         return {"new_tokens": self.new_tokens, "num_passes": self.num_passes, "steps": self.steps,
-                "block_passes_greedy": self.block_passes_greedy, "token_passes": self.token_passes,
-                "flushes": self.flushes, "flushed_tokens": self.flushed_tokens, "checks": self.checks,
+                "flushes": self.flushes, "flushed_tokens": self.flushed_tokens,
                 "tokens_per_step": self.tokens_per_step, "tokens_per_forward": self.tokens_per_forward,
-                "flush_rate": self.flush_rate,
+                "flush_rate": self.flush_rate}
+
+
+@dataclass(slots=True)
+class PipelineStats(FlushCounts):
+    """Counters of one eager pipelined decode: `FlushCounts`, plus `token_passes` (token x pass work done),
+    `checks` (predictions re-checked against an in-flight successor) and the in-flight histogram;
+    `block_passes_greedy`: passes plain greedy decoding needs for the same tokens ((n - 1) * R)."""
+
+    token_passes: int = 0
+    checks: int = 0
+    in_flight_hist: list[int] = field(default_factory=list)
+
+    @property
+    def block_passes_greedy(self) -> int:
+        return max(self.new_tokens - 1, 0) * self.num_passes
+
+    def as_dict(self) -> dict:
+        return {**FlushCounts.as_dict(self), "block_passes_greedy": self.block_passes_greedy,
+                "token_passes": self.token_passes, "checks": self.checks,
                 "mean_in_flight": (sum(self.in_flight_hist) / len(self.in_flight_hist)
                                    if self.in_flight_hist else 0.0)}
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.rmsnorm import rms_norm, rms_norm_reference
+from lmsqueeze.methods.speed.pipeline import FlushCounts
 from lmsqueeze.methods.speed.static_kernels import greedy_update, pipeline_update, rope_write
 from lmsqueeze.models.looped import LoopedCache, LoopedDecoder
 
@@ -93,34 +94,13 @@ class StaticLooped:
 
 
 @dataclass(slots=True)
-class StaticStats:
-    """Counters of one static pipelined decode: `steps` = batched block passes after prefill."""
+class StaticStats(FlushCounts):
+    """Counters of one static pipelined decode: `FlushCounts` plus the host synchronizations it needed."""
 
-    new_tokens: int = 0
-    num_passes: int = 0
-    steps: int = 0
-    flushes: int = 0
-    flushed_tokens: int = 0
     host_syncs: int = 0
 
-    @property
-    def tokens_per_step(self) -> float:
-        return (self.new_tokens - 1) / self.steps if self.steps else 0.0
-
-    @property
-    def tokens_per_forward(self) -> float:
-        """Committed tokens per R block passes (plain greedy: 1.0)."""
-        return self.tokens_per_step * self.num_passes
-
-    @property
-    def flush_rate(self) -> float:
-        return self.flushes / max(self.new_tokens - 1, 1)
-
     def as_dict(self) -> dict:
-        return {"new_tokens": self.new_tokens, "num_passes": self.num_passes, "steps": self.steps,
-                "flushes": self.flushes, "flushed_tokens": self.flushed_tokens, "host_syncs": self.host_syncs,
-                "tokens_per_step": self.tokens_per_step, "tokens_per_forward": self.tokens_per_forward,
-                "flush_rate": self.flush_rate}
+        return {**FlushCounts.as_dict(self), "host_syncs": self.host_syncs}
 
 
 def build_static(model: LoopedDecoder, max_len: int, triton: bool | None = None) -> StaticLooped:
