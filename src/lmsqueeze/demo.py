@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.models.compat import cache_kw
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def run_demo(path: Path | None = None, device: str = "cpu", tokens: int = 2048, 
                          progress=False)
         with lmsqueeze.apply(model, method) as session, torch.inference_mode():
             cache = session.new_cache(batch_size=1, max_length=context)
-            model(ids[None, :context].to(model.device), past_key_values=cache, logits_to_keep=1)
+            model(ids[None, :context].to(model.device), **cache_kw(model, cache), logits_to_keep=1)
             kv_bytes = cache.memory_bytes() / context
         gen = generate(model, ids[None, :128], max_new_tokens=16, method=method, stop_tokens=[])
         rows.append({"method": label, "ppl": ppl.ppl,
@@ -117,8 +118,8 @@ def demo_fixed_context(model, tok, length: int = 2048) -> list[dict]:
     every method answers the same questions. Returns one row per method (accuracy, prepare and per-question
     seconds).
     """
-    from lmsqueeze.data.heldout import load_heldout_text
     from lmsqueeze.data.calibration import calibration_batches
+    from lmsqueeze.data.heldout import load_heldout_text
     from lmsqueeze.data.tasks import fixed_context_sample, haystack_lines
     from lmsqueeze.eval.fixed_context import run_fixed_context
     from lmsqueeze.methods import METHODS

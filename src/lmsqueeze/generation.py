@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.models.compat import cache_kw
 from lmsqueeze.sampling import Sampling, select_tokens
 from lmsqueeze.session import apply
 
@@ -76,7 +77,7 @@ class DecodeRunner:
 
     def step_eager(self) -> None:
         """The decode step: forward one token per sequence, pick the next, advance device-side state."""
-        logits = self.model(input_ids=self.tokens, position_ids=self.positions, past_key_values=self.cache,
+        logits = self.model(input_ids=self.tokens, position_ids=self.positions, **cache_kw(self.model, self.cache),
                             use_cache=True, logits_to_keep=1).logits[:, -1]
         self.tokens.copy_(select_tokens(logits, self.sampling)[:, None])
         self.positions.add_(1)
@@ -204,7 +205,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         for a in range(0, length, prefill_chunk):
             b = min(length, a + prefill_chunk)
             logits = model(input_ids=input_ids[:, a:b], attention_mask=mask[:, :b],
-                           position_ids=positions[:, a:b], past_key_values=cache, use_cache=True,
+                           position_ids=positions[:, a:b], **cache_kw(model, cache), use_cache=True,
                            logits_to_keep=1).logits[:, -1]
         first = select_tokens(logits, sampling)
         runner.tokens.copy_(first[:, None])

@@ -18,6 +18,7 @@ from lmsqueeze.methods.cache import SqueezeCache, Step
 from lmsqueeze.methods.dense import Dense
 from lmsqueeze.methods.slot_attention import slot_attention
 from lmsqueeze.models.attention import lmsqueeze_attention_forward
+from lmsqueeze.models.compat import cache_kwarg, passed_cache
 from lmsqueeze.models.families import attention_modules, sliding_window
 from lmsqueeze.models.rope import apply_rope
 
@@ -119,19 +120,6 @@ def _as_method(method_or_artifact) -> tuple[Method, Artifact | None]:
     )
 
 
-CACHE_KWARGS = ("past_key_values", "cache")  # transformers < 5.24 / >= 5.24 (the old name still accepted)
-
-
-def passed_cache(arguments: dict):
-    """The cache among a forward's bound arguments, under either name (also inside a `**kwargs` catch-all)."""
-    extra = arguments.get("kwargs") or {}
-    for name in CACHE_KWARGS:
-        for where in (arguments, extra):
-            if where.get(name) is not None:
-                return where[name]
-    return None
-
-
 def _decoder_pre_hook(session: Session, signature: inspect.Signature):
     def hook(module, args, kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
@@ -170,12 +158,12 @@ def apply(model, method=None) -> Iterator[Session]:
         )
         model.config._attn_implementation = ATTN_IMPL
         original_generate = model.generate
-        cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        cache_name = cache_kwarg(decoder)
 
         @functools.wraps(original_generate)
         def generate(*args, **kwargs):
             if passed_cache(kwargs) is None and kwargs.get("use_cache", True):
-                kwargs[cache_kwarg] = session.new_cache()
+                kwargs[cache_name] = session.new_cache()
             return original_generate(*args, **kwargs)
 
         model.generate = generate

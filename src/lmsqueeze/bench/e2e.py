@@ -16,6 +16,7 @@ from torch import nn
 
 from lmsqueeze.bench.caches import kv_shape, random_kv
 from lmsqueeze.bench.model import StepBench, decode_inputs, decode_step_bytes, register_step_variant
+from lmsqueeze.models.compat import cache_kw
 
 E2E_VARIANTS = "lmsqueeze-graph,hf-static-compile,hf-static-graph,hf-dynamic-eager"
 
@@ -48,7 +49,7 @@ def lmsqueeze_graph(model: nn.Module, batch: int, length: int) -> StepBench:
 
     def step() -> torch.Tensor:  # writes slot `length` and reads length + 1 slots; replayable as is
         with apply(model):
-            return model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+            return model(input_ids=ids, position_ids=pos, **cache_kw(model, cache), use_cache=True,
                          logits_to_keep=1).logits
     return StepBench(step, decode_step_bytes(model, batch, length), model.device.type == "cuda", batch)
 

@@ -76,7 +76,7 @@ def memory_report(model: nn.Module, lengths: Sequence[int], batches: Sequence[in
             rows.append(dict(case, method="hf-static", stage="kv-cache",
                              allocated_gib=None if after is None else _gib(after - before), expected_gib=_gib(kv)))
             ids, pos = decode_inputs(model, batch, length)
-            step = static_step_fn(model, cache, ids, pos)
+            step = static_step_fn(model, cache, ids, pos, model)
             _reset_peak(device)
             with torch.no_grad():
                 step()

@@ -20,6 +20,7 @@ from lmsqueeze.bench.device import fits
 from lmsqueeze.bench.options import check_positive, parse_names
 from lmsqueeze.bench.results import timing_row
 from lmsqueeze.bench.timing import time_fn
+from lmsqueeze.models.compat import cache_kw
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,10 @@ def decode_inputs(model: nn.Module, batch: int, length: int, seed: int = 1) -> t
     return ids, pos
 
 
-def static_step_fn(forward: Callable, cache, ids: torch.Tensor, pos: torch.Tensor) -> Callable[[], torch.Tensor]:
+def static_step_fn(forward: Callable, cache, ids: torch.Tensor, pos: torch.Tensor,
+                   model: nn.Module | None = None) -> Callable[[], torch.Tensor]:
     """One decode step into a StaticCache that leaves the cache as it found it (so a graph can be replayed).
+    forward: the model, or a compiled version of `model`.
 
     StaticLayer advances its device-side `cumulative_length` on every update; the step winds it back by one.
     """
@@ -85,8 +88,10 @@ def static_step_fn(forward: Callable, cache, ids: torch.Tensor, pos: torch.Tenso
             for t in lengths:
                 t.sub_(1)
 
+    kw = cache_kw(forward if model is None else model, cache)
+
     def step() -> torch.Tensor:
-        logits = forward(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        logits = forward(input_ids=ids, position_ids=pos, **kw, use_cache=True).logits
         rewind()
         return logits
     return step
@@ -95,7 +100,7 @@ def static_step_fn(forward: Callable, cache, ids: torch.Tensor, pos: torch.Tenso
 def _static(model: nn.Module, batch: int, length: int, use_graph: bool, forward: Callable | None = None):
     cache = random_static_cache(model, batch, length)
     ids, pos = decode_inputs(model, batch, length)
-    fn = static_step_fn(model if forward is None else forward, cache, ids, pos)
+    fn = static_step_fn(model if forward is None else forward, cache, ids, pos, model)
     return StepBench(fn, decode_step_bytes(model, batch, length), use_graph, batch)
 
 
@@ -127,7 +132,7 @@ def hf_dynamic_eager(model: nn.Module, batch: int, length: int) -> StepBench:
     ids, pos = decode_inputs(model, batch, length)
 
     def step() -> torch.Tensor:
-        return model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        return model(input_ids=ids, position_ids=pos, **cache_kw(model, cache), use_cache=True).logits
     return StepBench(step, decode_step_bytes(model, batch, length), False, batch)
 
 

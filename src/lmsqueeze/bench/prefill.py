@@ -16,6 +16,7 @@ from lmsqueeze.bench.options import check_positive, parse_names
 from lmsqueeze.bench.results import timing_row
 from lmsqueeze.bench.timing import time_fn
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.models.compat import cache_kw
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def hf_dynamic_full(model: nn.Module, ids: torch.Tensor, chunk: int) -> PrefillB
 
     def fn() -> torch.Tensor:
         cache = DynamicCache(config=model.config)
-        return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return model(input_ids=ids, **cache_kw(model, cache), use_cache=True, logits_to_keep=1).logits
     return PrefillBench(fn, prefill_flops(model, *ids.shape))
 
 
@@ -78,7 +79,7 @@ def hf_static_chunked(model: nn.Module, ids: torch.Tensor, chunk: int) -> Prefil
         logits = None
         for s in range(0, length, chunk):
             e = min(s + chunk, length)
-            logits = model(input_ids=ids[:, s:e], position_ids=positions[:, s:e], past_key_values=cache,
+            logits = model(input_ids=ids[:, s:e], position_ids=positions[:, s:e], **cache_kw(model, cache),
                            use_cache=True, logits_to_keep=1).logits
         return logits
     return PrefillBench(fn, prefill_flops(model, batch, length), chunk)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.models.compat import cache_kw
 
 
 def check_chunk_size(chunk_size: int) -> None:
@@ -38,7 +39,7 @@ def prefill(model, ids: torch.Tensor, cache, chunk_size: int = 2048,
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
         k = 1 if keep is None else max(1, min(keep(start, end), end - start))
-        logits = model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True,
+        logits = model(input_ids=ids[:, start:end], **cache_kw(model, cache), use_cache=True,
                        logits_to_keep=k).logits[0]
         if on_logits is not None:
             on_logits(end - k, logits)
@@ -64,7 +65,7 @@ def greedy_decode(model, cache, first_logits: torch.Tensor, max_new_tokens: int,
         if step + 1 == max_new_tokens:
             break
         ids = torch.tensor([[tok]], device=model.device)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(input_ids=ids, **cache_kw(model, cache), use_cache=True, logits_to_keep=1).logits[0, -1]
     return out
 
 

@@ -20,6 +20,7 @@ from lmsqueeze.methods.a2ats.windowed_rope import band_distances, distance_table
 from lmsqueeze.methods.base import Artifact, model_fingerprint
 from lmsqueeze.methods.cache import SqueezeCache, Step
 from lmsqueeze.methods.dense import DenseState
+from lmsqueeze.models.compat import cache_kw
 from lmsqueeze.models.rope import apply_rope
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,10 @@ def collect(model, batches, windowed: bool, distances: tuple[int, ...], chunk: i
             if mask is not None:  # padded batches go in one forward (positions follow the mask)
                 m = mask.to(device).long()
                 pos = (m.cumsum(-1) - 1).clamp_min(0)
-                model(input_ids=ids, attention_mask=m, position_ids=pos, past_key_values=cache, use_cache=True)
+                model(input_ids=ids, attention_mask=m, position_ids=pos, **cache_kw(model, cache), use_cache=True)
                 continue
             for a in range(0, ids.shape[1], chunk):
-                model(input_ids=ids[:, a:a + chunk], past_key_values=cache, use_cache=True)
+                model(input_ids=ids[:, a:a + chunk], **cache_kw(model, cache), use_cache=True)
     return collector
 
 

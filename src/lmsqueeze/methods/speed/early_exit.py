@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.models.compat import cache_kw
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def run_layers(model, h: torch.Tensor, start: int, end: int, past: int, cache) -
     pos_emb = inner.rotary_emb(h, pos)
     mask = _float_mask(q, past, h.dtype, h.device)
     for layer in inner.layers[start:end]:
-        out = layer(h, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+        out = layer(h, attention_mask=mask, position_ids=pos, **cache_kw(layer, cache), use_cache=True,
                     position_embeddings=pos_emb)
         h = out[0] if isinstance(out, tuple) else out
     return h
@@ -113,12 +114,12 @@ def plain_greedy(model, input_ids: torch.Tensor, max_new_tokens: int) -> torch.T
     """Reference: token-by-token greedy decoding with a DynamicCache, ignoring EOS. [1, T] -> [1, T + n]."""
     cache = new_cache(model)
     out = input_ids
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+    logits = model(input_ids=input_ids, **cache_kw(model, cache), use_cache=True).logits
     for i in range(max_new_tokens):
         nxt = logits[:, -1:].argmax(-1)
         out = torch.cat([out, nxt], dim=1)
         if i + 1 < max_new_tokens:
-            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=nxt, **cache_kw(model, cache), use_cache=True).logits
     return out
 
 
