@@ -1,11 +1,11 @@
 """GPU check of the fast generation path: CUDA-graphed lmsqueeze.generate equals transformers' greedy
 generate on tiny random models of every family (fp32), batch 1 and left-padded batch 3; captures counted."""
 
-import json
 import sys
 
 import torch
 
+from lmsqueeze.bench.results import command_line, write_result
 from lmsqueeze.generation import CAPTURES, generate
 from lmsqueeze.models.tiny import FAMILIES, tiny_model
 
@@ -28,13 +28,14 @@ def main(out_path: str | None) -> int:
             again = generate(model, ids, mask, max_new_tokens=64, pad_token_id=0, prefill_chunk=128)
             same = torch.equal(out.sequences, ref) and torch.equal(again.sequences, ref)
             agree = (out.sequences == ref).float().mean().item()
-            rows.append(dict(family=family, batch=batch, equal=same, token_agreement=agree, graph=out.graph,
+            rows.append(dict(method="lmsqueeze-graph-generate", baseline="hf-generate", family=family, batch=batch,
+                             equal=same, token_agreement=agree, graph=out.graph,
                              captures=CAPTURES["count"] - before))
             ok &= same and out.graph and CAPTURES["count"] - before == 1
             print(rows[-1], flush=True)
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    if out_path:  # device, versions and git commit recorded with the rows
+        write_result(out_path, "generate_check", command_line(sys.argv), rows, extra={"pass": bool(ok)},
+                     device="cuda")
     print("GENERATE CHECK", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
