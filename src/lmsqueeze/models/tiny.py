@@ -53,3 +53,16 @@ def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, **ov
     model = tiny_model(family, seed, **overrides)
     model.save_pretrained(path)
     return Path(path)
+
+
+def tiny_looped(unique: int, loops: int, seed: int, head_dim: int = 16, kv_heads: int = 2, std: float = 0.3):
+    """A tiny random looped decoder (`unique` blocks cycled `loops` times) in float64, eval mode, for tests.
+
+    The large init std makes early exits disagree often, so SPEED's pipeline flushes frequently."""
+    from lmsqueeze.models.looped import LoopedConfig, LoopedDecoder
+
+    cfg = LoopedConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=kv_heads,
+                       head_dim=head_dim, num_unique_layers=unique, num_loops=loops)
+    model = LoopedDecoder(cfg)
+    model.init_weights(seed=seed, std=std)
+    return model.double().eval()

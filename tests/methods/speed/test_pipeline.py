@@ -5,15 +5,10 @@ import torch
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.speed import speed_decode_looped
-from lmsqueeze.models.looped import LoopedCache, LoopedConfig, LoopedDecoder, greedy_decode
+from lmsqueeze.models.looped import LoopedCache, greedy_decode
+from lmsqueeze.models.tiny import tiny_looped
 
-
-def tiny(unique: int, loops: int, seed: int, head_dim: int = 16, kv_heads: int = 2) -> LoopedDecoder:
-    cfg = LoopedConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=kv_heads,
-                       head_dim=head_dim, num_unique_layers=unique, num_loops=loops)
-    m = LoopedDecoder(cfg)
-    m.init_weights(seed=seed, std=0.3)  # large std: early exits often disagree, so flushes are frequent
-    return m.double().eval()
+tiny = tiny_looped
 
 
 def prompt(seed: int, vocab: int = 61) -> torch.Tensor:
