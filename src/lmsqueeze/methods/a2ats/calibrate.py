@@ -123,8 +123,9 @@ def collect(model, batches, windowed: bool, distances: tuple[int, ...], chunk: i
 
 
 def fit_layer(keys: torch.Tensor, qq: torch.Tensor | None, codebook: int, iters: int, tol: float, seed: int,
-              device: torch.device) -> tuple[dict[str, torch.Tensor], float]:
-    """Codebooks of one layer. keys: [N, Hkv, D]; qq: [Hkv, D, D] query second moment or None (plain VQ).
+              device: torch.device, shrink: float = 0.0) -> tuple[dict[str, torch.Tensor], float]:
+    """Codebooks of one layer. keys: [N, Hkv, D]; qq: [Hkv, D, D] query second moment or None (plain VQ);
+    shrink: blend of the query metric with the identity (`vq.shrink_metric`).
 
     Returns tensors (assign, score: [Hkv, C, D], half_norms: [Hkv, C], chol: [Hkv, D, D], all float32 on
     the CPU) and the mean relative quantization error in L-space.
@@ -134,7 +135,7 @@ def fit_layer(keys: torch.Tensor, qq: torch.Tensor | None, codebook: int, iters:
     if qq is None:
         L = torch.eye(D, device=device).expand(Hkv, D, D).contiguous()
     else:
-        L = vq.cholesky_factor(qq.to(device))
+        L = vq.cholesky_factor(vq.shrink_metric(qq.to(device), shrink) if shrink > 0 else qq.to(device))
     xl = torch.bmm(x, L)
     centroids = vq.kmeans(xl, codebook, iters=iters, tol=tol, seed=seed)  # [Hkv, C, D] in L-space
     codes = vq.assign(xl, centroids)
@@ -163,7 +164,7 @@ def calibrate_a2ats(method, model, batches) -> Artifact:
         counts.append(int(keys.shape[0]))
         qq = collector.qq.pop(i) if method.query_aware else None
         layer, rel = fit_layer(keys, qq, method.codebook, method.kmeans_iters, method.kmeans_tol,
-                               method.seed + i, device)
+                               method.seed + i, device, method.shrink)
         errors.append(rel)
         for name, t in layer.items():
             tensors[f"layer{i}.{name}"] = t

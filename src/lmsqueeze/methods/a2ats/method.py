@@ -37,7 +37,8 @@ class A2ATS(Method):
     attended; distance: the fixed relative position of windowed RoPE when `bands` is empty (the paper's
     form); bands: inner edges of the distance bands [window, e1), [e1, e2), ..., [e_last, inf), each scored
     at its own distance (windowed_rope.py; same codes, NB x larger lookup table and histogram); query_aware: weight the K-means by
-    the queries' second moment (False: plain VQ); windowed_rope: code pre-RoPE keys and rotate the query to
+    the queries' second moment (False: plain VQ); shrink: the metric is (1 - shrink) H / mean(diag H) + shrink I
+    (0: the paper's H; 1: plain VQ; in between, H shrunk toward the identity, vq.shrink_metric); windowed_rope: code pre-RoPE keys and rotate the query to
     `distance` (False: code post-RoPE keys); offload: after prefill keep K/V in pinned host memory;
     offload_attention: "gpu" (zero-copy reads of the selected rows) or "cpu" (CPU threads, eager only).
     Calibration: kmeans_iters / kmeans_tol, at most max_keys keys per layer, calib_chunk tokens per forward,
@@ -54,6 +55,7 @@ class A2ATS(Method):
     distance: int = 2048
     bands: tuple[int, ...] = (256, 1024, 4096)
     query_aware: bool = True
+    shrink: float = 0.0
     windowed_rope: bool = True
     offload: bool = True
     offload_attention: str = "gpu"
@@ -75,6 +77,8 @@ class A2ATS(Method):
         if any(b <= a for a, b in zip((self.window, *self.bands), self.bands)):
             raise LmsqueezeError(f"a2ats bands must be increasing distances above the window ({self.window}); "
                                  f"got {self.bands}")
+        if not 0.0 <= self.shrink <= 1.0:
+            raise LmsqueezeError(f"a2ats shrink blends the query metric with the identity, in [0, 1]; got {self.shrink}")
         if self.distance < 0:
             raise LmsqueezeError(f"a2ats distance must be >= 0, got {self.distance}")
         if self.offload_attention not in OFFLOAD_ATTENTION:

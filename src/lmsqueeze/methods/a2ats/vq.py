@@ -45,6 +45,21 @@ def cholesky_factor(h: torch.Tensor, jitter: float = 1e-6) -> torch.Tensor:
         log.info("query covariance: Cholesky needed jitter %.0e", eps)
 
 
+def shrink_metric(h: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(1 - shrink) H / mean(diag H) + shrink I, per head. h: [H, D, D] -> float64 [H, D, D].
+
+    H = E[qᵀq] of real queries is dominated by a few directions (the mean query); the error of a key
+    along the other directions then costs almost nothing and such keys share codes, although single
+    queries (a needle's) do look along them. Shrinking toward the identity (plain VQ's metric) keeps part
+    of that error in the objective. Chosen on calibration data (benchmarks/scripts/eval_a2ats.py).
+    """
+    h = h.double()
+    D = h.shape[-1]
+    scale = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
+    eye = torch.eye(D, dtype=h.dtype, device=h.device)
+    return (1.0 - shrink) * h / scale + shrink * eye
+
+
 def half_sq_norms(centroids: torch.Tensor) -> torch.Tensor:
     """[H, C, D] -> [H, C] float32: ‖c‖² / 2 (the assignment bias)."""
     return 0.5 * centroids.float().pow(2).sum(-1)
