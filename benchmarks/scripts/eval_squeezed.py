@@ -16,6 +16,16 @@ each), the sinks and the observation window, as a fraction of the context.
 (The zoo model recalls single needles well and several facts poorly, and never kv tables: see docs/zoo.md;
 hence 4 needles per context by default.)
 
+Prefill selection variants: a method name `squeezed-90:MODE` runs SqueezedAttention(prefill=MODE) (MODE one of
+token, token-budget, chunk; plain `squeezed-90` is the library default). Choose a variant on calibration data,
+never on the held-out numbers: `--text train` builds the contexts from the corpus train split (a different
+haystack, and `--seed` different facts) instead of the held-out text:
+
+    python benchmarks/scripts/eval_squeezed.py --text train --seed 1000 --contexts 12 \
+        --methods squeezed-90:chunk,squeezed-90:token,squeezed-90:token-budget --out calib.json
+
+`--device cuda` runs the model and the kernels on the GPU (the JSON records the device).
+
 Runs on the CPU with the bundled zoo model (src/lmsqueeze/zoo/default) unless --model is given.
 """
 
@@ -33,6 +43,7 @@ OBSERVATION = 64
 SINKS = 4
 DEFAULT_METHODS = ("dense,squeezed-70,quest@70,streaming@70,snapkv@70,squeezed-90,quest@90,streaming@90,snapkv@90,"
                    "random@90")
+PREFILL_MODES = ("token", "token-budget", "chunk")
 
 
 def squeezed_budget(sparsity: float, centroids: float, tokens: int, observation: int = OBSERVATION,
@@ -52,8 +63,11 @@ def methods_for(tokens: int, sinks: int = SINKS, threshold: str = "head") -> lis
     out: list[tuple[str, object]] = [("dense", StreamingLLM(budget=1.0))]   # every row of the context
     for sp in (0.7, 0.9):
         b = squeezed_budget(sp, 0.05, tokens, sinks=sinks)
-        out += [(f"squeezed-{int(sp * 100)}", SqueezedAttention(centroids=0.05, sparsity=sp, observation=OBSERVATION,
-                                                                sinks=sinks, threshold=threshold)),
+        name = f"squeezed-{int(sp * 100)}"
+        out += [(name + suffix, SqueezedAttention(centroids=0.05, sparsity=sp, observation=OBSERVATION, sinks=sinks,
+                                                  threshold=threshold, **kw))
+                for suffix, kw in [("", {})] + [(f":{m}", {"prefill": m}) for m in PREFILL_MODES]]
+        out += [
                 (f"quest@{int(sp * 100)}", Quest(budget=b)), (f"streaming@{int(sp * 100)}", StreamingLLM(budget=b)),
                 (f"snapkv@{int(sp * 100)}", SnapKV(budget=b)), (f"random@{int(sp * 100)}", RandomSelect(budget=b))]
     out += [("squeezed-h90", SqueezedAttention(sparsity=0.9, hierarchical=(0.01, 0.05), observation=OBSERVATION,
@@ -69,6 +83,7 @@ def answer_prepared(model, tok, artifact, questions, budgets, chunk: int) -> tup
 
     stops = stop_token_ids(tok)
     outs = []
+    # (rows_read is counted on the CPU paths only: on the GPU it stays 0 and the JSON says so)
     with lmsqueeze.apply(model, artifact) as session:
         cache = session.new_cache(batch_size=1, max_length=max(len(q) + b for q, b in zip(questions, budgets)))
         for q, b in zip(questions, budgets):
@@ -164,11 +179,13 @@ def plot(result: str, png: str) -> None:
              "streaming": ("v", "tab:green"), "snapkv": ("D", "tab:purple"), "random": ("x", "tab:gray")}
     fams: dict[str, list] = {}
     for name, m in d["metrics"].items():
-        fam = name.split("@")[0].split("-")[0]
+        fam = name.split("@")[0].split("-")[0] + (":" + name.split(":")[1] if ":" in name else "")
         fams.setdefault(fam, []).append((m["nominal_budget"], m["accuracy"], name))
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for fam, pts in fams.items():
-        marker, color = style.get(fam, ("o", None))
+        marker, color = style.get(fam.split(":")[0], ("o", None))
+        if ":" in fam:                                         # a prefill-selection variant of Squeezed
+            marker = {"token": "P", "token-budget": "*", "chunk": "h"}.get(fam.split(":")[1], marker)
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, lw=1, ms=7, label=fam)
         for x, y, name in pts:
@@ -210,6 +227,11 @@ def main() -> int:
     ap.add_argument("--merge", default=None, help="comma-separated shard JSONs to merge into --out (and plot)")
     ap.add_argument("--extra-tokens", type=int, default=3,
                     help="new tokens per question beyond the answer's own (the harness default is 8)")
+    ap.add_argument("--text", default="heldout", choices=("heldout", "train"),
+                    help="haystack text: the held-out text (reported) or the corpus train split (calibration)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (model and kernels)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop after the context that passes this wall time (the JSON says complete=false)")
     ap.add_argument("--out", default="benchmarks/results/squeezed_quality.json")
     ap.add_argument("--plot-from", default=None, help="only plot this result JSON to --plot")
     ap.add_argument("--plot", default="benchmarks/plots/squeezed_quality.png")
@@ -235,8 +257,18 @@ def main() -> int:
     from lmsqueeze.methods.squeezed.context import capture_context
 
     torch.manual_seed(args.seed)
-    model, tok = lmsqueeze.load_model(args.model)
-    text, data_info = eval_text(None, max_chars=8 * args.context_length + 200_000)
+    t_start = time.perf_counter()
+    model, tok = lmsqueeze.load_model(args.model, device=args.device)
+    if args.text == "train":
+        from lmsqueeze.data.corpus import read_texts
+
+        text = "\n\n".join(read_texts(None, split="train", max_chars=8 * args.context_length + 200_000))
+        import hashlib
+
+        data_info = {"source": "corpus:stdlib:train (calibration)", "chars": len(text),
+                     "sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+    else:
+        text, data_info = eval_text(None, max_chars=8 * args.context_length + 200_000)
     lines = haystack_lines(text)
     kinds = [tuple(k.split("/")) for k in args.kinds.split(",")]
     samples = [fixed_context_sample(tok, lines, args.context_length, args.facts, args.questions, args.seed, i,
@@ -269,8 +301,8 @@ def main() -> int:
                                   "(the same function as a dense prefill; RoPE at relative positions)",
                     "budget_note": "fixed_rows_read_fraction: fixed-context rows read per attention call (prefill "
                                    "chunks and decode steps, averaged over layers) / context tokens; centroid and "
-                                   "page-bound reads are in nominal_budget only"},
-            device="cpu")
+                                   "page-bound reads are in nominal_budget only (CPU runs only: 0 on the GPU)"},
+            device=model.device)
         result["records"] = records
         result["per_method"] = {n: {k: v for k, v in pm.items()} for n, pm in per_method.items()}
         result["complete"] = complete
@@ -287,7 +319,9 @@ def main() -> int:
         prepared: dict[str, object] = {}
         for name, method in methods:
             t0 = time.perf_counter()
-            reuse = prepared.get("squeezed-70") if name == "squeezed-90" else None   # same clusters
+            flat = name.startswith("squeezed-") and not name.startswith("squeezed-h")
+            reuse = next((a for n, a in prepared.items() if n.startswith("squeezed-") and not
+                          n.startswith("squeezed-h")), None) if flat else None   # same clusters: K-means once
             art = (method.prepare(model, ctx, captured=captured, reuse=reuse) if reuse is not None else
                    method.prepare(model, ctx, captured=captured))
             prepared[name] = art
@@ -308,6 +342,9 @@ def main() -> int:
         write(len({r["context"] for r in records}) == len(samples))
         line = "  ".join(f"{n}={v['correct'] / max(1, v['n']):.3f}" for n, v in per_method.items())
         print(f"context {s.index} ({s.kind}/{s.format}, {len(ctx)} tokens): {line}", flush=True)
+        if args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds:
+            print(f"stopping after {time.perf_counter() - t_start:.0f} s (--max-seconds)", flush=True)
+            break
     print("\nmethod            accuracy  vs dense  rows read  nominal budget")
     for name, m in metrics.items():
         print(f"{name:16s}  {m['accuracy']:.3f}   {m['delta_vs_dense_points']:+6.1f}   {m['fixed_rows_read_fraction']:.3f}"

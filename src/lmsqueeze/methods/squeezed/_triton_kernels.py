@@ -22,6 +22,8 @@ Prefill (a chunk of T queries):
   `_indexed_attention_kernel` grid (ceil(T*G/BLOCK_M), B*Hkv): flash attention of the G*T query rows of one
                              KV head (GQA packed: each K/V tile read once per group) over the listed fixed rows
                              (gathered inside the kernel) and the causal local slots, one online softmax.
+                             TOKEN_MASK: one row list per block of queries (the union of its tokens' clusters)
+                             and a per-token cluster mask, so each query sees only its own token's keys.
 """
 
 from __future__ import annotations
@@ -320,15 +322,15 @@ def _prefill_scores_kernel(
 
 @triton.jit
 def _indexed_attention_kernel(
-    Q, K, V, Idx, Counts, LK, LV, Lengths, Starts, Out, Lse,
+    Q, K, V, Idx, Counts, LK, LV, Lengths, Starts, Out, Lse, Keep, RowCluster,
     stride_qb, stride_qh, stride_qt, stride_kh, stride_kn, stride_vh, stride_vn,
-    stride_ib, stride_ih, stride_cb,
+    stride_ib, stride_ih, stride_iblk, stride_cb, stride_ch, stride_cblk,
     stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
-    stride_ob, stride_oh, stride_ot,
+    stride_ob, stride_oh, stride_ot, stride_pb, stride_ph, stride_pt, stride_rh,
     T, l_max, scale_log2,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_STARTS: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HAS_STARTS: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, TOKEN_MASK: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -348,16 +350,25 @@ def _indexed_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # 1) the listed fixed-context rows, gathered
-    cnt = tl.load(Counts + b * stride_cb + hkv)
-    i_base = Idx + b.to(tl.int64) * stride_ib + hkv * stride_ih
+    # (TOKEN_MASK: the rows listed for this block of queries are the union of its tokens' selections; query
+    # row r sees row n only where its token keeps n's cluster: Keep[b, hkv, t, RowCluster[hkv, n]])
+    cnt = tl.load(Counts + b * stride_cb + hkv * stride_ch + pid_m * stride_cblk)
+    i_base = Idx + b.to(tl.int64) * stride_ib + hkv * stride_ih + pid_m.to(tl.int64) * stride_iblk
     k_base = K + hkv.to(tl.int64) * stride_kh
     v_base = V + hkv.to(tl.int64) * stride_vh
+    p_base = Keep + b.to(tl.int64) * stride_pb + hkv.to(tl.int64) * stride_ph + t.to(tl.int64) * stride_pt
     for n0 in range(0, cnt, BLOCK_N):
         n_mask = n0 + offs_n < cnt
         rows = tl.load(i_base + n0 + offs_n, mask=n_mask, other=0)
+        if TOKEN_MASK:
+            rc = tl.load(RowCluster + hkv * stride_rh + rows, mask=n_mask, other=0)
+            kp = tl.load(p_base[:, None] + rc[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
+            vis = (kp != 0) & n_mask[None, :]
+        else:
+            vis = n_mask[None, :]
         m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
                                       v_base + rows[:, None] * stride_vn + offs_d[None, :],
-                                      n_mask[:, None] & d_mask[None, :], n_mask[None, :], scale_log2, m_i, l_i,
+                                      n_mask[:, None] & d_mask[None, :], vis, scale_log2, m_i, l_i,
                                       acc, IEEE_DOT)
     # 2) the local slots, causal: query t sits at slot L - T + t
     L = tl.minimum(tl.load(Lengths + b), l_max)

@@ -4,10 +4,14 @@ Decode (one query per sequence): centroid scores -> [fine scores under surviving
 fused kernel that keeps the clusters above the calibrated threshold and attends their rows, the observation
 window and the local slots (kernels.py). On CUDA inside the static decode step this is three (four,
 hierarchical) launches after the fused RoPE + KV write, with no host synchronisation.
-Prefill (a chunk of T > 1 queries): one key set per (sequence, KV head) for the whole chunk: the clusters of
-highest mean estimated attention over the chunk's queries (max over the query heads of the group), up to
-the key budget (1 - sparsity) of the clustered keys, plus the observation window; then one gather
-attention over those rows and the causal local slots.
+Prefill (a chunk of T > 1 queries), `prefill` mode:
+  'token' / 'token-budget' (default 'token'): every query token selects its own clusters (token_select.py: the
+      decode threshold, or its top clusters up to the key budget), plus the observation window; one attention
+      in which each query row sees only its token's rows (kernels.token_select_attention: a block of queries
+      lists the union of its tokens' rows, masked per token);
+  'chunk': one key set per (sequence, KV head) for the whole chunk: the clusters of highest mean estimated
+      attention over the chunk's queries (max over the query heads of the group), up to the key budget
+      (1 - sparsity) of the clustered keys, plus the observation window; one gather attention over them.
 """
 
 from __future__ import annotations
@@ -18,9 +22,16 @@ import torch
 
 from lmsqueeze.methods.cache import Step
 from lmsqueeze.methods.squeezed.index import SqueezedIndex
-from lmsqueeze.methods.squeezed.kernels import centroid_scores, fine_scores, prefill_scores, squeezed_decode
+from lmsqueeze.methods.squeezed.kernels import (
+    centroid_scores,
+    fine_scores,
+    prefill_scores,
+    squeezed_decode,
+    token_select_attention,
+)
 from lmsqueeze.methods.squeezed.lookup import budget_keep, keys_from_clusters, mask_to_index
 from lmsqueeze.methods.squeezed.state import FixedContextState, cached_layer
+from lmsqueeze.methods.squeezed.token_select import kept_rows, token_keep
 
 
 def decode_scores(q: torch.Tensor, idx: SqueezedIndex, scaling: float, count: bool | None = None):
@@ -69,10 +80,11 @@ class SqueezedState(FixedContextState):
     """One layer of a Squeezed Attention cache (see the module docstring)."""
 
     def __init__(self, layer_idx: int, artifact, sparsity: float, coarse_sparsity: float,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, prefill: str = "token") -> None:
         super().__init__(layer_idx, max_length)
         self.artifact = artifact
         self.sparsity, self.coarse_sparsity = sparsity, coarse_sparsity
+        self.prefill = prefill
         self.centroids_scored = 0.0   # centroids multiplied per query head group, summed (CPU paths only)
 
     def fixed(self, q: torch.Tensor) -> SqueezedIndex:
@@ -89,7 +101,9 @@ class SqueezedState(FixedContextState):
 
     def attend_fixed(self, q_rot, idx: SqueezedIndex, step: Step, lengths, starts, local_valid, n):
         if q_rot.shape[2] != 1:
-            return super().attend_fixed(q_rot, idx, step, lengths, starts, local_valid, n)
+            if self.prefill == "chunk":
+                return super().attend_fixed(q_rot, idx, step, lengths, starts, local_valid, n)
+            return self.prefill_per_token(q_rot, idx, step, lengths, starts, local_valid, n)
         q = q_rot[:, :, 0]
         s, lse, scored = decode_scores(q, idx, step.scaling)
         out, _, kept = squeezed_decode(q, idx.keys, idx.values, idx.offsets, s, lse, idx.log_threshold,
@@ -107,3 +121,13 @@ class SqueezedState(FixedContextState):
     def select(self, q_rot: torch.Tensor, idx: SqueezedIndex, step: Step):
         keep = prefill_keep(q_rot, idx, step.scaling, self.sparsity, self.coarse_sparsity)
         return mask_to_index(keys_from_clusters(keep, idx.row_cluster))
+
+    def prefill_per_token(self, q_rot, idx: SqueezedIndex, step: Step, lengths, starts, local_valid, n):
+        """A prefill chunk where every token reads its own clusters. q_rot: [B, Hq, T, D] -> [B, Hq, T, D]."""
+        rule = "budget" if self.prefill == "token-budget" else "threshold"
+        keep = token_keep(q_rot, idx, step.scaling, self.sparsity, self.coarse_sparsity, rule)
+        if not q_rot.is_cuda:
+            self.note_rows(kept_rows(keep, idx.offsets).mean(-1))
+        return token_select_attention(q_rot, idx.keys, idx.values, keep, idx.row_cluster, self.k[:, :, :n],
+                                      self.v[:, :, :n], lengths, step.scaling, starts, local_valid, step.window,
+                                      step.positions, idx.positions)

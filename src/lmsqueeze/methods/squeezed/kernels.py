@@ -17,6 +17,7 @@ from lmsqueeze.methods.squeezed.reference import (
     indexed_attention_reference,
     prefill_scores_reference,
     squeezed_decode_reference,
+    token_select_attention_reference,
 )
 
 BLOCK_C = 64          # clusters per scoring program
@@ -325,25 +326,101 @@ def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, len
     if idx.stride(-1) != 1 or counts.stride(-1) != 1:
         raise LmsqueezeError("indexed_attention needs idx / counts contiguous in the last dim")
     rows = T * G
+    block_m, num_warps, num_stages = _prefill_block_config(rows, block_m, num_warps, num_stages)
+    out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32) if return_lse else out
+    _indexed_attention_kernel[(-(-rows // block_m), B * Hkv)](
+        q, keys, values, idx, counts, local_k, local_v, lengths, starts if starts is not None else lengths, out, lse,
+        counts, counts,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        idx.stride(0), idx.stride(1), 0, counts.stride(0), counts.stride(1), 0,
+        local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
+        local_v.stride(2), out.stride(0), out.stride(1), out.stride(2), 0, 0, 0, 0,
+        T, local_k.shape[2], float(scaling) * LOG2E,
+        HKV=Hkv, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D),
+        HAS_STARTS=starts is not None, WRITE_LSE=return_lse, IEEE_DOT=_ieee(q), TOKEN_MASK=False,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return (out, lse) if return_lse else out
+
+
+def _prefill_block_config(rows: int, block_m, num_warps, num_stages) -> tuple[int, int, int]:
     if block_m is None:  # (128, 8 warps, 3 stages) was the fastest of four at 1024 x 4 rows, D=128 on the H100
         block_m = 16 if rows <= 16 else (64 if rows <= 256 else 128)
     if num_warps is None:
         num_warps = 4 if block_m <= 64 else 8
     if num_stages is None:
         num_stages = 3 if block_m == 128 else 2
+    return block_m, num_warps, num_stages
+
+
+def block_rows(keep: torch.Tensor, row_cluster: torch.Tensor, G: int, block_m: int):
+    """The fixed rows each block of `block_m` packed query rows lists: the union of its tokens' clusters.
+    keep: [B, Hkv, T, C + 1] bool; row_cluster: [Hkv, N] -> (idx [B, Hkv, NB, M] int32, counts [B, Hkv, NB]
+    int32). A host sync (the width M): prefill only."""
+    from lmsqueeze.methods.squeezed.lookup import mask_to_index
+    from lmsqueeze.methods.squeezed.token_select import block_union
+
+    B, Hkv = keep.shape[:2]
+    union = block_union(keep, G, block_m)                                          # [B, Hkv, NB, C + 1]
+    nb = union.shape[2]
+    rmask = union.gather(-1, row_cluster.long()[None, :, None, :].expand(B, -1, nb, -1))   # [B, Hkv, NB, N]
+    idx, counts = mask_to_index(rmask.reshape(B, Hkv * nb, -1))
+    return idx.reshape(B, Hkv, nb, -1), counts.reshape(B, Hkv, nb).contiguous()
+
+
+def token_select_attention_triton(q, keys, values, keep, row_cluster, local_k, local_v, lengths, scaling, starts=None,
+                                  return_lse: bool = False, *, block_m: int | None = None, block_n: int = 64,
+                                  num_warps: int | None = None, num_stages: int | None = None):
+    """Kernel form of `token_select_attention_reference` (no window / local_valid): each block of query rows
+    reads the union of its tokens' rows, masked per token inside the kernel."""
+    from lmsqueeze.methods.squeezed._triton_kernels import _indexed_attention_kernel
+
+    B, Hq, T, D = q.shape
+    Hkv, N, _ = keys.shape
+    G = _check_heads(q, Hkv, keys.shape[-1], "token_select_attention")
+    if keep.shape[:3] != (B, Hkv, T) or row_cluster.shape != (Hkv, N) or local_k.shape[:2] != (B, Hkv):
+        raise LmsqueezeError(f"token_select_attention: keep {tuple(keep.shape)}, row_cluster "
+                             f"{tuple(row_cluster.shape)} and local cache {tuple(local_k.shape)} do not match "
+                             f"q {tuple(q.shape)} and keys {tuple(keys.shape)}")
+    rows = T * G
+    block_m, num_warps, num_stages = _prefill_block_config(rows, block_m, num_warps, num_stages)
+    idx, counts = block_rows(keep, row_cluster, G, block_m)
+    keep8 = keep.to(torch.int8).contiguous()
+    rc = row_cluster.to(torch.int32).contiguous()
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32) if return_lse else out
-    _indexed_attention_kernel[(-(-rows // block_m), B * Hkv)](
+    _indexed_attention_kernel[(idx.shape[2], B * Hkv)](
         q, keys, values, idx, counts, local_k, local_v, lengths, starts if starts is not None else lengths, out, lse,
+        keep8, rc,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        idx.stride(0), idx.stride(1), counts.stride(0),
+        idx.stride(0), idx.stride(1), idx.stride(2), counts.stride(0), counts.stride(1), counts.stride(2),
         local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
         local_v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        keep8.stride(0), keep8.stride(1), keep8.stride(2), rc.stride(0),
         T, local_k.shape[2], float(scaling) * LOG2E,
         HKV=Hkv, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D),
-        HAS_STARTS=starts is not None, WRITE_LSE=return_lse, IEEE_DOT=_ieee(q),
+        HAS_STARTS=starts is not None, WRITE_LSE=return_lse, IEEE_DOT=_ieee(q), TOKEN_MASK=True,
         num_warps=num_warps, num_stages=num_stages,
     )
+    return (out, lse) if return_lse else out
+
+
+def token_select_attention(q, keys, values, keep, row_cluster, local_k, local_v, lengths, scaling, starts=None,
+                           local_valid=None, window=None, q_pos=None, key_pos=None, return_lse: bool = False):
+    """Prefill where every query token reads its own clusters: T queries over the fixed rows of their kept
+    clusters + the causal local slots, one softmax.
+
+    q: [B, Hq, T, D] rotated; keys, values: [Hkv, N, D] (sorted by cluster); keep: [B, Hkv, T, C + 1] bool
+    (token_select.token_keep); row_cluster: [Hkv, N] int cluster of each row; local_k, local_v:
+    [B, Hkv, L, D] with this chunk written; lengths: [B] int32; starts: [B] int32 or None.
+    Returns out [B, Hq, T, D] (and lse [B, Hq, T] float32).
+    """
+    if q.is_cuda and window is None and local_valid is None:
+        return token_select_attention_triton(q, keys, values, keep, row_cluster, local_k, local_v, lengths, scaling,
+                                             starts, return_lse)
+    out, lse = token_select_attention_reference(q, keys, values, keep, row_cluster, local_k, local_v, lengths,
+                                                scaling, starts, local_valid, window, q_pos, key_pos)
     return (out, lse) if return_lse else out
 
 

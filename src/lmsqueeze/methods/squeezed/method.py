@@ -8,6 +8,8 @@ from typing import ClassVar
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.base import Artifact, Method, register_method
 
+PREFILL_MODES = ("token", "token-budget", "chunk")
+
 
 @register_method
 @dataclass(slots=True)
@@ -20,7 +22,10 @@ class SqueezedAttention(Method):
     `centroids`); coarse_sparsity: fraction of keys the coarse level prunes (at most `sparsity`); observation: the last tokens of
     the context used as calibration queries (always attended, never clustered); sinks: first tokens of the
     context always attended (attention sinks, never clustered); threshold: 'head' (a calibrated threshold per
-    KV head) or 'layer' (one per layer, shared by its heads); kmeans_iters, seed: K-means.
+    KV head) or 'layer' (one per layer, shared by its heads); kmeans_iters, seed: K-means;
+    prefill: how a prefill chunk (the user input) selects: 'token' (each token its own clusters by the
+    calibrated threshold, as decode does: the paper's rule), 'token-budget' (each token its top clusters up to
+    the key budget) or 'chunk' (one key set for the whole chunk: top mean estimated weight, up to the budget).
     """
 
     name: ClassVar[str] = "squeezed"
@@ -35,6 +40,7 @@ class SqueezedAttention(Method):
     threshold: str = "head"
     kmeans_iters: int = 16
     seed: int = 0
+    prefill: str = "token"
 
     def __post_init__(self) -> None:
         if self.hierarchical is not None:
@@ -59,6 +65,8 @@ class SqueezedAttention(Method):
         if self.threshold == "layer" and self.hierarchical is not None:
             raise LmsqueezeError("threshold='layer' is for the one-level lookup; use threshold='head' with "
                                  "hierarchical")
+        if self.prefill not in PREFILL_MODES:
+            raise LmsqueezeError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {self.prefill!r}")
         if self.kmeans_iters < 0:
             raise LmsqueezeError(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
 
@@ -93,4 +101,4 @@ class SqueezedAttention(Method):
         if artifact is None:
             raise LmsqueezeError("squeezed attention needs a prepared context: art = SqueezedAttention(...)"
                                  ".prepare(model, context_ids), then apply(model, art)")
-        return SqueezedState(layer_idx, artifact, self.sparsity, self.coarse_pruning, max_length)
+        return SqueezedState(layer_idx, artifact, self.sparsity, self.coarse_pruning, max_length, self.prefill)

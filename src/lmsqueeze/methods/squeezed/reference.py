@@ -255,3 +255,29 @@ def prefill_scores_reference(q: torch.Tensor, centroids: torch.Tensor, lsizes: t
     log_z = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
     p = torch.exp(s - log_z).masked_fill(~torch.isfinite(ls.expand_as(s)), 0.0)
     return p.sum(3).reshape(B, Hq, C)
+
+
+def token_select_attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                                     keep: torch.Tensor, row_cluster: torch.Tensor, local_k: torch.Tensor,
+                                     local_v: torch.Tensor, lengths: torch.Tensor, scaling: float,
+                                     starts: torch.Tensor | None = None, local_valid: torch.Tensor | None = None,
+                                     window: int | None = None, q_pos: torch.Tensor | None = None,
+                                     key_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill with a key set per query token: token t attends the fixed rows of its kept clusters and the
+    causal local slots, one softmax.
+
+    q: [B, Hq, T, D]; keys, values: [Hkv, N, D]; keep: [B, Hkv, T, C + 1] bool (token_select.token_keep);
+    row_cluster: [Hkv, N] cluster of each row (C = the observation window); the rest as in
+    `indexed_attention_reference`. Returns (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32).
+    """
+    B, Hq, T, D = q.shape
+    Hkv, N, _ = keys.shape
+    G = Hq // Hkv
+    fmask = keep.gather(-1, row_cluster.long()[None, :, None, :].expand(B, -1, T, -1))        # [B, Hkv, T, N]
+    fmask = _fixed_window(fmask, window, q_pos, key_pos)
+    qg = q.float().reshape(B, Hkv, G, T, D)
+    s_fixed = (qg @ keys.float()[None, :, None].transpose(-1, -2)) * scaling                   # [B, Hkv, G, T, N]
+    out_f, lse_f = _attend(s_fixed.masked_fill(~fmask[:, :, None], NEG), values.float()[None, :, None, None])
+    out_l, lse_l = _local_part(qg, local_k, local_v, lengths, starts, local_valid, window, scaling)
+    out, lse = merge_attention_states(out_f, lse_f, out_l, lse_l)
+    return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T)
