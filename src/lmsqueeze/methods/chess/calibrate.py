@@ -25,7 +25,9 @@ import torch
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.chess.thresholds import (
     channel_thresholds,
+    channel_weight,
     check_finite,
+    check_rule,
     importance_threshold,
     magnitude_threshold,
 )
@@ -114,11 +116,11 @@ def _up_square_hook(rec: _Recorder, layer: int):
     return hook
 
 
-def _chess_gate_hook(rec: _Recorder, layer: int, act, up_sq_mean: torch.Tensor, sparsities: tuple[float, ...]):
+def _chess_gate_hook(rec: _Recorder, layer: int, act, weight: torch.Tensor, sparsities: tuple[float, ...]):
     def hook(module, args, out):
         a = act(rec.tokens(out, f"layer {layer} gate_proj").float())
         for s in sparsities:
-            rec.per_batch[(layer, "tau", s)].append(importance_threshold(a, up_sq_mean, s))
+            rec.per_batch[(layer, "tau", s)].append(importance_threshold(a, weight, s))
     return hook
 
 
@@ -147,25 +149,26 @@ def _mean(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.float().cpu() for v in values]).mean(0)
 
 
-def calibrate_thresholds(model, batches, kind: str, sparsity: float, attention_sparsity: float | None = None
-                         ) -> dict[str, torch.Tensor]:
+def calibrate_thresholds(model, batches, kind: str, sparsity: float, attention_sparsity: float | None = None,
+                         rule: str = "paper") -> dict[str, torch.Tensor]:
     """Thresholds for `kind` ('chess', 'cats' or 'teal') on the dense model, as artifact tensors.
 
     sparsity: target fraction of zeroed FFN activations (TEAL: of every linear's input); attention_sparsity:
-    CHESS's fraction for the q_proj/o_proj inputs (None: no attention sparsification).
-    Returns {"layers.{i}.{site}": float32 tensor} (sites in the module docstring).
+    CHESS's fraction for the q_proj/o_proj inputs (None: no attention sparsification); rule: CHESS's channel
+    importance (`thresholds.CHANNEL_RULES`). Returns {"layers.{i}.{site}": float32 tensor} (sites above).
     """
     att = None if attention_sparsity is None else [attention_sparsity]
-    return calibrate_threshold_sweep(model, batches, kind, [sparsity], att)[0]
+    return calibrate_threshold_sweep(model, batches, kind, [sparsity], att, rule)[0]
 
 
-def calibrate_threshold_sweep(model, batches, kind: str, sparsities, attention_sparsities=None
+def calibrate_threshold_sweep(model, batches, kind: str, sparsities, attention_sparsities=None, rule: str = "paper"
                               ) -> list[dict[str, torch.Tensor]]:
     """`calibrate_thresholds` for several sparsities from one pass over the batches (two for CHESS).
 
     sparsities: [S] targets; attention_sparsities: [S] CHESS q_proj/o_proj targets (pairs with sparsities)
     or None. Returns S dicts of artifact tensors, in the order given.
     """
+    check_rule(rule)
     if kind not in KINDS:
         raise LmsqueezeError(f"unknown threshold kind {kind!r}; use one of {', '.join(KINDS)}")
     sps = tuple(float(s) for s in sparsities)
@@ -199,15 +202,16 @@ def calibrate_threshold_sweep(model, batches, kind: str, sparsities, attention_s
     if kind == "chess":
         if any(rec.count[i] == 0 for i in range(len(layers))):
             raise LmsqueezeError("calibration saw no valid tokens; pass batches with unpadded tokens")
-        up_sq_mean = {i: (rec.sq_sum[i] / rec.count[i]) for i in range(len(layers))}
+        weight = {i: channel_weight(rec.sq_sum[i] / rec.count[i], layer.mlp.down_proj.weight, rule)
+                  for i, layer in enumerate(layers)}
         rec2 = _Recorder()
-        hooks = [(layer.mlp.gate_proj, "post", _chess_gate_hook(rec2, i, layer.mlp.act_fn, up_sq_mean[i], sps))
+        hooks = [(layer.mlp.gate_proj, "post", _chess_gate_hook(rec2, i, layer.mlp.act_fn, weight[i], sps))
                  for i, layer in enumerate(layers)]
         _run(model, data, rec2, hooks)
         for out, s in zip(outs, sps):
             for i in range(len(layers)):
                 tau = _mean(rec2.per_batch[(i, "tau", s)])
-                out[f"layers.{i}.gate"] = channel_thresholds(tau, up_sq_mean[i].float().cpu())
+                out[f"layers.{i}.gate"] = channel_thresholds(tau, weight[i].float().cpu())
     log.info("calibrated %s thresholds for %d layers on %d batches at sparsities %s", kind, len(layers), len(data),
              sps)
     return [dict(sorted(o.items())) for o in outs]

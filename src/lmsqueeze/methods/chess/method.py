@@ -14,10 +14,13 @@ from typing import ClassVar
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.base import Artifact, Method, model_fingerprint, register_method
-from lmsqueeze.methods.chess.calibrate import as_batches, calibrate_thresholds
+from lmsqueeze.methods.chess.allocate import allocation_levels, combine_levels, greedy_allocation
+from lmsqueeze.methods.chess.calibrate import as_batches, calibrate_threshold_sweep, calibrate_thresholds
 from lmsqueeze.methods.chess.install import install_thresholds
 from lmsqueeze.methods.chess.kernels import MAX_KERNEL_BATCH
-from lmsqueeze.methods.chess.thresholds import check_sparsity
+from lmsqueeze.methods.chess.thresholds import check_rule, check_sparsity
+
+ALLOCATIONS = ("uniform", "greedy")
 from lmsqueeze.methods.dense import DenseState
 
 
@@ -29,14 +32,29 @@ def check_kernel_rows(n: int) -> int:
 
 
 def sparsity_artifact(method: Method, model, batches, kind: str, sparsity: float,
-                      attention_sparsity: float | None) -> Artifact:
-    """Calibrate `kind` thresholds on `model` and wrap them in an Artifact of `method`."""
+                      attention_sparsity: float | None, rule: str = "paper", allocation: str = "uniform",
+                      allocation_step: float = 0.05) -> Artifact:
+    """Calibrate `kind` thresholds on `model` and wrap them in an Artifact of `method`.
+
+    allocation 'greedy' (FFN gate thresholds only): per-layer sparsities at the same mean, chosen on the
+    calibration loss of `batches` (`allocate.greedy_allocation`); recorded in the artifact's meta.
+    """
     data = as_batches(batches)
-    tensors = calibrate_thresholds(model, [{"input_ids": ids, "attention_mask": mask} for ids, mask in data],
-                                   kind, sparsity, attention_sparsity)
+    dicts = [{"input_ids": ids, "attention_mask": mask} for ids, mask in data]
+    meta: dict = {}
+    if allocation == "uniform":
+        tensors = calibrate_thresholds(model, dicts, kind, sparsity, attention_sparsity, rule)
+    else:
+        levels = allocation_levels(allocation_step)
+        att = None if attention_sparsity is None else [attention_sparsity] * len(levels)
+        sweep = calibrate_threshold_sweep(model, dicts, kind, levels, att, rule)
+        chosen = greedy_allocation(model, data, sweep, levels, [sparsity])[sparsity]
+        tensors = combine_levels(sweep, chosen["levels"])
+        meta["layer_sparsities"] = chosen["sparsities"]
+        meta["allocation_calibration_loss"] = chosen["loss"]
     tokens = sum(int(ids.numel() if mask is None else mask.sum()) for ids, mask in data)
     return Artifact(method=method, fingerprint=model_fingerprint(model), tensors=tensors,
-                    meta={"calibration_tokens": tokens, "calibration_batches": len(data)})
+                    meta={"calibration_tokens": tokens, "calibration_batches": len(data), **meta})
 
 
 @register_method
@@ -44,7 +62,10 @@ def sparsity_artifact(method: Method, model, batches, kind: str, sparsity: float
 class CHESS(Method):
     """sparsity: fraction of FFN activations (a_g) zeroed on calibration data; attention: also sparsify the
     inputs of q_proj and o_proj (k_proj, v_proj stay dense) at `attention_sparsity` (None: = sparsity);
-    max_kernel_rows: batch x tokens up to which the sparse kernels run (above: masked dense math)."""
+    max_kernel_rows: batch x tokens up to which the sparse kernels run (above: masked dense math);
+    rule: channel importance, 'paper' (a_g^2 E[a_u^2]) or 'wdown' (x ||W_down[:, i]||^2, `thresholds.py`);
+    allocation: 'uniform' (every layer at `sparsity`, the paper) or 'greedy' (per-layer sparsities with mean
+    `sparsity`, chosen on the calibration loss in steps of `allocation_step`, `allocate.py`)."""
 
     name: ClassVar[str] = "chess"
     needs_calibration: ClassVar[bool] = True
@@ -52,9 +73,22 @@ class CHESS(Method):
     attention: bool = True
     attention_sparsity: float | None = None
     max_kernel_rows: int = MAX_KERNEL_BATCH
+    rule: str = "paper"
+    allocation: str = "uniform"
+    allocation_step: float = 0.05
 
     def __post_init__(self) -> None:
         self.sparsity = check_sparsity(self.sparsity)
+        self.rule = check_rule(self.rule)
+        if self.allocation not in ALLOCATIONS:
+            raise LmsqueezeError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if isinstance(self.allocation_step, bool) or not isinstance(self.allocation_step, (int, float)) or not (
+                0 < self.allocation_step <= 0.5):
+            raise LmsqueezeError(f"allocation_step must be in (0, 0.5], got {self.allocation_step!r}; use 0.05")
+        if self.allocation == "greedy" and abs(round(self.sparsity / self.allocation_step) * self.allocation_step
+                                               - self.sparsity) > 1e-6:
+            raise LmsqueezeError(f"greedy allocation needs sparsity ({self.sparsity}) to be a multiple of "
+                                 f"allocation_step ({self.allocation_step})")
         if not isinstance(self.attention, bool):
             raise LmsqueezeError(f"attention must be True or False, got {self.attention!r}")
         if self.attention_sparsity is not None:
@@ -67,7 +101,8 @@ class CHESS(Method):
     def calibrate(self, model, batches) -> Artifact:
         att = (self.sparsity if self.attention_sparsity is None else self.attention_sparsity) if self.attention \
             else None
-        return sparsity_artifact(self, model, batches, "chess", self.sparsity, att)
+        return sparsity_artifact(self, model, batches, "chess", self.sparsity, att, self.rule, self.allocation,
+                                 self.allocation_step)
 
     def install(self, model, artifact: Artifact | None):
         if artifact is None:

@@ -5,6 +5,11 @@ CHESS (He et al., 2024) scores FFN channel i of one token by importance_i = a_g,
 a_g = act(W_gate x) and a_u = W_up x, and drops the channels whose importance is below one per-layer
 value tau (the `sparsity` quantile of all importances). Dropping iff importance <= tau is the same as
 keeping channel i iff |a_g,i| > t_i with t_i = sqrt(tau / E[a_u,i^2]).
+
+Rules (`CHANNEL_RULES`), i.e. the per-channel weight c_i in importance_i = a_g,i^2 * c_i:
+  paper  c_i = E[a_u,i^2]                       (CHESS's code; the error of h = a_g * a_u)
+  wdown  c_i = E[a_u,i^2] * ||W_down[:, i]||^2  (the expected squared change of the MLP *output*, which is
+                                                 what the next layer sees; the paper drops the W_down factor)
 """
 
 from __future__ import annotations
@@ -53,20 +58,40 @@ def magnitude_threshold(x: torch.Tensor, sparsity: float) -> torch.Tensor:
     return kth_smallest(x.abs(), sparsity)
 
 
-def importance_threshold(gate_act: torch.Tensor, up_sq_mean: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """CHESS's per-layer tau: the `sparsity` quantile of a_g^2 * E[a_u^2].
+CHANNEL_RULES = ("paper", "wdown")
 
-    gate_act: [N, I] act(W_gate x) for N tokens; up_sq_mean: [I] E[(W_up x)^2] per channel.
+
+def check_rule(rule: str) -> str:
+    """Return `rule` if it is one of CHANNEL_RULES; raise LmsqueezeError otherwise."""
+    if rule not in CHANNEL_RULES:
+        raise LmsqueezeError(f"rule must be one of {', '.join(CHANNEL_RULES)}, got {rule!r}")
+    return rule
+
+
+def channel_weight(up_sq_mean: torch.Tensor, w_down: torch.Tensor | None, rule: str) -> torch.Tensor:
+    """c_i of `rule`: up_sq_mean: [I] E[a_u,i^2]; w_down: [H, I] down_proj weight (rule 'wdown'). Returns [I]."""
+    c = up_sq_mean.float()
+    if check_rule(rule) == "wdown":
+        if w_down is None or w_down.shape[-1] != c.numel():
+            raise LmsqueezeError("rule 'wdown' needs the down_proj weight [H, I] of the layer")
+        c = c * w_down.detach().float().square().sum(0).to(c.device)
+    return c
+
+
+def importance_threshold(gate_act: torch.Tensor, weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """CHESS's per-layer tau: the `sparsity` quantile of a_g^2 * c.
+
+    gate_act: [N, I] act(W_gate x) for N tokens; weight: [I] the rule's c_i (paper: E[(W_up x)^2]).
     """
-    return kth_smallest(gate_act.float().square() * up_sq_mean.float(), sparsity)
+    return kth_smallest(gate_act.float().square() * weight.float(), sparsity)
 
 
-def channel_thresholds(tau: torch.Tensor, up_sq_mean: torch.Tensor) -> torch.Tensor:
-    """t_i = sqrt(tau / E[a_u,i^2]): keep channel i iff |a_g,i| > t_i. Returns [I] float32.
+def channel_thresholds(tau: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """t_i = sqrt(tau / c_i): keep channel i iff |a_g,i| > t_i. Returns [I] float32.
 
-    A channel whose up activation is always zero gets an infinite threshold (it never matters).
+    A channel whose weight is zero (its up activation is always zero) gets an infinite threshold.
     """
-    up = up_sq_mean.float()
+    up = weight.float()
     t = torch.sqrt(tau.float() / up)
     t = torch.where(up > 0, t, torch.full_like(t, float("inf")))
     return torch.where(tau > 0, t, torch.zeros_like(t))
