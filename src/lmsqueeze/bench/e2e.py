@@ -7,6 +7,8 @@ Every cache holds the same random K/V (no 128K-token prefill), so first-step log
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from pathlib import Path
 from typing import Annotated
 
@@ -54,6 +56,35 @@ def lmsqueeze_graph(model: nn.Module, batch: int, length: int) -> StepBench:
     return StepBench(step, decode_step_bytes(model, batch, length), model.device.type == "cuda", batch)
 
 
+CHESS_STEP = {"sparsity": 0.5}  # the sparsity of the "lmsqueeze-chess" variant (`bench e2e --chess-sparsity`)
+
+
+@register_step_variant("lmsqueeze-chess")
+def lmsqueeze_chess(model: nn.Module, batch: int, length: int) -> StepBench:
+    """lmsqueeze's decode step with CHESS (FFN + q_proj/o_proj inputs at CHESS_STEP["sparsity"]; thresholds
+    calibrated on 2 x 256 random tokens), replayed as one CUDA graph. The sparse modules stay installed while the
+    step lives (installing re-lays weights out, which a graph must not replay) and are removed when it is freed.
+    The cache holds random K/V, so the q_proj/o_proj input sparsity at the step can differ from the target."""
+    from lmsqueeze.methods.chess import CHESS
+    from lmsqueeze.session import apply
+
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(0)
+    calib = [torch.randint(0, model.config.vocab_size, (1, 256), generator=gen, device=device) for _ in range(2)]
+    art = CHESS(sparsity=CHESS_STEP["sparsity"]).calibrate(model, calib)
+    art.tensors = {k: v.to(device) for k, v in art.tensors.items()}
+    cache = random_dense_cache(model, batch, length)
+    ids, pos = decode_inputs(model, batch, length)
+    stack = contextlib.ExitStack()
+    stack.enter_context(apply(model, art))
+
+    def step() -> torch.Tensor:
+        return model(input_ids=ids, position_ids=pos, **cache_kw(model, cache), use_cache=True,
+                     logits_to_keep=1).logits
+    weakref.finalize(step, stack.close)
+    return StepBench(step, decode_step_bytes(model, batch, length), model.device.type == "cuda", batch)
+
+
 Opt = typer.Option
 
 
@@ -67,9 +98,13 @@ def e2e(preset: Annotated[str, Opt(help="model shape preset")] = "llama3-8b",
         iters: int = 30, warmup: int = 5,
         device: Annotated[str, Opt(help="auto, cuda or cpu (cpu: tiny preset only)")] = "auto",
         peak_tbps: Annotated[float, Opt("--peak-tbps", help="bandwidth of the bytes floor")] = 3.0,
-        num_layers: Annotated[int | None, Opt(help="keep only the first N layers")] = None) -> None:
+        num_layers: Annotated[int | None, Opt(help="keep only the first N layers")] = None,
+        chess_sparsity: Annotated[float, Opt(help="sparsity of the lmsqueeze-chess variant")] = 0.5) -> None:
     """End-to-end decode step: lmsqueeze's graphed path vs transformers eager/static/compiled, bytes floor."""
     from lmsqueeze.bench.cli import run_step_command
+    from lmsqueeze.methods.chess.thresholds import check_sparsity
+
+    CHESS_STEP["sparsity"] = check_sparsity(chess_sparsity, "chess-sparsity")
 
     run_step_command("decode_e2e", preset, lengths, batch, dtype, variants, baseline, out, iters, warmup, device,
                      peak_tbps, num_layers, [
