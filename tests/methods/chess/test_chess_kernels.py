@@ -70,6 +70,9 @@ triton = pytest.importorskip("triton")
     (16, 64, 48, torch.float16, 0.5, SpmvConfig(32, 32, 4, 2)),
     (1, 301, 130, torch.float32, 0.5, SpmvConfig(64, 16, 2, 8, fused=True)),  # one launch, last program reduces
     (1, 128, 64, torch.float16, 0.0, SpmvConfig(64, 64, 2, 8, fused=True)),
+    (1, 301, 130, torch.float32, 0.5, SpmvConfig(64, 16, 2, 8, compact=True)),  # compacted survivor list
+    (1, 3000, 40, torch.float16, 0.0, SpmvConfig(16, 2048, 2, 1, compact=True)),  # 2 scan tiles per split
+    (1, 77, 24, torch.float32, 5.0, SpmvConfig(32, 16, 2, 4, compact=True)),  # nothing survives: bias only
 ])
 def test_triton_input_sparse_matches_reference_and_skips_rows(B, K, N, dtype, threshold, cfg):
     x, w_t, w_poisoned, bias = _spmv_inputs(B, K, N, dtype, threshold)
@@ -149,11 +152,11 @@ def test_cpu_path_all_dropped_gives_zeros_or_bias(cpu_impl):
     torch.testing.assert_close(out, bias.expand(2, 5))
 
 
-def test_fused_kernel_leaves_tickets_at_zero_across_calls():
+@pytest.mark.parametrize("cfg", [SpmvConfig(32, 16, 2, 8, fused=True), SpmvConfig(32, 16, 2, 8, compact=True)])
+def test_fused_kernel_leaves_tickets_at_zero_across_calls(cfg):
     from lmsqueeze.methods.chess import kernels
 
     x, w_t, w_poisoned, bias = _spmv_inputs(1, 200, 72, torch.float32, 0.4)
-    cfg = SpmvConfig(32, 16, 2, 8, fused=True)
     ref = input_sparse_matvec_reference(x, w_t, 0.4, bias)
     for _ in range(2):  # a second call would mis-reduce if the first left a ticket behind
         out = input_sparse_matvec_triton(x, w_poisoned, 0.4, bias, config=cfg)

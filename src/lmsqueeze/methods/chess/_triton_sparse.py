@@ -14,6 +14,11 @@ channel survives for some batch row. No partials: each program finishes its BLOC
 column block to finish (an atomic ticket per block) sums the partials, adds the bias and writes y, and resets
 its ticket to 0 for the next call: one launch instead of two, no host synchronisation (graph-safe).
 
+`_input_sparse_b1_compact_kernel`, same grid, batch 1 only: each program first compacts the indices of the
+surviving inputs of its K range (a prefix sum per scan tile, written to a scratch list shared by the programs
+of that range, which all write the same values), then walks only that list: every W tile it loads is full
+(no masked-off rows, half the loop trips at 50%), and the fused kernel's ticket reduction finishes it.
+
 BLOCK_B == 1 uses broadcast-multiply-and-sum into a 2D accumulator (reduced once at the end), optionally
 software-pipelined (PREFETCH); BLOCK_B >= 16 uses tl.dot over the padded batch.
 """
@@ -113,6 +118,50 @@ def _input_sparse_b1_fused_kernel(
     tl.debug_barrier()  # every thread's partial is written before the ticket is taken
     ticket = tl.atomic_add(Ticket + pid_n, 1, sem="acq_rel")
     if ticket == num_splits - 1:  # the last program of this column block: sum the partials
+        tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for s in range(num_splits):
+            tot += tl.load(Part + s * stride_ps + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            tot += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(Y + offs_n, tot.to(Y.dtype.element_ty), mask=n_ok)
+        tl.atomic_xchg(Ticket + pid_n, 0)
+
+
+@triton.jit
+def _input_sparse_b1_compact_kernel(
+    X, W, Part, Ticket, Bias, Y, Idx, K, N, k_per_split, num_splits, threshold, stride_wk, stride_ps,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SCAN: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    base = Idx + k_lo
+    count = tl.sum(tl.zeros([SCAN], dtype=tl.int32), axis=0)
+    for k0 in range(k_lo, k_hi, SCAN):  # compaction: the surviving k of this range, in order
+        offs = k0 + tl.arange(0, SCAN)
+        x = tl.load(X + offs, mask=offs < k_hi, other=0.0).to(tl.float32)
+        keep = (tl.abs(x) > threshold).to(tl.int32)
+        pos = count + tl.cumsum(keep, axis=0) - 1
+        tl.store(base + pos, offs, mask=keep > 0)
+        count += tl.sum(keep, axis=0)
+    tl.debug_barrier()  # this program's index writes are visible to all its threads
+    acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for j0 in range(0, count, BLOCK_K):
+        offs_j = j0 + tl.arange(0, BLOCK_K)
+        j_ok = offs_j < count
+        k = tl.load(base + offs_j, mask=j_ok, other=0)
+        xv = tl.load(X + k, mask=j_ok, other=0.0).to(tl.float32)
+        w = tl.load(W + k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :], mask=j_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        acc2 += xv[:, None] * w.to(tl.float32)
+    acc = tl.sum(acc2, axis=0)
+    tl.store(Part + pid_s * stride_ps + offs_n, acc, mask=n_ok)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(Ticket + pid_n, 1, sem="acq_rel")
+    if ticket == num_splits - 1:
         tot = tl.zeros([BLOCK_N], dtype=tl.float32)
         for s in range(num_splits):
             tot += tl.load(Part + s * stride_ps + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")

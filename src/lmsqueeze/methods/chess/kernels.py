@@ -41,6 +41,7 @@ class SpmvConfig:
     programs_per_sm: int
     prefetch: bool = False  # batch 1 only: request the next tiles before this step's multiply-adds
     fused: bool = False  # batch 1 only: the last program of each column block reduces the partials (one launch)
+    compact: bool = False  # batch 1 only: fused, and each program walks a compacted list of its surviving inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,14 @@ SPMV_CONFIGS_B1 = (  # first: the fastest at Llama-3-8B down_proj and q/o, 50%, 
     SpmvConfig(512, 32, 8, 4, fused=True), SpmvConfig(1024, 16, 8, 4, fused=True), SpmvConfig(1024, 8, 4, 8, fused=True),
     SpmvConfig(64, 64, 2, 16, fused=True), SpmvConfig(128, 32, 4, 16, fused=True), SpmvConfig(256, 16, 4, 16, fused=True),
     SpmvConfig(64, 32, 2, 16, fused=True), SpmvConfig(128, 64, 4, 8, fused=True),
+)
+# Compacted-index variants (one launch): swept on the GPU by bench_chess_gpu.py with the configs above; a
+# variant joins SPMV_CONFIGS_B1 (the runtime autotuner's candidates) only after it passed the GPU check there.
+SPMV_CONFIGS_COMPACT = (
+    SpmvConfig(64, 64, 2, 8, compact=True), SpmvConfig(64, 32, 2, 8, compact=True), SpmvConfig(128, 32, 4, 8, compact=True),
+    SpmvConfig(128, 64, 4, 4, compact=True), SpmvConfig(64, 64, 4, 8, compact=True), SpmvConfig(64, 64, 2, 16, compact=True),
+    SpmvConfig(128, 16, 4, 8, compact=True), SpmvConfig(256, 16, 4, 8, compact=True), SpmvConfig(256, 32, 8, 4, compact=True),
+    SpmvConfig(64, 128, 4, 8, compact=True), SpmvConfig(128, 64, 8, 8, compact=True), SpmvConfig(32, 64, 1, 16, compact=True),
 )
 SPMV_CONFIGS_DOT = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(64, 64, 4, 4), SpmvConfig(128, 32, 4, 8), SpmvConfig(256, 64, 8, 2),
@@ -143,6 +152,10 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
     """[>= n] int32 zeros, one per column block, kept per device: the fused kernel leaves them at 0 again.
 
@@ -182,6 +195,16 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
         k_per = triton_cdiv(triton_cdiv(K, splits), cfg.block_k) * cfg.block_k
         splits = triton_cdiv(K, k_per)
         part = torch.empty(splits, B, N, dtype=torch.float32, device=x.device)
+        if cfg.compact and BB == 1:
+            y = torch.empty(B, N, dtype=x.dtype, device=x.device)
+            idx = torch.empty(splits * k_per, dtype=torch.int32, device=x.device)
+            ts._input_sparse_b1_compact_kernel[(n_blocks, splits)](
+                x, w_t, part, _tickets(x.device, n_blocks), bias if bias is not None else part, y, idx, K, N, k_per,
+                splits, float(threshold), w_t.stride(0), part.stride(0),
+                BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, SCAN=min(1024, _next_pow2(k_per)),
+                HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+            )
+            return y
         if cfg.fused and BB == 1:
             y = torch.empty(B, N, dtype=x.dtype, device=x.device)
             ts._input_sparse_b1_fused_kernel[(n_blocks, splits)](
