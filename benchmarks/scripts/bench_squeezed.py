@@ -112,6 +112,19 @@ def check_kernels(dev) -> list[dict]:
             o = K.indexed_attention(qq, keys, vals, idx, cnt, lk, lv, lengths2, sc, starts)
             o_r, _ = R.indexed_attention_reference(qq, keys, vals, idx, cnt, lk, lv, lengths2, sc, starts)
             out.append({**case, "kernel": "indexed_attention", "rel_err": rel(o, o_r), "tol": tol})
+            keep = torch.rand(B, Hkv, T, C + 1, generator=gen).to(dev) < 0.3
+            offs_l = offs.long()
+            rc = torch.repeat_interleave(torch.arange(C + 1, device=dev).repeat(Hkv),
+                                         (offs_l[:, 1:] - offs_l[:, :-1]).flatten()).reshape(Hkv, -1)
+            o = K.token_select_attention(qq, keys, vals, keep, rc, lk, lv, lengths2, sc, starts)
+            o_r, _ = R.token_select_attention_reference(qq, keys, vals, keep, rc, lk, lv, lengths2, sc, starts)
+            out.append({**case, "kernel": "token_select_attention", "rel_err": rel(o, o_r), "tol": tol})
+            for bd in (32, None):
+                mo = torch.randn(B, Hkv * G, 45, Dh, generator=gen).to(dev)
+                ml = torch.randn(B, Hkv * G, 45, generator=gen).to(dev)
+                mo_, _ = K.merge_splits(mo, ml, dtype, bd)
+                ref_m = (torch.softmax(ml, -1)[..., None] * mo).sum(-2)
+                out.append({**case, "kernel": f"merge_splits_{bd}", "rel_err": rel(mo_, ref_m), "tol": tol})
             p = K.prefill_scores(qq, cents, ls[None], sc)
             p_r = R.prefill_scores_reference(qq, cents, ls[None], sc)
             out.append({**case, "kernel": "prefill_scores", "rel_err": rel(p, p_r), "tol": tol})
@@ -147,15 +160,15 @@ def check_model(dev) -> list[dict]:
     ids = torch.randint(0, 256, (1, S + T), generator=g).to(dev)
     with torch.no_grad():
         ref = m(ids).logits[0, S:]
-    for hier in (None, (0.02, 0.1)):
+    for hier, mode in ((None, "token"), ((0.02, 0.1), "token"), (None, "chunk"), (None, "token-budget")):
         art0 = SqueezedAttention(centroids=0.1, sparsity=0.0, coarse_sparsity=0.0, hierarchical=hier,
-                                 observation=16).prepare(m, ids[:, :S])
+                                 observation=16, prefill=mode).prepare(m, ids[:, :S])
         with lmsqueeze.apply(m, art0) as sess, torch.no_grad():
             c = sess.new_cache()
             logits = [m(ids[:, S:S + 6], past_key_values=c).logits[0]]
             logits += [m(ids[:, i:i + 1], past_key_values=c).logits[0] for i in range(S + 6, S + T)]
         err = (torch.cat(logits) - ref).abs().max().item()
-        out.append({"check": f"sparsity0_equals_dense{'_hier' if hier else ''}", "max_abs_logit_err": err,
+        out.append({"check": f"sparsity0_equals_dense{'_hier' if hier else ''}_{mode}", "max_abs_logit_err": err,
                     "ok": err < 1e-3})
     dense_tok = generate(m, ids, max_new_tokens=12, use_graph=True).new_tokens
     for sp, hier in ((0.0, None), (0.9, None), (0.9, (0.02, 0.1))):
@@ -302,17 +315,22 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     attn_bytes = kept_rows * D * 2 * 2 + HKV * LOCAL * D * 4 + HQ * C * 4 + HKV * (C + 2) * 4
     sweep = []
     best = None
-    for bc, bn, w, ns in ((32, 32, 4, 1), (16, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 4),
-                          (32, 16, 4, 2), (128, 32, 4, 8), (64, 64, 8, 2)):
-        def attn(bc=bc, bn=bn, w=w, ns=ns):
+    # (block_c, block_n, warps, sub_splits, stages): the first 8 as in earlier runs; then fewer warps and fewer
+    # pipeline stages (less shared memory and registers per program: more programs resident per SM)
+    for bc, bn, w, ns, st in ((32, 32, 4, 1, 2), (16, 32, 4, 1, 2), (32, 32, 4, 2, 2), (64, 32, 4, 2, 2),
+                              (32, 16, 4, 2, 2), (64, 64, 8, 2, 2), (32, 32, 4, 1, 1), (32, 32, 4, 2, 1),
+                              (32, 32, 2, 1, 1), (32, 32, 2, 2, 1), (16, 32, 2, 1, 1), (64, 32, 2, 2, 1),
+                              (32, 32, 2, 1, 2), (32, 16, 2, 2, 1)):
+        def attn(bc=bc, bn=bn, w=w, ns=ns, st=st):
             return [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
                                              lengths, sc, block_c=bc, block_n=bn, num_warps=w, count_kept=False,
-                                             sub_splits=ns)
+                                             sub_splits=ns, num_stages=st, merge_block_d=None)
                     for ix, (s_, e_) in zip(idxs, scores)]
-        cfg = {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": ns}
+        cfg = {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": ns, "num_stages": st}
         try:
             oo = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk, lv,
-                                          lengths, sc, block_c=bc, block_n=bn, num_warps=w, sub_splits=ns)[0]
+                                          lengths, sc, block_c=bc, block_n=bn, num_warps=w, sub_splits=ns,
+                                          num_stages=st)[0]
             cfg["rel_err_vs_reference"] = rel(oo, o_r)
             t = time_cuda(attn, iters=iters, calls_per_iter=ncopy)
         except Exception as ex:  # noqa: BLE001
@@ -320,13 +338,42 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
             continue
         sweep.append({**cfg, "ms": t.median_ms})
         if cfg["rel_err_vs_reference"] < 5e-3 and (best is None or t.median_ms < best[1].median_ms):
-            best = ((bc, bn, w, ns), t)
+            best = ((bc, bn, w, ns, st), t)
     extra["decode_sweep"] = sweep
-    (bc, bn, w, nsub), t_attn = best
-    extra["decode_best_config"] = {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": nsub}
+    (bc, bn, w, nsub, stages), t_attn = best
+    extra["decode_best_config"] = {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": nsub,
+                                   "num_stages": stages}
     rows.append(timing_row("squeezed_attention_only", t_attn, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
                            kept_fraction=kept_frac, config=extra["decode_best_config"]))
+
+    # where the attention's time goes: the sparse split kernel alone (partials), then the split-K merge alone
+    # (shared kernel: one program per head; merge_splits: D / block_d programs per head)
+    def parts(ix, s_, e_):
+        return K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths,
+                                        sc, block_c=bc, block_n=bn, num_warps=w, count_kept=False, sub_splits=nsub,
+                                        num_stages=stages, partials_only=True)
+    t_split = time_cuda(lambda: [parts(ix, s_, e_) for ix, (s_, e_) in zip(idxs, scores)], iters=iters,
+                        calls_per_iter=ncopy)
+    mids = [parts(ix, s_, e_) for ix, (s_, e_) in zip(idxs, scores)]
+    n_splits = mids[0][0].shape[2]
+    mid_bytes = HQ * n_splits * (D + 1) * 4
+    rows.append(timing_row("squeezed_split_kernel_only", t_split, baseline="dense_sdpa_fp16", baseline_timing=base,
+                           bytes_moved=attn_bytes + mid_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
+                           splits=n_splits))
+    msweep, mbest = [], None
+    for bd in (None, 64, 32, 16):
+        tm = time_cuda(lambda bd=bd: [K.merge_splits(mo, ml, q.dtype, bd) for mo, ml in mids], iters=iters,
+                       calls_per_iter=ncopy)
+        msweep.append({"merge_block_d": bd, "ms": tm.median_ms})
+        rows.append(timing_row(f"squeezed_merge_only_{bd or 'shared'}", tm, baseline="dense_sdpa_fp16",
+                               baseline_timing=base, bytes_moved=mid_bytes, peak_tb_per_s=PEAK_TB_S, context=N,
+                               batch=1, splits=n_splits))
+        if mbest is None or tm.median_ms < mbest[1]:
+            mbest = (bd, tm.median_ms)
+    extra["merge_sweep"] = msweep
+    merge_bd = mbest[0]
+    extra["decode_best_config"]["merge_block_d"] = merge_bd
 
     # compacted decode (select + pack, balanced split-K): correctness at this shape, then a tile/split sweep
     oc, _, keptc = K.squeezed_decode_compact_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold,
@@ -337,9 +384,7 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
         f"{extra['compact_kept_equal_reference']}")
     csweep, cbest = [], None
     nsd = K.default_compact_splits(idx.keys.shape[1])
-    for bn_, ns_, w_ in (((32, 2 * nsd, 4),) if QUICK else
-                         ((32, nsd, 4), (64, nsd, 4), (32, 2 * nsd, 4), (64, 2 * nsd, 8), (16, 2 * nsd, 4),
-                          (32, max(1, nsd // 2), 4))):
+    for bn_, ns_, w_ in ((32, 2 * nsd, 4), (32, nsd, 4)):     # (slower than the fused decode in earlier sweeps)
         def cattn(bn_=bn_, ns_=ns_, w_=w_):
             return [K.squeezed_decode_compact_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk,
                                                      lv, lengths, sc, block_n=bn_, splits=ns_, num_warps=w_,
@@ -371,7 +416,7 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
                 else:
                     K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, tau_, lk, lv, lengths, sc,
                                              block_c=bc, block_n=bn, num_warps=w, count_kept=False,
-                                             sub_splits=nsub)
+                                             sub_splits=nsub, num_stages=stages, merge_block_d=merge_bd)
         return fn
     t_fc = time_cuda(full(idxs, compact=True), iters=iters, calls_per_iter=ncopy)
     rows.append(timing_row("squeezed_decode_flat_compact", t_fc, baseline="dense_sdpa_fp16", baseline_timing=base,
@@ -389,7 +434,8 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     t_full = time_cuda(full(idxs), iters=iters, calls_per_iter=ncopy)
     rows.append(timing_row("squeezed_decode_flat", t_full, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=sel_bytes + attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
-                           sparsity=0.9, centroids=0.05, kept_fraction=kept_frac, threshold="calibrated"))
+                           sparsity=0.9, centroids=0.05, kept_fraction=kept_frac, threshold="calibrated",
+                           config=extra["decode_best_config"]))
     kept10_rows = int(kept10.sum())
     t_full10 = time_cuda(full(idxs, tau10), iters=iters, calls_per_iter=ncopy)
     rows.append(timing_row("squeezed_decode_flat_kept10", t_full10, baseline="dense_sdpa_fp16", baseline_timing=base,
@@ -475,10 +521,69 @@ def bench_prefill(N: int, T: int, dev, iters: int) -> tuple[list[dict], dict]:
                                           num_warps=w, num_stages=st)
     t_full = time_cuda(full, iters=iters, use_graph=False)
     rows.append(timing_row("prefill_squeezed", t_full, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
-                           context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"]))
+                           context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"],
+                           prefill="chunk"))
+    try:
+        rows += _prefill_per_token(q, idx, lk, lv, lengths, sc, base, N, T, iters, extra)
+    except Exception:  # noqa: BLE001
+        extra["per_token_error"] = traceback.format_exc()[-2000:]
+        say(f"per-token prefill raised:\n{traceback.format_exc()[-1500:]}")
     for r in rows:
         say(f"prefill {r['method']:34s} {r['ms']:8.3f} ms  x{r.get('speedup', float('nan')):5.2f}")
     return rows, extra
+
+
+def _prefill_per_token(q, idx, lk, lv, lengths, sc, base, N, T, iters, extra) -> list[dict]:
+    """Per-token prefill (the library default, prefill='token'): each token's clusters by the calibrated
+    threshold (token_keep), then attention where a block of queries lists the union of its tokens' rows and
+    masks per token. Correctness on the last 32 tokens vs the reference; block sizes swept."""
+    from lmsqueeze.methods.squeezed import kernels as K
+    from lmsqueeze.methods.squeezed import reference as R
+    from lmsqueeze.methods.squeezed.token_select import kept_rows, token_keep
+
+    rows = []
+    keep = token_keep(q, idx, sc, 0.9, 0.5, "threshold")
+    per_tok = kept_rows(keep, idx.offsets) - 64                                    # clustered rows per token
+    extra["token_kept_fraction"] = (per_tok / idx.clustered).mean().item()
+    o = K.token_select_attention(q, idx.keys, idx.values, keep, idx.row_cluster, lk, lv, lengths, sc)
+    o_r, _ = R.token_select_attention_reference(q[:, :, -32:], idx.keys, idx.values, keep[:, :, -32:],
+                                                idx.row_cluster, lk, lv, lengths, sc)
+    extra["token_rel_err_vs_reference_last32"] = rel(o[:, :, -32:], o_r)
+    t_sel = time_cuda(lambda: token_keep(q, idx, sc, 0.9, 0.5, "threshold"), iters=iters, use_graph=False)
+    rows.append(timing_row("prefill_token_selection", t_sel, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
+                           context=N, user_tokens=T))
+    sweep, best = [], None
+    for bm, w, st in ((128, 8, 3), (64, 4, 2), (32, 4, 2), (16, 4, 2)):
+        _, cnt = K.block_rows(keep, idx.row_cluster, HQ // HKV, bm)
+        union = ((cnt.float() - 64) / idx.clustered).mean().item()
+        try:
+            t = time_cuda(lambda bm=bm, w=w, st=st: K.token_select_attention_triton(
+                q, idx.keys, idx.values, keep, idx.row_cluster, lk, lv, lengths, sc, block_m=bm, num_warps=w,
+                num_stages=st), iters=iters, use_graph=False)
+        except Exception as ex:  # noqa: BLE001
+            sweep.append({"block_m": bm, "num_warps": w, "num_stages": st, "error": repr(ex)[:200]})
+            continue
+        sweep.append({"block_m": bm, "num_warps": w, "num_stages": st, "ms": t.median_ms,
+                      "union_kept_fraction": union})
+        if best is None or t.median_ms < best[1].median_ms:
+            best = ((bm, w, st, union), t)
+    extra["token_attention_sweep"] = sweep
+    (bm, w, st, union), t_attn = best
+    rows.append(timing_row("prefill_token_attention_only", t_attn, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T, config=[bm, w, st],
+                           union_kept_fraction=union, note="includes building the per-block row lists"))
+
+    def full():
+        kp = token_keep(q, idx, sc, 0.9, 0.5, "threshold")
+        return K.token_select_attention_triton(q, idx.keys, idx.values, kp, idx.row_cluster, lk, lv, lengths, sc,
+                                               block_m=bm, num_warps=w, num_stages=st)
+    t_full = time_cuda(full, iters=iters, use_graph=False)
+    rows.append(timing_row("prefill_squeezed_per_token", t_full, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T, sparsity=0.9, prefill="token",
+                           kept_fraction=extra["token_kept_fraction"], union_kept_fraction=union))
+    for r in rows:
+        say(f"prefill {r['method']:34s} {r['ms']:8.3f} ms  x{r.get('speedup', float('nan')):5.2f}")
+    return rows
 
 
 def plot(result: str, png: str) -> None:

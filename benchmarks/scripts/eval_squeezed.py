@@ -35,6 +35,7 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -80,10 +81,11 @@ def answer_prepared(model, tok, artifact, questions, budgets, chunk: int) -> tup
     """Answer each question (token ids) after a prepared context; crop back to it after each one."""
     import lmsqueeze
     from lmsqueeze.eval.decoding import greedy_decode, prefill, stop_token_ids
+    from lmsqueeze.methods.squeezed.state import FixedContextState
 
+    FixedContextState.count_rows_on_gpu = True       # rows read are counted on the GPU too (eager: a sync is fine)
     stops = stop_token_ids(tok)
     outs = []
-    # (rows_read is counted on the CPU paths only: on the GPU it stays 0 and the JSON says so)
     with lmsqueeze.apply(model, artifact) as session:
         cache = session.new_cache(batch_size=1, max_length=max(len(q) + b for q, b in zip(questions, budgets)))
         for q, b in zip(questions, budgets):
@@ -285,6 +287,7 @@ def main() -> int:
     per_method: dict[str, dict] = {name: {"correct": 0, "n": 0, "rows": [], "prepare_s": 0.0, "answer_s": 0.0}
                                    for name, _ in methods}
     records = []
+    errors: list[dict] = []
     metrics: dict = {}
 
     def write(complete: bool) -> None:
@@ -301,9 +304,10 @@ def main() -> int:
                                   "(the same function as a dense prefill; RoPE at relative positions)",
                     "budget_note": "fixed_rows_read_fraction: fixed-context rows read per attention call (prefill "
                                    "chunks and decode steps, averaged over layers) / context tokens; centroid and "
-                                   "page-bound reads are in nominal_budget only (CPU runs only: 0 on the GPU)"},
+                                   "page-bound reads are in nominal_budget only"},
             device=model.device)
         result["records"] = records
+        result["errors"] = errors
         result["per_method"] = {n: {k: v for k, v in pm.items()} for n, pm in per_method.items()}
         result["complete"] = complete
         result["config"]["extra_tokens"] = args.extra_tokens
@@ -317,28 +321,40 @@ def main() -> int:
         captured = capture_context(model, ctx, OBSERVATION, args.chunk_size)  # one dense forward, every method
         t_cap = time.perf_counter() - t_cap
         prepared: dict[str, object] = {}
+        failed: set[str] = set()
         for name, method in methods:
-            t0 = time.perf_counter()
-            flat = name.startswith("squeezed-") and not name.startswith("squeezed-h")
-            reuse = next((a for n, a in prepared.items() if n.startswith("squeezed-") and not
-                          n.startswith("squeezed-h")), None) if flat else None   # same clusters: K-means once
-            art = (method.prepare(model, ctx, captured=captured, reuse=reuse) if reuse is not None else
-                   method.prepare(model, ctx, captured=captured))
-            prepared[name] = art
-            t1 = time.perf_counter()
-            t0 -= t_cap / len(methods)                                  # its share of the shared capture
-            outs, stats = answer_prepared(model, tok, art, qs, budgets, args.chunk_size)
-            pm = per_method[name]
-            pm["prepare_s"] += t1 - t0
-            pm["answer_s"] += time.perf_counter() - t1
-            pm["rows"].append(stats["rows_read_per_step"] / len(ctx))
-            for i, (out, ans) in enumerate(zip(outs, s.answers)):
-                pred = tok.decode(out, skip_special_tokens=True)
-                ok = string_match_all(pred, ans)
-                pm["correct"] += ok
-                pm["n"] += 1
-                records.append({"method": name, "context": s.index, "kind": s.kind, "format": s.format,
-                                "question": i, "answers": ans, "prediction": pred, "correct": ok})
+            try:
+                t0 = time.perf_counter()
+                flat = name.startswith("squeezed-") and not name.startswith("squeezed-h")
+                reuse = next((a for n, a in prepared.items() if n.startswith("squeezed-") and not
+                              n.startswith("squeezed-h")), None) if flat else None   # same clusters: K-means once
+                art = (method.prepare(model, ctx, captured=captured, reuse=reuse) if reuse is not None else
+                       method.prepare(model, ctx, captured=captured))
+                prepared[name] = art
+                t1 = time.perf_counter()
+                t0 -= t_cap / len(methods)                                  # its share of the shared capture
+                outs, stats = answer_prepared(model, tok, art, qs, budgets, args.chunk_size)
+                pm = per_method[name]
+                pm["prepare_s"] += t1 - t0
+                pm["answer_s"] += time.perf_counter() - t1
+                pm["rows"].append(stats["rows_read_per_step"] / len(ctx))
+                for i, (out, ans) in enumerate(zip(outs, s.answers)):
+                    pred = tok.decode(out, skip_special_tokens=True)
+                    ok = string_match_all(pred, ans)
+                    pm["correct"] += ok
+                    pm["n"] += 1
+                    records.append({"method": name, "context": s.index, "kind": s.kind, "format": s.format,
+                                    "question": i, "answers": ans, "prediction": pred, "correct": ok})
+            except Exception:  # noqa: BLE001  (one broken method must not cost the others' results)
+                errors.append({"method": name, "context": s.index, "trace": traceback.format_exc()[-1500:]})
+                print(f"method {name} failed on context {s.index}; dropped from this run:\n{errors[-1]['trace']}",
+                      flush=True)
+                failed.add(name)
+        if failed:
+            methods = [m for m in methods if m[0] not in failed]
+            for n in failed:
+                per_method.pop(n)
+            records[:] = [r for r in records if r["method"] not in failed]
         write(len({r["context"] for r in records}) == len(samples))
         line = "  ".join(f"{n}={v['correct'] / max(1, v['n']):.3f}" for n, v in per_method.items())
         print(f"context {s.index} ({s.kind}/{s.format}, {len(ctx)} tokens): {line}", flush=True)

@@ -147,3 +147,16 @@ def test_compacted_decode_matches_reference(G, D, gen):
             for j in range(want_cnt.shape[-1]):
                 lo = int(offs[h, j * BC])
                 assert torch.equal(rows[b, h, lo:lo + int(want_cnt[b, h, j])].long(), want[b][h][j])
+
+
+@pytest.mark.parametrize("D,block_d", [(64, 16), (128, 32), (128, None)])
+def test_merge_splits_matches_softmax_of_partials(D, block_d, gen):
+    B, Hq, S = 2, 4, 37
+    mid_o, mid_lse = torch.randn(B, Hq, S, D, generator=gen), torch.randn(B, Hq, S, generator=gen)
+    mid_lse[0, 0, :5] = float("-inf")                      # empty splits
+    mid_lse[1, 2] = float("-inf")                          # a head with no key at all
+    out, lse = K.merge_splits(mid_o, mid_lse, torch.float32, block_d)
+    ok = torch.isfinite(mid_lse).any(-1)
+    ref = (torch.softmax(mid_lse[ok], -1)[..., None] * mid_o[ok]).sum(-2)
+    assert _rel(out[ok], ref) < 1e-5 and _rel(lse[ok], torch.logsumexp(mid_lse[ok], -1)) < 1e-6
+    assert (out[~ok] == 0).all() and (lse[~ok] == float("-inf")).all()

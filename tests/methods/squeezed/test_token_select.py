@@ -17,7 +17,7 @@ from lmsqueeze.methods.squeezed import SqueezedAttention
 from lmsqueeze.methods.squeezed import kernels as K
 from lmsqueeze.methods.squeezed import reference as R
 from lmsqueeze.methods.squeezed.index import SqueezedIndex
-from lmsqueeze.methods.squeezed.lookup import group_log_scores, log_sizes
+from lmsqueeze.methods.squeezed.lookup import group_log_scores
 from lmsqueeze.methods.squeezed.token_select import block_union, kept_rows, token_keep
 from lmsqueeze.models.tiny import tiny_model
 
@@ -82,7 +82,7 @@ def test_block_union_covers_each_blocks_tokens(gen):
 @pytest.mark.parametrize("G,D", [(1, 64), (4, 128), (3, 64)])
 def test_token_select_attention_reference_is_per_token_indexed_attention(G, D, gen):
     B, Hkv, T, C, L = 2, 2, 6, 11, 17
-    offs, rc, n = _rows(Hkv, C, 3, gen)
+    _, rc, n = _rows(Hkv, C, 3, gen)
     keys, vals = torch.randn(Hkv, n, D, generator=gen), torch.randn(Hkv, n, D, generator=gen)
     q = torch.randn(B, Hkv * G, T, D, generator=gen)
     lk, lv = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
@@ -102,7 +102,7 @@ def test_token_select_attention_reference_is_per_token_indexed_attention(G, D, g
 def test_token_select_kernel_matches_reference(G, D, bm, gen):
     pytest.importorskip("triton")
     B, Hkv, T, C, L = 2, 2, 7, 23, 21
-    offs, rc, n = _rows(Hkv, C, 5, gen)
+    _, rc, n = _rows(Hkv, C, 5, gen)
     keys, vals = torch.randn(Hkv, n, D, generator=gen), torch.randn(Hkv, n, D, generator=gen)
     q = torch.randn(B, Hkv * G, T, D, generator=gen)
     lk, lv = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
@@ -137,7 +137,7 @@ def test_prefill_modes_sparsity_zero_equal_dense_and_differ_when_sparse(family):
     ids = _ids(7, S + 9)
     with torch.no_grad():
         ref = model(ids).logits[0, S:]
-    cfg = dict(centroids=0.2, observation=8)
+    cfg = {"centroids": 0.2, "observation": 8}
     base = SqueezedAttention(sparsity=0.0, **cfg).prepare(model, ids[:, :S])
     sparse = SqueezedAttention(sparsity=0.9, **cfg).prepare(model, ids[:, :S], reuse=base)
     outs = {}

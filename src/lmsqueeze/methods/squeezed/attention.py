@@ -105,12 +105,13 @@ class SqueezedState(FixedContextState):
                 return super().attend_fixed(q_rot, idx, step, lengths, starts, local_valid, n)
             return self.prefill_per_token(q_rot, idx, step, lengths, starts, local_valid, n)
         q = q_rot[:, :, 0]
-        s, lse, scored = decode_scores(q, idx, step.scaling)
+        count = self.counting(q)
+        s, lse, scored = decode_scores(q, idx, step.scaling, count=count)
         out, _, kept = squeezed_decode(q, idx.keys, idx.values, idx.offsets, s, lse, idx.log_threshold,
                                        self.k[:, :, :n], self.v[:, :, :n], lengths, step.scaling, starts, local_valid,
-                                       step.window, step.positions, idx.positions, count_kept=not q.is_cuda,
+                                       step.window, step.positions, idx.positions, count_kept=count,
                                        row_cluster=idx.row_cluster)
-        if not q.is_cuda:
+        if count:
             self.note_rows(kept)
             if scored is None:
                 self.centroids_scored += float(idx.num_clusters)
@@ -126,7 +127,7 @@ class SqueezedState(FixedContextState):
         """A prefill chunk where every token reads its own clusters. q_rot: [B, Hq, T, D] -> [B, Hq, T, D]."""
         rule = "budget" if self.prefill == "token-budget" else "threshold"
         keep = token_keep(q_rot, idx, step.scaling, self.sparsity, self.coarse_sparsity, rule)
-        if not q_rot.is_cuda:
+        if self.counting(q_rot):
             self.note_rows(kept_rows(keep, idx.offsets).mean(-1))
         return token_select_attention(q_rot, idx.keys, idx.values, keep, idx.row_cluster, self.k[:, :, :n],
                                       self.v[:, :, :n], lengths, step.scaling, starts, local_valid, step.window,

@@ -31,6 +31,8 @@ LOG2E = 1.4426950408889634
 # CUDA decode: "compact" (select + pack the kept rows, then balanced split-K: _triton_compact.py) or "fused" (one
 # pass, each program a fixed range of clusters: _triton_kernels.py); both measured by bench_squeezed.py.
 DECODE_IMPL = "fused"
+DECODE_STAGES = 2     # software-pipelining stages of the fused decode kernel
+MERGE_BLOCK_D = None  # split-K merge: None = the shared kernel (a program per head); int = dims per program
 
 
 def _pow2(n: int) -> int:
@@ -139,12 +141,15 @@ def default_local_splits(l_max: int) -> int:
 
 def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
                            scaling, starts=None, *, block_c: int = DECODE_BLOCK_C, block_n: int = DECODE_BLOCK_N,
-                           local_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                           count_kept: bool = True, sub_splits: int | None = None):
+                           local_splits: int | None = None, num_warps: int = 4, num_stages: int = DECODE_STAGES,
+                           count_kept: bool = True, sub_splits: int | None = None,
+                           merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
     None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
-    of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`."""
-    from lmsqueeze.kernels._triton_decode import _merge_splits_kernel
+    of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`.
+    merge_block_d: None merges the split partials with the shared kernel (one program per query head), an int
+    with `merge_splits` (D / merge_block_d programs per head). partials_only: return (mid_o, mid_lse) unmerged
+    (to time the parts)."""
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
     B, Hq, D = q.shape
@@ -179,14 +184,35 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q), NSUB=sub_splits,
         num_warps=num_warps, num_stages=num_stages,
     )
-    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
-    _merge_splits_kernel[(B * Hq,)](
-        mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), splits,
-        HQ=Hq, D=D, BLOCK_S=max(2, _pow2(splits)), BLOCK_D=_pow2(D), WRITE_LSE=True,
-        num_warps=4 if splits * D <= 8192 else 8,
-    )
+    if partials_only:
+        return mid_o, mid_lse
+    out, lse = merge_splits(mid_o, mid_lse, q.dtype, merge_block_d)
     return out, lse, (kept.sum(-1, dtype=torch.int32) if count_kept else None)
+
+
+def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, dtype: torch.dtype, block_d: int | None = MERGE_BLOCK_D):
+    """Merge split-K partials by log-sum-exp. mid_o: [B, Hq, S, D] float32 (each split normalised), mid_lse:
+    [B, Hq, S] -> (out [B, Hq, D] in `dtype`, lse [B, Hq] float32). block_d None: the shared kernel (one
+    program per head); an int: D / block_d programs per head (more parallel, same bytes)."""
+    from lmsqueeze.kernels._triton_decode import _merge_splits_kernel
+    from lmsqueeze.methods.squeezed._triton_kernels import _merge_dsplit_kernel
+
+    B, Hq, S, D = mid_o.shape
+    out = torch.empty(B, Hq, D, device=mid_o.device, dtype=dtype)
+    lse = torch.empty(B, Hq, device=mid_o.device, dtype=torch.float32)
+    if block_d is None or D % block_d or block_d > D:
+        _merge_splits_kernel[(B * Hq,)](
+            mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), S,
+            HQ=Hq, D=D, BLOCK_S=max(2, _pow2(S)), BLOCK_D=_pow2(D), WRITE_LSE=True,
+            num_warps=4 if S * D <= 8192 else 8,
+        )
+    else:
+        bs = max(2, _pow2(S))
+        _merge_dsplit_kernel[(B * Hq, D // block_d)](
+            mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), S,
+            HQ=Hq, D=D, BLOCK_S=bs, BLOCK_DM=block_d, num_warps=4 if bs * block_d <= 8192 else 8,
+        )
+    return out, lse
 
 
 def default_compact_splits(n_rows: int) -> int:

@@ -271,7 +271,7 @@ def token_select_attention_reference(q: torch.Tensor, keys: torch.Tensor, values
     `indexed_attention_reference`. Returns (out [B, Hq, T, D] in q's dtype, lse [B, Hq, T] float32).
     """
     B, Hq, T, D = q.shape
-    Hkv, N, _ = keys.shape
+    Hkv = keys.shape[0]
     G = Hq // Hkv
     fmask = keep.gather(-1, row_cluster.long()[None, :, None, :].expand(B, -1, T, -1))        # [B, Hkv, T, N]
     fmask = _fixed_window(fmask, window, q_pos, key_pos)

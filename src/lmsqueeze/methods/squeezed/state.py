@@ -35,7 +35,12 @@ def cached_layer(artifact, layer_idx: int, device, dtype, build):
 class FixedContextState(LayerState):
     """Local dense buffers + a prepared fixed context. Subclasses implement `fixed(q)` (the layer's prepared
     tensors on q's device; at least .keys/.values [Hkv, N, D] and .positions [Hkv, N]) and `select(q_rot,
-    fixed, step) -> (idx [B, Hkv, M] int32, counts [B, Hkv] int32)`, or override `attend_fixed`."""
+    fixed, step) -> (idx [B, Hkv, M] int32, counts [B, Hkv] int32)`, or override `attend_fixed`.
+
+    count_rows_on_gpu: count the fixed rows read on CUDA too (a host sync per call: evaluation only, never
+    inside a captured graph); off by default."""
+
+    count_rows_on_gpu = False
 
     def __init__(self, layer_idx: int, max_length: int | None = None) -> None:
         super().__init__()
@@ -133,8 +138,12 @@ class FixedContextState(LayerState):
                                  lengths, step.scaling, starts, local_valid, step.window, step.positions,
                                  fixed.positions)
 
+    def counting(self, t: torch.Tensor) -> bool:
+        """Whether rows read are counted for tensors like `t` (always off the GPU; on it when asked)."""
+        return not t.is_cuda or self.count_rows_on_gpu
+
     def note_rows(self, counts: torch.Tensor) -> None:
-        """Keep a running count of the fixed rows read (CPU only: never syncs a GPU)."""
-        if not counts.is_cuda:
+        """Keep a running count of the fixed rows read (CPU, or CUDA with count_rows_on_gpu)."""
+        if self.counting(counts):
             self.rows_read += float(counts.float().mean())
             self.rows_calls += 1

@@ -67,7 +67,6 @@ def token_keep(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: fl
     if rule not in RULES:
         raise LmsqueezeError(f"unknown prefill selection rule {rule!r}; use one of {', '.join(RULES)}")
     B, _, T, _ = q.shape
-    Hkv = idx.keys.shape[0]
     nc = idx.clustered
     allowed = None
     if idx.hierarchical:
