@@ -307,10 +307,18 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     C = idx.num_clusters
     scores = [decode_scores(q, ix, sc)[:2] for ix in idxs]
     sel_bytes = HKV * C * D * 2 + HQ * C * 4 + HKV * C * 4
-    t_sel = time_cuda(lambda: [K.centroid_scores(q, ix.centroids, ix.log_sizes, sc) for ix in idxs], iters=iters,
-                      calls_per_iter=ncopy)
+    ssweep, sel_chunk, t_sel = [], None, None
+    for ch in (64, 32, 128, 256):                         # clusters per scoring program (64: the default)
+        t = time_cuda(lambda ch=ch: [K.centroid_scores(q, ix.centroids, ix.log_sizes, sc, chunk=ch) for ix in idxs],
+                      iters=iters, calls_per_iter=ncopy)
+        ssweep.append({"chunk": ch, "ms": t.median_ms})
+        if t_sel is None or t.median_ms < t_sel.median_ms:
+            sel_chunk, t_sel = ch, t
+    extra["selection_sweep"] = ssweep
+    scores = [K.centroid_scores(q, ix.centroids, ix.log_sizes, sc, chunk=sel_chunk) for ix in idxs]
     rows.append(timing_row("squeezed_selection_flat", t_sel, baseline="dense_sdpa_fp16", baseline_timing=base,
-                           bytes_moved=sel_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1))
+                           bytes_moved=sel_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
+                           config={"chunk": sel_chunk}))
     kept_rows = int(kept.sum())
     attn_bytes = kept_rows * D * 2 * 2 + HKV * LOCAL * D * 4 + HQ * C * 4 + HKV * (C + 2) * 4
     sweep = []
@@ -408,7 +416,10 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     def full(ixs, taus=None, compact=False):
         def fn():
             for i, ix in enumerate(ixs):
-                s_, e_, _ = decode_scores(q, ix, sc)
+                if ix.hierarchical:
+                    s_, e_, _ = decode_scores(q, ix, sc)
+                else:
+                    s_, e_ = K.centroid_scores(q, ix.centroids, ix.log_sizes, sc, chunk=sel_chunk)
                 tau_ = ix.log_threshold if taus is None else taus
                 if compact:
                     K.squeezed_decode_compact_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, tau_, lk, lv, lengths,

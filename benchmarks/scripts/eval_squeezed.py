@@ -108,7 +108,7 @@ def method_metrics(methods, per_method: dict, tokens: int, sinks: int) -> dict:
         acc = pm["correct"] / pm["n"]
         metrics[name] = {
             "accuracy": acc, "correct": pm["correct"], "questions": pm["n"],
-            "delta_vs_dense_points": 100 * (acc - dense_acc),
+            "delta_vs_dense_points": 100 * (acc - dense_acc) if dense.get("n") else None,
             "fixed_rows_read_fraction": sum(pm["rows"]) / len(pm["rows"]),
             "nominal_budget": getattr(method, "budget", None),
             "config": method.to_dict(),
@@ -363,7 +363,9 @@ def main() -> int:
             break
     print("\nmethod            accuracy  vs dense  rows read  nominal budget")
     for name, m in metrics.items():
-        print(f"{name:16s}  {m['accuracy']:.3f}   {m['delta_vs_dense_points']:+6.1f}   {m['fixed_rows_read_fraction']:.3f}"
+        delta = m["delta_vs_dense_points"]
+        print(f"{name:16s}  {m['accuracy']:.3f}   {delta if delta is None else f'{delta:+6.1f}'}   "
+              f"{m['fixed_rows_read_fraction']:.3f}"
               f"     {m['nominal_budget']:.3f}")
     print(f"wrote {args.out}")
     return 0
