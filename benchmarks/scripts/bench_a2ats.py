@@ -378,7 +378,16 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
     add("dense_decode_attention", lambda: decode_attention(x["q"], x["k"], x["v"], x["lengths"], 0.088),
         dense_bytes)
     add("lookup_table", lambda: retrieval.lookup_table(x["qb"], x["score_cb"]),
-        Hkv * C * D * 4 + B * Hkv * G * NB * C * 4)
+        Hkv * C * D * 4 + B * Hkv * G * NB * C * 4, lut_dtype="float32")
+    score_lo = x["score_cb"].to(dt)
+    add("lookup_table", lambda: retrieval.lookup_table(x["qb"], score_lo),
+        Hkv * C * D * elt + B * Hkv * G * NB * C * elt, lut_dtype=str(dt).replace("torch.", ""))
+    lut_lo = retrieval.lookup_table(x["qb"], score_lo)
+    sel_lo = torch.empty_like(sel)
+    add("select_codes", lambda: kernels.select_codes(lut_lo, x["counts"], x["lengths"], x["starts"],
+                                                     torch.tensor([args.ratio], dtype=torch.float64, device=dev),
+                                                     out=sel_lo), B * Hkv * NB * (G * C * elt + C * 4 + C),
+        lut_dtype=str(dt).replace("torch.", ""))
     ratio_t = torch.tensor([args.ratio], dtype=torch.float64, device=dev)
     add("select_codes", lambda: kernels.select_codes(x["lut"], x["counts"], x["lengths"], x["starts"], ratio_t,
                                                      out=sel), B * Hkv * NB * (G * C * 4 + C * 4 + C))
@@ -395,6 +404,8 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
     best = None
     configs = [(128, 16, False), (64, 16, False), (64, 16, True), (64, 8, True), (32, 16, True), (32, 8, True),
                (64, 32, True), (128, 8, True)] if dev.type == "cuda" else [(64, 16, False), (64, 16, True)]
+    if args.quick_kernels:  # the best setting of the earlier sweeps (a2ats_serving_h100.json, part "kernel")
+        configs = [(64, 16, True)]
     for block_n, tiles, compact in configs:
         splits = kernels.default_sparse_splits(B, Hkv, n, block_n, tiles)
         row = add("sparse_decode_attention",
@@ -613,8 +624,8 @@ def main() -> None:
     p.add_argument("--contexts", default="32768,131072")
     p.add_argument("--systems", default="dense,a2ats-gpu,a2ats-offload,a2ats-offload-cpu")
     p.add_argument("--ratio", type=float, default=0.03)
-    p.add_argument("--codebook", type=int, default=2048,
-                   help="codes per KV head; x (bands + 1) virtual codes must stay <= 8192 for the Triton select")
+    p.add_argument("--codebook", type=int, default=A2ATS().codebook,
+                   help="codes per KV head (default: the method default); x (bands + 1) virtual codes <= 32768 for the Triton select")
     p.add_argument("--bands", type=lambda x: [int(v) for v in x.split(",") if v], default=[256, 1024, 4096])
     p.add_argument("--kernel-batch", type=int, default=14)
     p.add_argument("--cpu-path-batch", type=int, default=4)
@@ -625,6 +636,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=200.0)
+    p.add_argument("--quick-kernels", action="store_true", help="time one sparse-kernel setting, not the sweep")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU logic check)")
     p.add_argument("--skip", default="", help="parts to skip: checks,kernels,serving")
     args = p.parse_args()

@@ -274,27 +274,33 @@ def run_suite_rows(model, tok, arts: dict, args, rows: list, save) -> None:
     cfg = SuiteConfig(tasks=tuple(args.suite_tasks.split(",")), lengths=tuple(args.suite_lengths),
                       samples=args.suite_samples, seed=3, depths=tuple(args.suite_depths),
                       formats=tuple(args.suite_formats.split(",")))
-    methods = {"dense": None}
+    methods = {}
     for name in args.suite_methods.split(","):
-        if name == "oracle":
+        if name == "dense":
+            methods["dense"] = None
+        elif name == "oracle":
             methods[f"oracle_topk@{args.suite_ratio}"] = OracleTopK(ratio=args.suite_ratio, sinks=args.sinks,
                                                                     window=args.window)
         elif name in arts:
             methods[f"{name}@{args.suite_ratio}"] = with_settings(arts[name], ratio=args.suite_ratio, offload=False)
     t_start = time.perf_counter()
     for name, method in methods.items():
-        if time.perf_counter() - t_start > args.suite_budget_s:
-            rows.append({"method": f"suite:{name}", "skipped": "over --suite-budget-s"})
-            continue
-        t = time.perf_counter()
-        summary, records = run_suite(model, tok, text, method, cfg, progress=False)
-        wrong = [{k: r[k] for k in ("task", "length", "depth", "format", "answers", "prediction")}
-                 for r in records if r["string_match_all"] < 1][:12]
-        rows.append({"method": f"suite:{name}", "summary": summary, "prompts": len(records),
-                     "config": cfg.to_dict(), "seconds": round(time.perf_counter() - t, 1), "some_misses": wrong})
-        print(f"suite {name} ({len(records)} prompts, {time.perf_counter() - t:.0f}s): {summary['accuracy']} "
-              f"by length {summary['by_length']}", flush=True)
-        save()
+        for task in cfg.tasks:  # one row per task, saved at once (a time limit keeps the finished tasks)
+            if time.perf_counter() - t_start > args.suite_budget_s:
+                rows.append({"method": f"suite:{name}", "task": task, "skipped": "over --suite-budget-s"})
+                continue
+            t = time.perf_counter()
+            tcfg = SuiteConfig(tasks=(task,), lengths=cfg.lengths, samples=cfg.samples, seed=cfg.seed,
+                               depths=cfg.depths, formats=cfg.formats)
+            summary, records = run_suite(model, tok, text, method, tcfg, progress=False)
+            wrong = [{k: r[k] for k in ("task", "length", "depth", "format", "answers", "prediction")}
+                     for r in records if r["string_match_all"] < 1][:8]
+            rows.append({"method": f"suite:{name}", "task": task, "summary": summary, "prompts": len(records),
+                         "config": tcfg.to_dict(), "seconds": round(time.perf_counter() - t, 1),
+                         "some_misses": wrong})
+            print(f"suite {name} {task} ({len(records)} prompts, {time.perf_counter() - t:.0f}s): "
+                  f"{summary['by_length']}", flush=True)
+            save()
 
 
 # recall over a set of sequences ----------------------------------------------------------------------------
@@ -391,8 +397,8 @@ def main() -> None:
     p.add_argument("--suite-samples", type=int, default=1)
     p.add_argument("--suite-ratio", type=float, default=0.03)
     p.add_argument("--suite-formats", default="prose,code")
-    p.add_argument("--suite-methods", default="a2ats,oracle,plain-vq",
-                   help="methods in the suite besides dense (variant names, or 'oracle')")
+    p.add_argument("--suite-methods", default="dense,a2ats,oracle,plain-vq",
+                   help="methods in the suite: dense, variant names, or 'oracle'")
     p.add_argument("--suite-budget-s", type=float, default=1e9, help="start no suite method after this")
     p.add_argument("--no-suite", action="store_true")
     p.add_argument("--no-recall", action="store_true", help="calibrate, choose, and run the suite only")

@@ -61,6 +61,41 @@ def _select_kernel(Lut, Counts, Lengths, Starts, Ratio, Sel,
 
 
 @triton.jit
+def _select_wide_kernel(Lut, Counts, Lengths, Starts, Ratio, Sel,
+                        stride_lb, stride_lh, stride_lg, stride_cb, stride_ch, stride_sb, stride_sh,
+                        C, HKV: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """`_select_kernel` for large (virtual) codebooks: the G heads one after another, so only one head's C
+    scores, the counts and the running union sit in registers (C up to 32768 at 32 warps)."""
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    offs_c = tl.arange(0, BLOCK_C)
+    cm = offs_c < C
+    lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    cnt = tl.load(Counts + b.to(tl.int64) * stride_cb + h * stride_ch + offs_c, mask=cm, other=0)
+    total = tl.sum(cnt, 0)
+    n = (tl.load(Lengths + b) - tl.load(Starts + b)).to(tl.float64)
+    kth = tl.minimum((n * tl.load(Ratio)).to(tl.int32), total)
+    sel = tl.zeros([BLOCK_C], tl.int32)
+    for g in tl.static_range(G):
+        vals = tl.load(lut + g * stride_lg + offs_c, mask=cm, other=float("-inf")).to(tl.float32)
+        vals = tl.where(vals == 0.0, 0.0, vals)
+        bits = vals.to(tl.int32, bitcast=True)
+        keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        lo = tl.full([1], -2147483648, tl.int64)
+        hi = tl.full([1], 2147483647, tl.int64)
+        for _ in range(32):
+            mid = lo + (hi - lo + 1) // 2
+            c = tl.sum(tl.where(keys[None, :] >= mid.to(tl.int32)[:, None], cnt[None, :], 0), 1)
+            ok = c >= kth
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        take = (keys[None, :] >= lo.to(tl.int32)[:, None]) & (kth > 0)
+        sel = tl.maximum(sel, tl.max(take.to(tl.int32), 0))
+    tl.store(Sel + b.to(tl.int64) * stride_sb + h * stride_sh + offs_c, sel.to(tl.int8), mask=cm)
+
+
+@triton.jit
 def _virtual_code(code, dist, Bands, C, NB: tl.constexpr):
     """band(dist) x C + code; Bands: int32 [NB] lower band edges (Bands[0] = window, unused here)."""
     band = tl.zeros_like(code)
@@ -281,12 +316,25 @@ def _merge_kernel(MidO, MidLse, Out, Lse, stride_ob, stride_oh, num_splits,
     tl.store(Lse + pid, tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
 
 
+WIDE_SELECT = 8192  # G x C above this: the head-by-head select kernel (registers)
+
+
 def select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
-                  ratio: torch.Tensor, sel: torch.Tensor) -> None:
+                  ratio: torch.Tensor, sel: torch.Tensor, wide: bool | None = None) -> None:
     """lut: [B, Hkv, G, C] (code dim contiguous), counts: [B, Hkv, C] int32, lengths/starts: [B] int32,
-    ratio: [1] float64 -> sel: [B, Hkv, C] int8."""
+    ratio: [1] float64 -> sel: [B, Hkv, C] int8. wide: head-by-head kernel (default: when G x C > WIDE_SELECT)."""
     B, Hkv, G, C = lut.shape
     block_c = triton.next_power_of_2(C)
+    if wide is None:
+        wide = triton.next_power_of_2(G) * block_c > WIDE_SELECT
+    if wide:
+        _select_wide_kernel[(B * Hkv,)](
+            lut, counts, lengths, starts, ratio, sel,
+            lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1),
+            sel.stride(0), sel.stride(1),
+            C, HKV=Hkv, G=G, BLOCK_C=block_c, num_warps=max(4, min(32, block_c // 512)),
+        )
+        return
     _select_kernel[(B * Hkv,)](
         lut, counts, lengths, starts, ratio, sel,
         lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1),

@@ -24,7 +24,8 @@ from lmsqueeze.methods.a2ats.reference import (
     sparse_decode_attention_reference,
 )
 
-MAX_TRITON_CODEBOOK = 8192  # one program holds G x C scores in registers
+MAX_TRITON_CODEBOOK = 32768  # virtual codes (bands x C) per select program (the wide kernel: one head's C
+# scores in registers at a time); code_append holds one head's C assignment scores
 TILES_PER_PROGRAM = 16  # sparse kernel: slots one program scans ~ 16 tiles (latency-bound gather chain)
 MAX_SPLITS = 256
 SPARSE_BLOCK_N = 64
@@ -79,8 +80,10 @@ def select_codes(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor,
 
 
 def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
-                        ratio: torch.Tensor | float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton select kernel on any tensors Triton accepts (CUDA, or CPU under TRITON_INTERPRET=1)."""
+                        ratio: torch.Tensor | float, out: torch.Tensor | None = None,
+                        wide: bool | None = None) -> torch.Tensor:
+    """The Triton select kernel on any tensors Triton accepts (CUDA, or CPU under TRITON_INTERPRET=1).
+    wide: force the head-by-head kernel (True) or the all-heads one (False); None: by size."""
     _check_select(lut, counts, lengths, starts)
     from lmsqueeze.methods.a2ats._triton_a2ats import select_launch
 
@@ -94,7 +97,10 @@ def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
         ratio = torch.tensor([float(ratio)], dtype=torch.float64, device=lut.device)
     if out is None:
         out = torch.empty(B, Hkv, C, dtype=torch.int8, device=lut.device)
-    select_launch(lut, counts, lengths, starts, ratio, out)
+    if C > MAX_TRITON_CODEBOOK:
+        raise LmsqueezeError(f"the Triton select holds at most {MAX_TRITON_CODEBOOK} virtual codes per program, "
+                             f"got {C}; use fewer bands or a smaller codebook")
+    select_launch(lut, counts, lengths, starts, ratio, out, wide)
     return out
 
 

@@ -42,9 +42,11 @@ def assign_codes(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Ten
 
 def lookup_table(q: torch.Tensor, score_cb: torch.Tensor) -> torch.Tensor:
     """Scores of every (band, code) per query head: q: [B, Hq, D] or [B, Hq, NB, D] (one query per band);
-    score_cb: [Hkv, C, D] float32 (Ĉ = C_L L⁻¹).
+    score_cb: [Hkv, C, D] (Ĉ = C_L L⁻¹), float32 or the model's half dtype: the table is computed and
+    returned in score_cb's dtype (bf16 on a bf16 model: tensor cores, half the bytes; the retrieval
+    scores are approximate anyway).
 
-    Returns lut: [B, Hkv, G, NB * C] float32 (a permuted view; the virtual-code dim band x C + code is
+    Returns lut: [B, Hkv, G, NB * C] (a permuted view; the virtual-code dim band x C + code is
     contiguous). One bmm per KV head over all B x G x NB queries, so the codebook is read once per step,
     not once per sequence or band.
     """
@@ -53,7 +55,7 @@ def lookup_table(q: torch.Tensor, score_cb: torch.Tensor) -> torch.Tensor:
     B, Hq, NB, D = q.shape
     Hkv, C, _ = score_cb.shape
     G = Hq // Hkv
-    x = q.float().reshape(B, Hkv, G * NB, D).permute(1, 0, 2, 3).reshape(Hkv, B * G * NB, D)
+    x = q.to(score_cb.dtype).reshape(B, Hkv, G * NB, D).permute(1, 0, 2, 3).reshape(Hkv, B * G * NB, D)
     lut = torch.bmm(x, score_cb.transpose(1, 2))  # [Hkv, B*G*NB, C]
     return lut.view(Hkv, B, G, NB * C).permute(1, 0, 2, 3)
 

@@ -105,6 +105,7 @@ class A2ATSState(LayerState):
         self.edges: torch.Tensor | None = None  # int32 [NB] lower band edges
         self.band_cos: torch.Tensor | None = None  # [NB, D] rotary tables at the band distances
         self.band_sin: torch.Tensor | None = None
+        self.score_lut: torch.Tensor | None = None  # books.score in the model's dtype (lookup table)
 
     # buffers -------------------------------------------------------------------------------------------
     @property
@@ -134,6 +135,7 @@ class A2ATSState(LayerState):
             dist = band_distances(self.cfg.window, self.cfg.bands, self.cfg.distance)
             self.band_cos, self.band_sin = multi_distance_tables(step.rotary, dist, torch.float32, k.device)
         self.books = books
+        self.score_lut = books.score.to(k.dtype).contiguous()  # the lookup table runs in the model's dtype
         self.is_initialized = True
 
     def reserve(self, needed: int) -> None:
@@ -181,7 +183,9 @@ class A2ATSState(LayerState):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.codes_host) if t is not None)
 
     def codebook_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.books.assign, self.books.score, self.books.half_norms))
+        books = (self.books.assign, self.books.score, self.books.half_norms)
+        extra = (self.score_lut,) if self.score_lut is not None and self.score_lut.dtype != self.books.score.dtype else ()
+        return sum(t.numel() * t.element_size() for t in (*books, *extra))
 
     def memory_bytes(self) -> int:
         return self.device_bytes() + self.host_bytes()
@@ -269,7 +273,7 @@ class A2ATSState(LayerState):
         code_append(scores, self.codes, self.counts, self.counted, slot, lengths, starts, cfg.sinks, cfg.window,
                     cfg.bands, self.edges)
         qs = band_queries(q[:, :, 0], self.band_cos, self.band_sin) if cfg.windowed_rope else q_rot
-        lut = retrieval.lookup_table(qs, books.score)
+        lut = retrieval.lookup_table(qs, self.score_lut)
         sel = select_codes(lut, self.counts, lengths, starts, self.ratio, out=self.sel)
         if not self.offloaded:
             out = sparse_decode_attention(q_rot, self.k, self.v, self.codes, sel, starts, lengths, cfg.sinks,
