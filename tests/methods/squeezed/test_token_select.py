@@ -150,3 +150,26 @@ def test_prefill_modes_sparsity_zero_equal_dense_and_differ_when_sparse(family):
     assert (outs["token"][:6] - ref[:6]).abs().max() > 1e-4               # and is sparse
     with pytest.raises(LmsqueezeError):
         SqueezedAttention(prefill="all")
+
+
+def test_decode_reselects_every_step(monkeypatch):
+    import lmsqueeze.methods.squeezed.attention as att
+
+    model = tiny_model("llama")
+    S = 96
+    ids = _ids(11, S + 10)
+    art = SqueezedAttention(centroids=0.2, sparsity=0.8, observation=8).prepare(model, ids[:, :S])
+    calls, kept = [], []
+    real_scores = att.decode_scores
+
+    def spy(q, idx, scaling, count=None):
+        calls.append(q.shape)
+        return real_scores(q, idx, scaling, count)
+    monkeypatch.setattr(att, "decode_scores", spy)
+    real_note = att.SqueezedState.note_rows
+    monkeypatch.setattr(att.SqueezedState, "note_rows", lambda self, c: (kept.append(c.clone()), real_note(self, c)))
+    _logits(model, art, ids[:, S:])                        # 6 prefill tokens, then 4 decode steps
+    layers = len(model.model.layers)
+    assert len(calls) == 4 * layers                        # one lookup per layer per decode step
+    per_step = torch.stack([torch.stack(kept[layers + i * layers:layers + (i + 1) * layers]) for i in range(4)])
+    assert not all(torch.equal(per_step[0], per_step[i]) for i in range(1, 4))   # the key sets change per step
