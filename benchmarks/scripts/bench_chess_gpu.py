@@ -72,9 +72,16 @@ def check_kernels() -> list[dict]:
                 dead = (x.float().abs() <= thr).all(0)
                 w_t[dead] = float("nan")
                 cfgs = (K.SPMV_CONFIGS_B1[0], K.SpmvConfig(128, 64, 4, 4, True), K.SpmvConfig(64, 64, 2, 8, fused=True),
-                        K.SpmvConfig(512, 16, 4, 8, fused=True)) if B == 1 else K.SPMV_CONFIGS_DOT[:1]
+                        K.SpmvConfig(512, 16, 4, 8, fused=True), *K.SPMV_CONFIGS_COMPACT[:3]
+                        ) if B == 1 else K.SPMV_CONFIGS_DOT[:1]
                 for cfg in cfgs:  # explicit configs: no tile search here
-                    y = K.input_sparse_matvec_triton(x, w_t, thr, bias, config=cfg)
+                    try:
+                        y = K.input_sparse_matvec_triton(x, w_t, thr, bias, config=cfg)
+                    except Exception as e:  # noqa: BLE001 - recorded as a failed check, the others still run
+                        rows.append({"kernel": "input_sparse_matvec", "dtype": str(dtype), "batch": B, "K": Kd,
+                                     "N": N, "config": str(cfg), "rel_err": float("nan"), "ok": False,
+                                     "error": f"{type(e).__name__}: {e}"[:300]})
+                        continue
                     rows.append({"kernel": "input_sparse_matvec", "dtype": str(dtype), "batch": B, "K": Kd, "N": N,
                                  "config": str(cfg), "rel_err": rel(y, ref), "finite": bool(torch.isfinite(y).all()),
                                  "rows_skipped": float(dead.float().mean()),
@@ -193,8 +200,15 @@ def gemv_rows(bw: float) -> list[dict]:
 
 
 # 2b. tile / variant sweep ------------------------------------------------------------------------------------
+SWEEP_CONFIGS = (  # v2's five fastest at down_proj / q-o (chess_gpu_h100_v2.json), one more fused tile, the compact kernels
+    K.SpmvConfig(64, 64, 2, 8, fused=True), K.SpmvConfig(64, 64, 2, 8), K.SpmvConfig(64, 128, 4, 4),
+    K.SpmvConfig(128, 64, 4, 4), K.SpmvConfig(64, 64, 2, 16, fused=True), K.SpmvConfig(64, 128, 4, 4, fused=True),
+    *K.SPMV_CONFIGS_COMPACT,
+)
+
+
 def sweep_rows(bw: float) -> list[dict]:
-    """Every batch-1 candidate of SPMV_CONFIGS_B1, timed as a CUDA graph against cuBLAS in the same run, at
+    """Every batch-1 candidate of SWEEP_CONFIGS, timed as a CUDA graph against cuBLAS in the same run, at
     down_proj (14336 -> 4096) and q/o (4096 -> 4096), 50% sparsity, bf16; each config's output is checked
     (rows no survivor needs are NaN: a finite output proves they were skipped). The graph-timed best config
     becomes the choice for that shape in the later parts (gemv, decode)."""
@@ -218,7 +232,7 @@ def sweep_rows(bw: float) -> list[dict]:
 
         td = time_cuda(dense, warmup=5, iters=ITERS, calls_per_iter=n)
         best = (None, float("inf"))
-        for cfg in K.SPMV_CONFIGS_B1:
+        for cfg in SWEEP_CONFIGS:
             try:
                 y = K.input_sparse_matvec_triton(x, w_nan, 0.0, None, config=cfg)
                 err, finite = rel(y, ref), bool(torch.isfinite(y).all())

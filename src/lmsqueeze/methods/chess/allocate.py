@@ -28,7 +28,7 @@ def allocation_levels(step: float, top: float = 0.95) -> list[float]:
     """The grid 0, step, 2*step, ... <= top (rounded to 6 digits)."""
     if not 0 < step <= 0.5:
         raise LmsqueezeError(f"allocation_step must be in (0, 0.5], got {step!r}; use e.g. 0.05")
-    return [round(j * step, 6) for j in range(int(math.floor(top / step + 1e-9)) + 1)]
+    return [round(j * step, 6) for j in range(math.floor(top / step + 1e-9) + 1)]
 
 
 def combine_levels(level_tensors: Sequence[dict[str, torch.Tensor]], alloc: Sequence[int]) -> dict[str, torch.Tensor]:
