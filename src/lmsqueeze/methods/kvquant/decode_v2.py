@@ -32,13 +32,13 @@ from lmsqueeze.methods.kvquant.layout import PackedKV
 from lmsqueeze.methods.kvquant.rope import KernelRope
 
 MAX_SPLITS = 512
-PROGRAMS_PER_SM = 8
-BLOCK_N = 64
-NUM_WARPS = 4
+PROGRAMS_PER_SM = 4
+BLOCK_N = 128
+NUM_WARPS = 8
 NUM_STAGES = 1
 TAB_REGS = False   # RoPE tables held in registers (True) or re-read from L1 every tile (False)
-VOUT_EYE = True    # value outliers through identity rows on tensor cores (False: folded into the levels)
-KFOLD = False      # key outliers folded into the levels (False: added to the scores from the unrotated query)
+QROWS = False      # scores as [query rows, keys] (mma.sync, keys from shared memory) instead of [keys, query rows]
+MIN_BLOCK_G = 16   # rows of the query-side MMA operand (query heads spread over them, zero rows between)
 LAST_SPLIT_KERNEL: dict = {}
 
 
@@ -102,7 +102,7 @@ def kvquant_decode_attention_v2(q: torch.Tensor, kv: PackedKV, lengths: torch.Te
                                 *, num_splits: int | None = None, block_n: int | None = None,
                                 num_warps: int | None = None, num_stages: int | None = None,
                                 maxnreg: int | None = None, programs_per_sm: int | None = None,
-                                tab_regs: bool | None = None, vout_eye: bool | None = None, kfold: bool | None = None,
+                                tab_regs: bool | None = None, min_block_g: int | None = None, qrows: bool | None = None,
                                 use_asm: bool | None = None, return_lse: bool = False):
     """Attention of one query per sequence over a packed KVQuant cache (same contract as the reference).
 
@@ -136,6 +136,8 @@ def kvquant_decode_attention_v2(q: torch.Tensor, kv: PackedKV, lengths: torch.Te
             if q.is_cuda else 132
         num_splits = num_splits_for(B, Hkv, cap, block_n, sms, programs_per_sm or PROGRAMS_PER_SM)
     c = _consts(kv, rope, block_n, q.device)
+    gp = _pow2(G)
+    bg = max(min_block_g or MIN_BLOCK_G, gp)
     q = q.contiguous()
     o_part = torch.empty(B * Hq * num_splits, D, dtype=torch.float32, device=q.device)
     l_part = torch.empty(B * Hq * num_splits, dtype=torch.float32, device=q.device)
@@ -150,11 +152,11 @@ def kvquant_decode_attention_v2(q: torch.Tensor, kv: PackedKV, lengths: torch.Te
         starts if starts is not None else lengths, kv.vsmax,
         scaling * 1.4426950408889634, rope.scale, cap, Hkv, kv.n_sink, kv.window, window or 0, num_splits,
         kt[0], kt[1], kt[2], kt[3], vt[0], vt[1], vt[2], vt[3],
-        D=D, BITS=bits, W=kv.kcodes.shape[-1], G=G, BLOCK_G=max(16, _pow2(G)), BLOCK_N=block_n,
+        D=D, BITS=bits, W=kv.kcodes.shape[-1], G=G, GP=gp, BLOCK_G=bg, LOG_STRIDE=int(math.log2(bg // gp)),
+        BLOCK_N=block_n,
         NOUT=kv.n_out, NSIDE=n_side, NSIDE_P2=max(16, _pow2(n_side)),
         HAS_STARTS=starts is not None, USE_ASM=use_asm,
-        TAB_REGS=TAB_REGS if tab_regs is None else tab_regs, VOUT_EYE=VOUT_EYE if vout_eye is None else vout_eye,
-        KFOLD=KFOLD if kfold is None else kfold,
+        TAB_REGS=TAB_REGS if tab_regs is None else tab_regs, QROWS=QROWS if qrows is None else qrows,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
     LAST_SPLIT_KERNEL["compiled"] = compiled
