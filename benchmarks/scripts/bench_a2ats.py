@@ -384,8 +384,8 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
         Hkv * C * D * elt + B * Hkv * G * NB * C * elt, lut_dtype=str(dt).replace("torch.", ""))
     lut_lo = retrieval.lookup_table(x["qb"], score_lo)
     sel_lo = torch.empty_like(sel)
-    add("select_codes", lambda: kernels.select_codes(lut_lo, x["counts"], x["lengths"], x["starts"],
-                                                     torch.tensor([args.ratio], dtype=torch.float64, device=dev),
+    ratio_lo = torch.tensor([args.ratio], dtype=torch.float64, device=dev)  # made outside the captured graph
+    add("select_codes", lambda: kernels.select_codes(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo,
                                                      out=sel_lo), B * Hkv * NB * (G * C * elt + C * 4 + C),
         lut_dtype=str(dt).replace("torch.", ""))
     ratio_t = torch.tensor([args.ratio], dtype=torch.float64, device=dev)

@@ -403,7 +403,11 @@ def main() -> None:
     p.add_argument("--no-suite", action="store_true")
     p.add_argument("--no-recall", action="store_true", help="calibrate, choose, and run the suite only")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--replot", default=None, help="only draw --plot from this result JSON (held-out rows)")
     args = p.parse_args()
+    if args.replot:
+        replot(args.replot, args.plot)
+        return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -482,6 +486,19 @@ def main() -> None:
     print(f"wrote {path}")
     if args.plot:
         plot(totals, count, args.plot, extra)
+
+
+def replot(result: str, path: str) -> None:
+    """The recall-vs-budget plot from a written result (its held-out rows)."""
+    import json
+
+    data = json.loads(Path(result).read_text())
+    totals = {(r["method"], r["ratio"]): r["recall"] for r in data["rows"]
+              if r.get("split", "heldout") == "heldout" and "recall" in r}
+    extra = dict(data["extra"])
+    extra.setdefault("chosen", "a2ats")
+    extra["model"] = f"{extra['model']} ({data['device'].get('name')})"
+    plot(totals, 1, path, extra)
 
 
 def plot(totals: dict, count: int, path: str, extra: dict) -> None:
