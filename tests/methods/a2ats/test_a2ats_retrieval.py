@@ -178,3 +178,36 @@ def test_query_aware_codebook_has_lower_logit_error_than_plain_vq():
     qa, _ = fit_layer(keys, qq, C, iters=15, tol=0.0, seed=0, device=torch.device("cpu"))
     plain, _ = fit_layer(keys, None, C, iters=15, tol=0.0, seed=0, device=torch.device("cpu"))
     assert logit_error(qa) < 0.5 * logit_error(plain)
+
+
+def test_shrunk_metric_blends_query_aware_and_plain_vq():
+    """shrink = 0 is the query metric, 1 plain VQ (same codes), in between a logit error in between."""
+    torch.manual_seed(3)
+    Hkv, N, D, C = 2, 1500, 16, 12
+    keys = torch.randn(N, Hkv, D)
+    scale = torch.ones(D)
+    scale[:3] = 8.0
+    qs = torch.randn(Hkv, 3000, D) * scale
+    qq = torch.bmm(qs.transpose(1, 2), qs).double()
+    h = vq.shrink_metric(qq, 0.3)
+    diag = torch.diagonal(qq, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+    torch.testing.assert_close(h, 0.7 * qq / diag + 0.3 * torch.eye(D, dtype=torch.float64))
+    x = keys.permute(1, 0, 2)
+
+    def fit(shrink, aware=True):
+        t, _ = fit_layer(keys, qq if aware else None, C, iters=10, tol=0.0, seed=0, device=torch.device("cpu"),
+                         shrink=shrink)
+        codes = retrieval.assign_codes(x[None], t["assign"], t["half_norms"])[0].long()  # [Hkv, N]
+        khat = t["score"].gather(1, codes[..., None].expand(-1, -1, D))
+        return codes, torch.einsum("hqd,hnd->hqn", qs, x - khat).pow(2).mean()
+
+    codes_one, err_one = fit(1.0)
+    codes_plain, err_plain = fit(0.0, aware=False)
+    assert torch.equal(codes_one, codes_plain)  # shrink 1: the identity metric (any scale) = plain VQ
+    _, err_zero = fit(0.0)
+    _, err_mid = fit(0.5)
+    assert err_zero < err_mid < err_plain
+    from lmsqueeze.methods.a2ats import A2ATS
+
+    with pytest.raises(LmsqueezeError):
+        A2ATS(shrink=1.5)
