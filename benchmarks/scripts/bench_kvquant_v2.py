@@ -52,8 +52,6 @@ SWEEP = [
     {"block_n": 64, "num_warps": 8},
     {"block_n": 128, "num_warps": 8, "qrows": True},
     {"block_n": 64, "num_warps": 4, "qrows": True},
-    {"block_n": 128, "num_warps": 8, "min_block_g": 8},
-    {"block_n": 128, "num_warps": 8, "tab_regs": True},
     {"block_n": 64, "num_warps": 4, "maxnreg": 128},
 ]
 
