@@ -484,12 +484,12 @@ def memory_model(model, preset, n: int, system: str, method: A2ATS, gpu_total: i
     index = L * Hkv * (cap * 2 + VC * 4 + VC) + L * 8  # codes, histogram, selected codes, counters
     E = method.sinks + ring_size(method.window)
     near = 2 * L * Hkv * E * D * elt + L * E * 4
-    books = L * Hkv * C * (2 * D + 1) * 4
+    books = L * Hkv * C * (2 * D + 1) * 4 + L * Hkv * C * D * elt  # fp32 codebooks + the lookup copy (model dtype)
     reserve = int(args.gpu_reserve_gib * GiB)
     host_budget = max(0, host_avail - int(args.host_reserve_gib * GiB))
     if system == "dense":
         gpu_seq, host_seq, fixed = kv, 0, weights + reserve
-    elif system == "a2ats-gpu":
+    elif system.startswith("a2ats-gpu"):
         gpu_seq, host_seq, fixed = kv + index, 0, weights + reserve + books
     else:
         gpu_seq, host_seq, fixed = index + near, kv, weights + reserve + books
@@ -515,8 +515,16 @@ def serving(run: Run, model, preset, dev: torch.device) -> None:
                "a2ats-gpu": with_settings(art0, offload=False),
                "a2ats-offload": with_settings(art0, offload=True, offload_attention="gpu"),
                "a2ats-offload-cpu": with_settings(art0, offload=True, offload_attention="cpu")}
+    methods = {name: base_method for name in systems}
+    extra_systems = []
+    for c in args.serving_codebooks:  # a2ats-gpu at other codebook sizes, same run and baseline
+        if c != args.codebook:
+            name = f"a2ats-gpu@{c}"
+            methods[name] = A2ATS(ratio=args.ratio, codebook=c, bands=tuple(args.bands))
+            systems[name] = with_settings(random_artifact(methods[name], model), offload=False)
+            extra_systems.append(name)
     cpu = "a2ats-offload-cpu"
-    plan = [(n, name) for n in args.contexts for name in args.systems if name != cpu]
+    plan = [(n, name) for n in args.contexts for name in [*args.systems, *extra_systems] if name != cpu]
     plan += [(n, cpu) for n in args.cpu_path_contexts if cpu in args.systems]  # the slow eager path last
     dense_rows: dict[int, dict] = {}
     for n, name in plan:
@@ -525,11 +533,12 @@ def serving(run: Run, model, preset, dev: torch.device) -> None:
             run.serving.append({"method": name, "length": n, "skipped": "time budget"})
             continue
         art = systems[name]
-        mm = memory_model(model, preset, n, name, base_method, gpu_total, host_avail, args)
+        mm = memory_model(model, preset, n, name, methods[name], gpu_total, host_avail, args)
         B = mm["batch"]
         if name == "a2ats-offload-cpu":
             B = min(B, args.cpu_path_batch)
-        row = {"method": name, "length": n, **mm, "batch": B, "measured_layers": [L_m, 1]}
+        row = {"method": name, "length": n, **mm, "batch": B, "measured_layers": [L_m, 1],
+               "codebook": methods[name].codebook}
         if B < 1:
             row["skipped"] = "no sequence fits"
             run.serving.append(row)
@@ -636,6 +645,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=200.0)
+    p.add_argument("--serving-codebooks", type=lambda x: [int(v) for v in x.split(",") if v], default=[],
+                   help="also serve a2ats-gpu at these codebook sizes (rows a2ats-gpu@C)")
     p.add_argument("--quick-kernels", action="store_true", help="time one sparse-kernel setting, not the sweep")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU logic check)")
     p.add_argument("--skip", default="", help="parts to skip: checks,kernels,serving")
