@@ -385,9 +385,22 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
     lut_lo = retrieval.lookup_table(x["qb"], score_lo)
     sel_lo = torch.empty_like(sel)
     ratio_lo = torch.tensor([args.ratio], dtype=torch.float64, device=dev)  # made outside the captured graph
-    add("select_codes", lambda: kernels.select_codes(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo,
-                                                     out=sel_lo), B * Hkv * NB * (G * C * elt + C * 4 + C),
-        lut_dtype=str(dt).replace("torch.", ""))
+    sel_rows = {}
+    for split in (False, True):  # one program per KV group, or per query head + a union launch
+        sel_rows[split] = add("select_codes", lambda sp=split: kernels.select_codes_triton(
+            lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo, out=sel_lo, split=sp)
+            if dev.type == "cuda" else kernels.select_codes(lut_lo, x["counts"], x["lengths"], x["starts"],
+                                                            ratio_lo, out=sel_lo),
+            B * Hkv * NB * (G * C * elt + C * 4 + C), lut_dtype=str(dt).replace("torch.", ""), split=split)
+    if dev.type == "cuda" and all("ms" in r for r in sel_rows.values()):
+        same = torch.equal(kernels.select_codes_triton(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo,
+                                                       split=True),
+                           kernels.select_codes_triton(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo,
+                                                       split=False))
+        run.extra["select_split_equals_unsplit"] = same
+        if same:
+            kernels.SELECT_SPLIT = sel_rows[True]["ms"] < sel_rows[False]["ms"]
+        run.extra["select_split"] = kernels.SELECT_SPLIT
     ratio_t = torch.tensor([args.ratio], dtype=torch.float64, device=dev)
     add("select_codes", lambda: kernels.select_codes(x["lut"], x["counts"], x["lengths"], x["starts"], ratio_t,
                                                      out=sel), B * Hkv * NB * (G * C * 4 + C * 4 + C))

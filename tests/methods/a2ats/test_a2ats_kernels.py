@@ -27,10 +27,13 @@ from lmsqueeze.methods.a2ats.reference import (
 )
 
 
-@pytest.mark.parametrize("G,C,ties,wide", [(1, 50, False, None), (4, 64, True, None), (3, 37, False, None),
-                                          (4, 64, True, True), (3, 37, False, True)])
-def test_select_kernel_equals_reference(G, C, ties, wide):
-    """Both select kernels (all heads at once; head by head for large codebooks, `wide`) equal the reference."""
+@pytest.mark.parametrize("G,C,ties,wide,split", [(1, 50, False, None, False), (4, 64, True, None, False),
+                                                (3, 37, False, None, False), (4, 64, True, True, False),
+                                                (3, 37, False, True, False), (4, 64, True, None, True),
+                                                (3, 37, False, None, True)])
+def test_select_kernel_equals_reference(G, C, ties, wide, split):
+    """The select kernels (all heads at once; head by head for large codebooks, `wide`; one program per head
+    then the union, `split`) equal the reference."""
     B, Hkv = 3, 2
     lut = torch.randn(B, Hkv, G, C)
     if ties:
@@ -39,7 +42,7 @@ def test_select_kernel_equals_reference(G, C, ties, wide):
     lengths = torch.tensor([40, 3000, 100], dtype=torch.int32)
     starts = torch.tensor([0, 7, 0], dtype=torch.int32)
     for ratio in (0.01, 0.03, 1.0):  # 0.01 x 40 keeps no token; 0.03 x 100: float64 rounding must agree
-        got = select_codes_triton(lut, counts, lengths, starts, ratio, wide=wide)
+        got = select_codes_triton(lut, counts, lengths, starts, ratio, wide=wide, split=split)
         kth = retrieval.tokens_to_keep(ratio, lengths, starts)
         want = select_codes_reference(lut, counts, kth)
         assert got.dtype == torch.int8 and torch.equal(got.bool(), want), ratio

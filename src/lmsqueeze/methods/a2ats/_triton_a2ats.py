@@ -96,6 +96,64 @@ def _select_wide_kernel(Lut, Counts, Lengths, Starts, Ratio, Sel,
 
 
 @triton.jit
+def _select_threshold_kernel(Lut, Counts, Lengths, Starts, Ratio, Thr,
+                             stride_lb, stride_lh, stride_lg, stride_cb, stride_ch,
+                             C, HKV: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Split select, phase 1, grid (B * Hkv, G): one query head's kth-largest candidate key (the bisection of
+    `_select_kernel`) -> Thr[b, h, g] int64 (2^31, above every key, when nothing is kept)."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    offs_c = tl.arange(0, BLOCK_C)
+    cm = offs_c < C
+    lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + g * stride_lg
+    cnt = tl.load(Counts + b.to(tl.int64) * stride_cb + h * stride_ch + offs_c, mask=cm, other=0)
+    total = tl.sum(cnt, 0)
+    n = (tl.load(Lengths + b) - tl.load(Starts + b)).to(tl.float64)
+    kth = tl.minimum((n * tl.load(Ratio)).to(tl.int32), total)
+    vals = tl.load(lut + offs_c, mask=cm, other=float("-inf")).to(tl.float32)
+    vals = tl.where(vals == 0.0, 0.0, vals)
+    bits = vals.to(tl.int32, bitcast=True)
+    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    lo = tl.full([1], -2147483648, tl.int64)
+    hi = tl.full([1], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum(tl.where(keys[None, :] >= mid.to(tl.int32)[:, None], cnt[None, :], 0), 1)
+        ok = c >= kth
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    lo = tl.where(kth > 0, lo, 2147483648)
+    offs1 = tl.arange(0, 1)
+    tl.store(Thr + pid.to(tl.int64) * G + g + offs1, lo)
+
+
+@triton.jit
+def _select_union_kernel(Lut, Thr, Sel, stride_lb, stride_lh, stride_lg, stride_sb, stride_sh, C,
+                         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
+    """Split select, phase 2, grid (B * Hkv, cdiv(C, BLOCK)): sel = OR over the heads of key >= threshold."""
+    pid = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_c = blk * BLOCK + tl.arange(0, BLOCK)
+    gm = offs_g < G
+    cm = offs_c < C
+    thr = tl.load(Thr + pid.to(tl.int64) * G + offs_g, mask=gm, other=2147483648)
+    lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    vals = tl.load(lut + offs_g[:, None] * stride_lg + offs_c[None, :], mask=gm[:, None] & cm[None, :],
+                   other=float("-inf")).to(tl.float32)
+    vals = tl.where(vals == 0.0, 0.0, vals)
+    bits = vals.to(tl.int32, bitcast=True)
+    keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+    take = (keys >= thr[:, None]) & gm[:, None]
+    sel = tl.max(take.to(tl.int32), 0)
+    tl.store(Sel + b.to(tl.int64) * stride_sb + h * stride_sh + offs_c, sel.to(tl.int8), mask=cm)
+
+
+@triton.jit
 def _virtual_code(code, dist, Bands, C, NB: tl.constexpr):
     """band(dist) x C + code; Bands: int32 [NB] lower band edges (Bands[0] = window, unused here)."""
     band = tl.zeros_like(code)
@@ -320,11 +378,26 @@ WIDE_SELECT = 8192  # G x C above this: the head-by-head select kernel (register
 
 
 def select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
-                  ratio: torch.Tensor, sel: torch.Tensor, wide: bool | None = None) -> None:
+                  ratio: torch.Tensor, sel: torch.Tensor, wide: bool | None = None, split: bool = False) -> None:
     """lut: [B, Hkv, G, C] (code dim contiguous), counts: [B, Hkv, C] int32, lengths/starts: [B] int32,
-    ratio: [1] float64 -> sel: [B, Hkv, C] int8. wide: head-by-head kernel (default: when G x C > WIDE_SELECT)."""
+    ratio: [1] float64 -> sel: [B, Hkv, C] int8. wide: head-by-head kernel (default: when G x C > WIDE_SELECT);
+    split: two launches instead, one program per query head for the thresholds, then the union (more
+    parallel: B x Hkv x G programs)."""
     B, Hkv, G, C = lut.shape
     block_c = triton.next_power_of_2(C)
+    if split:
+        thr = torch.empty(B * Hkv * G, dtype=torch.int64, device=lut.device)
+        _select_threshold_kernel[(B * Hkv, G)](
+            lut, counts, lengths, starts, ratio, thr,
+            lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1),
+            C, HKV=Hkv, G=G, BLOCK_C=block_c, num_warps=max(4, min(16, block_c // 1024)),
+        )
+        block = min(block_c, 1024)
+        _select_union_kernel[(B * Hkv, triton.cdiv(C, block))](
+            lut, thr, sel, lut.stride(0), lut.stride(1), lut.stride(2), sel.stride(0), sel.stride(1), C,
+            HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK=block, num_warps=4,
+        )
+        return
     if wide is None:
         wide = triton.next_power_of_2(G) * block_c > WIDE_SELECT
     if wide:

@@ -36,6 +36,10 @@ SPARSE_NUM_STAGES = 2
 # best one-phase setting (benchmarks/results/a2ats_serving_h100.json, part "kernel"; the one-phase scan is
 # latency-bound on its code -> table -> K/V load chain). bench_a2ats.py times both and uses the faster one.
 SPARSE_COMPACT = True
+# Select kernel: False = one program per KV group (all heads at once, or head by head past WIDE_SELECT);
+# True = two launches, one program per query head for the thresholds then the union. Not yet timed on the
+# GPU: bench_a2ats.py times both and keeps the faster.
+SELECT_SPLIT = False
 
 
 @functools.cache
@@ -81,9 +85,10 @@ def select_codes(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor,
 
 def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
                         ratio: torch.Tensor | float, out: torch.Tensor | None = None,
-                        wide: bool | None = None) -> torch.Tensor:
+                        wide: bool | None = None, split: bool | None = None) -> torch.Tensor:
     """The Triton select kernel on any tensors Triton accepts (CUDA, or CPU under TRITON_INTERPRET=1).
-    wide: force the head-by-head kernel (True) or the all-heads one (False); None: by size."""
+    wide: force the head-by-head kernel (True) or the all-heads one (False); None: by size. split: the
+    two-launch form (None: SELECT_SPLIT)."""
     _check_select(lut, counts, lengths, starts)
     from lmsqueeze.methods.a2ats._triton_a2ats import select_launch
 
@@ -100,7 +105,7 @@ def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
     if C > MAX_TRITON_CODEBOOK:
         raise LmsqueezeError(f"the Triton select holds at most {MAX_TRITON_CODEBOOK} virtual codes per program, "
                              f"got {C}; use fewer bands or a smaller codebook")
-    select_launch(lut, counts, lengths, starts, ratio, out, wide)
+    select_launch(lut, counts, lengths, starts, ratio, out, wide, SELECT_SPLIT if split is None else split)
     return out
 
 
