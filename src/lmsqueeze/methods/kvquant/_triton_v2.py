@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from lmsqueeze.methods.kvquant._triton_kernels import _nat4, _nat8
+from lmsqueeze.methods.kvquant._triton_kernels import _nat4, _nat8, _opaque
 
 
 @triton.jit
@@ -190,6 +190,7 @@ def _v2_split_kernel(
     BLOCK_G: tl.constexpr, LOG_STRIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, NOUT: tl.constexpr, NSIDE: tl.constexpr, NSIDE_P2: tl.constexpr,
     HAS_STARTS: tl.constexpr, USE_ASM: tl.constexpr, TAB_REGS: tl.constexpr, QROWS: tl.constexpr,
+    OPAQUE: tl.constexpr = 0,
 ):
     HALF: tl.constexpr = D // 2
     STRIDE: tl.constexpr = 1 << LOG_STRIDE
@@ -272,6 +273,9 @@ def _v2_split_kernel(
         # keys: l' = level / 128 + zero / scale (key = S * l', pre-RoPE), times the relative RoPE tables
         uk = _spread(_unpack_pairs(KCb, row, kt0, kt1, kt2, kt3, KXLUT, D, BITS, USE_ASM), BLOCK_N, D)
         x1, x2 = _keys_rot(uk, Ck2, CR, SR, d, USE_ASM)
+        if OPAQUE == 2:
+            x1 = _opaque(x1, USE_ASM)
+            x2 = _opaque(x2, USE_ASM)
         if QROWS:
             qk = tl.dot(Ya.to(tl.float16), tl.trans(x1)) + tl.dot(Yb.to(tl.float16), tl.trans(x2))
         else:
@@ -296,6 +300,8 @@ def _v2_split_kernel(
         vz = tl.load(VZb + slots).to(tl.float32)
         uv = _spread(_unpack_pairs(VCb, row, vt0, vt1, vt2, vt3, VXLUT, D, BITS, USE_ASM), BLOCK_N, D)
         lv = _values_lv(uv, d, USE_ASM)
+        if OPAQUE == 2:
+            lv = _opaque(lv, USE_ASM)
         if QROWS:
             qk = qk * ynorm[:, None] + tl.trans(dqs)
             qk = tl.where(ok[None, :], qk, float("-inf"))
@@ -314,7 +320,10 @@ def _v2_split_kernel(
             p = tl.exp2(qk - m_new[None, :])
             la = la * alpha[None, :] + p
             za = za * alpha[None, :] + p * vz[:, None]
-            upd = tl.dot(tl.trans((p * (vs / vmax)[:, None]).to(tl.float16)), lv)
+            pv = (p * (vs / vmax)[:, None]).to(tl.float16)
+            if OPAQUE:
+                pv = _opaque(pv, USE_ASM)
+            upd = tl.dot(tl.trans(pv), lv)
         # sparse value outliers through identity rows (one-hot, gathered) on tensor cores
         for j in tl.static_range(NOUT):
             ow = tl.load(VOb + slots * NOUT + j)
@@ -324,7 +333,10 @@ def _v2_split_kernel(
             if QROWS:
                 upd += tl.dot((p * (ov / vmax)[None, :]).to(tl.float16), ev)
             else:
-                upd += tl.dot(tl.trans((p * (ov / vmax)[:, None]).to(tl.float16)), ev)
+                pe = (p * (ov / vmax)[:, None]).to(tl.float16)
+                if OPAQUE:
+                    pe = _opaque(pe, USE_ASM)
+                upd += tl.dot(tl.trans(pe), ev)
         acc = acc * alpha[:, None] + upd * vmax
         m_i = m_new
         yn = Ya * cB[None, :] + Yb * sB[None, :]

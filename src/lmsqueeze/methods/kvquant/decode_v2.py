@@ -38,6 +38,8 @@ NUM_WARPS = 8
 NUM_STAGES = 1
 TAB_REGS = False   # RoPE tables held in registers (True) or re-read from L1 every tile (False)
 QROWS = False      # scores as [query rows, keys] (mma.sync, keys from shared memory) instead of [keys, query rows]
+OPAQUE = 2         # hide MMA operands' producers from Triton's operand-width heuristic (v1's trick): 1 = the
+                   # softmax weights only, 2 = also the unpacked keys and values
 MIN_BLOCK_G = 16   # rows of the query-side MMA operand (query heads spread over them, zero rows between)
 LAST_SPLIT_KERNEL: dict = {}
 
@@ -103,6 +105,7 @@ def kvquant_decode_attention_v2(q: torch.Tensor, kv: PackedKV, lengths: torch.Te
                                 num_warps: int | None = None, num_stages: int | None = None,
                                 maxnreg: int | None = None, programs_per_sm: int | None = None,
                                 tab_regs: bool | None = None, min_block_g: int | None = None, qrows: bool | None = None,
+                                opaque: int | None = None,
                                 use_asm: bool | None = None, return_lse: bool = False):
     """Attention of one query per sequence over a packed KVQuant cache (same contract as the reference).
 
@@ -157,6 +160,7 @@ def kvquant_decode_attention_v2(q: torch.Tensor, kv: PackedKV, lengths: torch.Te
         NOUT=kv.n_out, NSIDE=n_side, NSIDE_P2=max(16, _pow2(n_side)),
         HAS_STARTS=starts is not None, USE_ASM=use_asm,
         TAB_REGS=TAB_REGS if tab_regs is None else tab_regs, QROWS=QROWS if qrows is None else qrows,
+        OPAQUE=OPAQUE if opaque is None else opaque,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
     LAST_SPLIT_KERNEL["compiled"] = compiled
