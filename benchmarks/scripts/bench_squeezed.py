@@ -42,6 +42,7 @@ LOCAL = 256
 T0 = time.time()
 LOG: list[str] = []
 QUICK = False   # --quick: decode sweeps only (no checks, one compact config, no prefill)
+PREFILL_SHORT = False   # --prefill-sweep short: the prefill attention configs that won earlier sweeps only
 
 
 def say(msg: str) -> None:
@@ -468,7 +469,8 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
 
 # --- 3. prefill -------------------------------------------------------------------------------------------------
 
-def bench_prefill(N: int, T: int, dev, iters: int) -> tuple[list[dict], dict]:
+def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[list[dict], dict]:
+    """checkpoint(rows, extra): called with the one-key-set-per-chunk rows before the per-token part."""
     from lmsqueeze.methods.squeezed import kernels as K
     from lmsqueeze.methods.squeezed import reference as R
     from lmsqueeze.methods.squeezed.attention import prefill_keep
@@ -508,7 +510,7 @@ def bench_prefill(N: int, T: int, dev, iters: int) -> tuple[list[dict], dict]:
                            baseline_timing=base, context=N, user_tokens=T,
                            tflops=4 * HQ * T * idx.num_clusters * D / (t_ps.median_ms * 1e-3) / 1e12))
     sweep, best = [], None
-    for bm, w, st in ((64, 4, 2), (64, 8, 2), (128, 8, 2), (128, 8, 3)):
+    for bm, w, st in (((128, 8, 3),) if PREFILL_SHORT else ((64, 4, 2), (64, 8, 2), (128, 8, 2), (128, 8, 3))):
         try:
             t = time_cuda(lambda bm=bm, w=w, st=st: K.indexed_attention_triton(
                 q, idx.keys, idx.values, ix, cnt, lk, lv, lengths, sc, block_m=bm, num_warps=w, num_stages=st),
@@ -534,6 +536,8 @@ def bench_prefill(N: int, T: int, dev, iters: int) -> tuple[list[dict], dict]:
     rows.append(timing_row("prefill_squeezed", t_full, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
                            context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"],
                            prefill="chunk"))
+    if checkpoint is not None:
+        checkpoint(rows, extra)
     try:
         rows += _prefill_per_token(q, idx, lk, lv, lengths, sc, base, N, T, iters, extra)
     except Exception:  # noqa: BLE001
@@ -564,7 +568,8 @@ def _prefill_per_token(q, idx, lk, lv, lengths, sc, base, N, T, iters, extra) ->
     rows.append(timing_row("prefill_token_selection", t_sel, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
                            context=N, user_tokens=T))
     sweep, best = [], None
-    for bm, w, st in ((128, 8, 3), (64, 4, 2), (32, 4, 2), (16, 4, 2)):
+    for bm, w, st in (((128, 8, 3), (64, 4, 2)) if PREFILL_SHORT else ((128, 8, 3), (64, 4, 2), (32, 4, 2),
+                                                                       (16, 4, 2))):
         _, cnt = K.block_rows(keep, idx.row_cluster, HQ // HKV, bm)
         union = ((cnt.float() - 64) / idx.clustered).mean().item()
         try:
@@ -638,9 +643,15 @@ def main() -> int:
     ap.add_argument("--plot-from", default=None, help="only plot this result JSON to --plot (no GPU needed)")
     ap.add_argument("--plot", default="benchmarks/plots/squeezed_decode_h100.png")
     ap.add_argument("--quick", action="store_true", help="decode sweeps only: no checks, no prefill")
+    ap.add_argument("--sections", default="checks,decode,prefill",
+                    help="comma-separated sections to run (checks, decode, prefill)")
+    ap.add_argument("--prefill-sweep", default="full", choices=("full", "short"),
+                    help="short: only the attention tile configs that won earlier sweeps (fewer compiles)")
     args = ap.parse_args()
-    global QUICK
+    global QUICK, PREFILL_SHORT
     QUICK = args.quick
+    PREFILL_SHORT = args.prefill_sweep == "short"
+    sections = set(args.sections.split(","))
     if args.plot_from:
         plot(args.plot_from, args.plot)
         return 0
@@ -652,7 +663,8 @@ def main() -> int:
     def save():
         write_result(args.out, "squeezed_decode", command_line(), rows, extra, device=dev)
 
-    for name, fn in (() if QUICK else (("kernels", lambda: check_kernels(dev)), ("model", lambda: check_model(dev)))):
+    for name, fn in (() if QUICK or "checks" not in sections else
+                     (("kernels", lambda: check_kernels(dev)), ("model", lambda: check_model(dev)))):
         try:
             res = fn()
             extra["checks"] += res
@@ -662,7 +674,7 @@ def main() -> int:
             extra["errors"].append({"section": name, "trace": traceback.format_exc()[-2000:]})
             say(f"check {name} raised:\n{traceback.format_exc()[-1500:]}")
         save()
-    for N in (int(x) for x in args.contexts.split(",")):
+    for N in (int(x) for x in args.contexts.split(",")) if "decode" in sections else ():
         if time.time() - T0 > args.budget_s:
             say(f"skipping decode N={N}: out of time")
             continue
@@ -675,9 +687,11 @@ def main() -> int:
             say(f"decode N={N} raised:\n{traceback.format_exc()[-1500:]}")
         torch.cuda.empty_cache()
         save()
-    if time.time() - T0 <= args.budget_s and not QUICK:
+    if time.time() - T0 <= args.budget_s and not QUICK and "prefill" in sections:
         try:
-            r, e = bench_prefill(131072, 1024, dev, max(20, args.iters // 2))
+            r, e = bench_prefill(131072, 1024, dev, max(20, args.iters // 2), checkpoint=lambda r_, e_: write_result(
+                args.out, "squeezed_decode", command_line(), rows + r_, {**extra, "prefill_131072_1024": e_},
+                device=dev))
             rows += r
             extra["prefill_131072_1024"] = e
         except Exception:  # noqa: BLE001

@@ -192,7 +192,7 @@ def plot(result: str, png: str) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, lw=1, ms=7, label=fam)
         for x, y, name in pts:
             if fam != "dense":
-                ax.annotate(name.split("@")[-1].split("-")[-1] + "%", (x, y), fontsize=6, xytext=(4, -8),
+                ax.annotate(name.split(":")[0].split("@")[-1].split("-")[-1] + "%", (x, y), fontsize=6, xytext=(4, -8),
                             textcoords="offset points", color=color)
     if "dense" in d["metrics"]:
         ax.axhline(d["metrics"]["dense"]["accuracy"], color="k", ls="--", lw=0.6)

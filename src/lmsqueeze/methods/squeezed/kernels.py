@@ -32,7 +32,10 @@ LOG2E = 1.4426950408889634
 # pass, each program a fixed range of clusters: _triton_kernels.py); both measured by bench_squeezed.py.
 DECODE_IMPL = "fused"
 DECODE_STAGES = 2     # software-pipelining stages of the fused decode kernel
-MERGE_BLOCK_D = None  # split-K merge: None = the shared kernel (a program per head); int = dims per program
+# split-K merge: None = the shared kernel (a program per head); int = dims per program. 16: merge alone 3.3 / 3.8 us
+# at 32K / 128K vs 4.8 / 5.3 us for the shared kernel (H100, benchmarks/results/squeezed_decode_h100.json,
+# extra.decode_*.merge_sweep)
+MERGE_BLOCK_D = 16
 
 
 def _pow2(n: int) -> int:
