@@ -45,15 +45,15 @@ from lmsqueeze.methods.kvquant.rope import KernelRope  # noqa: E402
 PEAK_TBPS = 3.0
 V1_DEFAULT = {"block_n": 64, "num_warps": 4, "num_stages": 1, "maxnreg": 168, "vfold": True}
 SWEEP = [
-    {"block_n": 128, "num_warps": 8},
-    {"block_n": 128, "num_warps": 8, "opaque": 0},
-    {"block_n": 128, "num_warps": 8, "programs_per_sm": 8},
-    {"block_n": 128, "num_warps": 8, "programs_per_sm": 2},
-    {"block_n": 64, "num_warps": 4},
-    {"block_n": 64, "num_warps": 8},
+    {"block_n": 128, "num_warps": 8, "nsub": 2},
+    {"block_n": 128, "num_warps": 8, "nsub": 1},
+    {"block_n": 128, "num_warps": 8, "nsub": 2, "programs_per_sm": 8},
+    {"block_n": 128, "num_warps": 8, "nsub": 2, "programs_per_sm": 2},
+    {"block_n": 64, "num_warps": 4, "nsub": 2},
+    {"block_n": 128, "num_warps": 8, "nsub": 1, "opaque": 0},
     {"block_n": 128, "num_warps": 8, "qrows": True},
+    {"block_n": 64, "num_warps": 4, "nsub": 1},
     {"block_n": 64, "num_warps": 4, "qrows": True, "opaque": 0},
-    {"block_n": 64, "num_warps": 4, "maxnreg": 128},
 ]
 
 

@@ -27,7 +27,8 @@ def test_v2_matches_reference(make_state, bits, heads):
     lengths = torch.full((2,), S, dtype=torch.int32)
     ref = decode_attention_reference(q, state.kv, lengths, D**-0.5, state.rope, starts)
     out = kvquant_decode_attention_v2(q, state.kv, lengths, D**-0.5, state.rope, starts, num_splits=2, block_n=16,
-                                      min_block_g=8 if bits == 4 else 16, qrows=bits == 3)
+                                      min_block_g=8 if bits == 4 else 16, qrows=bits == 3,
+                                      nsub=2 if bits == 2 else 1)
     assert out.shape == q.shape and torch.isfinite(out).all()
     assert rel_err(out, ref) < 5e-3
 

@@ -180,6 +180,69 @@ def _pad_cols(x, BN: tl.constexpr, GP: tl.constexpr, LOG_STRIDE: tl.constexpr):
 
 
 @triton.jit
+def _key_scores(KCb, KOb, KINDb, slots, toff, CRT, SRT, Ck2, Ya16, Yb16, ynorm, Qc, gcm, INV_FREQ, p_first, s_lo,
+                lo, s_hi, qsc, kt0, kt1, kt2, kt3, KXLUT, d,
+                D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, NOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_G: tl.constexpr, GP: tl.constexpr, LOG_STRIDE: tl.constexpr, USE_ASM: tl.constexpr,
+                OPAQUE: tl.constexpr):
+    """Masked base-2 scores [BLOCK_N, BLOCK_G] of the tokens `slots` (table rows toff + n)."""
+    HALF: tl.constexpr = D // 2
+    nn = tl.arange(0, BLOCK_N)
+    CR = tl.load(CRT + (toff + nn)[:, None] * D + d[None, :])
+    SR = tl.load(SRT + (toff + nn)[:, None] * D + d[None, :])
+    uk = _spread(_unpack_pairs(KCb, slots * W, kt0, kt1, kt2, kt3, KXLUT, D, BITS, USE_ASM), BLOCK_N, D)
+    x1, x2 = _keys_rot(uk, Ck2, CR, SR, d, USE_ASM)
+    if OPAQUE == 2:
+        x1 = _opaque(x1, USE_ASM)
+        x2 = _opaque(x2, USE_ASM)
+    qk = tl.dot(x1, tl.trans(Ya16)) + tl.dot(x2, tl.trans(Yb16))
+    dqs = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
+    for j in tl.static_range(NOUT):
+        ow = tl.load(KOb + slots * NOUT + j)
+        oi = (ow >> 16) & 0xFFFF
+        ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        upper = oi >= HALF
+        of = tl.where(upper, oi - HALF, oi)
+        oc, osn = _sincos64((p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of), USE_ASM)
+        qa = tl.load(Qc + oi[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
+        qb = tl.load(Qc + tl.where(upper, of, oi + HALF)[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
+        sgn = tl.where(upper, -osn, osn)
+        dq = (qa * oc[:, None] + qb * sgn[:, None]) * (ov * qsc)[:, None]
+        dqs += _pad_cols(dq, BLOCK_N, GP, LOG_STRIDE)
+    kind = tl.load(KINDb + slots)
+    ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
+    qk = qk * ynorm[None, :] + dqs
+    return tl.where(ok[:, None], qk, float("-inf"))
+
+
+@triton.jit
+def _value_update(VCb, VOb, VSb, VZb, EYE, slots, p, vmax, vt0, vt1, vt2, vt3, VXLUT, d,
+                  D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, NOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                  USE_ASM: tl.constexpr, OPAQUE: tl.constexpr):
+    """(p^T V / vmax [BLOCK_G, D], p * value zero [BLOCK_N, BLOCK_G]) of the tokens `slots`."""
+    vs = tl.load(VSb + slots).to(tl.float32) * 128.0
+    vz = tl.load(VZb + slots).to(tl.float32)
+    uv = _spread(_unpack_pairs(VCb, slots * W, vt0, vt1, vt2, vt3, VXLUT, D, BITS, USE_ASM), BLOCK_N, D)
+    lv = _values_lv(uv, d, USE_ASM)
+    if OPAQUE == 2:
+        lv = _opaque(lv, USE_ASM)
+    pv = (p * (vs / vmax)[:, None]).to(tl.float16)
+    if OPAQUE > 0:
+        pv = _opaque(pv, USE_ASM)
+    upd = tl.dot(tl.trans(pv), lv)
+    for j in tl.static_range(NOUT):
+        ow = tl.load(VOb + slots * NOUT + j)
+        oi = (ow >> 16) & 0xFFFF
+        ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        ev = tl.load(EYE + oi[:, None] * D + d[None, :])
+        pe = (p * (ov / vmax)[:, None]).to(tl.float16)
+        if OPAQUE > 0:
+            pe = _opaque(pe, USE_ASM)
+        upd += tl.dot(tl.trans(pe), ev)
+    return upd, p * vz[:, None]
+
+
+@triton.jit
 def _v2_split_kernel(
     Q, O_part, L_part,
     KC, VC, KO, VO, VS, VZ, POS, KIND, SK, SV, SSLOT,
@@ -190,7 +253,7 @@ def _v2_split_kernel(
     BLOCK_G: tl.constexpr, LOG_STRIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, NOUT: tl.constexpr, NSIDE: tl.constexpr, NSIDE_P2: tl.constexpr,
     HAS_STARTS: tl.constexpr, USE_ASM: tl.constexpr, TAB_REGS: tl.constexpr, QROWS: tl.constexpr,
-    OPAQUE: tl.constexpr = 0,
+    OPAQUE: tl.constexpr = 0, NSUB: tl.constexpr = 1,
 ):
     HALF: tl.constexpr = D // 2
     STRIDE: tl.constexpr = 1 << LOG_STRIDE
@@ -205,8 +268,9 @@ def _v2_split_kernel(
     if mwin > 0:
         lo = tl.maximum(lo, L - mwin)
     qhi = L - fwin
-    lo_al = (lo // BLOCK_N) * BLOCK_N
-    per = tl.cdiv(tl.cdiv(tl.maximum(qhi - lo_al, 0), num_splits), BLOCK_N) * BLOCK_N
+    UNIT: tl.constexpr = BLOCK_N * NSUB
+    lo_al = (lo // UNIT) * UNIT
+    per = tl.cdiv(tl.cdiv(tl.maximum(qhi - lo_al, 0), num_splits), UNIT) * UNIT
     s_lo = lo_al + pid_s * per
     s_hi = tl.minimum(s_lo + per, qhi)
 
@@ -244,8 +308,8 @@ def _v2_split_kernel(
     c0, s0 = _sincos64(p_first * inv, False)
     Ya = Sn * (own * c0[None, :] + sig[None, :] * par * s0[None, :])
     Yb = Sn * sig[None, :] * (par * c0[None, :] - sig[None, :] * own * s0[None, :])
-    cB = tl.cos(inv * BLOCK_N)
-    sB = tl.sin(inv * BLOCK_N)
+    cB = tl.cos(inv * UNIT)
+    sB = tl.sin(inv * UNIT)
     Ck2 = Ck[None, :] + tl.zeros((BLOCK_N, D), tl.float16)
     if TAB_REGS:
         CR = tl.load(CRT + nn[:, None] * D + d[None, :])
@@ -264,84 +328,118 @@ def _v2_split_kernel(
         za = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
     acc = tl.zeros((BLOCK_G, D), tl.float32)
     vmax = tl.maximum(tl.load(VSMAX + bh) * 128.0, 1e-30)
-    for n0 in range(s_lo, s_hi, BLOCK_N):
-        slots = n0 + nn
-        row = slots * W
-        if not TAB_REGS:
-            CR = tl.load(CRT + nn[:, None] * D + d[None, :])
-            SR = tl.load(SRT + nn[:, None] * D + d[None, :])
-        # keys: l' = level / 128 + zero / scale (key = S * l', pre-RoPE), times the relative RoPE tables
-        uk = _spread(_unpack_pairs(KCb, row, kt0, kt1, kt2, kt3, KXLUT, D, BITS, USE_ASM), BLOCK_N, D)
-        x1, x2 = _keys_rot(uk, Ck2, CR, SR, d, USE_ASM)
-        if OPAQUE == 2:
-            x1 = _opaque(x1, USE_ASM)
-            x2 = _opaque(x2, USE_ASM)
-        if QROWS:
-            qk = tl.dot(Ya.to(tl.float16), tl.trans(x1)) + tl.dot(Yb.to(tl.float16), tl.trans(x2))
-        else:
-            qk = tl.dot(x1, tl.trans(Ya.to(tl.float16))) + tl.dot(x2, tl.trans(Yb.to(tl.float16)))
-        # sparse key outliers: q . R(p) (residual e_c), from the unrotated query and the absolute angle
-        dqs = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
-        for j in tl.static_range(NOUT):
-            ow = tl.load(KOb + slots * NOUT + j)
-            oi = (ow >> 16) & 0xFFFF
-            ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            upper = oi >= HALF
-            of = tl.where(upper, oi - HALF, oi)
-            oc, osn = _sincos64((p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of), USE_ASM)
-            qa = tl.load(Qc + oi[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
-            qb = tl.load(Qc + tl.where(upper, of, oi + HALF)[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
-            sgn = tl.where(upper, -osn, osn)
-            dq = (qa * oc[:, None] + qb * sgn[:, None]) * (ov * qsc)[:, None]
-            dqs += _pad_cols(dq, BLOCK_N, GP, LOG_STRIDE)
-        kind = tl.load(KINDb + slots)
-        ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
-        vs = tl.load(VSb + slots).to(tl.float32) * 128.0
-        vz = tl.load(VZb + slots).to(tl.float32)
-        uv = _spread(_unpack_pairs(VCb, row, vt0, vt1, vt2, vt3, VXLUT, D, BITS, USE_ASM), BLOCK_N, D)
-        lv = _values_lv(uv, d, USE_ASM)
-        if OPAQUE == 2:
-            lv = _opaque(lv, USE_ASM)
-        if QROWS:
-            qk = qk * ynorm[:, None] + tl.trans(dqs)
-            qk = tl.where(ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            la = la * alpha[:, None] + p
-            # values: level / 128 on tensor cores with the per-token scale on p; zeros as p . z
-            za = za * alpha[:, None] + p * vz[None, :]
-            upd = tl.dot((p * (vs / vmax)[None, :]).to(tl.float16), lv)
-        else:
-            qk = qk * ynorm[None, :] + dqs
-            qk = tl.where(ok[:, None], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[None, :])
-            la = la * alpha[None, :] + p
-            za = za * alpha[None, :] + p * vz[:, None]
-            pv = (p * (vs / vmax)[:, None]).to(tl.float16)
-            if OPAQUE:
-                pv = _opaque(pv, USE_ASM)
-            upd = tl.dot(tl.trans(pv), lv)
-        # sparse value outliers through identity rows (one-hot, gathered) on tensor cores
-        for j in tl.static_range(NOUT):
-            ow = tl.load(VOb + slots * NOUT + j)
-            oi = (ow >> 16) & 0xFFFF
-            ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            ev = tl.load(EYE + oi[:, None] * D + d[None, :])
-            if QROWS:
-                upd += tl.dot((p * (ov / vmax)[None, :]).to(tl.float16), ev)
+    if not QROWS:
+        for n0 in range(s_lo, s_hi, UNIT):
+            Ya16 = Ya.to(tl.float16)
+            Yb16 = Yb.to(tl.float16)
+            slots = n0 + nn
+            qa = _key_scores(KCb, KOb, KINDb, slots, 0, CRT, SRT, Ck2, Ya16, Yb16, ynorm, Qc, gcm, INV_FREQ,
+                             p_first, s_lo, lo, s_hi, qsc, kt0, kt1, kt2, kt3, KXLUT, d,
+                             D, BITS, W, NOUT, BLOCK_N, BLOCK_G, GP, LOG_STRIDE, USE_ASM, OPAQUE)
+            if NSUB == 2:
+                qb = _key_scores(KCb, KOb, KINDb, slots + BLOCK_N, BLOCK_N, CRT, SRT, Ck2, Ya16, Yb16, ynorm, Qc,
+                                 gcm, INV_FREQ, p_first, s_lo, lo, s_hi, qsc, kt0, kt1, kt2, kt3, KXLUT, d,
+                                 D, BITS, W, NOUT, BLOCK_N, BLOCK_G, GP, LOG_STRIDE, USE_ASM, OPAQUE)
+                m_new = tl.maximum(m_i, tl.max(tl.maximum(qa, qb), 0))
             else:
-                pe = (p * (ov / vmax)[:, None]).to(tl.float16)
+                m_new = tl.maximum(m_i, tl.max(qa, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qa - m_new[None, :])
+            upd, zc = _value_update(VCb, VOb, VSb, VZb, EYE, slots, p, vmax, vt0, vt1, vt2, vt3, VXLUT, d,
+                                    D, BITS, W, NOUT, BLOCK_N, USE_ASM, OPAQUE)
+            la = la * alpha[None, :] + p
+            za = za * alpha[None, :] + zc
+            if NSUB == 2:
+                p2 = tl.exp2(qb - m_new[None, :])
+                upd2, zc2 = _value_update(VCb, VOb, VSb, VZb, EYE, slots + BLOCK_N, p2, vmax, vt0, vt1, vt2, vt3,
+                                          VXLUT, d, D, BITS, W, NOUT, BLOCK_N, USE_ASM, OPAQUE)
+                upd += upd2
+                la += p2
+                za += zc2
+            acc = acc * alpha[:, None] + upd * vmax
+            m_i = m_new
+            yn = Ya * cB[None, :] + Yb * sB[None, :]
+            Yb = Yb * cB[None, :] - Ya * sB[None, :]
+            Ya = yn
+    else:  # QROWS: one tile per step
+        for n0 in range(s_lo, s_hi, BLOCK_N):
+            slots = n0 + nn
+            row = slots * W
+            if not TAB_REGS:
+                CR = tl.load(CRT + nn[:, None] * D + d[None, :])
+                SR = tl.load(SRT + nn[:, None] * D + d[None, :])
+            # keys: l' = level / 128 + zero / scale (key = S * l', pre-RoPE), times the relative RoPE tables
+            uk = _spread(_unpack_pairs(KCb, row, kt0, kt1, kt2, kt3, KXLUT, D, BITS, USE_ASM), BLOCK_N, D)
+            x1, x2 = _keys_rot(uk, Ck2, CR, SR, d, USE_ASM)
+            if OPAQUE == 2:
+                x1 = _opaque(x1, USE_ASM)
+                x2 = _opaque(x2, USE_ASM)
+            if QROWS:
+                qk = tl.dot(Ya.to(tl.float16), tl.trans(x1)) + tl.dot(Yb.to(tl.float16), tl.trans(x2))
+            else:
+                qk = tl.dot(x1, tl.trans(Ya.to(tl.float16))) + tl.dot(x2, tl.trans(Yb.to(tl.float16)))
+            # sparse key outliers: q . R(p) (residual e_c), from the unrotated query and the absolute angle
+            dqs = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
+            for j in tl.static_range(NOUT):
+                ow = tl.load(KOb + slots * NOUT + j)
+                oi = (ow >> 16) & 0xFFFF
+                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                upper = oi >= HALF
+                of = tl.where(upper, oi - HALF, oi)
+                oc, osn = _sincos64((p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of), USE_ASM)
+                qa = tl.load(Qc + oi[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
+                qb = tl.load(Qc + tl.where(upper, of, oi + HALF)[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
+                sgn = tl.where(upper, -osn, osn)
+                dq = (qa * oc[:, None] + qb * sgn[:, None]) * (ov * qsc)[:, None]
+                dqs += _pad_cols(dq, BLOCK_N, GP, LOG_STRIDE)
+            kind = tl.load(KINDb + slots)
+            ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
+            vs = tl.load(VSb + slots).to(tl.float32) * 128.0
+            vz = tl.load(VZb + slots).to(tl.float32)
+            uv = _spread(_unpack_pairs(VCb, row, vt0, vt1, vt2, vt3, VXLUT, D, BITS, USE_ASM), BLOCK_N, D)
+            lv = _values_lv(uv, d, USE_ASM)
+            if OPAQUE == 2:
+                lv = _opaque(lv, USE_ASM)
+            if QROWS:
+                qk = qk * ynorm[:, None] + tl.trans(dqs)
+                qk = tl.where(ok[None, :], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[:, None])
+                la = la * alpha[:, None] + p
+                # values: level / 128 on tensor cores with the per-token scale on p; zeros as p . z
+                za = za * alpha[:, None] + p * vz[None, :]
+                upd = tl.dot((p * (vs / vmax)[None, :]).to(tl.float16), lv)
+            else:
+                qk = qk * ynorm[None, :] + dqs
+                qk = tl.where(ok[:, None], qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 0))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(qk - m_new[None, :])
+                la = la * alpha[None, :] + p
+                za = za * alpha[None, :] + p * vz[:, None]
+                pv = (p * (vs / vmax)[:, None]).to(tl.float16)
                 if OPAQUE:
-                    pe = _opaque(pe, USE_ASM)
-                upd += tl.dot(tl.trans(pe), ev)
-        acc = acc * alpha[:, None] + upd * vmax
-        m_i = m_new
-        yn = Ya * cB[None, :] + Yb * sB[None, :]
-        Yb = Yb * cB[None, :] - Ya * sB[None, :]
-        Ya = yn
+                    pv = _opaque(pv, USE_ASM)
+                upd = tl.dot(tl.trans(pv), lv)
+            # sparse value outliers through identity rows (one-hot, gathered) on tensor cores
+            for j in tl.static_range(NOUT):
+                ow = tl.load(VOb + slots * NOUT + j)
+                oi = (ow >> 16) & 0xFFFF
+                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                ev = tl.load(EYE + oi[:, None] * D + d[None, :])
+                if QROWS:
+                    upd += tl.dot((p * (ov / vmax)[None, :]).to(tl.float16), ev)
+                else:
+                    pe = (p * (ov / vmax)[:, None]).to(tl.float16)
+                    if OPAQUE:
+                        pe = _opaque(pe, USE_ASM)
+                    upd += tl.dot(tl.trans(pe), ev)
+            acc = acc * alpha[:, None] + upd * vmax
+            m_i = m_new
+            yn = Ya * cB[None, :] + Yb * sB[None, :]
+            Yb = Yb * cB[None, :] - Ya * sB[None, :]
+            Ya = yn
     if QROWS:
         l_i = tl.sum(la, 1)
         acc += tl.sum(za, 1)[:, None]

@@ -40,6 +40,7 @@ TAB_REGS = False   # RoPE tables held in registers (True) or re-read from L1 eve
 QROWS = False      # scores as [query rows, keys] (mma.sync, keys from shared memory) instead of [keys, query rows]
 OPAQUE = 2         # hide MMA operands' producers from Triton's operand-width heuristic (v1's trick): 1 = the
                    # softmax weights only, 2 = also the unpacked keys and values
+NSUB = 2           # tiles of BLOCK_N tokens per online-softmax step (one max reduction and rescale per step)
 MIN_BLOCK_G = 16   # rows of the query-side MMA operand (query heads spread over them, zero rows between)
 LAST_SPLIT_KERNEL: dict = {}
 
@@ -105,7 +106,7 @@ def kvquant_decode_attention_v2(q: torch.Tensor, kv: PackedKV, lengths: torch.Te
                                 num_warps: int | None = None, num_stages: int | None = None,
                                 maxnreg: int | None = None, programs_per_sm: int | None = None,
                                 tab_regs: bool | None = None, min_block_g: int | None = None, qrows: bool | None = None,
-                                opaque: int | None = None,
+                                opaque: int | None = None, nsub: int | None = None,
                                 use_asm: bool | None = None, return_lse: bool = False):
     """Attention of one query per sequence over a packed KVQuant cache (same contract as the reference).
 
@@ -130,15 +131,17 @@ def kvquant_decode_attention_v2(q: torch.Tensor, kv: PackedKV, lengths: torch.Te
     block_n = block_n or BLOCK_N
     num_warps = num_warps or NUM_WARPS
     num_stages = num_stages or NUM_STAGES
-    if cap % block_n != 0:
-        raise LmsqueezeError(f"cache capacity {cap} is not a multiple of block_n={block_n}")
+    qrows = QROWS if qrows is None else qrows
+    nsub = 1 if qrows else (nsub or NSUB)
+    if cap % (block_n * nsub) != 0:
+        raise LmsqueezeError(f"cache capacity {cap} is not a multiple of block_n * nsub = {block_n * nsub}")
     if use_asm is None:
         use_asm = q.is_cuda and not _interpreting()
     if num_splits is None:
         sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
             if q.is_cuda else 132
-        num_splits = num_splits_for(B, Hkv, cap, block_n, sms, programs_per_sm or PROGRAMS_PER_SM)
-    c = _consts(kv, rope, block_n, q.device)
+        num_splits = num_splits_for(B, Hkv, cap, block_n * nsub, sms, programs_per_sm or PROGRAMS_PER_SM)
+    c = _consts(kv, rope, block_n * nsub, q.device)
     gp = _pow2(G)
     bg = max(min_block_g or MIN_BLOCK_G, gp)
     q = q.contiguous()
@@ -159,7 +162,7 @@ def kvquant_decode_attention_v2(q: torch.Tensor, kv: PackedKV, lengths: torch.Te
         BLOCK_N=block_n,
         NOUT=kv.n_out, NSIDE=n_side, NSIDE_P2=max(16, _pow2(n_side)),
         HAS_STARTS=starts is not None, USE_ASM=use_asm,
-        TAB_REGS=TAB_REGS if tab_regs is None else tab_regs, QROWS=QROWS if qrows is None else qrows,
+        TAB_REGS=TAB_REGS if tab_regs is None else tab_regs, QROWS=qrows, NSUB=nsub,
         OPAQUE=OPAQUE if opaque is None else opaque,
         num_warps=num_warps, num_stages=num_stages, **extra,
     )
