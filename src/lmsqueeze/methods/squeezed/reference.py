@@ -276,8 +276,12 @@ def token_select_attention_reference(q: torch.Tensor, keys: torch.Tensor, values
     fmask = keep.gather(-1, row_cluster.long()[None, :, None, :].expand(B, -1, T, -1))        # [B, Hkv, T, N]
     fmask = _fixed_window(fmask, window, q_pos, key_pos)
     qg = q.float().reshape(B, Hkv, G, T, D)
-    s_fixed = (qg @ keys.float()[None, :, None].transpose(-1, -2)) * scaling                   # [B, Hkv, G, T, N]
-    out_f, lse_f = _attend(s_fixed.masked_fill(~fmask[:, :, None], NEG), values.float()[None, :, None, None])
+    N = keys.shape[1]
+    s_fixed = (qg.reshape(B, Hkv, G * T, D) @ keys.float().transpose(-1, -2)[None]) * scaling  # [B, Hkv, G*T, N]
+    s_fixed = s_fixed.reshape(B, Hkv, G, T, N).masked_fill(~fmask[:, :, None], NEG)
+    lse_f = torch.logsumexp(s_fixed, -1)
+    p = torch.exp(s_fixed - torch.where(torch.isfinite(lse_f), lse_f, torch.zeros_like(lse_f))[..., None])
+    out_f = (p.reshape(B, Hkv, G * T, N) @ values.float()[None]).reshape(B, Hkv, G, T, D)   # values never expanded
     out_l, lse_l = _local_part(qg, local_k, local_v, lengths, starts, local_valid, window, scaling)
     out, lse = merge_attention_states(out_f, lse_f, out_l, lse_l)
     return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T)
