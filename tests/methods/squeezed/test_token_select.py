@@ -173,3 +173,15 @@ def test_decode_reselects_every_step(monkeypatch):
     assert len(calls) == 4 * layers                        # one lookup per layer per decode step
     per_step = torch.stack([torch.stack(kept[layers + i * layers:layers + (i + 1) * layers]) for i in range(4)])
     assert not all(torch.equal(per_step[0], per_step[i]) for i in range(1, 4))   # the key sets change per step
+
+
+def test_per_token_prefill_in_token_slices_equals_one_pass(monkeypatch):
+    import lmsqueeze.methods.squeezed.attention as att
+
+    model = tiny_model("qwen3")
+    S = 96
+    ids = _ids(13, S + 12)
+    art = SqueezedAttention(centroids=0.2, sparsity=0.8, observation=8).prepare(model, ids[:, :S])
+    whole = _logits(model, art, ids[:, S:])
+    monkeypatch.setattr(att, "REFERENCE_SCORES", 3 * model.config.num_attention_heads * 100)   # ~3 tokens a slice
+    torch.testing.assert_close(_logits(model, art, ids[:, S:]), whole, atol=1e-5, rtol=1e-5)

@@ -76,6 +76,9 @@ def prefill_keep(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: 
     return torch.cat([keep, torch.ones_like(keep[..., :1])], -1)
 
 
+REFERENCE_SCORES = 1 << 24   # off the GPU, per-token prefill attends at most this many (query head, token, row) scores at once
+
+
 class SqueezedState(FixedContextState):
     """One layer of a Squeezed Attention cache (see the module docstring)."""
 
@@ -129,6 +132,14 @@ class SqueezedState(FixedContextState):
         keep = token_keep(q_rot, idx, step.scaling, self.sparsity, self.coarse_sparsity, rule)
         if self.counting(q_rot):
             self.note_rows(kept_rows(keep, idx.offsets).mean(-1))
-        return token_select_attention(q_rot, idx.keys, idx.values, keep, idx.row_cluster, self.k[:, :, :n],
-                                      self.v[:, :, :n], lengths, step.scaling, starts, local_valid, step.window,
-                                      step.positions, idx.positions)
+        T = q_rot.shape[2]
+        step_t = T if q_rot.is_cuda else max(1, REFERENCE_SCORES // (q_rot.shape[1] * idx.keys.shape[1]))
+        outs = []
+        for t0 in range(0, T, step_t):            # the reference holds [B, Hq, tokens, N] scores: slice the tokens
+            t1 = min(T, t0 + step_t)
+            pos = None if step.positions is None else step.positions[:, t0:t1]
+            outs.append(token_select_attention(q_rot[:, :, t0:t1], idx.keys, idx.values, keep[:, :, t0:t1],
+                                               idx.row_cluster, self.k[:, :, :n], self.v[:, :, :n],
+                                               lengths - (T - t1), step.scaling, starts, local_valid, step.window,
+                                               pos, idx.positions))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
