@@ -34,16 +34,27 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_kvquant as v1b  # noqa: E402  (helpers: filled_state, random_cache, time_graph, time_sdpa, ...)
+import bench_kvquant as v1b
 
-from lmsqueeze.methods.kvquant import decode_v2 as v2  # noqa: E402
-from lmsqueeze.methods.kvquant import kernels as kk  # noqa: E402
-from lmsqueeze.methods.kvquant import layout  # noqa: E402
-from lmsqueeze.methods.kvquant.reference import decode_attention_reference  # noqa: E402
-from lmsqueeze.methods.kvquant.rope import KernelRope  # noqa: E402
+from lmsqueeze.methods.kvquant import decode_v2 as v2
+from lmsqueeze.methods.kvquant import kernels as kk
+from lmsqueeze.methods.kvquant import layout
+from lmsqueeze.methods.kvquant.reference import decode_attention_reference
+from lmsqueeze.methods.kvquant.rope import KernelRope
 
 PEAK_TBPS = 3.0
 V1_DEFAULT = {"block_n": 64, "num_warps": 4, "num_stages": 1, "maxnreg": 168, "vfold": True}
+SWEEP_V1 = [
+    V1_DEFAULT,
+    {**V1_DEFAULT, "vfold": False},
+    {**V1_DEFAULT, "maxnreg": 128},
+    {**V1_DEFAULT, "vfold": False, "maxnreg": 128},
+    {**V1_DEFAULT, "maxnreg": None},
+    {**V1_DEFAULT, "num_stages": 2},
+    {**V1_DEFAULT, "programs_per_sm": 3},
+    {**V1_DEFAULT, "programs_per_sm": 12},
+    {**V1_DEFAULT, "block_n": 128, "num_warps": 8, "maxnreg": None},
+]
 SWEEP = [
     {"block_n": 128, "num_warps": 8, "nsub": 2},
     {"block_n": 128, "num_warps": 8, "nsub": 1},
@@ -105,6 +116,17 @@ def check_v2(device, cfg) -> list[dict]:
     return rows
 
 
+def check_kernel(version, device, cfg) -> list[dict]:
+    """GPU correctness checks of one kernel config (v1: bench_kvquant.check_correctness's cases)."""
+    if version == "v2":
+        return check_v2(device, cfg)
+    rows = v1b.check_correctness(device, {b: dict(cfg) for b in (2, 3, 4)})
+    for r in rows:
+        r["config"] = cfg
+        r["kernel"] = "v1"
+    return rows
+
+
 def time_kernel(version, bits, B, L, Hq, H, D, device, cfg) -> tuple[float, int, dict]:
     """(ms per call, bytes read, compile info) of v1 or v2 over random caches of L valid slots."""
     cfg = dict(cfg)
@@ -119,6 +141,11 @@ def time_kernel(version, bits, B, L, Hq, H, D, device, cfg) -> tuple[float, int,
     if version == "v1":
         fn_ = kk.kvquant_decode_attention
         holder = kk.LAST_SPLIT_KERNEL
+        pps = cfg.pop("programs_per_sm", 0)
+        if pps:
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            cfg["num_splits"] = max(1, min(kk.MAX_SPLITS, -(-pps * sms // (B * H)),
+                                           -(-one.capacity // cfg.get("block_n", 64))))
     else:
         fn_ = v2.kvquant_decode_attention_v2
         holder = v2.LAST_SPLIT_KERNEL
@@ -143,7 +170,8 @@ def main() -> None:
     ap.add_argument("--configs", default=None, help="JSON list of v2 configs to sweep instead of the built-in list")
     ap.add_argument("--table-config", default=None, help="JSON v2 config for the table (default: sweep's best)")
     ap.add_argument("--budget-s", type=float, default=380.0, help="stop sweeping after this many seconds")
-    ap.add_argument("--no-v1", action="store_true", help="leave v1 out of the table")
+    ap.add_argument("--kernels", default="v1,v2", help="kernels to sweep and time: v1 (kernels.py), v2 (decode_v2.py)")
+    ap.add_argument("--configs-v1", default=None, help="JSON list of v1 configs to sweep instead of the built-in list")
     args = ap.parse_args()
     device = torch.device("cuda")
     t_start = time.time()
@@ -167,12 +195,15 @@ def main() -> None:
         out_path.write_text(json.dumps(result, indent=2) + "\n")
 
     Hq, H, D = 32, 8, 128
-    sweep = json.loads(args.configs) if args.configs else SWEEP
-    chosen = json.loads(args.table_config) if args.table_config else dict(sweep[0])
+    kernels = args.kernels.split(",")
+    sweeps = {"v1": json.loads(args.configs_v1) if args.configs_v1 else SWEEP_V1,
+              "v2": json.loads(args.configs) if args.configs else SWEEP}
+    chosen = {"v1": dict(V1_DEFAULT), "v2": json.loads(args.table_config) if args.table_config else dict(SWEEP[0])}
     if args.sweep:
         L = 131072
-        timed = []
-        for version, cfg in [("v1", V1_DEFAULT)] + [("v2", c) for c in sweep]:
+        timed = {"v1": [], "v2": []}
+        todo = [(v, c) for v in kernels for c in sweeps[v]]
+        for version, cfg in todo:
             if time.time() - t_start > args.budget_s:
                 log("sweep budget reached")
                 break
@@ -180,29 +211,29 @@ def main() -> None:
                 ms, nbytes, info = time_kernel(version, 3, 1, L, Hq, H, D, device, cfg)
                 row = {"version": version, "bits": 3, "batch": 1, "length": L, "config": cfg, "ms": ms,
                        "tb_per_s": nbytes / ms / 1e9, **info}
-                if version == "v2":
-                    timed.append((ms, cfg))
+                timed[version].append((ms, cfg))
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 row = {"version": version, "bits": 3, "config": cfg, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             log("sweep", row, f"t={time.time() - t_start:.0f}s")
             result["sweep"].append(row)
             save()
-        timed.sort(key=lambda t: t[0])
-        # the fastest config whose GPU checks pass
-        for _ms, cfg in timed[:3]:
-            checks = check_v2(device, cfg)
-            result["checks"].extend(checks)
-            save()
-            if all(c["ok"] for c in checks):
-                chosen = dict(cfg)
-                break
-        else:
-            chosen = None
+        for version in kernels:
+            timed[version].sort(key=lambda t: t[0])
+            chosen[version] = None
+            for _ms, cfg in timed[version][:3]:  # the fastest config whose GPU checks pass
+                checks = check_kernel(version, device, cfg)
+                result["checks"].extend(checks)
+                save()
+                if all(c["ok"] for c in checks):
+                    chosen[version] = dict(cfg)
+                    break
     else:
-        result["checks"] = check_v2(device, chosen)
-        if not all(c["ok"] for c in result["checks"]):
-            chosen = None
+        for version in kernels:
+            checks = check_kernel(version, device, chosen[version])
+            result["checks"].extend(checks)
+            if not all(c["ok"] for c in checks):
+                chosen[version] = None
     result["chosen_config"] = chosen
     save()
     for B in (1, 8):
@@ -212,10 +243,10 @@ def main() -> None:
                     "baseline_ms": sd_ms, "baseline_bytes": sd_bytes, "baseline_tb_per_s": sd_bytes / sd_ms / 1e9}
             log("sdpa", base, f"t={time.time() - t_start:.0f}s")
             for bits in (4, 3, 2):
-                runs = [("v2", chosen)] if chosen is not None else []
-                if not args.no_v1:
-                    runs.append(("v1", V1_DEFAULT))
-                for version, cfg in runs:
+                for version in kernels:
+                    cfg = chosen[version]
+                    if cfg is None:
+                        continue
                     try:
                         ms, nbytes, info = time_kernel(version, bits, B, L, Hq, H, D, device, cfg)
                         row = {**base, "method": f"kvquant-nuq{bits}-1%", "kernel": version, "config": cfg, "ms": ms,

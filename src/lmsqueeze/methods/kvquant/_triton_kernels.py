@@ -120,8 +120,11 @@ def _unpack(WP, row, col0, t0, t1, t2, t3, LUT, NW: tl.constexpr, WB: tl.constex
         lo = wd & 0x33333333
         hi = (wd >> 2) & 0x33333333
         if BITS == 3:
-            ca = col0 + w
-            hb = tl.load(WP + row[:, None] + WB + (ca // 2)[None, :]) >> (2 * (ca % 2))[None, :]
+            # the NW // 2 high-bit words of these low words, loaded contiguously (a vectorised load) and
+            # each repeated for its two low words with a register-only join; a gathered (w // 2) load here
+            # left the unpacked levels in a layout whose shared-memory staging for the MMA took 16-bit stores
+            hw = tl.load(WP + row[:, None] + WB + col0 // 2 + tl.arange(0, NW // 2)[None, :])
+            hb = tl.reshape(tl.join(hw, hw), (row.shape[0], NW)) >> (2 * (w % 2))[None, :]
             lo = lo | ((hb & 0x11111111) << 2)
             hi = hi | (((hb >> 1) & 0x11111111) << 2)
         p0, p1, p2, p3 = _levels4(lo, t0, t1, LUT, USE_ASM)
