@@ -54,6 +54,7 @@ SWEEP_V1 = [
     {**V1_DEFAULT, "programs_per_sm": 3},
     {**V1_DEFAULT, "programs_per_sm": 12},
     {**V1_DEFAULT, "block_n": 128, "num_warps": 8, "maxnreg": None},
+    {**V1_DEFAULT, "qrows": True},
 ]
 SWEEP = [
     {"block_n": 128, "num_warps": 8, "nsub": 2},
