@@ -7,6 +7,11 @@ For each chunk of `layers_per_pass` layers:
    values per token (outliers set aside, as at inference), and adds the inliers to one histogram per layer
    for K and V, weighted by the Fisher information times the squared scale: grad^2 * s^2 (Eq. 7 of the
    paper; the reference code leaves out s^2). Weighted 1-D k-means on the histograms gives the datatypes.
+3. with `key_fit="lloyd"` (beyond the paper), the same pass also fills one histogram per key channel, and
+   each channel's range (centre and half-width) is refitted to minimise that channel's Fisher-weighted
+   squared error under the layer's datatype, clipping included (Lloyd iterations: nearest code, then least
+   squares), alternating with refits of the datatype. The quantile range is only the starting point: it
+   wastes levels on the tails that the per-vector outlier slots cannot hold anyway.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import torch
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.base import Artifact, model_fingerprint
 from lmsqueeze.methods.kvquant import fisher
-from lmsqueeze.methods.kvquant.codebooks import Histogram, fit_codebook
+from lmsqueeze.methods.kvquant.codebooks import (ChannelHistogram, Histogram, fit_channel_affine,
+                                                 fit_codebook)
 from lmsqueeze.methods.kvquant.quantizers import outlier_slots
 
 log = logging.getLogger(__name__)
+
+REFINE_ROUNDS = 3  # key_fit="lloyd": alternations of per-channel range fits and datatype refits
 
 
 def _kth(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -64,13 +72,14 @@ def calibrate_kvquant(method, model, batches) -> Artifact:
     t0 = time.time()
     layers = model.model.layers
     attn0 = layers[0].self_attn
-    _H, D = model.config.num_key_value_heads, attn0.head_dim
+    H, D = model.config.num_key_value_heads, attn0.head_dim
     if D % 64 != 0:
         raise LmsqueezeError(f"kvquant needs a head dim that is a multiple of 64, got {D}")
     device = next(model.parameters()).device
     data = fisher.as_batches(batches, device, method.sink_tokens)
     n_out = outlier_slots(method.outliers, D)
     fit = method.datatype == "nuq"
+    refine = method.key_fit == "lloyd"
     use_qnorm = method.use_qnorm
     tensors: dict[str, torch.Tensor] = {}
     per = max(1, method.layers_per_pass)
@@ -85,8 +94,10 @@ def calibrate_kvquant(method, model, batches) -> Artifact:
                         keys[i].append(store[i].k[b.keep].detach())
             ranges = {i: key_ranges(keys[i], method.outliers) for i in chunk}
             del keys
-            hists = {i: (Histogram(device=device), Histogram(device=device)) for i in chunk} if fit else {}
-            if fit:
+            hists = {i: (Histogram(device=device), Histogram(device=device),
+                         ChannelHistogram(H * D, device=device) if refine else None)
+                     for i in chunk} if fit or refine else {}
+            if fit or refine:
                 with fisher.capture(model, chunk, grad=method.fisher) as store:
                     for b in data:
                         fisher.run(model, b, grad=method.fisher)
@@ -95,9 +106,11 @@ def calibrate_kvquant(method, model, batches) -> Artifact:
                             store[i].k = store[i].v = None
             for i in chunk:
                 lo, hi = ranges[i]
-                kh, vh = hists.get(i, (None, None))
+                kh, vh, ch = hists.get(i, (None, None, None))
                 kcb = fit_codebook(method.datatype, method.bits, kh, use_qnorm)
                 vcb = fit_codebook(method.datatype, method.bits, vh, use_qnorm)
+                if ch is not None:
+                    lo, hi, kcb = refine_key_ranges(method, ch, lo, hi, kcb, use_qnorm)
                 tensors[f"layer{i}.k_lower"] = lo
                 tensors[f"layer{i}.k_upper"] = hi
                 tensors[f"layer{i}.k_levels"] = kcb.levels
@@ -111,13 +124,38 @@ def calibrate_kvquant(method, model, batches) -> Artifact:
     return Artifact(method=method, fingerprint=model_fingerprint(model), tensors=tensors, meta=meta)
 
 
+def refine_key_ranges(method, ch: ChannelHistogram, lo: torch.Tensor, hi: torch.Tensor, kcb, use_qnorm: bool):
+    """key_fit="lloyd": per-channel ranges (and, for nuq, the datatype) refitted to the channel histograms.
+
+    ch: [H*D] histograms of keys normalised by the quantile ranges lo, hi: [H, D]; weights grad^2 (Fisher) or
+    counts. Returns (lower, upper, codebook)."""
+    s, z = ((hi - lo) / 2).reshape(-1).double(), ((hi + lo) / 2).reshape(-1).double()
+    dev = ch.weight.device
+    for _ in range(REFINE_ROUNDS if method.datatype == "nuq" else 0):
+        a, b = fit_channel_affine(ch, kcb.values)
+        y = (ch.centers - b[:, None]) / a[:, None]
+        w = ch.weight * ((s.to(dev) * a)[:, None] ** 2 if method.fisher else 1.0)
+        inl = y.abs() <= 1
+        pooled = Histogram(device=dev)
+        pooled.add(y[inl], w[inl], ch.count[inl])
+        kcb = fit_codebook("nuq", method.bits, pooled, use_qnorm)
+    a, b = fit_channel_affine(ch, kcb.values)
+    a, b = a.cpu(), b.cpu()
+    zc, sc = z + s * b, s * a
+    shape = lo.shape
+    return (zc - sc).float().reshape(shape), (zc + sc).float().reshape(shape), kcb
+
+
 def _add_layer(cap: fisher.Captured, keep: torch.Tensor, rng, hists, n_out: int, weighted: bool) -> None:
-    """Add one batch of one layer's normalised inliers to its K and V histograms."""
+    """Add one batch of one layer's normalised keys and values to its histograms."""
     lo, hi = (t.to(keep.device) for t in rng)
     k, v = cap.k.detach()[keep].float(), cap.v.detach()[keep].float()      # [N, H, D]
     s = (hi - lo) / 2
     xk = (k - (hi + lo) / 2) / s
-    wk = (cap.k.grad[keep].float() ** 2 * s**2) if weighted else torch.ones_like(k)
+    g2 = cap.k.grad[keep].float() ** 2 if weighted else torch.ones_like(k)
+    if hists[2] is not None:
+        hists[2].add(xk.flatten(1), g2.flatten(1))
+    wk = g2 * s**2 if weighted else g2
     inl = xk.abs() <= 1
     hists[0].add(xk[inl], wk[inl])
     xv, inl_v, sv = value_normalise(v, n_out)

@@ -95,16 +95,18 @@ class Histogram:
         self.csum = torch.zeros(bins, dtype=torch.float64, device=device)
         self.csq = torch.zeros(bins, dtype=torch.float64, device=device)
 
-    def add(self, x: torch.Tensor, w: torch.Tensor) -> None:
-        """x: normalised inliers (any shape, values in [-1, 1]); w: their weights (same shape)."""
+    def add(self, x: torch.Tensor, w: torch.Tensor, count: torch.Tensor | None = None) -> None:
+        """x: normalised inliers (any shape, values in [-1, 1]); w: their weights (same shape); count: how many
+        values each entry of x stands for (None: one each)."""
         x = x.reshape(-1).to(self.weight.device, torch.float64)
         w = w.reshape(-1).to(self.weight.device, torch.float64)
+        n = torch.ones_like(x) if count is None else count.reshape(-1).to(self.weight.device, torch.float64)
         idx = ((x.clamp(-1, 1) + 1) * (self.bins / 2)).long().clamp_(0, self.bins - 1)
         self.weight.index_add_(0, idx, w)
         self.wsum.index_add_(0, idx, w * x)
-        self.count.index_add_(0, idx, torch.ones_like(x))
-        self.csum.index_add_(0, idx, x)
-        self.csq.index_add_(0, idx, x * x)
+        self.count.index_add_(0, idx, n)
+        self.csum.index_add_(0, idx, n * x)
+        self.csq.index_add_(0, idx, n * x * x)
 
     @property
     def centers(self) -> torch.Tensor:
@@ -173,3 +175,81 @@ def fit_codebook(datatype: str, bits: int, hist: Histogram | None, use_qnorm: bo
     if use_qnorm:
         values = qnorm(values, hist)
     return snap(values)
+
+
+class ChannelHistogram:
+    """Per-channel weighted histograms of normalised keys over [-reach, reach] (values beyond fall in the end
+    bins, whose weighted mean still holds them): weight, weighted sum and count per (channel, bin), float64."""
+
+    def __init__(self, channels: int, bins: int = 1024, reach: float = 2.0,
+                 device: torch.device | str = "cpu") -> None:
+        self.bins, self.reach = bins, reach
+        self.weight = torch.zeros(channels, bins, dtype=torch.float64, device=device)
+        self.wsum = torch.zeros(channels, bins, dtype=torch.float64, device=device)
+        self.count = torch.zeros(channels, bins, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor, w: torch.Tensor) -> None:
+        """x, w: [N, C] normalised values of each channel and their weights."""
+        C = self.weight.shape[0]
+        x = x.reshape(-1, C).to(self.weight.device, torch.float64)
+        w = w.reshape(-1, C).to(self.weight.device, torch.float64)
+        b = ((x.clamp(-self.reach, self.reach) + self.reach) * (self.bins / (2 * self.reach))).long()
+        flat = (b.clamp_(0, self.bins - 1) + torch.arange(C, device=b.device) * self.bins).reshape(-1)
+        self.weight.view(-1).index_add_(0, flat, w.reshape(-1))
+        self.wsum.view(-1).index_add_(0, flat, (w * x).reshape(-1))
+        self.count.view(-1).index_add_(0, flat, torch.ones_like(x).reshape(-1))
+
+    @property
+    def centers(self) -> torch.Tensor:
+        """[C, bins]: the weighted mean of each bin where it has weight, else the bin centre."""
+        edges = torch.linspace(-self.reach, self.reach, self.bins + 1, dtype=torch.float64,
+                               device=self.weight.device)
+        mid = ((edges[1:] + edges[:-1]) / 2).expand_as(self.weight)
+        return torch.where(self.weight > 0, self.wsum / self.weight.clamp_min(1e-300), mid)
+
+
+def fit_channel_affine(hist: ChannelHistogram, values: torch.Tensor, iters: int = 20,
+                       starts: tuple[float, ...] = (1.0, 0.75, 0.5, 0.35)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale a and offset b minimising sum w (x - (a * values[code] + b))^2, code = the nearest
+    value of (x - b) / a (clamped to the ends, as the quantizer does). Lloyd iterations (nearest code, then
+    weighted least squares; each lowers the error) from the data's min/max and from a = each of `starts`,
+    b = 0; the best per channel.
+    values: [K] sorted normalised datatype -> (a [C], b [C]) float64."""
+    x, w = hist.centers, hist.weight
+    v = values.to(x.device, torch.float64)
+    mid = (v[1:] + v[:-1]) / 2
+    has = w > 0
+    lo = torch.where(has, x, torch.inf).amin(1)
+    hi = torch.where(has, x, -torch.inf).amax(1)
+    fin = torch.isfinite(lo) & torch.isfinite(hi) & (hi > lo)
+    a_mm = torch.where(fin, (hi - lo) / (v[-1] - v[0]), 1.0)  # the data's min/max mapped to the end values
+    b_mm = torch.where(fin, (hi + lo) / 2 - a_mm * (v[-1] + v[0]) / 2, 0.0)
+    inits = [(a_mm, b_mm)] + [(torch.full_like(a_mm, a0), torch.zeros_like(b_mm)) for a0 in starts]
+    best_a = best_b = best_e = None
+    for a, b in inits:
+        for _ in range(iters):
+            c = v[torch.bucketize((x - b[:, None]) / a[:, None], mid)]
+            sw, sc, scc = w.sum(1), (w * c).sum(1), (w * c * c).sum(1)
+            sx, scx = (w * x).sum(1), (w * c * x).sum(1)
+            det = sw * scc - sc * sc
+            ok = det > 1e-12 * sw.clamp_min(1e-300) ** 2
+            safe = det.where(ok, torch.ones_like(det))
+            na, nb = (sw * scx - sc * sx) / safe, (scc * sx - sc * scx) / safe
+            ok = ok & (na > 1e-3)
+            a, b = torch.where(ok, na, a), torch.where(ok, nb, b)
+        e = channel_error(hist, values, a, b)
+        if best_e is None:
+            best_a, best_b, best_e = a, b, e
+        else:
+            better = e < best_e
+            best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
+            best_e = torch.minimum(e, best_e)
+    return best_a, best_b
+
+
+def channel_error(hist: ChannelHistogram, values: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Weighted squared error per channel [C] of quantizing with scale a and offset b (normalised units)."""
+    x, w = hist.centers, hist.weight
+    v = values.to(x.device, torch.float64)
+    c = v[torch.bucketize((x - b[:, None]) / a[:, None], (v[1:] + v[:-1]) / 2)]
+    return (w * (x - a[:, None] * c - b[:, None]) ** 2).sum(1)

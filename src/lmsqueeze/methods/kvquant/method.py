@@ -24,6 +24,7 @@ from lmsqueeze.methods.kvquant.codebooks import Codebook
 from lmsqueeze.methods.kvquant.quantizers import KeyQuantizer, ValueQuantizer, outlier_slots
 
 DATATYPES = ("nuq", "int", "nf")
+KEY_FITS = ("quantile", "lloyd")
 
 
 @register_method
@@ -35,7 +36,9 @@ class KVQuant(Method):
     vector kept exactly (slots = round(outliers * head_dim), at least 1 when > 0); sink_tokens: first tokens
     of each sequence kept in full precision; datatype: "nuq" (Fisher-weighted k-means), "int" (uniform),
     "nf" (NormalFloat); window: recent tokens also kept in full precision; qnorm: Q-Norm of the datatype
-    (None: on for 2-bit nuq); fisher: weight k-means by Fisher information (False: plain counts);
+    (None: on for 2-bit nuq); fisher: weight k-means by Fisher information (False: plain counts); key_fit: "quantile" (the paper's
+    per-channel ranges: quantiles leaving out the outlier fraction) or "lloyd" (each channel's range refitted
+    to minimise its Fisher-weighted error, clipping included; see calibrate.py);
     layers_per_pass: layers hooked per calibration pass; kernel: use the Triton decode kernel on CUDA.
     """
 
@@ -49,6 +52,7 @@ class KVQuant(Method):
     window: int = 0
     qnorm: bool | None = None
     fisher: bool = True
+    key_fit: str = "quantile"
     layers_per_pass: int = 8
     kernel: bool = True
 
@@ -62,6 +66,8 @@ class KVQuant(Method):
             raise LmsqueezeError(f"kvquant outliers is a fraction in [0, 0.5), got {self.outliers}")
         if self.sink_tokens < 0 or self.window < 0:
             raise LmsqueezeError(f"sink_tokens and window must be >= 0, got {self.sink_tokens}, {self.window}")
+        if self.key_fit not in KEY_FITS:
+            raise LmsqueezeError(f"kvquant key_fit must be one of {KEY_FITS}, got {self.key_fit!r}")
         if self.layers_per_pass < 1:
             raise LmsqueezeError(f"layers_per_pass must be >= 1, got {self.layers_per_pass}")
 
