@@ -235,7 +235,7 @@ def main() -> None:
             result["checks"].extend(checks)
             if not all(c["ok"] for c in checks):
                 chosen[version] = None
-    result["chosen_config"] = chosen
+    result["chosen_config"] = {v: chosen[v] for v in kernels}
     save()
     for B in (1, 8):
         for L in (32768, 131072):

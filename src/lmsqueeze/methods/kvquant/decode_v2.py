@@ -1,5 +1,12 @@
 """Fused decode attention over the packed KVQuant cache, v2 (Triton), beside `reference.py` (PyTorch).
 
+Not used by the cache: on the H100 it was 1.5-2.5x *slower* than v1 (`kernels.py`, the default) in the same
+run, benchmarks/results/kvquant_decode_h100_v2_first.json (every config swept there). Its main loop has
+about as many SASS instructions per token and KV head as v1's after v1's 3-bit fix (68-79 vs 65-69, compiled
+offline with Triton 3.6 for sm_90), but it needs 255 registers with 48-116 spilled and runs one CTA of 8
+warps (or two of 4) per SM, which hides latency worse. Kept as a tested reference for the design notes
+below (a rewrite in a language with explicit layouts would start from them).
+
 Same contract as `kernels.kvquant_decode_attention` (v1) and the reference. One program per (sequence
 split, batch x KV head) serves all G query heads of the KV head; a merge kernel (v1's) combines the splits
 by their log-sum-exp. What changed from v1, to cut instructions per packed byte:

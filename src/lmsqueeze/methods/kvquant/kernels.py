@@ -19,14 +19,20 @@ the per-token value metadata, and
 Softmax is online in base 2. GQA: all query heads of a KV head share each tile. Per-sequence lengths (and
 left-padding starts) are read from device tensors, and the grid depends only on shapes: CUDA-graph safe.
 
-Status (benchmarks/results/kvquant_decode_h100.json, H100): correct, CUDA-graph safe, but still 0.55-1.05x
-of fp16 SDPA at the Llama-3-8B shape (0.3-0.7 TB/s of 3.0): issue/latency-bound, far from the bytes floor.
-The sweep there: folding value outliers into the levels (VFOLD, now the default) is level with identity-row
-dots; dequantizing and rotating keys in registers (KROT) is 2x slower (fp32 RoPE tables push 168 registers
-into ~195 spills); BLOCK_N 32 / 128 and more programs per SM are slower. 3-bit is slower than 2- and 4-bit
-(the high-bit words cost more than the bytes they save). Next steps: a layout where the packed words are
-loaded straight into the MMA operand layout (no shared-memory round trip for the unpacked levels), and a
-3-bit packing whose selectors need no second word.
+Status (benchmarks/results/kvquant_decode_h100.json, H100, fp16 SDPA timed in the same run): correct,
+CUDA-graph safe, 0.74-1.01x of fp16 SDPA at the Llama-3-8B shape (0.32-0.70 TB/s of 3.0): issue/latency-bound,
+far from the bytes floor (targets 2.5x / 3x at 128K missed). 3-bit used to be the slowest (0.71x at 128K):
+its high-bit words were loaded with a gathered (w // 2) pattern, which left the unpacked levels in a layout
+that Triton staged to shared memory for the MMA with 16-bit stores (1520 SASS instructions per 64-token tile
+and warp, compiled offline with Triton 3.6 for sm_90); they are now loaded contiguously and repeated with a
+join (1089 per tile, 0.96x). Sweeps (same file and
+kvquant_decode_h100_v1.json): identity-row value outliers instead of VFOLD, maxnreg 128 / none, 2 stages,
+3 or 12 programs per SM, BLOCK_N 128 with 8 warps, KROT and the [queries, keys] orientation are all slower
+than the default. A rewrite with the v2 structure (decode_v2.py) was 1.5-2.5x slower on the H100
+(kvquant_decode_h100_v2_first.json). Next steps, for a kernel language with explicit layouts (Gluon or CUDA):
+packed words loaded straight into the MMA fragment registers (each thread's fragment channels sit in one
+byte of one word), no shared-memory round trip for the unpacked levels, and the softmax over the G real
+query heads only (not a 16-wide padded tile).
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ def default_num_splits(batch: int, kv_heads: int, capacity: int, block_n: int, s
 
 
 def default_config(bits: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for the split kernel (best of the H100 sweep in benchmarks/results/kvquant_decode_h100.json)."""
+    """(BLOCK_N, num_warps) for the split kernel (best of the H100 sweeps in benchmarks/results/kvquant_decode_h100*.json)."""
     return 64, 4
 
 
