@@ -192,7 +192,8 @@ def plot(result: dict, path: Path) -> None:
     pk = result.get("passkey", {})
     if pk:
         ax.set_title("passkey 8K: " + ", ".join(f"{k} {v['mean_accuracy']:.2f}" for k, v in pk.items()))
-    fig.suptitle(f"KVQuant on zoo:default ({result['data']['tokens']} held-out tokens, CPU)")
+    where = f"{result.get('device', '?')}, {result['config'].get('dtype', 'torch.float32').replace('torch.', '')}"
+    fig.suptitle(f"KVQuant on zoo:default ({result['data']['tokens']} held-out tokens, {where})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
