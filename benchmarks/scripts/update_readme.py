@@ -19,6 +19,11 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def newest(*names: str) -> str:
+    """The first of `names` (newest first) that exists under benchmarks/results."""
+    return next((n for n in names if (RESULTS / n).exists()), names[-1])
+
+
 def device_line(d: dict, name: str) -> str:
     dev = d.get("device")
     dev = dev.get("name") if isinstance(dev, dict) else dev
@@ -95,7 +100,7 @@ def render() -> str:
          ("SDPA ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f"), ("TB/s", "tb_per_s", ".2f"),
          ("bits/elt read", "bits_per_element_read", ".3f")])
     lines += rows_table(
-        "chess_gpu_h100_v2.json", "CHESS sparse GEMV and decode step vs dense (H100)",
+        newest("chess_gpu_h100_v4.json", "chess_gpu_h100_v3.json", "chess_gpu_h100_v2.json"), "CHESS sparse GEMV and decode step vs dense (H100)",
         [("kernel", "kernel", ""), ("batch", "batch", "d"), ("sparsity", "sparsity", ".2f"), ("method", "method", ""),
          ("ms", "ms", ".4f"), ("dense ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: r.get("batch") == 1)
@@ -104,6 +109,12 @@ def render() -> str:
         [("context", "context", "d"), ("batch", "batch", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
          ("baseline ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: "ms" in r)
+    lines += rows_table(
+        "squeezed_prefill_token_h100.json",
+        "Squeezed Attention prefill: 1K user tokens vs a 128K fixed context, 90% sparsity (H100)",
+        [("method", "method", ""), ("prefill rule", "prefill", ""), ("ms", "ms", ".3f"),
+         ("dense ms", "baseline_ms", ".3f"), ("speedup", "speedup", ".2f"), ("keys read", "kept_fraction", ".3f"),
+         ("per-block union read", "union_kept_fraction", ".3f")])
     lines += generic_sections()
     return "\n".join(lines).rstrip() + "\n"
 
