@@ -59,7 +59,7 @@ def calibrate(
     set_: list[str] = typer.Option([], "--set", help="method option key=value (repeatable)"),
     data: list[Path] = typer.Option([], help="calibration text files/dirs (default: Python stdlib)"),
     samples: int = typer.Option(16, help="calibration sequences"),
-    seq_len: int = typer.Option(512, help="tokens per calibration sequence"),
+    seq_len: int = typer.Option(2048, help="tokens per calibration sequence (16 x 2048 follows KVQuant's set size)"),
     device: str = typer.Option("cpu"), dtype: str | None = typer.Option(None),
 ) -> None:
     """Calibrate a method on a model and save the artifact."""
@@ -75,6 +75,10 @@ def calibrate(
     m, tok = lmsqueeze.load_model(model, dtype=dtype, device=device)
     if tok is None:
         raise LmsqueezeError("the model directory has no tokenizer; calibration needs one")
+    max_pos = getattr(m.config, "max_position_embeddings", None) or seq_len
+    if seq_len > max_pos:
+        typer.echo(f"calibration sequences shortened to the model's {max_pos} positions", err=True)
+        seq_len = max_pos
     batches = calibration_batches(tok, samples, seq_len, roots=list(data) or None)
     artifact = config.calibrate(m, batches)
     artifact.save(out)
