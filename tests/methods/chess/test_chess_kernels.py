@@ -162,3 +162,39 @@ def test_fused_kernel_leaves_tickets_at_zero_across_calls(cfg):
         out = input_sparse_matvec_triton(x, w_poisoned, 0.4, bias, config=cfg)
         assert torch.isfinite(out).all() and _rel(out, ref) < TOL[torch.float32]
     assert int(kernels._TICKETS[x.device].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("K, N, dtype, threshold, cfg", [
+    (301, 130, torch.float32, 0.5, SpmvConfig(64, 16, 2, 8, pipe=1)),  # odd sizes, ragged last split
+    (301, 130, torch.float16, 0.5, SpmvConfig(32, 16, 2, 8, pipe=2)),
+    (1000, 70, torch.float32, 0.3, SpmvConfig(64, 16, 2, 1, pipe=2)),  # one split: 63 steps through the pipeline
+    (40, 24, torch.float32, 0.0, SpmvConfig(32, 16, 2, 1, pipe=2)),  # 3 steps: fewer than the pipeline is deep
+    (10, 24, torch.float16, 0.4, SpmvConfig(32, 16, 2, 8, pipe=2)),  # a single, partial step
+    (77, 24, torch.float32, 5.0, SpmvConfig(32, 16, 2, 4, pipe=1)),  # nothing survives: bias only
+])
+def test_pipelined_kernel_matches_reference_and_skips_rows(K, N, dtype, threshold, cfg):
+    x, w_t, w_poisoned, bias = _spmv_inputs(1, K, N, dtype, threshold)
+    ref = input_sparse_matvec_reference(x, w_t, threshold, bias)
+    for _ in range(2):  # the second call checks that the tickets were left at 0
+        out = input_sparse_matvec_triton(x, w_poisoned, threshold, bias, config=cfg)
+        assert out.shape == (1, N) and out.dtype == dtype
+        assert torch.isfinite(out).all(), "the kernel read weight rows of dropped inputs"
+        assert _rel(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("pipe", [1, 2])
+def test_pipelined_kernel_dense_input_equals_dense_and_zero_input_gives_zero(pipe):
+    K, N = 203, 96
+    w_t = torch.randn(K, N)
+    x = torch.randn(1, K)
+    x[x == 0] = 1.0  # sparsity 0: every row is read
+    cfg = SpmvConfig(32, 16, 2, 8, pipe=pipe)
+    torch.testing.assert_close(input_sparse_matvec_triton(x, w_t, 0.0, None, config=cfg), x @ w_t,
+                               rtol=1e-4, atol=1e-4)
+    zero = input_sparse_matvec_triton(torch.zeros(1, K), torch.full((K, N), float("nan")), 0.0, None, config=cfg)
+    assert torch.equal(zero, torch.zeros(1, N))
+
+
+def test_pipe_depth_is_validated():
+    with pytest.raises(LmsqueezeError, match="pipe"):
+        input_sparse_matvec_triton(torch.randn(1, 8), torch.randn(8, 4), config=SpmvConfig(32, 16, 2, 1, pipe=3))

@@ -42,6 +42,7 @@ class SpmvConfig:
     prefetch: bool = False  # batch 1 only: request the next tiles before this step's multiply-adds
     fused: bool = False  # batch 1 only: the last program of each column block reduces the partials (one launch)
     compact: bool = False  # batch 1 only: fused, and each program walks a compacted list of its surviving inputs
+    pipe: int = 0  # batch 1 only, 1 or 2: fused, with the W tiles of the next `pipe` steps requested ahead
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,16 @@ SPMV_CONFIGS_COMPACT = (
     SpmvConfig(128, 64, 4, 4, compact=True), SpmvConfig(64, 64, 4, 8, compact=True), SpmvConfig(64, 64, 2, 16, compact=True),
     SpmvConfig(128, 16, 4, 8, compact=True), SpmvConfig(256, 16, 4, 8, compact=True), SpmvConfig(256, 32, 8, 4, compact=True),
     SpmvConfig(64, 128, 4, 8, compact=True), SpmvConfig(128, 64, 8, 8, compact=True), SpmvConfig(32, 64, 1, 16, compact=True),
+)
+# Software-pipelined fused variants (`_triton_sparse_pipe.py`): swept on the GPU by bench_chess_gpu.py; joined
+# SPMV_CONFIGS_B1 only where that run checked them and timed them faster than the fused default.
+SPMV_CONFIGS_PIPE = (
+    SpmvConfig(64, 64, 2, 8, pipe=1), SpmvConfig(64, 64, 2, 8, pipe=2), SpmvConfig(64, 32, 2, 8, pipe=2),
+    SpmvConfig(64, 64, 4, 8, pipe=1), SpmvConfig(64, 32, 1, 16, pipe=2), SpmvConfig(128, 32, 4, 4, pipe=2),
+    SpmvConfig(128, 32, 2, 8, pipe=2), SpmvConfig(128, 64, 4, 4, pipe=1), SpmvConfig(128, 16, 2, 8, pipe=2),
+    SpmvConfig(256, 16, 4, 4, pipe=2), SpmvConfig(256, 32, 4, 4, pipe=1), SpmvConfig(256, 16, 2, 8, pipe=2),
+    SpmvConfig(512, 16, 4, 4, pipe=2), SpmvConfig(512, 8, 4, 4, pipe=2), SpmvConfig(64, 64, 2, 4, pipe=2),
+    SpmvConfig(64, 32, 2, 12, pipe=2), SpmvConfig(32, 64, 1, 16, pipe=2), SpmvConfig(64, 128, 4, 4, pipe=1),
 )
 SPMV_CONFIGS_DOT = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(64, 64, 4, 4), SpmvConfig(128, 32, 4, 8), SpmvConfig(256, 64, 8, 2),
@@ -195,6 +206,19 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
         k_per = triton_cdiv(triton_cdiv(K, splits), cfg.block_k) * cfg.block_k
         splits = triton_cdiv(K, k_per)
         part = torch.empty(splits, B, N, dtype=torch.float32, device=x.device)
+        if cfg.pipe and BB == 1:
+            from lmsqueeze.methods.chess import _triton_sparse_pipe as tp
+
+            if cfg.pipe not in (1, 2):
+                raise LmsqueezeError(f"SpmvConfig.pipe must be 0, 1 or 2, got {cfg.pipe}")
+            y = torch.empty(B, N, dtype=x.dtype, device=x.device)
+            tp._input_sparse_b1_pipe_kernel[(n_blocks, splits)](
+                x, w_t, part, _tickets(x.device, n_blocks), bias if bias is not None else part, y, K, N, k_per,
+                splits, float(threshold), w_t.stride(0), part.stride(0),
+                BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, DEPTH=cfg.pipe, HAS_BIAS=bias is not None,
+                num_warps=cfg.num_warps,
+            )
+            return y
         if cfg.compact and BB == 1:
             y = torch.empty(B, N, dtype=x.dtype, device=x.device)
             idx = torch.empty(splits * k_per, dtype=torch.int32, device=x.device)
