@@ -6,6 +6,7 @@ import torch
 import lmsqueeze
 from lmsqueeze.methods.cache import SqueezeCache
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 TOL = 1e-4
 CHUNKS = [(0, 17), (17, 18), (18, 33), (33, 41)]
@@ -43,7 +44,7 @@ def test_chunked_prefill_matches(family, batch):
         ref = model(ids, attention_mask=mask).logits
         with lmsqueeze.apply(model) as session:
             cache = session.new_cache()
-            parts = [model(ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache).logits
+            parts = [model(ids[:, a:b], attention_mask=mask[:, :b], **cache_kw(model, cache)).logits
                      for a, b in CHUNKS]
     out = torch.cat(parts, dim=1)
     assert isinstance(cache, SqueezeCache) and cache.get_seq_length() == ids.shape[1]
@@ -59,7 +60,7 @@ def test_generate_matches(family, batch):
     ref = model.generate(ids, **kwargs)
     with lmsqueeze.apply(model) as session:
         out = model.generate(ids, **kwargs)
-        out_explicit = model.generate(ids, past_key_values=session.new_cache(), **kwargs)
+        out_explicit = model.generate(ids, **cache_kw(model, session.new_cache()), **kwargs)
     assert torch.equal(out, ref)
     assert torch.equal(out_explicit, ref)
 

@@ -9,6 +9,7 @@ from lmsqueeze.methods.base import Method
 from lmsqueeze.methods.cache import LayerState
 from lmsqueeze.methods.dense import DenseState
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 
 def test_restores_on_exit_and_on_exception():
@@ -37,12 +38,12 @@ def test_crop_rolls_back():
     ids = torch.randint(0, 256, (1, 20))
     with torch.no_grad(), lmsqueeze.apply(model) as session:
         full = session.new_cache()
-        ref = model(ids, past_key_values=full).logits
+        ref = model(ids, **cache_kw(model, full)).logits
         cache = session.new_cache()
-        model(ids[:, :15], past_key_values=cache)
+        model(ids[:, :15], **cache_kw(model, cache))
         cache.crop(-5)
         assert cache.get_seq_length() == 10
-        out = model(ids[:, 10:], past_key_values=cache).logits
+        out = model(ids[:, 10:], **cache_kw(model, cache)).logits
     assert (out - ref[:, 10:]).abs().max() <= 1e-4
 
 
@@ -50,7 +51,7 @@ def test_max_length_preallocates():
     model = tiny_model("llama")
     with torch.no_grad(), lmsqueeze.apply(model) as session:
         cache = session.new_cache(max_length=1000)
-        model(torch.randint(0, 256, (2, 7)), past_key_values=cache)
+        model(torch.randint(0, 256, (2, 7)), **cache_kw(model, cache))
     state = cache.layers[0]
     assert isinstance(state, DenseState) and state.capacity >= 1000
 
@@ -81,7 +82,7 @@ def test_bad_method_inputs():
         ids = torch.randint(0, 256, (1, 8))
         out = model(ids)  # one-shot through a fresh state
         with pytest.raises(LmsqueezeError, match="new_cache"):
-            model(ids[:, :1], past_key_values=out.past_key_values)
+            model(ids[:, :1], **cache_kw(model, out.past_key_values))
         assert isinstance(session.new_cache().layers[0], LayerState)
 
 
@@ -90,7 +91,7 @@ def test_unpatched_model_with_our_cache_is_an_error():
     with lmsqueeze.apply(model) as session:
         cache = session.new_cache()
     with pytest.raises(LmsqueezeError, match="apply"):
-        model(torch.randint(0, 256, (1, 4)), past_key_values=cache)
+        model(torch.randint(0, 256, (1, 4)), **cache_kw(model, cache))
 
 
 def test_unsupported_model_is_an_error():

@@ -14,6 +14,7 @@ from lmsqueeze.bench.model import (
 from lmsqueeze.bench.prefill import run_prefill_sweep
 from lmsqueeze.bench.presets import build_random_model
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.models.compat import cache_kw
 
 SMALL = {
     "llama3-8b": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
@@ -44,9 +45,9 @@ def test_static_and_dynamic_steps_agree_on_the_same_random_cache(name):
         a, a2 = step(), step()  # replays leave the cache as they found it
         assert all(int(layer.cumulative_length) == length for layer in static.layers)
         dyn = random_dynamic_cache(model, batch, length, seed=5)
-        b = model(input_ids=ids, position_ids=pos, past_key_values=dyn).logits
+        b = model(input_ids=ids, position_ids=pos, **cache_kw(model, dyn)).logits
         other = random_dynamic_cache(model, batch, length, seed=6)
-        c = model(input_ids=ids, position_ids=pos, past_key_values=other).logits
+        c = model(input_ids=ids, position_ids=pos, **cache_kw(model, other)).logits
     assert a.shape == (batch, 1, model.config.vocab_size)
     assert torch.equal(a, a2)
     assert _err(a, b) < 1e-5

@@ -12,6 +12,7 @@ from lmsqueeze.methods.a2ats.state import A2ATSState
 from lmsqueeze.methods.base import METHODS
 from lmsqueeze.methods.baselines.oracle_topk import OracleTopK
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 SMALL = {"codebook": 16, "sinks": 2, "window": 4, "bands": (8, 16), "kmeans_iters": 4}  # band crossings in play
 
@@ -25,8 +26,8 @@ def _decode_logits(model, art, ids, mask, split):
     """Prefill ids[:, :split], then one-token steps; returns the step logits [B, T - split, V]."""
     with torch.no_grad(), lmsqueeze.apply(model, art) as session:
         cache = session.new_cache()
-        model(ids[:, :split], attention_mask=mask[:, :split], past_key_values=cache)
-        steps = [model(ids[:, j:j + 1], attention_mask=mask[:, :j + 1], past_key_values=cache).logits
+        model(ids[:, :split], attention_mask=mask[:, :split], **cache_kw(model, cache))
+        steps = [model(ids[:, j:j + 1], attention_mask=mask[:, :j + 1], **cache_kw(model, cache)).logits
                  for j in range(split, ids.shape[1])]
     return torch.cat(steps, 1), cache
 
@@ -121,10 +122,10 @@ def test_crop_and_reuse(llama):
     ids = torch.randint(0, 256, (1, 50))
     with torch.no_grad(), lmsqueeze.apply(model, art) as session:
         cache = session.new_cache()
-        model(ids[:, :40], past_key_values=cache)
-        a = [model(ids[:, j:j + 1], past_key_values=cache).logits for j in range(40, 45)]
+        model(ids[:, :40], **cache_kw(model, cache))
+        a = [model(ids[:, j:j + 1], **cache_kw(model, cache)).logits for j in range(40, 45)]
         cache.crop(-5)
-        b = [model(ids[:, j:j + 1], past_key_values=cache).logits for j in range(40, 45)]
+        b = [model(ids[:, j:j + 1], **cache_kw(model, cache)).logits for j in range(40, 45)]
     torch.testing.assert_close(torch.cat(a), torch.cat(b), atol=1e-5, rtol=1e-5)
 
 
@@ -160,7 +161,7 @@ def test_bad_inputs(llama):
     mask = torch.ones_like(ids)
     mask[0, 5] = 0  # padding in the middle
     with pytest.raises(LmsqueezeError), torch.no_grad(), lmsqueeze.apply(model, art) as session:
-        model(ids, attention_mask=mask, past_key_values=session.new_cache())
+        model(ids, attention_mask=mask, **cache_kw(model, session.new_cache()))
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -180,12 +181,12 @@ def test_warmup_steps_then_rewind_change_nothing(llama, offload):
             runner = DecodeRunner(model, session, 2, 64, Sampling(), use_graph=False)
             cache = runner.cache
             pos = mask_positions(mask)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **cache_kw(model, cache)).logits
             runner.tokens.copy_(logits[:, -1].argmax(-1)[:, None])
             runner.positions.copy_(pos[:, -1:] + 1)
             cache.start_static(torch.tensor([0, 6], dtype=torch.int32))
             def step(runner=runner, cache=cache):
-                logits = model(input_ids=runner.tokens, position_ids=runner.positions, past_key_values=cache,
+                logits = model(input_ids=runner.tokens, position_ids=runner.positions, **cache_kw(model, cache),
                                use_cache=True, logits_to_keep=1).logits[:, -1]
                 runner.tokens.copy_(logits.argmax(-1)[:, None])
                 runner.positions.add_(1)

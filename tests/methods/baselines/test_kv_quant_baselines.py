@@ -10,13 +10,14 @@ from lmsqueeze.methods.base import get_method
 from lmsqueeze.methods.baselines import KIVI, IntUniform
 from lmsqueeze.methods.baselines.int_uniform import dequantize_uniform, quantize_uniform
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 
 def decode_logits(model, method, ids, prompt):
     with torch.no_grad(), lmsqueeze.apply(model, method) as s:
         cache = s.new_cache()
-        outs = [model(ids[:, :prompt], past_key_values=cache).logits]
-        outs += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(prompt, ids.shape[1])]
+        outs = [model(ids[:, :prompt], **cache_kw(model, cache)).logits]
+        outs += [model(ids[:, t:t + 1], **cache_kw(model, cache)).logits for t in range(prompt, ids.shape[1])]
     return torch.cat(outs, 1), cache
 
 
@@ -67,7 +68,7 @@ def test_kivi_padded_generate_matches_static_path():
     mask[0, :3] = 0
     method = KIVI(bits=4, group=8, residual=16)
     with torch.no_grad(), lmsqueeze.apply(model, method) as s:
-        hf = model.generate(ids, attention_mask=mask, past_key_values=s.new_cache(), max_new_tokens=5,
+        hf = model.generate(ids, attention_mask=mask, **cache_kw(model, s.new_cache()), max_new_tokens=5,
                             do_sample=False)
     ours = generate(model, ids, mask, max_new_tokens=5, method=method, use_graph=False)
     assert torch.equal(ours.new_tokens, hf[:, 18:])

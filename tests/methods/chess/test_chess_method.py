@@ -15,6 +15,7 @@ from lmsqueeze.methods.chess import CHESS, SparseLinear, SparseMLP
 from lmsqueeze.methods.chess.calibrate import calibrate_threshold_sweep, calibrate_thresholds
 from lmsqueeze.methods.chess.thresholds import keep_fraction
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 
 def _batches(n=3, B=2, T=40, vocab=256):
@@ -54,8 +55,8 @@ def test_sparsity_zero_equals_dense(family):
             with torch.no_grad(), lmsqueeze.apply(model, art) as session:
                 out = model(ids).logits
                 cache = session.new_cache()
-                model(ids[:, :6], past_key_values=cache)
-                step = model(ids[:, 6:7], past_key_values=cache).logits  # 2 rows: the kernel path
+                model(ids[:, :6], **cache_kw(model, cache))
+                step = model(ids[:, 6:7], **cache_kw(model, cache)).logits  # 2 rows: the kernel path
             torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(step[:, 0], ref[:, 6], atol=2e-5, rtol=1e-4)
 
@@ -75,8 +76,8 @@ def test_kernel_path_equals_masked_dense_path(method, family, shape):
         method.max_kernel_rows = rows
         with torch.no_grad(), lmsqueeze.apply(model, art) as session:
             cache = session.new_cache()
-            model(ids[:, :8], past_key_values=cache)
-            outs.append(torch.cat([model(ids[:, j:j + 1], past_key_values=cache).logits for j in range(8, 12)], 1))
+            model(ids[:, :8], **cache_kw(model, cache))
+            outs.append(torch.cat([model(ids[:, j:j + 1], **cache_kw(model, cache)).logits for j in range(8, 12)], 1))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         dense = model(ids).logits[:, 8:]

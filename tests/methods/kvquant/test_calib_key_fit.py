@@ -8,6 +8,7 @@ from lmsqueeze.methods.kvquant import KVQuant, fisher
 from lmsqueeze.methods.kvquant.codebooks import (ChannelHistogram, Histogram, channel_error, fit_channel_affine,
                                                  normalfloat_codebook, qnorm, uniform_codebook)
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 
 def test_channel_histogram_keeps_means_and_tails():
@@ -94,7 +95,7 @@ def test_lloyd_calibration_lowers_key_error(bits, family):
         assert (art.tensors["layer0.k_upper"] > art.tensors["layer0.k_lower"]).all()
     assert err["lloyd"] < err["quantile"]
     with torch.no_grad(), lmsqueeze.apply(model, arts["lloyd"]) as s:
-        out = model(batches[0], past_key_values=s.new_cache()).logits
+        out = model(batches[0], **cache_kw(model, s.new_cache())).logits
     assert torch.isfinite(out).all()
 
 

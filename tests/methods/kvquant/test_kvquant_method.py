@@ -10,6 +10,7 @@ from lmsqueeze.methods.base import get_method
 from lmsqueeze.methods.kvquant import KVQuant
 from lmsqueeze.methods.kvquant.method import uncalibrated_artifact
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 HEAD_DIM = 64  # kvquant needs head_dim % 64 == 0; the tiny models default to 16
 
@@ -50,8 +51,8 @@ def test_int8_tracks_fp32_logits():
     def decode_logits(art):
         with torch.no_grad(), lmsqueeze.apply(model, art) as s:
             cache = s.new_cache()
-            outs = [model(ids[:, :14], past_key_values=cache).logits]
-            outs += [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(14, 22)]
+            outs = [model(ids[:, :14], **cache_kw(model, cache)).logits]
+            outs += [model(ids[:, t:t + 1], **cache_kw(model, cache)).logits for t in range(14, 22)]
         return torch.cat(outs, 1)
 
     with torch.no_grad():
@@ -75,7 +76,7 @@ def test_calibrate_save_load_generate(family, tmp_path):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding
     with torch.no_grad(), lmsqueeze.apply(model, loaded) as s:
-        hf = model.generate(ids, attention_mask=mask, past_key_values=s.new_cache(), max_new_tokens=6,
+        hf = model.generate(ids, attention_mask=mask, **cache_kw(model, s.new_cache()), max_new_tokens=6,
                             do_sample=False)
     ours = generate(model, ids, mask, max_new_tokens=6, method=loaded, use_graph=False)
     assert hf.shape == (2, 26)
@@ -120,15 +121,15 @@ def test_crop_and_reappend(window):
     art = uncalibrated_artifact(KVQuant(bits=4, datatype="int", window=window), model)
     with torch.no_grad(), lmsqueeze.apply(model, art) as s:
         a = s.new_cache()
-        model(ids[:, :12], past_key_values=a)
-        ref = [model(ids[:, t:t + 1], past_key_values=a).logits for t in range(12, 20)]
+        model(ids[:, :12], **cache_kw(model, a))
+        ref = [model(ids[:, t:t + 1], **cache_kw(model, a)).logits for t in range(12, 20)]
         b = s.new_cache()
-        model(ids[:, :12], past_key_values=b)
+        model(ids[:, :12], **cache_kw(model, b))
         for t in range(12, 17):
-            model(ids[:, t:t + 1], past_key_values=b)
+            model(ids[:, t:t + 1], **cache_kw(model, b))
         b.crop(-3)
         assert b.get_seq_length() == 14
-        again = [model(ids[:, t:t + 1], past_key_values=b).logits for t in range(14, 20)]
+        again = [model(ids[:, t:t + 1], **cache_kw(model, b)).logits for t in range(14, 20)]
     for x, y in zip(again, ref[2:]):
         if window == 0:
             assert torch.equal(x, y)

@@ -7,6 +7,7 @@ import torch
 import lmsqueeze
 from lmsqueeze.methods.kvquant import KVQuant
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 
 def run(model, method, ids, mask, chunk, steps):
@@ -16,9 +17,9 @@ def run(model, method, ids, mask, chunk, steps):
         outs = []
         for st in range(0, T, chunk):
             outs.append(model(ids[:, st:min(st + chunk, T)], attention_mask=mask[:, :min(st + chunk, T)],
-                              past_key_values=cache).logits)
+                              **cache_kw(model, cache)).logits)
         for t in range(T, T + steps):
-            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+            outs.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], **cache_kw(model, cache)).logits)
     return torch.cat(outs, 1)
 
 

@@ -8,6 +8,7 @@ from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.speed import (CalibrationConfig, calibrate_self_speculation, plain_greedy,
                                      self_speculative_generate)
 from lmsqueeze.methods.speed.calibrate import replay_rounds
+from lmsqueeze.models.compat import cache_kw
 
 V = 61
 
@@ -77,7 +78,7 @@ def test_rollback_leaves_fresh_cache(family):
     out, st = self_speculative_generate(m, ids, n, exit_layer=2, draft=3, cache=cache)
     assert st.accepted > 0 and st.accepted < st.drafted  # both the accept and the crop paths ran
     fresh = DynamicCache(config=m.config)
-    m(input_ids=out[:, :-1], past_key_values=fresh, use_cache=True)
+    m(input_ids=out[:, :-1], **cache_kw(m, fresh), use_cache=True)
     for layer, ref in zip(cache.layers, fresh.layers):
         assert layer.keys.shape == ref.keys.shape
         torch.testing.assert_close(layer.keys, ref.keys, rtol=1e-9, atol=1e-10)

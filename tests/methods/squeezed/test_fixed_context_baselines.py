@@ -16,6 +16,7 @@ from lmsqueeze.methods.squeezed.cluster import spherical_kmeans
 from lmsqueeze.methods.squeezed.lookup import budget_keep, mask_to_index
 from lmsqueeze.methods.squeezed.thresholds import weighted_log_threshold
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 S = 64
 METHODS = [lambda b: Quest(budget=b, page_size=8), lambda b: StreamingLLM(budget=b),
@@ -26,8 +27,8 @@ METHODS = [lambda b: Quest(budget=b, page_size=8), lambda b: StreamingLLM(budget
 def _logits(model, art, q):
     with lmsqueeze.apply(model, art) as session:
         cache = session.new_cache()
-        out = torch.cat([model(q[:, :3], past_key_values=cache).logits[0]] +
-                        [model(q[:, i:i + 1], past_key_values=cache).logits[0] for i in range(3, q.shape[1])])
+        out = torch.cat([model(q[:, :3], **cache_kw(model, cache)).logits[0]] +
+                        [model(q[:, i:i + 1], **cache_kw(model, cache)).logits[0] for i in range(3, q.shape[1])])
     return out, cache
 
 

@@ -14,6 +14,7 @@ from lmsqueeze.methods.squeezed.attention import decode_scores
 from lmsqueeze.methods.squeezed.context import capture_context
 from lmsqueeze.methods.squeezed.index import SqueezedIndex
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 S = 80
 
@@ -27,8 +28,8 @@ def _run(model, art, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     """Logits of ids [1, T] after the prepared context: `prefill` tokens in one chunk, then one at a time."""
     with lmsqueeze.apply(model, art) as session:
         cache = session.new_cache()
-        out = [model(ids[:, :prefill], past_key_values=cache).logits[0]]
-        out += [model(ids[:, i:i + 1], past_key_values=cache).logits[0] for i in range(prefill, ids.shape[1])]
+        out = [model(ids[:, :prefill], **cache_kw(model, cache)).logits[0]]
+        out += [model(ids[:, i:i + 1], **cache_kw(model, cache)).logits[0] for i in range(prefill, ids.shape[1])]
     return torch.cat(out)
 
 
@@ -80,9 +81,9 @@ def test_prepare_save_load_many_questions_with_crop(tmp_path):
     with lmsqueeze.apply(model, loaded) as session, torch.no_grad():
         cache = session.new_cache()
         for q, want in zip(questions, fresh):
-            model(q[:, :-2], past_key_values=cache)
-            model(q[:, -2:-1], past_key_values=cache)
-            got = model(q[:, -1:], past_key_values=cache).logits[0, -1]
+            model(q[:, :-2], **cache_kw(model, cache))
+            model(q[:, -2:-1], **cache_kw(model, cache))
+            got = model(q[:, -1:], **cache_kw(model, cache)).logits[0, -1]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             assert cache.get_seq_length() == q.shape[1]          # the context is outside the count
             cache.crop(-q.shape[1])
@@ -98,8 +99,8 @@ def test_batch_matches_single_and_generate_static_path():
     single = [_run(model, art, q[i:i + 1], 4) for i in range(2)]
     with lmsqueeze.apply(model, art) as session, torch.no_grad():
         cache = session.new_cache()
-        batched = [model(q[:, :4], past_key_values=cache).logits]
-        batched += [model(q[:, i:i + 1], past_key_values=cache).logits for i in (4, 5)]
+        batched = [model(q[:, :4], **cache_kw(model, cache)).logits]
+        batched += [model(q[:, i:i + 1], **cache_kw(model, cache)).logits for i in (4, 5)]
     batched = torch.cat(batched, 1)
     for i in range(2):
         torch.testing.assert_close(batched[i], single[i], atol=1e-5, rtol=1e-5)
@@ -107,7 +108,7 @@ def test_batch_matches_single_and_generate_static_path():
     with lmsqueeze.apply(model, art) as session, torch.no_grad():          # the eager loop, token by token
         cache, tok, want = session.new_cache(), q[:1], []
         for _ in range(5):
-            nxt = model(tok, past_key_values=cache).logits[0, -1].argmax()
+            nxt = model(tok, **cache_kw(model, cache)).logits[0, -1].argmax()
             want.append(int(nxt))
             tok = nxt.view(1, 1)
     assert out.new_tokens[0].tolist() == want

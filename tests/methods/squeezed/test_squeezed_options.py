@@ -11,6 +11,7 @@ from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.squeezed import SqueezedAttention
 from lmsqueeze.methods.squeezed.context import capture_context
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 S = 80
 
@@ -23,8 +24,8 @@ def _ids(seed: int, n: int) -> torch.Tensor:
 def _logits(model, art, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     with lmsqueeze.apply(model, art) as session:
         cache = session.new_cache()
-        out = [model(ids[:, :prefill], past_key_values=cache).logits[0]]
-        out += [model(ids[:, i:i + 1], past_key_values=cache).logits[0] for i in range(prefill, ids.shape[1])]
+        out = [model(ids[:, :prefill], **cache_kw(model, cache)).logits[0]]
+        out += [model(ids[:, i:i + 1], **cache_kw(model, cache)).logits[0] for i in range(prefill, ids.shape[1])]
     return torch.cat(out)
 
 

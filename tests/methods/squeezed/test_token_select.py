@@ -20,6 +20,7 @@ from lmsqueeze.methods.squeezed.index import SqueezedIndex
 from lmsqueeze.methods.squeezed.lookup import group_log_scores
 from lmsqueeze.methods.squeezed.token_select import block_union, kept_rows, token_keep
 from lmsqueeze.models.tiny import tiny_model
+from lmsqueeze.models.compat import cache_kw
 
 
 @pytest.fixture
@@ -125,8 +126,8 @@ def _ids(seed: int, n: int) -> torch.Tensor:
 def _logits(model, art, ids):
     with lmsqueeze.apply(model, art) as session:
         cache = session.new_cache()
-        out = [model(ids[:, :6], past_key_values=cache).logits[0]]
-        out += [model(ids[:, i:i + 1], past_key_values=cache).logits[0] for i in range(6, ids.shape[1])]
+        out = [model(ids[:, :6], **cache_kw(model, cache)).logits[0]]
+        out += [model(ids[:, i:i + 1], **cache_kw(model, cache)).logits[0] for i in range(6, ids.shape[1])]
     return torch.cat(out)
 
 
