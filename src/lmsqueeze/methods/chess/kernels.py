@@ -77,8 +77,9 @@ SPMV_CONFIGS_COMPACT = (
     SpmvConfig(128, 16, 4, 8, compact=True), SpmvConfig(256, 16, 4, 8, compact=True), SpmvConfig(256, 32, 8, 4, compact=True),
     SpmvConfig(64, 128, 4, 8, compact=True), SpmvConfig(128, 64, 8, 8, compact=True), SpmvConfig(32, 64, 1, 16, compact=True),
 )
-# Software-pipelined fused variants (`_triton_sparse_pipe.py`): swept on the GPU by bench_chess_gpu.py; joined
-# SPMV_CONFIGS_B1 only where that run checked them and timed them faster than the fused default.
+# Software-pipelined fused variants (`_triton_sparse_pipe.py`), swept on the GPU by bench_chess_gpu.py: all
+# correct and all slower than the fused default at down_proj / q-o 50% (chess_gpu_h100_v4.json), so none is
+# in SPMV_CONFIGS_B1.
 SPMV_CONFIGS_PIPE = (
     SpmvConfig(64, 64, 2, 8, pipe=1), SpmvConfig(64, 64, 2, 8, pipe=2), SpmvConfig(64, 32, 2, 8, pipe=2),
     SpmvConfig(64, 64, 4, 8, pipe=1), SpmvConfig(64, 32, 1, 16, pipe=2), SpmvConfig(128, 32, 4, 4, pipe=2),
