@@ -72,7 +72,7 @@ def check_kernels() -> list[dict]:
                 dead = (x.float().abs() <= thr).all(0)
                 w_t[dead] = float("nan")
                 cfgs = (K.SPMV_CONFIGS_B1[0], K.SpmvConfig(128, 64, 4, 4, True), K.SPMV_CONFIGS_COMPACT[0],
-                        *K.SPMV_CONFIGS_PIPE[:3], K.SpmvConfig(256, 16, 4, 4, pipe=2)
+                        *K.SPMV_CONFIGS_PIPE[:3], K.SpmvConfig(256, 16, 4, 4, pipe=2), *K.SPMV_CONFIGS_TILE_REDUCE
                         ) if B == 1 else K.SPMV_CONFIGS_DOT[:1]
                 for cfg in cfgs:  # explicit configs: no tile search here
                     try:
@@ -200,9 +200,11 @@ def gemv_rows(bw: float) -> list[dict]:
 
 
 # 2b. tile / variant sweep ------------------------------------------------------------------------------------
-SWEEP_CONFIGS = (  # the default first, v3's next best (chess_gpu_h100_v3.json), one compact, the pipelined variants
+SWEEP_CONFIGS = (  # the default first, v3's next best (chess_gpu_h100_v3.json), one compact, the one-tile reduction,
+    # and v4's three fastest pipelined variants (chess_gpu_h100_v4.json: all pipelined ones were slower than the default)
     K.SPMV_CONFIGS_B1[0], K.SpmvConfig(64, 64, 2, 8), K.SpmvConfig(64, 128, 4, 4, fused=True),
-    K.SPMV_CONFIGS_COMPACT[0], *K.SPMV_CONFIGS_PIPE,
+    K.SPMV_CONFIGS_COMPACT[0], *K.SPMV_CONFIGS_TILE_REDUCE, K.SpmvConfig(64, 32, 2, 8, pipe=2),
+    K.SpmvConfig(128, 32, 4, 4, pipe=2), K.SpmvConfig(128, 16, 2, 8, pipe=2),
 )
 
 

@@ -198,3 +198,31 @@ def test_pipelined_kernel_dense_input_equals_dense_and_zero_input_gives_zero(pip
 def test_pipe_depth_is_validated():
     with pytest.raises(LmsqueezeError, match="pipe"):
         input_sparse_matvec_triton(torch.randn(1, 8), torch.randn(8, 4), config=SpmvConfig(32, 16, 2, 1, pipe=3))
+
+
+@pytest.mark.parametrize("K, N, dtype, threshold, cfg", [
+    (301, 130, torch.float32, 0.5, SpmvConfig(64, 16, 2, 8, fused=True, tile_reduce=True)),  # 19 splits -> tile of 32
+    (1000, 70, torch.float16, 0.3, SpmvConfig(32, 16, 2, 4, fused=True, tile_reduce=True)),
+    (40, 24, torch.float32, 0.0, SpmvConfig(32, 16, 2, 1, fused=True, tile_reduce=True)),  # one split
+    (301, 130, torch.float32, 0.5, SpmvConfig(32, 16, 2, 8, pipe=2, tile_reduce=True)),
+    (77, 24, torch.float32, 5.0, SpmvConfig(32, 16, 2, 4, fused=True, tile_reduce=True)),  # nothing survives
+])
+def test_tile_reduce_matches_reference(K, N, dtype, threshold, cfg):
+    from lmsqueeze.methods.chess import kernels
+
+    x, w_t, w_poisoned, bias = _spmv_inputs(1, K, N, dtype, threshold)
+    ref = input_sparse_matvec_reference(x, w_t, threshold, bias)
+    for _ in range(2):
+        out = input_sparse_matvec_triton(x, w_poisoned, threshold, bias, config=cfg)
+        assert torch.isfinite(out).all(), "the kernel read weight rows of dropped inputs"
+        assert _rel(out, ref) < TOL[dtype]
+    assert int(kernels._TICKETS[x.device].abs().sum()) == 0
+
+
+def test_tile_reduce_falls_back_to_the_loop_when_the_tile_is_too_large():
+    from lmsqueeze.methods.chess.kernels import _red_splits
+
+    assert _red_splits(SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), 16) == 16
+    assert _red_splits(SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), 17) == 32
+    assert _red_splits(SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), 200) == 0
+    assert _red_splits(SpmvConfig(64, 64, 2, 8, fused=True), 16) == 0

@@ -12,7 +12,9 @@ channel survives for some batch row. No partials: each program finishes its BLOC
 
 `_input_sparse_b1_fused_kernel`, same grid, batch 1 only: the same tile loop, then the last program of each
 column block to finish (an atomic ticket per block) sums the partials, adds the bias and writes y, and resets
-its ticket to 0 for the next call: one launch instead of two, no host synchronisation (graph-safe).
+its ticket to 0 for the next call: one launch instead of two, no host synchronisation (graph-safe). With
+RED_SPLITS > 0 that last program requests all partials of its block as one tile (one L2 round trip instead
+of num_splits dependent ones at the very end of the kernel).
 
 `_input_sparse_b1_compact_kernel`, same grid, batch 1 only: each program first compacts the indices of the
 surviving inputs of its K range (a prefix sum per scan tile, written to a scratch list shared by the programs
@@ -95,9 +97,26 @@ def _input_sparse_kernel(
 
 
 @triton.jit
+def _sum_partials(Part, offs_n, n_ok, num_splits, stride_ps, RED_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum over s < num_splits of Part[s, offs_n] (float32). RED_SPLITS == 0: one split per loop trip (each
+    trip waits for its load: num_splits L2 round trips); else RED_SPLITS >= num_splits (a power of 2): all
+    partials requested as one [RED_SPLITS, BLOCK_N] tile, one round trip."""
+    if RED_SPLITS == 0:
+        tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for s in range(num_splits):
+            tot += tl.load(Part + s * stride_ps + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+    else:
+        offs_s = tl.arange(0, RED_SPLITS)
+        p = tl.load(Part + offs_s[:, None] * stride_ps + offs_n[None, :],
+                    mask=(offs_s < num_splits)[:, None] & n_ok[None, :], other=0.0, cache_modifier=".cg")
+        tot = tl.sum(p, axis=0)
+    return tot
+
+
+@triton.jit
 def _input_sparse_b1_fused_kernel(
     X, W, Part, Ticket, Bias, Y, K, N, k_per_split, num_splits, threshold, stride_wk, stride_ps,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, RED_SPLITS: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -118,9 +137,7 @@ def _input_sparse_b1_fused_kernel(
     tl.debug_barrier()  # every thread's partial is written before the ticket is taken
     ticket = tl.atomic_add(Ticket + pid_n, 1, sem="acq_rel")
     if ticket == num_splits - 1:  # the last program of this column block: sum the partials
-        tot = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for s in range(num_splits):
-            tot += tl.load(Part + s * stride_ps + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+        tot = _sum_partials(Part, offs_n, n_ok, num_splits, stride_ps, RED_SPLITS, BLOCK_N)
         if HAS_BIAS:
             tot += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(Y + offs_n, tot.to(Y.dtype.element_ty), mask=n_ok)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lmsqueeze.methods.chess._triton_sparse import _sum_partials
+
 
 @triton.jit
 def _x_b1(X, k0, k_hi, threshold, BLOCK_K: tl.constexpr):
@@ -41,6 +43,7 @@ def _w_b1(W, k0, keep, offs_n, n_ok, stride_wk, BLOCK_K: tl.constexpr):
 def _input_sparse_b1_pipe_kernel(
     X, W, Part, Ticket, Bias, Y, K, N, k_per_split, num_splits, threshold, stride_wk, stride_ps,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DEPTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RED_SPLITS: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -82,9 +85,7 @@ def _input_sparse_b1_pipe_kernel(
     tl.debug_barrier()  # every thread's partial is written before the ticket is taken
     ticket = tl.atomic_add(Ticket + pid_n, 1, sem="acq_rel")
     if ticket == num_splits - 1:  # the last program of this column block: sum the partials
-        tot = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for s in range(num_splits):
-            tot += tl.load(Part + s * stride_ps + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+        tot = _sum_partials(Part, offs_n, n_ok, num_splits, stride_ps, RED_SPLITS, BLOCK_N)
         if HAS_BIAS:
             tot += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(Y + offs_n, tot.to(Y.dtype.element_ty), mask=n_ok)

@@ -43,6 +43,7 @@ class SpmvConfig:
     fused: bool = False  # batch 1 only: the last program of each column block reduces the partials (one launch)
     compact: bool = False  # batch 1 only: fused, and each program walks a compacted list of its surviving inputs
     pipe: int = 0  # batch 1 only, 1 or 2: fused, with the W tiles of the next `pipe` steps requested ahead
+    tile_reduce: bool = False  # fused / pipe: the last program loads all partials as one tile (one round trip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,14 @@ SPMV_CONFIGS_PIPE = (
     SpmvConfig(256, 16, 4, 4, pipe=2), SpmvConfig(256, 32, 4, 4, pipe=1), SpmvConfig(256, 16, 2, 8, pipe=2),
     SpmvConfig(512, 16, 4, 4, pipe=2), SpmvConfig(512, 8, 4, 4, pipe=2), SpmvConfig(64, 64, 2, 4, pipe=2),
     SpmvConfig(64, 32, 2, 12, pipe=2), SpmvConfig(32, 64, 1, 16, pipe=2), SpmvConfig(64, 128, 4, 4, pipe=1),
+)
+# The fused kernel with the one-tile reduction of the partials (not yet timed on the GPU: candidates for the next
+# bench_chess_gpu.py sweep; none is in SPMV_CONFIGS_B1 until a same-run timing shows it faster).
+SPMV_CONFIGS_TILE_REDUCE = (
+    SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), SpmvConfig(64, 128, 4, 4, fused=True, tile_reduce=True),
+    SpmvConfig(64, 64, 2, 16, fused=True, tile_reduce=True), SpmvConfig(64, 32, 2, 16, fused=True, tile_reduce=True),
+    SpmvConfig(128, 64, 4, 4, fused=True, tile_reduce=True), SpmvConfig(128, 32, 4, 8, fused=True, tile_reduce=True),
+    SpmvConfig(64, 32, 2, 8, pipe=2, tile_reduce=True), SpmvConfig(32, 64, 1, 16, fused=True, tile_reduce=True),
 )
 SPMV_CONFIGS_DOT = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(64, 64, 4, 4), SpmvConfig(128, 32, 4, 8), SpmvConfig(256, 64, 8, 2),
@@ -168,6 +177,13 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _red_splits(cfg: SpmvConfig, splits: int) -> int:
+    """RED_SPLITS of the fused kernels: 0 (a loop over the splits) unless cfg.tile_reduce and the
+    [next_pow2(splits), block_n] float32 tile of partials stays small enough for registers."""
+    p = _next_pow2(splits)
+    return p if cfg.tile_reduce and p * cfg.block_n <= 8192 else 0
+
+
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
     """[>= n] int32 zeros, one per column block, kept per device: the fused kernel leaves them at 0 again.
 
@@ -217,7 +233,7 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
                 x, w_t, part, _tickets(x.device, n_blocks), bias if bias is not None else part, y, K, N, k_per,
                 splits, float(threshold), w_t.stride(0), part.stride(0),
                 BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, DEPTH=cfg.pipe, HAS_BIAS=bias is not None,
-                num_warps=cfg.num_warps,
+                RED_SPLITS=_red_splits(cfg, splits), num_warps=cfg.num_warps,
             )
             return y
         if cfg.compact and BB == 1:
@@ -235,7 +251,8 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
             ts._input_sparse_b1_fused_kernel[(n_blocks, splits)](
                 x, w_t, part, _tickets(x.device, n_blocks), bias if bias is not None else part, y, K, N, k_per,
                 splits, float(threshold), w_t.stride(0), part.stride(0),
-                BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+                BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None,
+                RED_SPLITS=_red_splits(cfg, splits), num_warps=cfg.num_warps,
             )
             return y
         ts._input_sparse_kernel[(n_blocks, splits)](
