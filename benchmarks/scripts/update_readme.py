@@ -100,7 +100,7 @@ def render() -> str:
          ("SDPA ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f"), ("TB/s", "tb_per_s", ".2f"),
          ("bits/elt read", "bits_per_element_read", ".3f")])
     lines += rows_table(
-        newest("chess_gpu_h100_v4.json", "chess_gpu_h100_v3.json", "chess_gpu_h100_v2.json"), "CHESS sparse GEMV and decode step vs dense (H100)",
+        newest("chess_gpu_h100_v5.json", "chess_gpu_h100_v4.json", "chess_gpu_h100_v3.json", "chess_gpu_h100_v2.json"), "CHESS sparse GEMV and decode step vs dense (H100)",
         [("kernel", "kernel", ""), ("batch", "batch", "d"), ("sparsity", "sparsity", ".2f"), ("method", "method", ""),
          ("ms", "ms", ".4f"), ("dense ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: r.get("batch") == 1)
