@@ -4,7 +4,7 @@ Kernel 1 (`_decode_split_kernel`), grid (B * Hkv, num_splits): one program holds
 KV group, splits the valid slot range [lo, hi) of its sequence into num_splits equal chunks (chunk bounds
 computed on the device from `lengths` / `starts`, so the grid is static while the work follows the real
 length), runs an online softmax over its chunk in BLOCK_N tiles and writes a partial (out, lse).
-Kernel 2 (`_merge_splits_kernel`), grid (B * Hq,): merges the num_splits partials by log-sum-exp.
+Kernel 2 (`_merge_splits_kernel`), grid (B * Hq, D blocks; one here): merges the num_splits partials by log-sum-exp.
 """
 
 from __future__ import annotations
@@ -100,11 +100,14 @@ def _merge_splits_kernel(
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
+    """Grid (B * Hq, cdiv(D, BLOCK_D)): each program merges BLOCK_D dims of one head (the split weights are
+    recomputed by every program: num_splits floats); the first writes the merged log-sum-exp."""
     pid = tl.program_id(0)  # = b * HQ + h
+    dblk = tl.program_id(1)
     b = pid // HQ
     h = pid % HQ
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
     s_mask = offs_s < num_splits
     d_mask = offs_d < D
     base = pid.to(tl.int64) * num_splits
@@ -119,7 +122,8 @@ def _merge_splits_kernel(
     tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty),
              mask=d_mask)
     if WRITE_LSE:
-        tl.store(Lse + pid, tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
+        if dblk == 0:
+            tl.store(Lse + pid, tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))
 
 
 def decode_attention_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -395,30 +395,3 @@ def _indexed_attention_kernel(
     if WRITE_LSE:
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(Lse + (b * HKV * G + h).to(tl.int64) * T + t, lse, mask=r_mask)
-
-
-@triton.jit
-def _merge_dsplit_kernel(
-    MidO, MidLse, Out, Lse, stride_ob, stride_oh, num_splits,
-    HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DM: tl.constexpr,
-):
-    """Split-K merge with more programs: grid (B*Hq, D / BLOCK_DM); each merges BLOCK_DM dims of one head (the
-    split weights are recomputed by every program: num_splits floats). MidO: [B*Hq, S, D] fp32."""
-    pid = tl.program_id(0)  # = b * HQ + h
-    dblk = tl.program_id(1)
-    b = pid // HQ
-    h = pid % HQ
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = dblk * BLOCK_DM + tl.arange(0, BLOCK_DM)
-    s_mask = offs_s < num_splits
-    base = pid.to(tl.int64) * num_splits
-    lse = tl.load(MidLse + base + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m)  # 0 for empty splits
-    total = tl.sum(w, 0)
-    o = tl.load(MidO + (base + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
-    if dblk == 0:
-        tl.store(Lse + pid, tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf")))

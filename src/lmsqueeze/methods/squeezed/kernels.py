@@ -198,23 +198,17 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, dtype: torch.dtype,
     [B, Hq, S] -> (out [B, Hq, D] in `dtype`, lse [B, Hq] float32). block_d None: the shared kernel (one
     program per head); an int: D / block_d programs per head (more parallel, same bytes)."""
     from lmsqueeze.kernels._triton_decode import _merge_splits_kernel
-    from lmsqueeze.methods.squeezed._triton_kernels import _merge_dsplit_kernel
 
     B, Hq, S, D = mid_o.shape
     out = torch.empty(B, Hq, D, device=mid_o.device, dtype=dtype)
     lse = torch.empty(B, Hq, device=mid_o.device, dtype=torch.float32)
     if block_d is None or D % block_d or block_d > D:
-        _merge_splits_kernel[(B * Hq,)](
-            mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), S,
-            HQ=Hq, D=D, BLOCK_S=max(2, _pow2(S)), BLOCK_D=_pow2(D), WRITE_LSE=True,
-            num_warps=4 if S * D <= 8192 else 8,
-        )
-    else:
-        bs = max(2, _pow2(S))
-        _merge_dsplit_kernel[(B * Hq, D // block_d)](
-            mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), S,
-            HQ=Hq, D=D, BLOCK_S=bs, BLOCK_DM=block_d, num_warps=4 if bs * block_d <= 8192 else 8,
-        )
+        block_d = _pow2(D)
+    bs = max(2, _pow2(S))
+    _merge_splits_kernel[(B * Hq, -(-D // block_d))](
+        mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), S,
+        HQ=Hq, D=D, BLOCK_S=bs, BLOCK_D=block_d, WRITE_LSE=True, num_warps=4 if bs * block_d <= 8192 else 8,
+    )
     return out, lse
 
 
