@@ -4,8 +4,8 @@ Decode (one query per sequence): centroid scores -> [fine scores under surviving
 fused kernel that keeps the clusters above the calibrated threshold and attends their rows, the observation
 window and the local slots (kernels.py). On CUDA inside the static decode step this is three (four,
 hierarchical) launches after the fused RoPE + KV write, with no host synchronisation.
-Prefill (a chunk of T > 1 queries), `prefill` mode:
-  'token' / 'token-budget' (default 'token'): every query token selects its own clusters (token_select.py: the
+Prefill (a chunk of T > 1 queries), `prefill` mode (SqueezedAttention's default: 'chunk'):
+  'token' / 'token-budget': every query token selects its own clusters (token_select.py: the
       decode threshold, or its top clusters up to the key budget), plus the observation window; one attention
       in which each query row sees only its token's rows (kernels.token_select_attention: a block of queries
       lists the union of its tokens' rows, masked per token);
@@ -83,7 +83,7 @@ class SqueezedState(FixedContextState):
     """One layer of a Squeezed Attention cache (see the module docstring)."""
 
     def __init__(self, layer_idx: int, artifact, sparsity: float, coarse_sparsity: float,
-                 max_length: int | None = None, prefill: str = "token") -> None:
+                 max_length: int | None = None, prefill: str = "chunk") -> None:
         super().__init__(layer_idx, max_length)
         self.artifact = artifact
         self.sparsity, self.coarse_sparsity = sparsity, coarse_sparsity
