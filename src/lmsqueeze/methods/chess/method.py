@@ -19,9 +19,9 @@ from lmsqueeze.methods.chess.calibrate import as_batches, calibrate_threshold_sw
 from lmsqueeze.methods.chess.install import install_thresholds
 from lmsqueeze.methods.chess.kernels import MAX_KERNEL_BATCH
 from lmsqueeze.methods.chess.thresholds import check_rule, check_sparsity
+from lmsqueeze.methods.dense import DenseState
 
 ALLOCATIONS = ("uniform", "greedy")
-from lmsqueeze.methods.dense import DenseState
 
 
 def check_kernel_rows(n: int) -> int:
