@@ -40,6 +40,13 @@ SPARSE_COMPACT = True
 # True = two launches, one program per query head for the thresholds then the union. Not yet timed on the
 # GPU: bench_a2ats.py times both and keeps the faster.
 SELECT_SPLIT = False
+# Radix select (`_triton_fast.py`): per query head, a 16-way search over the order-preserving integer keys
+# (4 passes for a 16-bit table) streamed in chunks, then the union. False until a same-run GPU timing shows
+# it faster: bench_a2ats.py times it against the bisection kernels and keeps the fastest.
+SELECT_RADIX = False
+# code_append with one program per (sequence, KV head) (`_triton_fast.py`) instead of one per sequence.
+# False until timed on the GPU (bench_a2ats.py times both and keeps the faster).
+APPEND_PER_HEAD = False
 
 
 @functools.cache
@@ -85,10 +92,12 @@ def select_codes(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor,
 
 def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
                         ratio: torch.Tensor | float, out: torch.Tensor | None = None,
-                        wide: bool | None = None, split: bool | None = None) -> torch.Tensor:
+                        wide: bool | None = None, split: bool | None = None,
+                        radix: bool | None = None) -> torch.Tensor:
     """The Triton select kernel on any tensors Triton accepts (CUDA, or CPU under TRITON_INTERPRET=1).
     wide: force the head-by-head kernel (True) or the all-heads one (False); None: by size. split: the
-    two-launch form (None: SELECT_SPLIT)."""
+    two-launch form (None: SELECT_SPLIT). radix: the 16-way search per query head (None: SELECT_RADIX);
+    overrides wide and split."""
     _check_select(lut, counts, lengths, starts)
     from lmsqueeze.methods.a2ats._triton_a2ats import select_launch
 
@@ -105,6 +114,11 @@ def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
     if C > MAX_TRITON_CODEBOOK:
         raise LmsqueezeError(f"the Triton select holds at most {MAX_TRITON_CODEBOOK} virtual codes per program, "
                              f"got {C}; use fewer bands or a smaller codebook")
+    if SELECT_RADIX if radix is None else radix:
+        from lmsqueeze.methods.a2ats._triton_fast import radix_select_launch
+
+        radix_select_launch(lut, counts, lengths, starts, ratio, out)
+        return out
     select_launch(lut, counts, lengths, starts, ratio, out, wide, SELECT_SPLIT if split is None else split)
     return out
 
@@ -134,9 +148,11 @@ def code_append(scores: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor,
 
 
 def code_append_triton(scores, codes, counts, counted, slot, lengths, starts, sinks: int,
-                       edges: torch.Tensor) -> None:
-    """The Triton code-append kernel; edges: int32 [NB] lower band edges (window first)."""
+                       edges: torch.Tensor, per_head: bool | None = None) -> None:
+    """The Triton code-append kernel; edges: int32 [NB] lower band edges (window first). per_head: one
+    program per (sequence, KV head) plus a tiny launch for `counted` (None: APPEND_PER_HEAD)."""
     from lmsqueeze.methods.a2ats._triton_a2ats import code_append_launch
+    from lmsqueeze.methods.a2ats._triton_fast import code_append_head_launch
 
     Hkv, B, C = scores.shape
     NB = edges.shape[0]
@@ -145,7 +161,8 @@ def code_append_triton(scores, codes, counts, counted, slot, lengths, starts, si
                              f"{tuple(codes.shape)} / counts {tuple(counts.shape)} / counted {tuple(counted.shape)}")
     if scores.stride(2) != 1 or codes.stride(2) != 1 or counts.stride(2) != 1:
         raise LmsqueezeError("code_append needs contiguous last dims")
-    code_append_launch(scores, codes, counts, counted, slot, lengths, starts, sinks, edges)
+    launch = code_append_head_launch if (APPEND_PER_HEAD if per_head is None else per_head) else code_append_launch
+    launch(scores, codes, counts, counted, slot, lengths, starts, sinks, edges)
 
 
 def _check_sparse(q, k_store, v_store, codes, sel, starts, lengths) -> None:

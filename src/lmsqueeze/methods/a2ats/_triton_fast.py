@@ -1,0 +1,181 @@
+"""Faster A²ATS selection kernels (imported lazily: this module needs triton).
+
+`_radix_threshold_kernel`, grid (B * Hkv, G): one query head's kth-largest candidate score by a 16-way
+search (4 bits of the order-preserving integer key per pass: 4 passes for a 16-bit lookup table, 8 for
+float32) instead of a 32-step bisection. Each pass streams the head's scores and the candidate histogram in
+chunks, counting for 16 thresholds at once, so a head costs 4 block reductions, not 32 x G.
+
+`_radix_union_kernel`, grid (B * Hkv, cdiv(C, BLOCK)): sel = OR over the G heads of key >= threshold.
+
+`_code_append_head_kernel`, grid (B, Hkv): `_code_append_kernel` with one program per KV head (the argmax
+of one head, the histogram rewind and band crossings as vector loads / relaxed atomics). It reads `counted`
+and never writes it (other heads of the sequence still read it); the launcher then sets counted = lengths,
+which is what the one-program kernel leaves (max(min(counted, L), L) = L).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lmsqueeze.methods.a2ats.retrieval import MAX_REWIND
+
+RADIX_BITS = 4  # thresholds per pass = 2 ** RADIX_BITS
+
+
+@triton.jit
+def _order_key(vals, KEY16: tl.constexpr):
+    """int32 key with the float order of `vals` (16-bit floats: 16-bit keys); -0.0 and +0.0 share key 0."""
+    if KEY16:
+        bits = vals.to(tl.int16, bitcast=True).to(tl.int32)
+        bits = tl.where(bits == -32768, 0, bits)
+        key = bits ^ ((bits >> 15) & 0x7FFF)
+    else:
+        bits = vals.to(tl.float32).to(tl.int32, bitcast=True)
+        bits = tl.where(bits == -2147483648, 0, bits)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return key
+
+
+@triton.jit
+def _radix_threshold_kernel(Lut, Counts, Lengths, Starts, Ratio, Thr,
+                            stride_lb, stride_lh, stride_lg, stride_cb, stride_ch, C,
+                            HKV: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr, KEY16: tl.constexpr,
+                            RADIX: tl.constexpr, ITERS: tl.constexpr, KEY_MIN: tl.constexpr,
+                            SPAN: tl.constexpr, SENTINEL: tl.constexpr):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    NT: tl.constexpr = 1 << RADIX
+    lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + g * stride_lg
+    cnt_row = Counts + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+    n = (tl.load(Lengths + b) - tl.load(Starts + b)).to(tl.float64)
+    want = (n * tl.load(Ratio)).to(tl.int32)  # floor(ratio x n) in float64, as the reference
+    kth = want
+    offs_t = tl.arange(0, NT)
+    offs = tl.arange(0, BLOCK)
+    lo = tl.full([1], KEY_MIN, tl.int64)  # invariant: count(keys >= lo) >= kth
+    step = tl.full([1], SPAN, tl.int64)
+    for it in tl.static_range(ITERS):
+        step = step // NT
+        t = (lo + offs_t.to(tl.int64) * step).to(tl.int32)  # [NT] thresholds, t[0] = lo
+        acc = tl.zeros([NT, BLOCK], tl.int32)
+        for c0 in range(0, C, BLOCK):
+            idx = c0 + offs
+            m = idx < C
+            key = _order_key(tl.load(lut + idx, mask=m, other=0.0), KEY16)
+            cn = tl.load(cnt_row + idx, mask=m, other=0)
+            acc += tl.where(key[None, :] >= t[:, None], cn[None, :], 0)
+        cnt_t = tl.sum(acc, 1)  # [NT] non-increasing
+        if it == 0:
+            kth = tl.minimum(want, tl.sum(tl.where(offs_t == 0, cnt_t, 0), 0))  # clipped to the candidates
+        jsel = tl.sum((cnt_t >= kth).to(tl.int32), 0) - 1  # the last threshold still keeping >= kth
+        lo = lo + jsel.to(tl.int64) * step
+    lo = tl.where(kth > 0, lo, SENTINEL)
+    tl.store(Thr + pid.to(tl.int64) * G + g + tl.arange(0, 1), lo)
+
+
+@triton.jit
+def _radix_union_kernel(Lut, Thr, Sel, stride_lb, stride_lh, stride_lg, stride_sb, stride_sh, C,
+                        HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr,
+                        KEY16: tl.constexpr, SENTINEL: tl.constexpr):
+    pid = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_c = blk * BLOCK + tl.arange(0, BLOCK)
+    gm = offs_g < G
+    cm = offs_c < C
+    thr = tl.load(Thr + pid.to(tl.int64) * G + offs_g, mask=gm, other=SENTINEL)
+    lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
+    vals = tl.load(lut + offs_g[:, None] * stride_lg + offs_c[None, :], mask=gm[:, None] & cm[None, :], other=0.0)
+    key = _order_key(vals, KEY16).to(tl.int64)
+    take = (key >= thr[:, None]) & gm[:, None]
+    sel = tl.max(take.to(tl.int32), 0)
+    tl.store(Sel + b.to(tl.int64) * stride_sb + h * stride_sh + offs_c, sel.to(tl.int8), mask=cm)
+
+
+def radix_select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
+                        ratio: torch.Tensor, sel: torch.Tensor, block: int = 1024, num_warps: int = 8) -> None:
+    """lut: [B, Hkv, G, C] (code dim contiguous; 16-bit floats use 16-bit keys), counts: [B, Hkv, C] int32,
+    lengths/starts: [B] int32, ratio: [1] float64 -> sel: [B, Hkv, C] int8 (two launches)."""
+    B, Hkv, G, C = lut.shape
+    key16 = lut.element_size() == 2
+    bits = 16 if key16 else 32
+    block = min(block, max(16, triton.next_power_of_2(C)))
+    thr = torch.empty(B * Hkv * G, dtype=torch.int64, device=lut.device)
+    sentinel = 1 << (bits - 1)  # above every key: keeps nothing
+    _radix_threshold_kernel[(B * Hkv, G)](
+        lut, counts, lengths, starts, ratio, thr,
+        lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1), C,
+        HKV=Hkv, G=G, BLOCK=block, KEY16=key16, RADIX=RADIX_BITS, ITERS=bits // RADIX_BITS,
+        KEY_MIN=-(1 << (bits - 1)), SPAN=1 << bits, SENTINEL=sentinel, num_warps=num_warps,
+    )
+    ublock = min(1024, max(16, triton.next_power_of_2(C)))
+    _radix_union_kernel[(B * Hkv, triton.cdiv(C, ublock))](
+        lut, thr, sel, lut.stride(0), lut.stride(1), lut.stride(2), sel.stride(0), sel.stride(1), C,
+        HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK=ublock, KEY16=key16, SENTINEL=sentinel,
+        num_warps=4,
+    )
+
+
+@triton.jit
+def _code_append_head_kernel(Scores, Codes, Counts, Counted, Slot, Lengths, Starts, Edges,
+                             stride_sh, stride_sb, stride_cb, stride_ch, stride_nb, stride_nh,
+                             C, sinks, s_max, BLOCK_C: tl.constexpr, MAX_REWIND: tl.constexpr,
+                             NB: tl.constexpr, BLOCK_NB: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    code_row = Codes + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
+    count_row = Counts + b.to(tl.int64) * stride_nb + h.to(tl.int64) * stride_nh
+    length = tl.load(Lengths + b)
+    lo = tl.load(Starts + b) + sinks
+    counted = tl.load(Counted + b)
+    offs_i = tl.arange(0, BLOCK_NB)
+    im = offs_i < NB
+    edge = tl.load(Edges + offs_i, mask=im, other=0)
+    # undo the steps counted beyond `length` (query L' -> L' - 1: the token at distance e_i leaves band i
+    # for band i - 1; band 0: leaves the candidates), before this step's code is written
+    offs_r = tl.arange(0, MAX_REWIND)
+    lp = length + 1 + offs_r[:, None]  # [R, 1]
+    s = lp - 1 - edge[None, :]  # [R, NB]
+    out = (lp.to(tl.int64) <= counted) & (s >= lo) & im[None, :]
+    c = tl.load(code_row + tl.minimum(tl.maximum(s, 0), s_max - 1), mask=out, other=0).to(tl.int32)
+    band = offs_i[None, :] * C
+    tl.atomic_add(count_row + band + c, tl.full(c.shape, -1, tl.int32), mask=out, sem="relaxed")
+    tl.atomic_add(count_row + band - C + c, tl.full(c.shape, 1, tl.int32), mask=out & (offs_i[None, :] > 0),
+                  sem="relaxed")
+    counted = tl.minimum(counted, length.to(tl.int64))
+    tl.debug_barrier()
+    offs = tl.arange(0, BLOCK_C)
+    sc = tl.load(Scores + h.to(tl.int64) * stride_sh + b.to(tl.int64) * stride_sb + offs, mask=offs < C,
+                 other=float("-inf"))
+    code = tl.argmax(sc, 0)
+    tl.store(code_row + tl.load(Slot), code.to(tl.int16))
+    # one step forward, once: the token at distance e_i moves from band i - 1 (none for i = 0) to band i
+    s1 = length - 1 - edge
+    fwd = (counted < length.to(tl.int64)).to(tl.int32)
+    add = (s1 >= lo) & im & ((s1 * 0 + fwd) != 0)  # a vector mask (the interpreter wants no broadcast)
+    c1 = tl.load(code_row + tl.minimum(tl.maximum(s1, 0), s_max - 1), mask=add, other=0).to(tl.int32)
+    tl.atomic_add(count_row + offs_i * C + c1, tl.full(c1.shape, 1, tl.int32), mask=add, sem="relaxed")
+    tl.atomic_add(count_row + offs_i * C - C + c1, tl.full(c1.shape, -1, tl.int32), mask=add & (offs_i > 0),
+                  sem="relaxed")
+
+
+def code_append_head_launch(scores, codes, counts, counted, slot, lengths, starts, sinks: int,
+                            edges: torch.Tensor) -> None:
+    """Same contract as `_triton_a2ats.code_append_launch`, one program per (sequence, KV head), then
+    counted = lengths (a second, tiny launch)."""
+    Hkv, B, C = scores.shape
+    NB = edges.shape[0]
+    block_c = triton.next_power_of_2(C)
+    _code_append_head_kernel[(B, Hkv)](
+        scores, codes, counts, counted, slot, lengths, starts, edges,
+        scores.stride(0), scores.stride(1), codes.stride(0), codes.stride(1), counts.stride(0), counts.stride(1),
+        C, int(sinks), codes.shape[2], BLOCK_C=block_c, MAX_REWIND=MAX_REWIND, NB=NB,
+        BLOCK_NB=max(2, triton.next_power_of_2(NB)), num_warps=4 if block_c <= 4096 else 8,
+    )
+    counted.copy_(lengths)

@@ -1,0 +1,71 @@
+"""A²ATS fast selection kernels (`_triton_fast.py`, TRITON_INTERPRET=1 on CPU) vs the PyTorch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmsqueeze.methods.a2ats import retrieval
+from lmsqueeze.methods.a2ats.kernels import band_edge_tensor, code_append_triton, select_codes_triton
+from lmsqueeze.methods.a2ats.reference import code_append_reference, select_codes_reference
+
+
+@pytest.mark.parametrize("G,C,dtype,ties", [(4, 64, torch.float32, False), (4, 64, torch.float16, True),
+                                            (3, 37, torch.float16, False), (1, 50, torch.float32, True),
+                                            (2, 1100, torch.float16, False)])
+def test_radix_select_equals_reference(G, C, dtype, ties):
+    """16-way search per head + union == the sorted reference: fp32 (32-bit keys) and fp16 (16-bit keys),
+    ties at the threshold, signed zeros, k = 0, k above the candidates, chunked codebooks (C > BLOCK)."""
+    B, Hkv = 3, 2
+    lut = torch.randn(B, Hkv, G, C)
+    if ties:
+        lut = (lut * 2).round() / 2  # few distinct values, many ties, +0.0 and -0.0
+        lut[0, 0, 0, :5] = -0.0
+    lut = lut.to(dtype)
+    counts = torch.randint(0, 6, (B, Hkv, C), dtype=torch.int32)
+    lengths = torch.tensor([40, 3000, 100], dtype=torch.int32)
+    starts = torch.tensor([0, 7, 0], dtype=torch.int32)
+    for ratio in (0.01, 0.03, 0.3, 1.0):
+        got = select_codes_triton(lut, counts, lengths, starts, ratio, radix=True)
+        want = select_codes_reference(lut, counts, retrieval.tokens_to_keep(ratio, lengths, starts))
+        assert got.dtype == torch.int8 and torch.equal(got.bool(), want), ratio
+    if C > 1024:  # the chunk loop runs more than once; a wrong chunk sum would move the threshold
+        got = select_codes_triton(lut, counts, lengths, starts, 0.05, radix=True)
+        assert 0 < int(got.sum()) < got.numel()
+
+
+def test_radix_select_keeps_the_top_codes():
+    """Distinct scores: the kept codes of one head are exactly the top codes whose counts first reach k."""
+    C = 300
+    lut = torch.randperm(C).float().reshape(1, 1, 1, C) - 150.0
+    counts = torch.randint(1, 4, (1, 1, C), dtype=torch.int32)
+    lengths, starts = torch.tensor([400], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    got = select_codes_triton(lut, counts, lengths, starts, 0.25, radix=True)[0, 0].bool()
+    order = lut[0, 0, 0].argsort(descending=True)
+    need = int(0.25 * 400)
+    n_keep = int((counts[0, 0][order].cumsum(0) < need).sum()) + 1
+    want = torch.zeros(C, dtype=torch.bool)
+    want[order[:n_keep]] = True
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("sinks,window,bands,Hkv", [(2, 5, (), 2), (0, 2, (), 3), (2, 5, (7, 12), 2),
+                                                    (1, 3, (4, 6, 15), 1)])
+def test_code_append_per_head_equals_reference(sinks, window, bands, Hkv):
+    """Per-head code append == reference over forward steps, replays and rewinds (graph warm-up)."""
+    B, S, C = 3, 40, 33
+    codes = torch.randint(0, C, (B, Hkv, S), dtype=torch.int16)
+    starts = torch.tensor([0, 3, 9], dtype=torch.int32)
+    counts, counted = retrieval.recount(codes, starts, 20, sinks, window, C, bands)
+    edges = band_edge_tensor(window, bands, "cpu")
+    state = [t.clone() for t in (codes, counts, counted)]
+    for n in (21, 22, 22, 23, 24, 25, 23, 24, 24, 25, 26, 27, 28, 26, 27, 28, 29, 22, 23):
+        scores = torch.randn(Hkv, B, C)
+        slot = torch.tensor([n - 1])
+        lengths = torch.full((B,), n, dtype=torch.int32)
+        code_append_triton(scores, *state, slot, lengths, starts, sinks, edges, per_head=True)
+        code_append_reference(scores, codes, counts, counted, slot, lengths, starts, sinks, window, bands)
+        assert torch.equal(state[0], codes) and torch.equal(state[1], counts) and torch.equal(state[2], counted)
+        assert torch.equal(codes[:, :, n - 1].long(), scores.argmax(-1).T)
+        want, _ = retrieval.recount(codes, starts, n, sinks, window, C, bands)
+        assert torch.equal(counts, want), n
