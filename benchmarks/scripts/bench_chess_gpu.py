@@ -204,18 +204,8 @@ SWEEP_CONFIGS = (  # the default first, v3's next best (chess_gpu_h100_v3.json),
     # and v4's three fastest pipelined variants (chess_gpu_h100_v4.json: all pipelined ones were slower than the default)
     K.SPMV_CONFIGS_B1[0], K.SpmvConfig(64, 64, 2, 8), K.SpmvConfig(64, 128, 4, 4, fused=True),
     K.SPMV_CONFIGS_COMPACT[0], *K.SPMV_CONFIGS_TILE_REDUCE, K.SpmvConfig(64, 32, 2, 8, pipe=2),
-    K.SpmvConfig(128, 32, 4, 4, pipe=2), K.SpmvConfig(128, 16, 2, 8, pipe=2),
-    K.SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, xpre=True),
-    K.SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, evict=True),
-    K.SpmvConfig(64, 128, 4, 4, fused=True, tile_reduce=True, xpre=True),
-    # the same fused kernel on column-blocked weights (K.block_columns): one program's tile is contiguous
-    *(("blocked", c) for c in K.SPMV_CONFIGS_BLOCKED),
+    K.SpmvConfig(128, 32, 4, 4, pipe=2), K.SpmvConfig(128, 16, 2, 8, pipe=2), K.SPMV_CONFIGS_B1[1],
 )
-
-
-def _cfg(entry) -> tuple[K.SpmvConfig, bool]:
-    """(config, blocked) of a SWEEP_CONFIGS entry."""
-    return (entry[1], True) if isinstance(entry, tuple) else (entry, False)
 
 
 def sweep_rows(bw: float) -> list[dict]:
@@ -231,19 +221,11 @@ def sweep_rows(bw: float) -> list[dict]:
         n = _copies(Kd * N * 2)
         ws = [(torch.randn(N, Kd, device=DEV) * 0.02).to(dt) for _ in range(n)]
         wts = [w.t().contiguous() for w in ws]
-        blocked = {}  # block_n -> the column-blocked copies of wts
         outs = [None]
 
         def dense():
             for w in ws:
                 outs[0] = F.linear(x, w)
-
-        def weights(cfg, is_blocked):
-            if not is_blocked:
-                return wts
-            if cfg.block_n not in blocked:
-                blocked[cfg.block_n] = [K.block_columns(wt, cfg.block_n) for wt in wts]
-            return blocked[cfg.block_n]
 
         x = sparse_x(1, Kd, 0.5, dt)
         td = time_cuda(dense, warmup=5, iters=ITERS, calls_per_iter=n)
@@ -259,36 +241,33 @@ def sweep_rows(bw: float) -> list[dict]:
             ref = F.linear(x.float(), ws[0].float())
             w_nan = wts[0].clone()
             w_nan[(x == 0).all(0)] = float("nan")
-            for entry in cfgs:
-                cfg, is_blocked = _cfg(entry)
+            for cfg in cfgs:
                 try:
-                    wn = K.block_columns(w_nan, cfg.block_n) if is_blocked else w_nan
-                    y = K.input_sparse_matvec_triton(x, wn, 0.0, None, config=cfg)
+                    y = K.input_sparse_matvec_triton(x, w_nan, 0.0, None, config=cfg)
                     err, finite = rel(y, ref), bool(torch.isfinite(y).all())
 
-                    def sparse(cfg=cfg, ww=weights(cfg, is_blocked)):
-                        for wt in ww:
+                    def sparse(cfg=cfg):
+                        for wt in wts:
                             outs[0] = K.input_sparse_matvec_triton(x, wt, 0.0, None, config=cfg)
 
                     ts = time_cuda(sparse, warmup=5, iters=ITERS, calls_per_iter=n)
                 except Exception as e:  # noqa: BLE001 - a config the compiler rejects is recorded and skipped
-                    rows.append({"kernel": name, "sparsity": s, "config": str(cfg), "blocked": is_blocked,
+                    rows.append({"kernel": name, "sparsity": s, "config": str(cfg),
                                  "error": f"{type(e).__name__}: {e}"[:300]})
                     continue
                 ok = finite and err < TOL[dt]
                 rows.append(timing_row("chess-triton", ts, baseline="cublas-dense", baseline_timing=td,
                                        bytes_moved=need * N * 2, peak_tb_per_s=bw, kernel=name, K=Kd, N=N, batch=1,
                                        sparsity=s, rows_read_frac=need / Kd, config=str(cfg), rel_err_vs_fp32=err,
-                                       finite=finite, ok=ok, blocked=is_blocked,
-                                       is_default=entry == SWEEP_CONFIGS[0]))
+                                       finite=finite, ok=ok, is_default=cfg == SWEEP_CONFIGS[0]))
                 if s == 0.5 and ok and ts.median_ms < best[1]:
-                    best = (entry, ts.median_ms)
+                    best = (cfg, ts.median_ms)
             if s == 0.5:
-                if best[0] is not None and not _cfg(best[0])[1]:
-                    K._CHOICE[("spmv", Kd, N, 1, dt, dt, False, x.device)] = best[0]
+                if best[0] is not None:
+                    K._CHOICE[("spmv", Kd, N, 1, dt, dt, x.device)] = best[0]
                 print(f"[sweep] {name}: dense {td.median_ms * 1e3:.1f} us, best {best[0]} {best[1] * 1e3:.1f} us "
                       f"({td.median_ms / best[1]:.3f}x)", flush=True)
-        ws = wts = w_nan = blocked = None
+        ws = wts = w_nan = None
         torch.cuda.empty_cache()
     return rows
 
@@ -473,7 +452,7 @@ def main() -> None:
                   if top else f"\nsweep {kern} s={s}: no valid config")
             for r in top:
                 print(f"  {r['ms']:.4f} ms  {r['speedup']:.3f}x  {r['tb_per_s']:.2f} TB/s  "
-                      f"{'[default] ' if r['is_default'] else ''}{'[blocked] ' if r.get('blocked') else ''}{r['config'][10:]}")
+                      f"{'[default] ' if r['is_default'] else ''}{r['config'][10:]}")
     print("errors:", extra["errors"] or "none")
 
 

@@ -206,6 +206,8 @@ def test_pipe_depth_is_validated():
     (40, 24, torch.float32, 0.0, SpmvConfig(32, 16, 2, 1, fused=True, tile_reduce=True)),  # one split
     (301, 130, torch.float32, 0.5, SpmvConfig(32, 16, 2, 8, pipe=2, tile_reduce=True)),
     (77, 24, torch.float32, 5.0, SpmvConfig(32, 16, 2, 4, fused=True, tile_reduce=True)),  # nothing survives
+    (1000, 70, torch.float16, 0.3, SpmvConfig(32, 16, 2, 4, fused=True, tile_reduce=True, evict=True)),
+    (301, 512, torch.float32, 0.5, SpmvConfig(16, 16, 2, 1, fused=True, evict=True)),  # 4 splits of 5 steps
 ])
 def test_tile_reduce_matches_reference(K, N, dtype, threshold, cfg):
     from lmsqueeze.methods.chess import kernels
@@ -226,39 +228,3 @@ def test_tile_reduce_falls_back_to_the_loop_when_the_tile_is_too_large():
     assert _red_splits(SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), 17) == 32
     assert _red_splits(SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), 200) == 0
     assert _red_splits(SpmvConfig(64, 64, 2, 8, fused=True), 16) == 0
-
-
-@pytest.mark.parametrize("K, N, dtype, threshold, cfg, blocked", [
-    # one program per SM: 4 splits of 5 steps each (the x range preloaded as an [8, 16] tile)
-    (301, 512, torch.float32, 0.5, SpmvConfig(16, 16, 2, 1, fused=True, tile_reduce=True, xpre=True), False),
-    (1000, 70, torch.float16, 0.3, SpmvConfig(32, 16, 2, 4, fused=True, xpre=True, evict=True), False),
-    (301, 128, torch.float32, 0.5, SpmvConfig(32, 16, 2, 8, fused=True, tile_reduce=True), True),
-    (333, 256, torch.float16, 0.3, SpmvConfig(16, 32, 2, 1, fused=True, tile_reduce=True, xpre=True), True),  # 6 steps
-    (77, 32, torch.float32, 5.0, SpmvConfig(16, 16, 2, 4, fused=True, evict=True), True),  # nothing survives
-])
-def test_fused_variants_and_column_blocked_weights_match_reference(K, N, dtype, threshold, cfg, blocked):
-    from lmsqueeze.methods.chess import kernels
-
-    x, w_t, w_poisoned, bias = _spmv_inputs(1, K, N, dtype, threshold)
-    ref = input_sparse_matvec_reference(x, w_t, threshold, bias)
-    w = kernels.block_columns(w_poisoned, cfg.block_n) if blocked else w_poisoned
-    if blocked:
-        assert w.shape == (N // cfg.block_n, K, cfg.block_n)
-        assert torch.allclose(w[1, :, 3], w_poisoned[:, cfg.block_n + 3], rtol=0, atol=0, equal_nan=True)
-    for _ in range(2):
-        out = input_sparse_matvec_triton(x, w, threshold, bias, config=cfg)
-        assert torch.isfinite(out).all(), "the kernel read weight rows of dropped inputs"
-        assert _rel(out, ref) < TOL[dtype]
-    assert int(kernels._TICKETS[x.device].abs().sum()) == 0
-
-
-def test_column_blocked_weights_are_validated():
-    from lmsqueeze.methods.chess.kernels import block_columns
-
-    with pytest.raises(LmsqueezeError, match="divisible"):
-        block_columns(torch.randn(8, 20), 16)
-    wb = block_columns(torch.randn(8, 32), 16)
-    with pytest.raises(LmsqueezeError, match="block_n"):
-        input_sparse_matvec_triton(torch.randn(1, 8), wb, config=SpmvConfig(32, 16, 2, 1, fused=True))
-    with pytest.raises(LmsqueezeError, match="batch 1"):
-        input_sparse_matvec_triton(torch.randn(2, 8), wb)

@@ -14,7 +14,7 @@ channel survives for some batch row. No partials: each program finishes its BLOC
 column block to finish (an atomic ticket per block) sums the partials, adds the bias and writes y, and resets
 its ticket to 0 for the next call: one launch instead of two, no host synchronisation (graph-safe). With
 RED_SPLITS > 0 that last program requests all partials of its block as one tile (one L2 round trip instead
-of num_splits dependent ones at the very end of the kernel).
+of num_splits dependent ones at the very end of the kernel). EVICT marks the weight loads evict-first.
 
 `_input_sparse_b1_compact_kernel`, same grid, batch 1 only: each program first compacts the indices of the
 surviving inputs of its K range (a prefix sum per scan tile, written to a scratch list shared by the programs
@@ -115,43 +115,27 @@ def _sum_partials(Part, offs_n, n_ok, num_splits, stride_ps, RED_SPLITS: tl.cons
 
 @triton.jit
 def _input_sparse_b1_fused_kernel(
-    X, W, Part, Ticket, Bias, Y, K, N, k_per_split, num_splits, threshold, stride_wk, stride_ps, stride_wblk,
+    X, W, Part, Ticket, Bias, Y, K, N, k_per_split, num_splits, threshold, stride_wk, stride_ps,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, RED_SPLITS: tl.constexpr = 0,
-    XPRE: tl.constexpr = 0, EVICT: tl.constexpr = False,
+    EVICT: tl.constexpr = False,
 ):
-    """stride_wblk: offset between column blocks in W (BLOCK_N for w_t: [K, N]; K * BLOCK_N for the column-blocked
-    layout [N / BLOCK_N, K, BLOCK_N], where each program's tile rows are 2 * BLOCK_N bytes apart). XPRE > 0
-    (a power of 2 >= the steps per program): the program's whole x range is loaded before the loop, so a step's
-    W load waits on no x load. EVICT: W loads marked evict-first (x and the partials stay in L2)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    w_blk = W + pid_n.to(tl.int64) * stride_wblk + tl.arange(0, BLOCK_N)[None, :]
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-    if XPRE > 0:
-        steps = tl.arange(0, XPRE)
-        offs_all = k_lo + steps[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-        x_all = tl.load(X + offs_all, mask=offs_all < k_hi, other=0.0).to(tl.float32)
-        x_all = tl.where(tl.abs(x_all) > threshold, x_all, 0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if XPRE > 0:
-            x = tl.sum(tl.where(steps[:, None] == (k0 - k_lo) // BLOCK_K, x_all, 0.0), axis=0)
-            keep = x != 0.0
+        x = tl.load(X + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+        keep = tl.abs(x) > threshold
+        w_ptr = W + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
+        if EVICT:  # each weight byte is read once: keep x and the partials in L2 instead
+            w = tl.load(w_ptr, mask=keep[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
         else:
-            x = tl.load(X + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
-            keep = tl.abs(x) > threshold
-            x = tl.where(keep, x, 0.0)
-        if EVICT:
-            w = tl.load(w_blk + offs_k.to(tl.int64)[:, None] * stride_wk, mask=keep[:, None] & n_ok[None, :],
-                        other=0.0, eviction_policy="evict_first")
-        else:
-            w = tl.load(w_blk + offs_k.to(tl.int64)[:, None] * stride_wk, mask=keep[:, None] & n_ok[None, :],
-                        other=0.0)
-        acc2 += x[:, None] * w.to(tl.float32)
+            w = tl.load(w_ptr, mask=keep[:, None] & n_ok[None, :], other=0.0)
+        acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
     acc = tl.sum(acc2, axis=0)
     tl.store(Part + pid_s * stride_ps + offs_n, acc, mask=n_ok)
     tl.debug_barrier()  # every thread's partial is written before the ticket is taken

@@ -44,8 +44,7 @@ class SpmvConfig:
     compact: bool = False  # batch 1 only: fused, and each program walks a compacted list of its surviving inputs
     pipe: int = 0  # batch 1 only, 1 or 2: fused, with the W tiles of the next `pipe` steps requested ahead
     tile_reduce: bool = False  # fused / pipe: the last program loads all partials as one tile (one round trip)
-    xpre: bool = False  # fused: each program loads its whole x range before the loop (no x load between W loads)
-    evict: bool = False  # fused: W loads marked evict-first
+    evict: bool = False  # fused: weight loads marked evict-first (each weight byte is read once per call)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +56,10 @@ class GateUpConfig:
     num_warps: int
 
 
-SPMV_CONFIGS_B1 = (  # first: the fastest at Llama-3-8B down_proj and q/o, 30/50/70%, H100 (chess_gpu_h100_v5.json)
-    SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), SpmvConfig(64, 64, 2, 8, fused=True), SpmvConfig(128, 64, 4, 4), SpmvConfig(256, 32, 4, 4), SpmvConfig(128, 128, 8, 4), SpmvConfig(256, 64, 8, 2),
+SPMV_CONFIGS_B1 = (  # first: the fastest at Llama-3-8B down_proj and q/o, 30/50/70%, H100 (chess_gpu_h100_v6.json);
+    # a column-blocked weight layout and a preloaded x range were correct but slower there (commit 371f1c3)
+    SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, evict=True), SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True),
+    SpmvConfig(64, 64, 2, 8, fused=True), SpmvConfig(128, 64, 4, 4), SpmvConfig(256, 32, 4, 4), SpmvConfig(128, 128, 8, 4), SpmvConfig(256, 64, 8, 2),
     SpmvConfig(128, 64, 4, 8), SpmvConfig(64, 128, 4, 4), SpmvConfig(256, 64, 8, 4), SpmvConfig(512, 32, 8, 4),
     SpmvConfig(128, 32, 4, 8), SpmvConfig(128, 64, 4, 16), SpmvConfig(256, 32, 4, 8), SpmvConfig(64, 64, 2, 8),
     SpmvConfig(128, 64, 4, 4, True), SpmvConfig(128, 32, 4, 4, True), SpmvConfig(256, 32, 8, 4, True),
@@ -91,21 +92,13 @@ SPMV_CONFIGS_PIPE = (
     SpmvConfig(512, 16, 4, 4, pipe=2), SpmvConfig(512, 8, 4, 4, pipe=2), SpmvConfig(64, 64, 2, 4, pipe=2),
     SpmvConfig(64, 32, 2, 12, pipe=2), SpmvConfig(32, 64, 1, 16, pipe=2), SpmvConfig(64, 128, 4, 4, pipe=1),
 )
-# The fused kernel with the one-tile reduction of the partials (not yet timed on the GPU: candidates for the next
-# bench_chess_gpu.py sweep; none is in SPMV_CONFIGS_B1 until a same-run timing shows it faster).
+# The fused kernel with the one-tile reduction of the partials, swept by bench_chess_gpu.py (chess_gpu_h100_v5/v6.json:
+# the first, with evict-first weight loads, is the batch-1 default).
 SPMV_CONFIGS_TILE_REDUCE = (
     SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), SpmvConfig(64, 128, 4, 4, fused=True, tile_reduce=True),
     SpmvConfig(64, 64, 2, 16, fused=True, tile_reduce=True), SpmvConfig(64, 32, 2, 16, fused=True, tile_reduce=True),
     SpmvConfig(128, 64, 4, 4, fused=True, tile_reduce=True), SpmvConfig(128, 32, 4, 8, fused=True, tile_reduce=True),
     SpmvConfig(64, 32, 2, 8, pipe=2, tile_reduce=True), SpmvConfig(32, 64, 1, 16, fused=True, tile_reduce=True),
-)
-# Candidates for column-blocked weights (`block_columns`; batch 1, fused kernel), swept by bench_chess_gpu.py.
-SPMV_CONFIGS_BLOCKED = (
-    SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), SpmvConfig(64, 128, 4, 4, fused=True, tile_reduce=True),
-    SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, xpre=True), SpmvConfig(128, 64, 4, 4, fused=True, tile_reduce=True),
-    SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, evict=True), SpmvConfig(32, 64, 1, 16, fused=True, tile_reduce=True),
-    SpmvConfig(64, 32, 2, 8, fused=True, tile_reduce=True), SpmvConfig(64, 64, 2, 12, fused=True, tile_reduce=True),
-    SpmvConfig(64, 64, 4, 8, fused=True, tile_reduce=True), SpmvConfig(64, 64, 2, 6, fused=True, tile_reduce=True),
 )
 SPMV_CONFIGS_DOT = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(64, 64, 4, 4), SpmvConfig(128, 32, 4, 8), SpmvConfig(256, 64, 8, 2),
@@ -206,48 +199,28 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
     return t
 
 
-def block_columns(w_t: torch.Tensor, block_n: int) -> torch.Tensor:
-    """The column-blocked copy of w_t: [K, N] -> [N / block_n, K, block_n] (contiguous): block j holds columns
-    j * block_n ... (j + 1) * block_n - 1 of every row, so one program's tile rows are 2 * block_n bytes apart."""
-    K, N = w_t.shape
-    if N % block_n:
-        raise LmsqueezeError(f"column blocks of {block_n} need N divisible by it, got N={N}")
-    return w_t.reshape(K, N // block_n, block_n).transpose(0, 1).contiguous()
-
-
 def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: float = 0.0,
                                bias: torch.Tensor | None = None, config: SpmvConfig | None = None
                                ) -> torch.Tensor:
     """Triton: y = threshold(x) @ w_t (+ bias), reading only the rows of w_t of surviving inputs.
 
-    x: [B, K] (B <= 16); w_t: [K, N] with contiguous rows, or (batch 1) its column-blocked copy
-    [N / bn, K, bn] from `block_columns` (then config.block_n must be bn); bias: [N] or None -> y: [B, N] in x's
-    dtype. float32 accumulation. No host synchronisation: safe inside a CUDA graph.
+    x: [B, K] (B <= 16); w_t: [K, N] with contiguous rows; bias: [N] or None -> y: [B, N] in x's dtype.
+    float32 accumulation. No host synchronisation: safe inside a CUDA graph.
     """
     from lmsqueeze.methods.chess import _triton_sparse as ts
 
     _check_2d("x", x)
+    _check_2d("w_t", w_t)
     B, K = x.shape
-    blocked = w_t.dim() == 3
-    if blocked:
-        if not w_t.is_contiguous() or B != 1:
-            raise LmsqueezeError("a column-blocked weight must be contiguous (block_columns) and takes batch 1")
-        N, bn = w_t.shape[0] * w_t.shape[2], w_t.shape[2]
-        Kw, row_stride = w_t.shape[1], bn
-    else:
-        _check_2d("w_t", w_t)
-        N, Kw, row_stride = w_t.shape[1], w_t.shape[0], w_t.stride(0)
-    if Kw != K:
-        raise LmsqueezeError(f"x has {K} inputs but w_t has {Kw} rows")
+    N = w_t.shape[1]
+    if w_t.shape[0] != K:
+        raise LmsqueezeError(f"x has {K} inputs but w_t has {w_t.shape[0]} rows")
     if threshold < 0:
         raise LmsqueezeError(f"threshold must be >= 0, got {threshold}")
     BB = _block_b(B)
     ieee = x.dtype == torch.float32
 
     def run(cfg: SpmvConfig) -> torch.Tensor:
-        if blocked and cfg.block_n != bn:
-            raise LmsqueezeError(f"config block_n {cfg.block_n} does not match the weight's column blocks of {bn}")
-        block_stride = K * bn if blocked else cfg.block_n
         n_blocks = triton_cdiv(N, cfg.block_n)
         splits = _num_splits(K, n_blocks, cfg.block_k, cfg.programs_per_sm, x.device)
         k_per = triton_cdiv(triton_cdiv(K, splits), cfg.block_k) * cfg.block_k
@@ -276,14 +249,13 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
                 HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
             )
             return y
-        if (cfg.fused or blocked) and BB == 1:
+        if cfg.fused and BB == 1:
             y = torch.empty(B, N, dtype=x.dtype, device=x.device)
             ts._input_sparse_b1_fused_kernel[(n_blocks, splits)](
                 x, w_t, part, _tickets(x.device, n_blocks), bias if bias is not None else part, y, K, N, k_per,
-                splits, float(threshold), row_stride, part.stride(0), block_stride,
+                splits, float(threshold), w_t.stride(0), part.stride(0),
                 BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None,
-                RED_SPLITS=_red_splits(cfg, splits), XPRE=_next_pow2(triton_cdiv(k_per, cfg.block_k)) if cfg.xpre else 0,
-                EVICT=cfg.evict, num_warps=cfg.num_warps,
+                RED_SPLITS=_red_splits(cfg, splits), EVICT=cfg.evict, num_warps=cfg.num_warps,
             )
             return y
         ts._input_sparse_kernel[(n_blocks, splits)](
@@ -302,10 +274,7 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
 
     if config is None:
         configs = SPMV_CONFIGS_B1 if BB == 1 else SPMV_CONFIGS_DOT
-        if blocked:
-            configs = tuple(c for c in SPMV_CONFIGS_BLOCKED if c.block_n == bn) or (
-                SpmvConfig(bn, 64, 2, 8, fused=True, tile_reduce=True),)
-        config = _pick(("spmv", K, N, BB, x.dtype, w_t.dtype, blocked, x.device), configs, run)
+        config = _pick(("spmv", K, N, BB, x.dtype, w_t.dtype, x.device), configs, run)
     return run(config)
 
 
