@@ -15,7 +15,9 @@ Decode (one query per sequence), all without host synchronisation (CUDA-graph ca
                              p-th kept key is base + p + (unkept keys of the clusters whose kept prefix ends at
                              or before p), computed in registers (no index buffer, no compaction pass).
                              Programs s >= NSP attend the local (user + generated) slots [starts, lengths).
-                             Partials (out, lse) go to the shared split-merge kernel of kernels/_triton_decode.
+                             Partials (out, lse) go to the shared split-merge kernel of kernels/_triton_decode,
+                             or (FUSE_MERGE) the last program of each (sequence, KV head) to finish, found by an
+                             atomic ticket it resets to 0, merges them itself (`_merge_group`): no merge launch.
 Prefill (a chunk of T queries):
   `_prefill_scores_kernel`   grid (ceil(T/BLOCK_M), B*Hq): per query row log Z over all centroids (online), then
                              the per-cluster sum over rows of exp(score - log Z).
@@ -202,6 +204,8 @@ def _squeezed_decode_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_CH: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, NSUB: tl.constexpr = 1,
+    Ticket=None, Out=None, OutLse=None, stride_outb=0, stride_outh=0,
+    FUSE_MERGE: tl.constexpr = False, BLOCK_GM: tl.constexpr = 2, BLOCK_S: tl.constexpr = 8,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -267,6 +271,55 @@ def _squeezed_decode_kernel(
     row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
     tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(MidLse + row, lse, mask=g_mask)
+    if FUSE_MERGE:
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        ticket = tl.atomic_add(Ticket + pid_bh, 1, sem="acq_rel")
+        if ticket == num_splits - 1:  # the last program of this (sequence, KV head) merges its G heads
+            _merge_group(MidO, MidLse, Out, OutLse, b, hkv, num_splits, stride_outb, stride_outh, HKV, G, D,
+                         BLOCK_GM, BLOCK_S, BLOCK_D)
+            tl.atomic_xchg(Ticket + pid_bh, 0)
+
+
+@triton.jit
+def _merge_group(MidO, MidLse, Out, OutLse, b, hkv, num_splits, stride_outb, stride_outh,
+                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_GM: tl.constexpr,
+                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Log-sum-exp merge of the num_splits partials of the G query heads of KV head hkv, sequence b:
+    MidO [B, Hq, S, D] float32 (each split normalised), MidLse [B, Hq, S] -> Out [B, Hq, D], OutLse [B, Hq].
+    Two passes over the (L2-resident) partials: the max and sum of the weights, then the weighted outputs."""
+    offs_g = tl.arange(0, BLOCK_GM)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    heads = hkv * G + offs_g
+    rbase = (b * HKV * G + heads).to(tl.int64) * num_splits                   # [BLOCK_GM]
+    m = tl.full([BLOCK_GM], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_GM], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        sp = s0 + offs_s
+        msk = g_mask[:, None] & (sp < num_splits)[None, :]
+        e = tl.load(MidLse + rbase[:, None] + sp[None, :], mask=msk, other=float("-inf"), cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(e, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        den = den * tl.exp(m - m_safe) + tl.sum(tl.exp(e - m_safe[:, None]), 1)
+        m = m_new
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_GM, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        sp = s0 + offs_s
+        msk = g_mask[:, None] & (sp < num_splits)[None, :]
+        e = tl.load(MidLse + rbase[:, None] + sp[None, :], mask=msk, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp(e - m_safe[:, None])                                          # [BLOCK_GM, BLOCK_S]
+        o = tl.load(MidO + (rbase[:, None, None] + sp[None, :, None]) * D + offs_d[None, None, :],
+                    mask=msk[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(o * w[:, :, None], 1)
+    has = den > 0
+    out = acc / tl.where(has, den, 1.0)[:, None]
+    tl.store(Out + b.to(tl.int64) * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(OutLse + b * HKV * G + heads, tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")),
+             mask=g_mask)
 
 
 @triton.jit

@@ -36,6 +36,21 @@ DECODE_STAGES = 2     # software-pipelining stages of the fused decode kernel
 # at 32K / 128K vs 4.8 / 5.3 us for the shared kernel (H100, benchmarks/results/squeezed_decode_h100.json,
 # extra.decode_*.merge_sweep)
 MERGE_BLOCK_D = 16
+# fused merge: the last split program of each (sequence, KV head) merges the partials itself (atomic ticket):
+# one launch fewer per decode step. Default from the same-run H100 timing (bench_squeezed.py, decode_sweep).
+DECODE_FUSED_MERGE = False
+_TICKETS: dict = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """[>= n] int32 zeros kept per device; the fused-merge decode leaves them at 0 again (graph-safe once
+    allocated: allocate outside capture, e.g. by a warm-up call). Calls on one device must not run concurrently
+    on two streams (they would share tickets)."""
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _TICKETS[device] = t
+    return t
 
 
 def _pow2(n: int) -> int:
@@ -146,13 +161,15 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
                            scaling, starts=None, *, block_c: int = DECODE_BLOCK_C, block_n: int = DECODE_BLOCK_N,
                            local_splits: int | None = None, num_warps: int = 4, num_stages: int = DECODE_STAGES,
                            count_kept: bool = True, sub_splits: int | None = None,
-                           merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False):
+                           merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
+                           fused_merge: bool | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
     None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
     of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`.
     merge_block_d: None merges the split partials with the shared kernel (one program per query head), an int
     with `merge_splits` (D / merge_block_d programs per head). partials_only: return (mid_o, mid_lse) unmerged
-    (to time the parts)."""
+    (to time the parts). fused_merge (None: DECODE_FUSED_MERGE): the split kernel merges its own partials (the
+    last program of each (sequence, KV head), by an atomic ticket): one launch."""
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
     B, Hq, D = q.shape
@@ -175,6 +192,13 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     mid_o = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
     mid_lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
     kept = torch.empty(B, Hkv, nsp, device=q.device, dtype=torch.int32)
+    fuse = (DECODE_FUSED_MERGE if fused_merge is None else fused_merge) and not partials_only
+    if fuse:
+        out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
+        ticket = _tickets(q.device, B * Hkv)
+    else:
+        out, lse, ticket = mid_o, mid_lse, kept          # unused placeholders
     _squeezed_decode_kernel[(B * Hkv, splits)](
         q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
         starts if starts is not None else lengths, mid_o, mid_lse, kept,
@@ -183,13 +207,16 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
         local_v.stride(2),
         C, nch, nsp, nloc, l_max, float(scaling) * LOG2E,
-        HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
+        Ticket=ticket, Out=out, OutLse=lse, stride_outb=out.stride(0) if fuse else 0,
+        stride_outh=out.stride(1) if fuse else 0, HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q), NSUB=sub_splits,
+        FUSE_MERGE=fuse, BLOCK_GM=max(2, _pow2(G)), BLOCK_S=8,
         num_warps=num_warps, num_stages=num_stages,
     )
     if partials_only:
         return mid_o, mid_lse
-    out, lse = merge_splits(mid_o, mid_lse, q.dtype, merge_block_d)
+    if not fuse:
+        out, lse = merge_splits(mid_o, mid_lse, q.dtype, merge_block_d)
     return out, lse, (kept.sum(-1, dtype=torch.int32) if count_kept else None)
 
 
