@@ -69,3 +69,34 @@ def test_code_append_per_head_equals_reference(sinks, window, bands, Hkv):
         assert torch.equal(codes[:, :, n - 1].long(), scores.argmax(-1).T)
         want, _ = retrieval.recount(codes, starts, n, sinks, window, C, bands)
         assert torch.equal(counts, want), n
+
+
+@pytest.mark.parametrize("B,Hkv,D,C,bands", [(3, 2, 64, 33, ()), (2, 1, 128, 200, (7, 12)), (5, 2, 64, 64, (9,))])
+def test_fused_assign_append_equals_reference(B, Hkv, D, C, bands):
+    """Partial-argmax assignment + per-head append == assign_scores + reference append (codes may differ only
+    where two codewords tie to float32 rounding)."""
+    from lmsqueeze.methods.a2ats.kernels import assign_append
+
+    sinks, window = 2, 5
+    S = 40
+    codes = torch.randint(0, C, (B, Hkv, S), dtype=torch.int16)
+    starts = torch.randint(0, 4, (B,), dtype=torch.int32)
+    counts, counted = retrieval.recount(codes, starts, 20, sinks, window, C, bands)
+    edges = band_edge_tensor(window, bands, "cpu")
+    cb = torch.randn(Hkv, C, D)
+    hn = 0.5 * cb.pow(2).sum(-1)
+    state = [t.clone() for t in (codes, counts, counted)]
+    for n in (21, 22, 23, 22, 23, 24, 25):
+        k = torch.randn(B, Hkv, 1, D).to(torch.float16).float()
+        slot = torch.tensor([n - 1])
+        lengths = torch.full((B,), n, dtype=torch.int32)
+        assign_append(k, cb, hn, *state, slot, lengths, starts, sinks, window, bands, edges, fused=True)
+        scores = retrieval.assign_scores(k, cb, hn)  # [Hkv, B, C]
+        code_append_reference(scores, codes, counts, counted, slot, lengths, starts, sinks, window, bands)
+        got = state[0][:, :, n - 1].long().T  # [Hkv, B]
+        picked = scores.gather(2, got[..., None])[..., 0]
+        assert torch.allclose(picked, scores.max(-1).values, rtol=0, atol=1e-4)  # the best code, to rounding
+        assert (got == scores.argmax(-1)).float().mean() > 0.9
+        codes[:, :, n - 1] = state[0][:, :, n - 1]  # follow the kernel's codes so the histograms are comparable
+        want, _ = retrieval.recount(state[0], starts, n, sinks, window, C, bands)
+        assert torch.equal(state[1], want) and torch.equal(state[2], counted), n

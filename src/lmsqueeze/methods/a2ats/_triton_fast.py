@@ -7,6 +7,9 @@ chunks, counting for 16 thresholds at once, so a head costs 4 block reductions, 
 
 `_radix_union_kernel`, grid (B * Hkv, cdiv(C, BLOCK)): sel = OR over the G heads of key >= threshold.
 
+`_assign_partial_kernel`, grid (Hkv, cdiv(C, 64)): the new keys' assignment scores (float32, IEEE dot) for a
+block of codewords, reduced in registers to the block's max and argmax (no [Hkv, B, C] score array).
+
 `_code_append_head_kernel`, grid (B, Hkv): `_code_append_kernel` with one program per KV head (the argmax
 of one head, the histogram rewind and band crossings as vector loads / relaxed atomics). It reads `counted`
 and never writes it (other heads of the sequence still read it); the launcher then sets counted = lengths,
@@ -123,10 +126,56 @@ def radix_select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
 
 
 @triton.jit
-def _code_append_head_kernel(Scores, Codes, Counts, Counted, Slot, Lengths, Starts, Edges,
+def _assign_partial_kernel(K, Cb, HalfNorms, PVal, PIdx, stride_kb, stride_kh, stride_ch, stride_cc, stride_nh,
+                           B, C, NBLK, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grid (Hkv, cdiv(C, BLOCK_C)): k·a_c − ‖c‖²/2 of every sequence's new key for one block of codewords
+    (float32, IEEE dot), reduced to the block's max and its first argmax -> PVal, PIdx [Hkv, B, NBLK]."""
+    h = tl.program_id(0)
+    blk = tl.program_id(1)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, D)
+    bm = offs_b < B
+    cm = offs_c < C
+    x = tl.load(K + offs_b[:, None].to(tl.int64) * stride_kb + h * stride_kh + offs_d[None, :], mask=bm[:, None],
+                other=0.0).to(tl.float32)
+    cb = tl.load(Cb + h.to(tl.int64) * stride_ch + offs_c[:, None].to(tl.int64) * stride_cc + offs_d[None, :],
+                 mask=cm[:, None], other=0.0)
+    s = tl.dot(x, tl.trans(cb), input_precision="ieee")  # [BLOCK_B, BLOCK_C]
+    s = s - tl.load(HalfNorms + h * stride_nh + offs_c, mask=cm, other=0.0)[None, :]
+    s = tl.where(cm[None, :], s, float("-inf"))
+    best = tl.max(s, 1)
+    idx = tl.argmax(s, 1) + blk * BLOCK_C
+    row = (h * B + offs_b).to(tl.int64) * NBLK + blk
+    tl.store(PVal + row, best, mask=bm)
+    tl.store(PIdx + row, idx.to(tl.int32), mask=bm)
+
+
+def assign_partial_launch(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Tensor,
+                          block_c: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """k: [B, Hkv, 1, D] (any float dtype, last dim contiguous); assign_cb: [Hkv, C, D] float32; half_norms:
+    [Hkv, C] float32 -> (best [Hkv, B, NBLK] float32, idx [Hkv, B, NBLK] int32): per block of codewords,
+    the max assignment score and its first argmax (the code = idx at the first max over blocks)."""
+    B, Hkv, _T, D = k.shape
+    C = assign_cb.shape[1]
+    nblk = triton.cdiv(C, block_c)
+    best = torch.empty(Hkv, B, nblk, dtype=torch.float32, device=k.device)
+    idx = torch.empty(Hkv, B, nblk, dtype=torch.int32, device=k.device)
+    _assign_partial_kernel[(Hkv, nblk)](
+        k, assign_cb, half_norms, best, idx, k.stride(0), k.stride(1), assign_cb.stride(0), assign_cb.stride(1),
+        half_norms.stride(0), B, C, nblk, D=D, BLOCK_B=max(16, triton.next_power_of_2(B)), BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return best, idx
+
+
+@triton.jit
+def _code_append_head_kernel(Scores, ScoreIdx, Codes, Counts, Counted, Slot, Lengths, Starts, Edges,
                              stride_sh, stride_sb, stride_cb, stride_ch, stride_nb, stride_nh,
-                             C, sinks, s_max, BLOCK_C: tl.constexpr, MAX_REWIND: tl.constexpr,
-                             NB: tl.constexpr, BLOCK_NB: tl.constexpr):
+                             NS, C, sinks, s_max, BLOCK_S: tl.constexpr, MAX_REWIND: tl.constexpr,
+                             NB: tl.constexpr, BLOCK_NB: tl.constexpr, PARTIAL: tl.constexpr):
+    """Scores: [Hkv, B, NS]: the C assignment scores (PARTIAL False), or per-block maxima with their
+    codes in ScoreIdx (PARTIAL True, `_assign_partial_kernel`)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     code_row = Codes + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch
@@ -150,10 +199,14 @@ def _code_append_head_kernel(Scores, Codes, Counts, Counted, Slot, Lengths, Star
                   sem="relaxed")
     counted = tl.minimum(counted, length.to(tl.int64))
     tl.debug_barrier()
-    offs = tl.arange(0, BLOCK_C)
-    sc = tl.load(Scores + h.to(tl.int64) * stride_sh + b.to(tl.int64) * stride_sb + offs, mask=offs < C,
-                 other=float("-inf"))
-    code = tl.argmax(sc, 0)
+    offs = tl.arange(0, BLOCK_S)
+    row = h.to(tl.int64) * stride_sh + b.to(tl.int64) * stride_sb
+    sc = tl.load(Scores + row + offs, mask=offs < NS, other=float("-inf"))
+    j = tl.argmax(sc, 0)
+    if PARTIAL:
+        code = tl.load(ScoreIdx + row + j)
+    else:
+        code = j
     tl.store(code_row + tl.load(Slot), code.to(tl.int16))
     # one step forward, once: the token at distance e_i moves from band i - 1 (none for i = 0) to band i
     s1 = length - 1 - edge
@@ -166,16 +219,20 @@ def _code_append_head_kernel(Scores, Codes, Counts, Counted, Slot, Lengths, Star
 
 
 def code_append_head_launch(scores, codes, counts, counted, slot, lengths, starts, sinks: int,
-                            edges: torch.Tensor) -> None:
+                            edges: torch.Tensor, score_idx: torch.Tensor | None = None,
+                            num_codes: int | None = None) -> None:
     """Same contract as `_triton_a2ats.code_append_launch`, one program per (sequence, KV head), then
-    counted = lengths (a second, tiny launch)."""
-    Hkv, B, C = scores.shape
+    counted = lengths (a second, tiny launch). With score_idx, scores/score_idx are the per-block maxima and
+    codes of `assign_partial_launch` and num_codes is the codebook size."""
+    Hkv, B, NS = scores.shape
+    C = NS if score_idx is None else int(num_codes)
     NB = edges.shape[0]
-    block_c = triton.next_power_of_2(C)
+    block_s = triton.next_power_of_2(NS)
     _code_append_head_kernel[(B, Hkv)](
-        scores, codes, counts, counted, slot, lengths, starts, edges,
+        scores, scores if score_idx is None else score_idx, codes, counts, counted, slot, lengths, starts, edges,
         scores.stride(0), scores.stride(1), codes.stride(0), codes.stride(1), counts.stride(0), counts.stride(1),
-        C, int(sinks), codes.shape[2], BLOCK_C=block_c, MAX_REWIND=MAX_REWIND, NB=NB,
-        BLOCK_NB=max(2, triton.next_power_of_2(NB)), num_warps=4 if block_c <= 4096 else 8,
+        NS, C, int(sinks), codes.shape[2], BLOCK_S=block_s, MAX_REWIND=MAX_REWIND, NB=NB,
+        BLOCK_NB=max(2, triton.next_power_of_2(NB)), PARTIAL=score_idx is not None,
+        num_warps=4 if block_s <= 4096 else 8,
     )
     counted.copy_(lengths)

@@ -2,6 +2,7 @@
 
 - `code_append`: the new token's code (argmax of its assignment scores) and the candidate histogram update
   (tokens crossing the window and the distance-band edges).
+- `assign_append`: the new keys' codes and `code_append` (optionally one kernel keeping per-block maxima).
 - `select_codes`: from the lookup table q·C and the candidate histogram per virtual code (band x C + code),
   the virtual codes whose score reaches the kth-largest candidate score of any head of a KV group.
 - `sparse_decode_attention`: one decode query per sequence over the sinks, the window and the slots whose
@@ -18,6 +19,7 @@ import functools
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.methods.a2ats.retrieval import assign_scores
 from lmsqueeze.methods.a2ats.reference import (
     code_append_reference,
     select_codes_reference,
@@ -47,6 +49,9 @@ SELECT_RADIX = False
 # code_append with one program per (sequence, KV head) (`_triton_fast.py`) instead of one per sequence.
 # False until timed on the GPU (bench_a2ats.py times both and keeps the faster).
 APPEND_PER_HEAD = False
+# assign_append: the new keys' codes by a Triton kernel that keeps per-block maxima (no float32 score
+# array) feeding the per-head append. False until timed on the GPU (bench_a2ats.py times both).
+FUSED_ASSIGN = False
 
 
 @functools.cache
@@ -163,6 +168,40 @@ def code_append_triton(scores, codes, counts, counted, slot, lengths, starts, si
         raise LmsqueezeError("code_append needs contiguous last dims")
     launch = code_append_head_launch if (APPEND_PER_HEAD if per_head is None else per_head) else code_append_launch
     launch(scores, codes, counts, counted, slot, lengths, starts, sinks, edges)
+
+
+def assign_append(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Tensor, codes: torch.Tensor,
+                  counts: torch.Tensor, counted: torch.Tensor, slot: torch.Tensor, lengths: torch.Tensor,
+                  starts: torch.Tensor, sinks: int, window: int, bands: tuple[int, ...] = (),
+                  edges: torch.Tensor | None = None, fused: bool | None = None) -> None:
+    """Code the new keys and update the histogram: `retrieval.assign_scores` then `code_append`, or on CUDA
+    with fused (None: FUSED_ASSIGN) the partial-argmax kernel and the per-head append (same codes up to
+    float32 rounding of near-tied codewords).
+
+    k: [B, Hkv, 1, D] (pre-RoPE with windowed RoPE); assign_cb: [Hkv, C, D] float32; half_norms: [Hkv, C];
+    the rest as `code_append`.
+    """
+    use = FUSED_ASSIGN if fused is None else fused
+    D = k.shape[3]
+    if use and (k.is_cuda or fused) and k.shape[2] == 1 and D & (D - 1) == 0 and k.stride(3) == 1:
+        if edges is None:
+            edges = band_edge_tensor(window, bands, k.device)
+        assign_append_triton(k, assign_cb, half_norms, codes, counts, counted, slot, lengths, starts, sinks, edges)
+        return
+    scores = assign_scores(k, assign_cb, half_norms)  # [Hkv, B, C]
+    code_append(scores, codes, counts, counted, slot, lengths, starts, sinks, window, bands, edges)
+
+
+def assign_append_triton(k, assign_cb, half_norms, codes, counts, counted, slot, lengths, starts, sinks: int,
+                         edges: torch.Tensor) -> None:
+    """The two Triton launches of `assign_append` on any tensors Triton accepts."""
+    from lmsqueeze.methods.a2ats._triton_fast import assign_partial_launch, code_append_head_launch
+
+    if assign_cb.dtype != torch.float32 or assign_cb.stride(2) != 1 or half_norms.stride(1) != 1:
+        raise LmsqueezeError("assign_append needs float32 codebooks with contiguous last dims")
+    best, idx = assign_partial_launch(k, assign_cb, half_norms)
+    code_append_head_launch(best, codes, counts, counted, slot, lengths, starts, sinks, edges, score_idx=idx,
+                            num_codes=assign_cb.shape[1])
 
 
 def _check_sparse(q, k_store, v_store, codes, sel, starts, lengths) -> None:

@@ -26,7 +26,7 @@ from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.merge import merge_attention_states
 from lmsqueeze.kernels.rope_append import rope_append
 from lmsqueeze.methods.a2ats import retrieval
-from lmsqueeze.methods.a2ats.kernels import band_edge_tensor, code_append, select_codes, sparse_decode_attention
+from lmsqueeze.methods.a2ats.kernels import assign_append, band_edge_tensor, select_codes, sparse_decode_attention
 from lmsqueeze.methods.a2ats.offload import (
     host_empty,
     near_attention,
@@ -269,9 +269,8 @@ class A2ATSState(LayerState):
         cos, sin = step.cos.expand(B, -1, -1), step.sin.expand(B, -1, -1)  # [1, 1, D] without position_ids
         q_rot = rope_append(q, k, v, cos, sin, self.k, self.v, slot)  # [B, Hq, D]; writes slot
         k_code = k if cfg.windowed_rope else apply_rope(k, step.cos, step.sin)
-        scores = retrieval.assign_scores(k_code, books.assign, books.half_norms)  # [Hkv, B, C]
-        code_append(scores, self.codes, self.counts, self.counted, slot, lengths, starts, cfg.sinks, cfg.window,
-                    cfg.bands, self.edges)
+        assign_append(k_code, books.assign, books.half_norms, self.codes, self.counts, self.counted, slot, lengths,
+                      starts, cfg.sinks, cfg.window, cfg.bands, self.edges)
         qs = band_queries(q[:, :, 0], self.band_cos, self.band_sin) if cfg.windowed_rope else q_rot
         lut = retrieval.lookup_table(qs, self.score_lut)
         sel = select_codes(lut, self.counts, lengths, starts, self.ratio, out=self.sel)
