@@ -19,7 +19,6 @@ Writes chess_gpu_h100.json under --out.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
@@ -73,8 +72,8 @@ def check_kernels() -> list[dict]:
                 dead = (x.float().abs() <= thr).all(0)
                 w_t[dead] = float("nan")
                 cfgs = (K.SPMV_CONFIGS_B1[0], K.SpmvConfig(128, 64, 4, 4, True), K.SPMV_CONFIGS_COMPACT[0],
-                        *K.SPMV_CONFIGS_PIPE[:3], K.SpmvConfig(256, 16, 4, 4, pipe=2), *K.SPMV_CONFIGS_TILE_REDUCE,
-                        K.SPMV_CONFIGS_B1[0], *K.SPMV_CONFIGS_PDL) if B == 1 else K.SPMV_CONFIGS_DOT[:1]
+                        *K.SPMV_CONFIGS_PIPE[:3], K.SpmvConfig(256, 16, 4, 4, pipe=2), *K.SPMV_CONFIGS_TILE_REDUCE
+                        ) if B == 1 else K.SPMV_CONFIGS_DOT[:1]
                 for cfg in cfgs:  # explicit configs: no tile search here
                     try:
                         y = K.input_sparse_matvec_triton(x, w_t, thr, bias, config=cfg)
@@ -206,7 +205,6 @@ SWEEP_CONFIGS = (  # the default first, v3's next best (chess_gpu_h100_v3.json),
     K.SPMV_CONFIGS_B1[0], K.SpmvConfig(64, 64, 2, 8), K.SpmvConfig(64, 128, 4, 4, fused=True),
     K.SPMV_CONFIGS_COMPACT[0], *K.SPMV_CONFIGS_TILE_REDUCE, K.SpmvConfig(64, 32, 2, 8, pipe=2),
     K.SpmvConfig(128, 32, 4, 4, pipe=2), K.SpmvConfig(128, 16, 2, 8, pipe=2), K.SPMV_CONFIGS_B1[1],
-    *K.SPMV_CONFIGS_PDL,
 )
 
 
@@ -367,11 +365,6 @@ def decode_rows(bw: float, num_layers: int, length: int) -> tuple[list[dict], di
             info["module_rel_err_kernels_vs_masked"] = _module_errors(model, step)
             sparse_logits = step().float().clone()
             ts = time_cuda(step, warmup=5, iters=ITERS)
-            # the same step with programmatic dependent launch off, if the sweep chose it for some shape
-            pdl = {k: v for k, v in K._CHOICE.items() if k[0] == "spmv" and getattr(v, "pdl", False)}
-            K._CHOICE.update({k: dataclasses.replace(v, pdl=False) for k, v in pdl.items()})
-            ts_nopdl = time_cuda(step, warmup=5, iters=ITERS) if pdl else None
-            K._CHOICE.update(pdl)
         art.method.max_kernel_rows = 0  # CHESS's masked dense math: the same function, every weight read
         with lmsqueeze.apply(model, art):
             masked_logits = step().float().clone()
@@ -388,9 +381,6 @@ def decode_rows(bw: float, num_layers: int, length: int) -> tuple[list[dict], di
                   dense_bytes=dense_bytes, dense_floor_ms=dense_bytes / (bw * 1e12) * 1e3)
     rows.append(timing_row("chess-graph", ts, baseline="dense-graph", baseline_timing=td, bytes_moved=sparse_bytes,
                            peak_tb_per_s=bw, **common))
-    if ts_nopdl is not None:
-        rows.append(timing_row("chess-graph (no PDL)", ts_nopdl, baseline="dense-graph", baseline_timing=td,
-                               bytes_moved=sparse_bytes, peak_tb_per_s=bw, **common))
     rows.append(timing_row("dense-graph (again)", td2, baseline="dense-graph", baseline_timing=td,
                            bytes_moved=dense_bytes, peak_tb_per_s=bw, **{k: common[k] for k in
                                                                             ("preset", "num_layers", "batch", "length")}))

@@ -208,7 +208,6 @@ def test_pipe_depth_is_validated():
     (77, 24, torch.float32, 5.0, SpmvConfig(32, 16, 2, 4, fused=True, tile_reduce=True)),  # nothing survives
     (1000, 70, torch.float16, 0.3, SpmvConfig(32, 16, 2, 4, fused=True, tile_reduce=True, evict=True)),
     (301, 512, torch.float32, 0.5, SpmvConfig(16, 16, 2, 1, fused=True, evict=True)),  # 4 splits of 5 steps
-    (301, 130, torch.float32, 0.5, SpmvConfig(32, 16, 2, 8, fused=True, pdl=True)),  # PDL is CUDA-only: plain here
 ])
 def test_tile_reduce_matches_reference(K, N, dtype, threshold, cfg):
     from lmsqueeze.methods.chess import kernels
@@ -229,10 +228,3 @@ def test_tile_reduce_falls_back_to_the_loop_when_the_tile_is_too_large():
     assert _red_splits(SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), 17) == 32
     assert _red_splits(SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True), 200) == 0
     assert _red_splits(SpmvConfig(64, 64, 2, 8, fused=True), 16) == 0
-
-
-def test_pdl_is_requested_only_on_hopper_cuda():
-    from lmsqueeze.methods.chess.kernels import _pdl
-
-    assert _pdl(SpmvConfig(64, 64, 2, 8, fused=True, pdl=True), torch.device("cpu")) == {}
-    assert _pdl(SpmvConfig(64, 64, 2, 8, fused=True), torch.device("cpu")) == {}

@@ -14,10 +14,7 @@ channel survives for some batch row. No partials: each program finishes its BLOC
 column block to finish (an atomic ticket per block) sums the partials, adds the bias and writes y, and resets
 its ticket to 0 for the next call: one launch instead of two, no host synchronisation (graph-safe). With
 RED_SPLITS > 0 that last program requests all partials of its block as one tile (one L2 round trip instead
-of num_splits dependent ones at the very end of the kernel). EVICT marks the weight loads evict-first. PDL (CUDA,
-launched with launch_pdl=True): programmatic dependent launch. Every program first waits for the previous grid
-to complete (gdc_wait: its writes are visible after it), then allows the next grid to launch, so the next
-kernel's programs are scheduled while this one runs and the launch gap between the two is hidden.
+of num_splits dependent ones at the very end of the kernel). EVICT marks the weight loads evict-first.
 
 `_input_sparse_b1_compact_kernel`, same grid, batch 1 only: each program first compacts the indices of the
 surviving inputs of its K range (a prefix sum per scan tile, written to a scratch list shared by the programs
@@ -120,11 +117,8 @@ def _sum_partials(Part, offs_n, n_ok, num_splits, stride_ps, RED_SPLITS: tl.cons
 def _input_sparse_b1_fused_kernel(
     X, W, Part, Ticket, Bias, Y, K, N, k_per_split, num_splits, threshold, stride_wk, stride_ps,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, RED_SPLITS: tl.constexpr = 0,
-    EVICT: tl.constexpr = False, PDL: tl.constexpr = False,
+    EVICT: tl.constexpr = False,
 ):
-    if PDL:  # launched as a programmatic dependent: wait for the previous grid, then let the next one launch
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -45,7 +45,6 @@ class SpmvConfig:
     pipe: int = 0  # batch 1 only, 1 or 2: fused, with the W tiles of the next `pipe` steps requested ahead
     tile_reduce: bool = False  # fused / pipe: the last program loads all partials as one tile (one round trip)
     evict: bool = False  # fused: weight loads marked evict-first (each weight byte is read once per call)
-    pdl: bool = False  # fused, CUDA: programmatic dependent launch (hides the launch gap to the previous kernel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +99,6 @@ SPMV_CONFIGS_TILE_REDUCE = (
     SpmvConfig(64, 64, 2, 16, fused=True, tile_reduce=True), SpmvConfig(64, 32, 2, 16, fused=True, tile_reduce=True),
     SpmvConfig(128, 64, 4, 4, fused=True, tile_reduce=True), SpmvConfig(128, 32, 4, 8, fused=True, tile_reduce=True),
     SpmvConfig(64, 32, 2, 8, pipe=2, tile_reduce=True), SpmvConfig(32, 64, 1, 16, fused=True, tile_reduce=True),
-)
-# Programmatic dependent launch (Hopper+): swept by bench_chess_gpu.py, joins SPMV_CONFIGS_B1 only after a same-run
-# GPU timing, back to back and in the decode step, shows it faster.
-SPMV_CONFIGS_PDL = (
-    SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, evict=True, pdl=True),
-    SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, pdl=True),
-    SpmvConfig(64, 128, 4, 4, fused=True, tile_reduce=True, evict=True, pdl=True),
 )
 SPMV_CONFIGS_DOT = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(64, 64, 4, 4), SpmvConfig(128, 32, 4, 8), SpmvConfig(256, 64, 8, 2),
@@ -167,13 +159,6 @@ def _pick(key: tuple, configs: tuple, run) -> object:
     _CHOICE[key] = best
     log.info("sparse GEMV %s: chose %s (%.1f us)", key[:-1], best, best_ms * 1e3)
     return best
-
-
-def _pdl(cfg: SpmvConfig, device: torch.device) -> dict:
-    """Launch options of a config's programmatic dependent launch: on CUDA devices of compute capability >= 9.0
-    only (the interpreter and older GPUs run the same kernel without it)."""
-    on = cfg.pdl and device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if on else {}
 
 
 def _check_2d(name: str, t: torch.Tensor) -> None:
@@ -270,7 +255,7 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
                 x, w_t, part, _tickets(x.device, n_blocks), bias if bias is not None else part, y, K, N, k_per,
                 splits, float(threshold), w_t.stride(0), part.stride(0),
                 BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None,
-                RED_SPLITS=_red_splits(cfg, splits), EVICT=cfg.evict, num_warps=cfg.num_warps, **_pdl(cfg, x.device),
+                RED_SPLITS=_red_splits(cfg, splits), EVICT=cfg.evict, num_warps=cfg.num_warps,
             )
             return y
         ts._input_sparse_kernel[(n_blocks, splits)](
