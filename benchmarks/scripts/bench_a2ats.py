@@ -241,6 +241,19 @@ def checks(run: Run, dev: torch.device) -> None:
 
     check(run, "tiny_graph_generate_equals_eager", tiny_generate)
 
+    if dev.type == "cuda":  # the same model-level checks with the new kernels forced on (radix select, fused
+        # assignment + per-head append), whatever the kernel timings pick later
+        flags = ("SELECT_RADIX", "FUSED_ASSIGN", "APPEND_PER_HEAD")
+        saved = {f: getattr(kernels, f) for f in flags}
+        for f in flags:
+            setattr(kernels, f, True)
+        try:
+            check(run, "tiny_ratio1_dense_and_offload_paths[fast_kernels]", tiny_paths)
+            check(run, "tiny_graph_generate_equals_eager[fast_kernels]", tiny_generate)
+        finally:
+            for f, v in saved.items():
+                setattr(kernels, f, v)
+
 
 # model-level helpers -------------------------------------------------------------------------------------
 def fill_a2ats_cache(model, art, batch: int, n: int, seed: int, kv=None):
@@ -337,6 +350,36 @@ def preset_shape_check(run: Run, model, dev) -> None:
     check(run, f"preset_ratio1_equals_dense_n{n}", fn)
 
 
+def fused_assign_check(x, assign_cb, hn, counted, B, Hkv, D, C, bands, dt, dev):
+    """Three decode steps of the fused assign + per-head append against assign_scores + the reference append
+    at the kernel shape: the kernel's code is the best codeword to rounding, its histogram equals a recount
+    and counted follows. Returns (ok, fraction of codes equal to the float32 argmax per step)."""
+    from lmsqueeze.methods.a2ats.reference import code_append_reference
+
+    st = [t.clone() for t in (x["codes"], x["counts"], counted)]
+    ref = [t.clone() for t in (x["codes"], x["counts"], counted)]
+    lengths = x["lengths"].clone()
+    ok, codes_equal = True, []
+    for step_i in range(3):
+        if step_i == 0:  # go back 3 steps: the histogram rewinds, then two forward steps
+            lengths -= 3
+        else:
+            lengths += 1
+        slot = (lengths[:1] - 1).long()
+        k = torch.randn(B, Hkv, 1, D, device=dev, dtype=dt)
+        kernels.assign_append(k, assign_cb, hn, *st, slot, lengths, x["starts"], 8, 64, bands, x["edges"],
+                              fused=True)
+        sc = retrieval.assign_scores(k, assign_cb, hn)
+        code_append_reference(sc, *ref, slot, lengths, x["starts"], 8, 64, bands)
+        got = st[0][:, :, slot].long()[..., 0].T  # [Hkv, B]
+        codes_equal.append(float((got == sc.argmax(-1)).float().mean()))
+        ok &= bool(torch.allclose(sc.gather(2, got[..., None])[..., 0], sc.max(-1).values, rtol=0, atol=1e-3))
+        ref[0].copy_(st[0])  # follow the kernel's codes (near-ties) so the histograms stay comparable
+        want, _ = retrieval.recount(st[0], x["starts"], int(lengths[0]), 8, 64, C, bands)
+        ok &= bool(torch.equal(st[1], want)) and bool(torch.equal(st[2], ref[2]))
+    return ok, codes_equal
+
+
 # 2. kernels ----------------------------------------------------------------------------------------------
 def kernel_bench(run: Run, dev: torch.device, preset) -> None:
     args = run.args
@@ -385,22 +428,52 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
     lut_lo = retrieval.lookup_table(x["qb"], score_lo)
     sel_lo = torch.empty_like(sel)
     ratio_lo = torch.tensor([args.ratio], dtype=torch.float64, device=dev)  # made outside the captured graph
-    sel_rows = {}
-    for split in (False, True):  # one program per KV group, or per query head + a union launch
-        sel_rows[split] = add("select_codes", lambda sp=split: kernels.select_codes_triton(
-            lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo, out=sel_lo, split=sp)
-            if dev.type == "cuda" else kernels.select_codes(lut_lo, x["counts"], x["lengths"], x["starts"],
-                                                            ratio_lo, out=sel_lo),
-            B * Hkv * NB * (G * C * elt + C * 4 + C), lut_dtype=str(dt).replace("torch.", ""), split=split)
-    if dev.type == "cuda" and all("ms" in r for r in sel_rows.values()):
-        same = torch.equal(kernels.select_codes_triton(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo,
-                                                       split=True),
-                           kernels.select_codes_triton(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo,
-                                                       split=False))
-        run.extra["select_split_equals_unsplit"] = same
-        if same:
-            kernels.SELECT_SPLIT = sel_rows[True]["ms"] < sel_rows[False]["ms"]
-        run.extra["select_split"] = kernels.SELECT_SPLIT
+    # select variants on the model-dtype table the decode step uses: one program per KV group (bisection),
+    # one per query head + a union launch (bisection), the 16-way radix search per head + union
+    want_lo = select_codes_reference(lut_lo, x["counts"], retrieval.tokens_to_keep(args.ratio, x["lengths"],
+                                                                                   x["starts"]))
+    variants = {"bisect": dict(split=False, radix=False), "split": dict(split=True, radix=False),
+                "radix": dict(radix=True)}
+    sel_rows, sel_ok = {}, {}
+    for name, kw in variants.items():
+        if dev.type == "cuda":
+            got = kernels.select_codes_triton(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo, **kw)
+            sel_ok[name] = bool(torch.equal(got.bool(), want_lo))
+            fn = lambda kw=kw: kernels.select_codes_triton(lut_lo, x["counts"], x["lengths"], x["starts"],  # noqa: E731
+                                                           ratio_lo, out=sel_lo, **kw)
+        else:
+            sel_ok[name] = True
+            fn = lambda: kernels.select_codes(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo,  # noqa: E731
+                                              out=sel_lo)
+        sel_rows[name] = add("select_codes", fn, B * Hkv * NB * (G * C * elt + C * 4 + C),
+                             lut_dtype=str(dt).replace("torch.", ""), variant=name, equals_reference=sel_ok[name],
+                             split=kw.get("split", False))
+    if dev.type == "cuda":  # radix chunk / warps settings (the default above is RADIX_BLOCK x RADIX_WARPS)
+        from lmsqueeze.methods.a2ats import _triton_fast
+
+        default_cfg = (_triton_fast.RADIX_BLOCK, _triton_fast.RADIX_WARPS)
+        best_cfg, best_ms = default_cfg, sel_rows["radix"].get("ms", float("inf"))
+        for blk, nw in ((512, 4), (256, 4), (2048, 16)):
+            _triton_fast.RADIX_BLOCK, _triton_fast.RADIX_WARPS = blk, nw
+            got = kernels.select_codes_triton(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo, radix=True)
+            ok_cfg = bool(torch.equal(got.bool(), want_lo))
+            row = add("select_codes", lambda: kernels.select_codes_triton(
+                lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo, out=sel_lo, radix=True),
+                B * Hkv * NB * (G * C * elt + C * 4 + C), lut_dtype=str(dt).replace("torch.", ""),
+                variant=f"radix_b{blk}_w{nw}", equals_reference=ok_cfg)
+            if ok_cfg and row.get("ms", float("inf")) < best_ms:
+                best_cfg, best_ms = (blk, nw), row["ms"]
+        _triton_fast.RADIX_BLOCK, _triton_fast.RADIX_WARPS = best_cfg
+        run.extra["radix_config"] = {"block": best_cfg[0], "num_warps": best_cfg[1]}
+        if best_ms < sel_rows["radix"].get("ms", float("inf")):
+            sel_rows["radix"] = dict(sel_rows["radix"], ms=best_ms)
+    timed_ok = {k: r["ms"] for k, r in sel_rows.items() if "ms" in r and sel_ok[k]}
+    if dev.type == "cuda" and timed_ok:
+        pick = min(timed_ok, key=timed_ok.get)
+        kernels.SELECT_RADIX = pick == "radix"
+        kernels.SELECT_SPLIT = pick == "split"
+        run.extra["select_variant"] = pick
+    run.extra["select_equals_reference"] = sel_ok
     ratio_t = torch.tensor([args.ratio], dtype=torch.float64, device=dev)
     add("select_codes", lambda: kernels.select_codes(x["lut"], x["counts"], x["lengths"], x["starts"], ratio_t,
                                                      out=sel), B * Hkv * NB * (G * C * 4 + C * 4 + C))
@@ -409,11 +482,34 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
     slot = torch.tensor([n - 1], device=dev)
     counted = torch.full((B,), n, dtype=torch.long, device=dev)
 
-    def assign_and_append():
-        sc = retrieval.assign_scores(newk, assign_cb, hn)
-        kernels.code_append(sc, x["codes"], x["counts"], counted, slot, x["lengths"], x["starts"], 8, 64, bands,
-                            x["edges"])
-    add("assign_scores+code_append", assign_and_append, Hkv * C * D * 4 + Hkv * B * C * 4 * 2)
+    assign_cb = assign_cb.contiguous()
+    app_bytes = Hkv * C * D * 4 + Hkv * B * C * 4 * 2
+    add("assign_scores", lambda: retrieval.assign_scores(newk, assign_cb, hn), Hkv * C * D * 4 + Hkv * B * C * 4)
+    app_rows = {}
+    for name in ("per_sequence", "per_head", "fused") if dev.type == "cuda" else ("per_sequence",):
+        def assign_and_append(name=name):
+            if name == "fused":
+                kernels.assign_append(newk, assign_cb, hn, x["codes"], x["counts"], counted, slot, x["lengths"],
+                                      x["starts"], 8, 64, bands, x["edges"], fused=True)
+                return
+            sc = retrieval.assign_scores(newk, assign_cb, hn)
+            if dev.type == "cuda":
+                kernels.code_append_triton(sc, x["codes"], x["counts"], counted, slot, x["lengths"], x["starts"], 8,
+                                           x["edges"], per_head=name == "per_head")
+            else:
+                kernels.code_append(sc, x["codes"], x["counts"], counted, slot, x["lengths"], x["starts"], 8, 64,
+                                    bands, x["edges"])
+        app_rows[name] = add("assign_scores+code_append", assign_and_append,
+                             app_bytes if name != "fused" else Hkv * C * D * 4, variant=name)
+    if dev.type == "cuda":
+        ok, codes_equal = fused_assign_check(x, assign_cb, hn, counted, B, Hkv, D, C, bands, dt, dev)
+        run.extra["fused_assign_check"] = {"ok": ok, "codes_equal_argmax": codes_equal}
+        timed_app = {k: r["ms"] for k, r in app_rows.items() if "ms" in r and (k != "fused" or ok)}
+        if timed_app:
+            pick = min(timed_app, key=timed_app.get)
+            kernels.FUSED_ASSIGN = pick == "fused"
+            kernels.APPEND_PER_HEAD = pick in ("fused", "per_head")
+            run.extra["append_variant"] = pick
     best = None
     configs = [(128, 16, False), (64, 16, False), (64, 16, True), (64, 8, True), (32, 16, True), (32, 8, True),
                (64, 32, True), (128, 8, True)] if dev.type == "cuda" else [(64, 16, False), (64, 16, True)]
@@ -619,12 +715,15 @@ def print_table(run: Run) -> None:
     print("\nkernels (one layer):")
     for r in run.kernels:
         if "ms" in r:
-            print(f"  {r['method']:38s} B={r['batch']:3d} ms={r['ms']:.4f} floor={r['floor_ms_at_3tbps']:.4f} "
+            name = r['method'] + (f"[{r['variant']}]" if "variant" in r else "")
+            print(f"  {name:38s} B={r['batch']:3d} ms={r['ms']:.4f} floor={r['floor_ms_at_3tbps']:.4f} "
                   f"TB/s={r['tb_per_s']:.3f} sel={r['selected_fraction']:.3f}"
                   + (f" bn={r.get('block_n')} tiles={r.get('tiles_per_program')} compact={r.get('compact')}"
                      if "block_n" in r else ""))
         else:
             print(f"  {r['method']:38s} ERROR {r.get('error')}")
+    print("  picked:", {k: run.extra.get(k) for k in ("select_variant", "radix_config", "append_variant",
+                                                     "fused_assign_check", "select_equals_reference")})
     print("\nserving (full depth extrapolated from measured layer counts):")
     for r in run.serving:
         if "ms" in r:

@@ -25,6 +25,8 @@ import triton.language as tl
 from lmsqueeze.methods.a2ats.retrieval import MAX_REWIND
 
 RADIX_BITS = 4  # thresholds per pass = 2 ** RADIX_BITS
+RADIX_BLOCK = 1024  # scores per chunk of the threshold kernel (the [16, BLOCK] counters live in registers)
+RADIX_WARPS = 8
 
 
 @triton.jit
@@ -102,13 +104,15 @@ def _radix_union_kernel(Lut, Thr, Sel, stride_lb, stride_lh, stride_lg, stride_s
 
 
 def radix_select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
-                        ratio: torch.Tensor, sel: torch.Tensor, block: int = 1024, num_warps: int = 8) -> None:
+                        ratio: torch.Tensor, sel: torch.Tensor, block: int | None = None,
+                        num_warps: int | None = None) -> None:
     """lut: [B, Hkv, G, C] (code dim contiguous; 16-bit floats use 16-bit keys), counts: [B, Hkv, C] int32,
     lengths/starts: [B] int32, ratio: [1] float64 -> sel: [B, Hkv, C] int8 (two launches)."""
     B, Hkv, G, C = lut.shape
     key16 = lut.element_size() == 2
     bits = 16 if key16 else 32
-    block = min(block, max(16, triton.next_power_of_2(C)))
+    block = min(block or RADIX_BLOCK, max(16, triton.next_power_of_2(C)))
+    num_warps = num_warps or RADIX_WARPS
     thr = torch.empty(B * Hkv * G, dtype=torch.int64, device=lut.device)
     sentinel = 1 << (bits - 1)  # above every key: keeps nothing
     _radix_threshold_kernel[(B * Hkv, G)](
