@@ -72,8 +72,8 @@ def check_kernels() -> list[dict]:
                 dead = (x.float().abs() <= thr).all(0)
                 w_t[dead] = float("nan")
                 cfgs = (K.SPMV_CONFIGS_B1[0], K.SpmvConfig(128, 64, 4, 4, True), K.SPMV_CONFIGS_COMPACT[0],
-                        *K.SPMV_CONFIGS_PIPE[:3], K.SpmvConfig(256, 16, 4, 4, pipe=2), *K.SPMV_CONFIGS_TILE_REDUCE
-                        ) if B == 1 else K.SPMV_CONFIGS_DOT[:1]
+                        *K.SPMV_CONFIGS_PIPE[:3], K.SpmvConfig(256, 16, 4, 4, pipe=2), *K.SPMV_CONFIGS_TILE_REDUCE,
+                        K.SPMV_CONFIGS_B1[0], *K.SPMV_CONFIGS_FUSED_SWEEP[:3]) if B == 1 else K.SPMV_CONFIGS_DOT[:1]
                 for cfg in cfgs:  # explicit configs: no tile search here
                     try:
                         y = K.input_sparse_matvec_triton(x, w_t, thr, bias, config=cfg)
@@ -205,6 +205,7 @@ SWEEP_CONFIGS = (  # the default first, v3's next best (chess_gpu_h100_v3.json),
     K.SPMV_CONFIGS_B1[0], K.SpmvConfig(64, 64, 2, 8), K.SpmvConfig(64, 128, 4, 4, fused=True),
     K.SPMV_CONFIGS_COMPACT[0], *K.SPMV_CONFIGS_TILE_REDUCE, K.SpmvConfig(64, 32, 2, 8, pipe=2),
     K.SpmvConfig(128, 32, 4, 4, pipe=2), K.SpmvConfig(128, 16, 2, 8, pipe=2), K.SPMV_CONFIGS_B1[1],
+    *K.SPMV_CONFIGS_FUSED_SWEEP,
 )
 
 

@@ -208,6 +208,8 @@ def test_pipe_depth_is_validated():
     (77, 24, torch.float32, 5.0, SpmvConfig(32, 16, 2, 4, fused=True, tile_reduce=True)),  # nothing survives
     (1000, 70, torch.float16, 0.3, SpmvConfig(32, 16, 2, 4, fused=True, tile_reduce=True, evict=True)),
     (301, 512, torch.float32, 0.5, SpmvConfig(16, 16, 2, 1, fused=True, evict=True)),  # 4 splits of 5 steps
+    (301, 512, torch.float32, 0.5, SpmvConfig(16, 16, 2, 1, fused=True, tile_reduce=True, xnext=True)),
+    (333, 256, torch.float16, 0.3, SpmvConfig(16, 32, 2, 1, fused=True, evict=True, xnext=True)),  # 6 steps, odd K
 ])
 def test_tile_reduce_matches_reference(K, N, dtype, threshold, cfg):
     from lmsqueeze.methods.chess import kernels

@@ -14,7 +14,8 @@ channel survives for some batch row. No partials: each program finishes its BLOC
 column block to finish (an atomic ticket per block) sums the partials, adds the bias and writes y, and resets
 its ticket to 0 for the next call: one launch instead of two, no host synchronisation (graph-safe). With
 RED_SPLITS > 0 that last program requests all partials of its block as one tile (one L2 round trip instead
-of num_splits dependent ones at the very end of the kernel). EVICT marks the weight loads evict-first.
+of num_splits dependent ones at the very end of the kernel). EVICT marks the weight loads evict-first. XNEXT: each step
+requests the next step's x before its own W tile, so the x load is off the step's critical path.
 
 `_input_sparse_b1_compact_kernel`, same grid, batch 1 only: each program first compacts the indices of the
 surviving inputs of its K range (a prefix sum per scan tile, written to a scratch list shared by the programs
@@ -117,7 +118,7 @@ def _sum_partials(Part, offs_n, n_ok, num_splits, stride_ps, RED_SPLITS: tl.cons
 def _input_sparse_b1_fused_kernel(
     X, W, Part, Ticket, Bias, Y, K, N, k_per_split, num_splits, threshold, stride_wk, stride_ps,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, RED_SPLITS: tl.constexpr = 0,
-    EVICT: tl.constexpr = False,
+    EVICT: tl.constexpr = False, XNEXT: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -126,9 +127,15 @@ def _input_sparse_b1_fused_kernel(
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    offs_k = k_lo + tl.arange(0, BLOCK_K)
+    x_next = tl.load(X + offs_k, mask=offs_k < k_hi, other=0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+        if XNEXT:  # this step's x arrived during the last step; request the next step's before this W tile
+            x = x_next.to(tl.float32)
+            x_next = tl.load(X + offs_k + BLOCK_K, mask=offs_k + BLOCK_K < k_hi, other=0.0)
+        else:
+            x = tl.load(X + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
         keep = tl.abs(x) > threshold
         w_ptr = W + offs_k.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
         if EVICT:  # each weight byte is read once: keep x and the partials in L2 instead
