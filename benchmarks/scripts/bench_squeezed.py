@@ -41,8 +41,23 @@ HQ, HKV, D = 32, 8, 128
 LOCAL = 256
 T0 = time.time()
 LOG: list[str] = []
-QUICK = False   # --quick: decode sweeps only (no checks, one compact config, no prefill)
+QUICK = False   # --quick: decode sweeps only (no checks, no prefill)
 PREFILL_SHORT = False   # --prefill-sweep short: the prefill attention configs that won earlier sweeps only
+PER_TOKEN = False       # --per-token: also time the per-token prefill rule (30 ms at 128K; slow to run)
+# centroid scoring for decode: (clusters per program, warps)
+SELECTION_SWEEP = ((32, 4), (64, 4), (128, 4), (128, 8), (256, 8))
+# fused decode: (clusters per program, keys per tile, warps, programs per cluster block, pipeline stages, fused
+# merge); the previous default (32, 32, 4, 2 up to 64 blocks else 1, 2, separate merge) is always timed first
+DECODE_SWEEP = ((32, 32, 4, 2, 2, True), (32, 32, 4, 1, 2, True), (64, 32, 4, 1, 3, True), (128, 32, 4, 1, 3, True),
+                (128, 64, 8, 1, 3, True), (256, 32, 4, 1, 3, True), (256, 64, 8, 1, 3, True),
+                (128, 32, 4, 2, 3, True), (256, 64, 8, 2, 3, True), (64, 64, 8, 1, 3, True))
+# prefill centroid scoring: (queries, centroids per tile, warps, stages); the first is the previous default
+PREFILL_SCORES_SWEEP = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),
+                        (128, 128, 8, 2))
+# prefill gather attention: (query rows per program, warps, stages); (128, 8, 3) won the earlier sweeps
+PREFILL_ATTN_SWEEP = ((128, 8, 3, 64), (128, 8, 4, 64), (128, 8, 2, 128), (64, 4, 3, 64))
+CHECK_KERNELS = None    # --check-kernels: only the kernel checks whose name starts with one of these
+MODEL_CHECKS = "all"    # --model-checks graph: only graph decode == eager decode
 
 
 def say(msg: str) -> None:
@@ -79,6 +94,9 @@ def check_kernels(dev) -> list[dict]:
 
     out = []
     gen = torch.Generator().manual_seed(int(time.time()))
+
+    def want(name):
+        return CHECK_KERNELS is None or any(name.startswith(p) for p in CHECK_KERNELS)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2.5e-2)):
         for G, Dh in ((1, 64), (4, 128)):
             B, Hkv, C, W, L, T = 2, 2, 301, 7, 77, 37
@@ -102,33 +120,48 @@ def check_kernels(dev) -> list[dict]:
                                                              starts)
             out.append({**case, "kernel": "squeezed_decode", "rel_err": rel(o, o_r), "lse_err": rel(lse, lse_r),
                         "kept_equal": bool(torch.equal(kept, kept_r)), "tol": tol})
-            for impl in (K.squeezed_decode_triton, K.squeezed_decode_compact_triton):
-                o, lse, kept = impl(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts, local_splits=2)
-                out.append({**case, "kernel": impl.__name__, "rel_err": rel(o, o_r), "lse_err": rel(lse, lse_r),
-                            "kept_equal": bool(torch.equal(kept, kept_r)), "tol": tol})
+            for name, impl, kw in (("fused_decode", K.squeezed_decode_triton, {}),
+                                   ("compact_decode", K.squeezed_decode_compact_triton, {}),
+                                   ("fused_decode_merge_in_kernel", K.squeezed_decode_triton,
+                                    {"fused_merge": True}),
+                                   ("fused_decode_merge_in_kernel_c128_n64", K.squeezed_decode_triton,
+                                    {"fused_merge": True, "block_c": 128, "block_n": 64, "num_warps": 8,
+                                     "num_stages": 3}),
+                                   ("fused_decode_merge_in_kernel_c256_nsub2", K.squeezed_decode_triton,
+                                    {"fused_merge": True, "block_c": 256, "sub_splits": 2, "num_stages": 3})):
+                for rep in range(2 if want(name) else 0):   # twice: the tickets must be left at 0
+                    o, lse, kept = impl(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts,
+                                        local_splits=2, **kw)
+                    out.append({**case, "kernel": f"{name}#{rep}", "rel_err": rel(o, o_r), "lse_err": rel(lse, lse_r),
+                                "kept_equal": bool(torch.equal(kept, kept_r)), "tol": tol})
             qq = torch.randn(B, Hkv * G, T, Dh, generator=gen).to(dev, dtype)
             mask = torch.rand(B, Hkv, keys.shape[1], generator=gen).to(dev) < 0.3
             idx, cnt = mask_to_index(mask)
             lengths2 = torch.tensor([T + 3, L], dtype=torch.int32, device=dev)
-            o = K.indexed_attention(qq, keys, vals, idx, cnt, lk, lv, lengths2, sc, starts)
-            o_r, _ = R.indexed_attention_reference(qq, keys, vals, idx, cnt, lk, lv, lengths2, sc, starts)
-            out.append({**case, "kernel": "indexed_attention", "rel_err": rel(o, o_r), "tol": tol})
+            if want("indexed_attention"):
+                o = K.indexed_attention(qq, keys, vals, idx, cnt, lk, lv, lengths2, sc, starts)
+                o_r, _ = R.indexed_attention_reference(qq, keys, vals, idx, cnt, lk, lv, lengths2, sc, starts)
+                out.append({**case, "kernel": "indexed_attention", "rel_err": rel(o, o_r), "tol": tol})
             keep = torch.rand(B, Hkv, T, C + 1, generator=gen).to(dev) < 0.3
             offs_l = offs.long()
             rc = torch.repeat_interleave(torch.arange(C + 1, device=dev).repeat(Hkv),
                                          (offs_l[:, 1:] - offs_l[:, :-1]).flatten()).reshape(Hkv, -1)
-            o = K.token_select_attention(qq, keys, vals, keep, rc, lk, lv, lengths2, sc, starts)
-            o_r, _ = R.token_select_attention_reference(qq, keys, vals, keep, rc, lk, lv, lengths2, sc, starts)
-            out.append({**case, "kernel": "token_select_attention", "rel_err": rel(o, o_r), "tol": tol})
-            for bd in (32, None):
+            if want("token_select_attention"):
+                o = K.token_select_attention(qq, keys, vals, keep, rc, lk, lv, lengths2, sc, starts)
+                o_r, _ = R.token_select_attention_reference(qq, keys, vals, keep, rc, lk, lv, lengths2, sc, starts)
+                out.append({**case, "kernel": "token_select_attention", "rel_err": rel(o, o_r), "tol": tol})
+            for bd in (32, None) if want("merge_splits") else ():
                 mo = torch.randn(B, Hkv * G, 45, Dh, generator=gen).to(dev)
                 ml = torch.randn(B, Hkv * G, 45, generator=gen).to(dev)
                 mo_, _ = K.merge_splits(mo, ml, dtype, bd)
                 ref_m = (torch.softmax(ml, -1)[..., None] * mo).sum(-2)
                 out.append({**case, "kernel": f"merge_splits_{bd}", "rel_err": rel(mo_, ref_m), "tol": tol})
-            p = K.prefill_scores(qq, cents, ls[None], sc)
-            p_r = R.prefill_scores_reference(qq, cents, ls[None], sc)
-            out.append({**case, "kernel": "prefill_scores", "rel_err": rel(p, p_r), "tol": tol})
+            for cfg in (None, (128, 64, 8, 3), (128, 128, 8, 3)) if want("prefill_scores") else ():
+                p = K.prefill_scores_triton(qq, cents, ls[None], sc, *(cfg or ()))
+                p_r = R.prefill_scores_reference(qq, cents, ls[None], sc)
+                out.append({**case, "kernel": f"prefill_scores_{cfg}", "rel_err": rel(p, p_r), "tol": tol})
+            if not want("fine_scores"):
+                continue
             C1 = 37
             parent = torch.sort(torch.randint(0, C1, (Hkv, C), generator=gen), -1).values.to(dev, torch.int32)
             csz = torch.zeros(Hkv, C1, dtype=torch.long, device=dev).scatter_add_(1, parent.long(), sizes)
@@ -161,7 +194,10 @@ def check_model(dev) -> list[dict]:
     ids = torch.randint(0, 256, (1, S + T), generator=g).to(dev)
     with torch.no_grad():
         ref = m(ids).logits[0, S:]
-    for hier, mode in ((None, "token"), ((0.02, 0.1), "token"), (None, "chunk"), (None, "token-budget")):
+    from lmsqueeze.methods.squeezed import kernels as K
+
+    for hier, mode in (((None, "token"), ((0.02, 0.1), "token"), (None, "chunk"), (None, "token-budget"))
+                       if MODEL_CHECKS == "all" else ()):
         art0 = SqueezedAttention(centroids=0.1, sparsity=0.0, coarse_sparsity=0.0, hierarchical=hier,
                                  observation=16, prefill=mode).prepare(m, ids[:, :S])
         with lmsqueeze.apply(m, art0) as sess, torch.no_grad():
@@ -180,6 +216,7 @@ def check_model(dev) -> list[dict]:
         clear_runners(m)
         graph = generate(m, ids[:, S:], max_new_tokens=12, method=art, use_graph=True)
         row = {"check": f"graph_decode_equals_eager_s{sp}{'_hier' if hier else ''}", "graph": graph.graph,
+               "fused_merge": K.DECODE_FUSED_MERGE,
                "ok": bool(torch.equal(eager.new_tokens, graph.new_tokens)) and graph.graph}
         if sp == 0:
             row["equals_dense_tokens"] = bool(torch.equal(graph.new_tokens, dense_tok))
@@ -304,64 +341,92 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
         rows.append(timing_row(f"dense_{name}", timings[name], baseline="dense_sdpa_fp16", baseline_timing=base,
                                bytes_moved=dense_bytes(), peak_tb_per_s=PEAK_TB_S, context=N, local=LOCAL, batch=1))
 
-    # selection alone, attention alone (sweep of tile configs), full step
+    # selection alone (sweep of clusters per program and warps), attention alone (sweep of tile configs), full step
     C = idx.num_clusters
-    scores = [decode_scores(q, ix, sc)[:2] for ix in idxs]
     sel_bytes = HKV * C * D * 2 + HQ * C * 4 + HKV * C * 4
-    ssweep, sel_chunk, t_sel = [], None, None
-    for ch in (64, 32, 128, 256):                         # clusters per scoring program (64: the default)
-        t = time_cuda(lambda ch=ch: [K.centroid_scores(q, ix.centroids, ix.log_sizes, sc, chunk=ch) for ix in idxs],
-                      iters=iters, calls_per_iter=ncopy)
-        ssweep.append({"chunk": ch, "ms": t.median_ms})
+    ssweep, sel_cfg, t_sel = [], None, None
+    for ch, sw in SELECTION_SWEEP:
+        try:
+            t = time_cuda(lambda ch=ch, sw=sw: [K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=ch,
+                                                                         num_warps=sw) for ix in idxs],
+                          iters=iters, calls_per_iter=ncopy)
+        except Exception as ex:  # noqa: BLE001
+            ssweep.append({"chunk": ch, "num_warps": sw, "error": repr(ex)[:200]})
+            continue
+        ssweep.append({"chunk": ch, "num_warps": sw, "ms": t.median_ms})
         if t_sel is None or t.median_ms < t_sel.median_ms:
-            sel_chunk, t_sel = ch, t
+            sel_cfg, t_sel = (ch, sw), t
     extra["selection_sweep"] = ssweep
-    scores = [K.centroid_scores(q, ix.centroids, ix.log_sizes, sc, chunk=sel_chunk) for ix in idxs]
+    sel_chunk, sel_warps = sel_cfg
+
+    def score(ix):
+        return K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=sel_chunk, num_warps=sel_warps)
+    scores = [score(ix) for ix in idxs]
+    s, e = scores[0]
+    o_r, _, kept_r = R.squeezed_decode_reference(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
+                                                 lv, lengths, sc)
     rows.append(timing_row("squeezed_selection_flat", t_sel, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=sel_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
-                           config={"chunk": sel_chunk}))
+                           config={"chunk": sel_chunk, "num_warps": sel_warps}))
     kept_rows = int(kept.sum())
     attn_bytes = kept_rows * D * 2 * 2 + HKV * LOCAL * D * 4 + HQ * C * 4 + HKV * (C + 2) * 4
-    sweep = []
-    best = None
-    # (block_c, block_n, warps, sub_splits, stages): the first 8 as in earlier runs; then fewer warps and fewer
-    # pipeline stages (less shared memory and registers per program: more programs resident per SM)
-    for bc, bn, w, ns, st in ((32, 32, 4, 1, 2), (16, 32, 4, 1, 2), (32, 32, 4, 2, 2), (64, 32, 4, 2, 2),
-                              (32, 16, 4, 2, 2), (64, 64, 8, 2, 2), (32, 32, 4, 1, 1), (32, 32, 4, 2, 1),
-                              (32, 32, 2, 1, 1), (32, 32, 2, 2, 1), (16, 32, 2, 1, 1), (64, 32, 2, 2, 1),
-                              (32, 32, 2, 1, 2), (32, 16, 2, 2, 1)):
-        def attn(bc=bc, bn=bn, w=w, ns=ns, st=st):
-            return [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
-                                             lengths, sc, block_c=bc, block_n=bn, num_warps=w, count_kept=False,
-                                             sub_splits=ns, num_stages=st, merge_block_d=None)
-                    for ix, (s_, e_) in zip(idxs, scores)]
-        cfg = {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": ns, "num_stages": st}
+    # the decode default before this run: 32 clusters / 32 keys, 4 warps, 2 programs per block up to 64 blocks,
+    # 2 stages, separate merge launch
+    prev_default = (32, 32, 4, 2 if -(-(C + 1) // 32) <= 64 else 1, 2, False)
+    configs = [prev_default] + [c for c in DECODE_SWEEP if c != prev_default]
+
+    def decode_kw(cfg):
+        bc, bn, w, ns, st, fu = cfg
+        return {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": ns, "num_stages": st, "fused_merge": fu}
+
+    sweep, best = [], None
+    for cfg in configs:
+        kw = decode_kw(cfg)
+        row = dict(kw)
         try:
-            oo = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk, lv,
-                                          lengths, sc, block_c=bc, block_n=bn, num_warps=w, sub_splits=ns,
-                                          num_stages=st)[0]
-            cfg["rel_err_vs_reference"] = rel(oo, o_r)
-            t = time_cuda(attn, iters=iters, calls_per_iter=ncopy)
+            oo, _, kk = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
+                                                  lv, lengths, sc, **kw)
+            row["rel_err_vs_reference"] = rel(oo, o_r)
+            row["kept_equal_reference"] = bool(torch.equal(kk, kept_r))
+            t = time_cuda(lambda kw=kw: [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_,
+                                                                  ix.log_threshold, lk, lv, lengths, sc,
+                                                                  count_kept=False, **kw)
+                                         for ix, (s_, e_) in zip(idxs, scores)],
+                          iters=iters, calls_per_iter=ncopy)
         except Exception as ex:  # noqa: BLE001
-            sweep.append({**cfg, "error": repr(ex)[:200]})
+            sweep.append({**row, "error": repr(ex)[:300]})
+            say(f"N={N} decode config {kw} raised {repr(ex)[:300]}")
             continue
-        sweep.append({**cfg, "ms": t.median_ms})
-        if cfg["rel_err_vs_reference"] < 5e-3 and (best is None or t.median_ms < best[1].median_ms):
-            best = ((bc, bn, w, ns, st), t)
+        row["ms"] = t.median_ms
+        sweep.append(row)
+        ok = row["rel_err_vs_reference"] < 5e-3 and row["kept_equal_reference"]
+        if ok and (best is None or t.median_ms < best[1].median_ms):
+            best = (cfg, t)
     extra["decode_sweep"] = sweep
-    (bc, bn, w, nsub, stages), t_attn = best
-    extra["decode_best_config"] = {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": nsub,
-                                   "num_stages": stages}
+    extra["decode_prev_default_config"] = decode_kw(prev_default)
+    cfg_best, t_attn = best
+    # the in-kernel merge leaves its tickets at 0: three calls in a row give the same answer as the reference
+    reps = [K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk, lv, lengths,
+                                     sc, **decode_kw(cfg_best))[0] for _ in range(3)]
+    extra["best_repeat_calls_equal"] = all(torch.equal(r_, reps[0]) for r_ in reps)
+    extra["best_rel_err_vs_reference"] = rel(reps[-1], o_r)
+    extra["decode_best_config"] = decode_kw(cfg_best)
+    say(f"N={N}: best decode config {extra['decode_best_config']} {t_attn.median_ms * 1e3:.1f} us")
     rows.append(timing_row("squeezed_attention_only", t_attn, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
                            kept_fraction=kept_frac, config=extra["decode_best_config"]))
+    # the same tiles with the separate merge launch, and the parts: split kernel alone (partials), merge alone
+    kw_unfused = {**decode_kw(cfg_best), "fused_merge": False}
+    t_unf = time_cuda(lambda: [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold,
+                                                        lk, lv, lengths, sc, count_kept=False, **kw_unfused)
+                               for ix, (s_, e_) in zip(idxs, scores)], iters=iters, calls_per_iter=ncopy)
+    rows.append(timing_row("squeezed_attention_only_unfused_merge", t_unf, baseline="dense_sdpa_fp16",
+                           baseline_timing=base, bytes_moved=attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
+                           kept_fraction=kept_frac, config=kw_unfused))
 
-    # where the attention's time goes: the sparse split kernel alone (partials), then the split-K merge alone
-    # (shared kernel: one program per head; merge_splits: D / block_d programs per head)
     def parts(ix, s_, e_):
         return K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths,
-                                        sc, block_c=bc, block_n=bn, num_warps=w, count_kept=False, sub_splits=nsub,
-                                        num_stages=stages, partials_only=True)
+                                        sc, count_kept=False, partials_only=True, **kw_unfused)
     t_split = time_cuda(lambda: [parts(ix, s_, e_) for ix, (s_, e_) in zip(idxs, scores)], iters=iters,
                         calls_per_iter=ncopy)
     mids = [parts(ix, s_, e_) for ix, (s_, e_) in zip(idxs, scores)]
@@ -369,85 +434,42 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     mid_bytes = HQ * n_splits * (D + 1) * 4
     rows.append(timing_row("squeezed_split_kernel_only", t_split, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=attn_bytes + mid_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
+                           splits=n_splits, config=kw_unfused))
+    tm = time_cuda(lambda: [K.merge_splits(mo, ml, q.dtype, K.MERGE_BLOCK_D) for mo, ml in mids], iters=iters,
+                   calls_per_iter=ncopy)
+    rows.append(timing_row(f"squeezed_merge_only_{K.MERGE_BLOCK_D}", tm, baseline="dense_sdpa_fp16",
+                           baseline_timing=base, bytes_moved=mid_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
                            splits=n_splits))
-    msweep, mbest = [], None
-    for bd in (None, 64, 32, 16):
-        tm = time_cuda(lambda bd=bd: [K.merge_splits(mo, ml, q.dtype, bd) for mo, ml in mids], iters=iters,
-                       calls_per_iter=ncopy)
-        msweep.append({"merge_block_d": bd, "ms": tm.median_ms})
-        rows.append(timing_row(f"squeezed_merge_only_{bd or 'shared'}", tm, baseline="dense_sdpa_fp16",
-                               baseline_timing=base, bytes_moved=mid_bytes, peak_tb_per_s=PEAK_TB_S, context=N,
-                               batch=1, splits=n_splits))
-        if mbest is None or tm.median_ms < mbest[1]:
-            mbest = (bd, tm.median_ms)
-    extra["merge_sweep"] = msweep
-    merge_bd = mbest[0]
-    extra["decode_best_config"]["merge_block_d"] = merge_bd
 
-    # compacted decode (select + pack, balanced split-K): correctness at this shape, then a tile/split sweep
-    oc, _, keptc = K.squeezed_decode_compact_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold,
-                                                    lk, lv, lengths, sc)
-    extra["compact_rel_err_vs_reference"] = rel(oc, o_r)
-    extra["compact_kept_equal_reference"] = bool(torch.equal(keptc, kept_r))
-    say(f"N={N}: compact rel err vs reference {extra['compact_rel_err_vs_reference']:.2e}, kept equal "
-        f"{extra['compact_kept_equal_reference']}")
-    csweep, cbest = [], None
-    nsd = K.default_compact_splits(idx.keys.shape[1])
-    for bn_, ns_, w_ in ((32, 2 * nsd, 4), (32, nsd, 4)):     # (slower than the fused decode in earlier sweeps)
-        def cattn(bn_=bn_, ns_=ns_, w_=w_):
-            return [K.squeezed_decode_compact_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk,
-                                                     lv, lengths, sc, block_n=bn_, splits=ns_, num_warps=w_,
-                                                     count_kept=False)
-                    for ix, (s_, e_) in zip(idxs, scores)]
-        try:
-            t = time_cuda(cattn, iters=iters, calls_per_iter=ncopy)
-        except Exception as ex:  # noqa: BLE001
-            csweep.append({"block_n": bn_, "splits": ns_, "num_warps": w_, "error": repr(ex)[:200]})
-            continue
-        csweep.append({"block_n": bn_, "splits": ns_, "num_warps": w_, "ms": t.median_ms})
-        if cbest is None or t.median_ms < cbest[1].median_ms:
-            cbest = ((bn_, ns_, w_), t)
-    extra["compact_sweep"] = csweep
-    (cbn, cns, cw), t_cattn = cbest
-    extra["compact_best_config"] = {"block_n": cbn, "splits": cns, "num_warps": cw}
-    rows.append(timing_row("squeezed_attention_only_compact", t_cattn, baseline="dense_sdpa_fp16",
-                           baseline_timing=base, bytes_moved=attn_bytes + HKV * Nc * 4 * 2, peak_tb_per_s=PEAK_TB_S,
-                           context=N, batch=1, kept_fraction=kept_frac, config=extra["compact_best_config"]))
+    def full(ixs, taus=None, kw=None, chunk=None, warps=None):
+        kw = kw or decode_kw(cfg_best)
+        chunk, warps = chunk or sel_chunk, warps or sel_warps
 
-    def full(ixs, taus=None, compact=False):
         def fn():
-            for i, ix in enumerate(ixs):
+            for ix in ixs:
                 if ix.hierarchical:
                     s_, e_, _ = decode_scores(q, ix, sc)
                 else:
-                    s_, e_ = K.centroid_scores(q, ix.centroids, ix.log_sizes, sc, chunk=sel_chunk)
-                tau_ = ix.log_threshold if taus is None else taus
-                if compact:
-                    K.squeezed_decode_compact_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, tau_, lk, lv, lengths,
-                                                     sc, block_n=cbn, splits=cns, num_warps=cw, count_kept=False)
-                else:
-                    K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, tau_, lk, lv, lengths, sc,
-                                             block_c=bc, block_n=bn, num_warps=w, count_kept=False,
-                                             sub_splits=nsub, num_stages=stages, merge_block_d=merge_bd)
+                    s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk, num_warps=warps)
+                K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_,
+                                         ix.log_threshold if taus is None else taus, lk, lv, lengths, sc,
+                                         count_kept=False, **kw)
         return fn
-    t_fc = time_cuda(full(idxs, compact=True), iters=iters, calls_per_iter=ncopy)
-    rows.append(timing_row("squeezed_decode_flat_compact", t_fc, baseline="dense_sdpa_fp16", baseline_timing=base,
-                           bytes_moved=sel_bytes + attn_bytes + HKV * Nc * 4 * 2, peak_tb_per_s=PEAK_TB_S, context=N,
-                           batch=1, sparsity=0.9, centroids=0.05, kept_fraction=kept_frac, threshold="calibrated"))
-    t_fc10 = time_cuda(full(idxs, tau10, compact=True), iters=iters, calls_per_iter=ncopy)
-    rows.append(timing_row("squeezed_decode_flat_compact_kept10", t_fc10, baseline="dense_sdpa_fp16",
-                           baseline_timing=base, bytes_moved=sel_bytes + int(kept10.sum()) * D * 4 + HKV * Nc * 8,
-                           peak_tb_per_s=PEAK_TB_S, context=N, batch=1, sparsity=0.9, centroids=0.05,
-                           kept_fraction=extra["kept_fraction_fixed10"], threshold="fixed 10% for this query"))
-    t_hc = time_cuda(full(hidxs, compact=True), iters=iters, calls_per_iter=ncopy)
-    rows.append(timing_row("squeezed_decode_hierarchical_compact", t_hc, baseline="dense_sdpa_fp16",
-                           baseline_timing=base, peak_tb_per_s=PEAK_TB_S, context=N, batch=1, sparsity=0.9,
-                           centroids=[0.01, 0.05], kept_fraction=extra["hier_kept_fraction"]))
     t_full = time_cuda(full(idxs), iters=iters, calls_per_iter=ncopy)
     rows.append(timing_row("squeezed_decode_flat", t_full, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=sel_bytes + attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
                            sparsity=0.9, centroids=0.05, kept_fraction=kept_frac, threshold="calibrated",
-                           config=extra["decode_best_config"]))
+                           config={**extra["decode_best_config"], "selection_chunk": sel_chunk,
+                                   "selection_warps": sel_warps}))
+    prev_sel = 32 if N <= 40000 else 128          # the previous run's selection chunk at this size
+    t_prev = time_cuda(full(idxs, kw=decode_kw(prev_default), chunk=prev_sel, warps=4), iters=iters,
+                       calls_per_iter=ncopy)
+    rows.append(timing_row("squeezed_decode_flat_prev_default", t_prev, baseline="dense_sdpa_fp16",
+                           baseline_timing=base, bytes_moved=sel_bytes + attn_bytes, peak_tb_per_s=PEAK_TB_S,
+                           context=N, batch=1, sparsity=0.9, centroids=0.05, kept_fraction=kept_frac,
+                           threshold="calibrated", config={**decode_kw(prev_default), "selection_chunk": prev_sel,
+                                                           "selection_warps": 4},
+                           note="the decode default before this run (separate merge launch), same run"))
     kept10_rows = int(kept10.sum())
     t_full10 = time_cuda(full(idxs, tau10), iters=iters, calls_per_iter=ncopy)
     rows.append(timing_row("squeezed_decode_flat_kept10", t_full10, baseline="dense_sdpa_fp16", baseline_timing=base,
@@ -470,11 +492,13 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
 # --- 3. prefill -------------------------------------------------------------------------------------------------
 
 def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[list[dict], dict]:
-    """checkpoint(rows, extra): called with the one-key-set-per-chunk rows before the per-token part."""
+    """checkpoint(rows, extra): called with the one-key-set-per-chunk rows before the per-token part.
+
+    Timed eager (as the library runs a prefill chunk) and in CUDA graphs (launch overhead removed on both sides);
+    the selection with the host sync (rows list as wide as the largest count) and without it (as wide as N)."""
     from lmsqueeze.methods.squeezed import kernels as K
     from lmsqueeze.methods.squeezed import reference as R
-    from lmsqueeze.methods.squeezed.attention import prefill_keep
-    from lmsqueeze.methods.squeezed.lookup import keys_from_clusters, mask_to_index
+    from lmsqueeze.methods.squeezed.attention import prefill_rows
 
     rows, extra = [], {}
     sc = 1 / math.sqrt(D)
@@ -485,66 +509,132 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
     lv = torch.randn(1, HKV, T, D, device=dev, dtype=torch.bfloat16)
     lengths = torch.tensor([T], dtype=torch.int32, device=dev)
 
-    def select():
-        keep = prefill_keep(q, idx, sc, 0.9, 0.5)
-        return mask_to_index(keys_from_clusters(keep, idx.row_cluster))
+    def select(sync_free=False):
+        return prefill_rows(q, idx, sc, 0.9, 0.5, sync_free=sync_free)
     ix, cnt = select()
+    ix_f, cnt_f = select(True)
+    extra["sync_free_rows_equal"] = bool(torch.equal(cnt, cnt_f)) and all(
+        torch.equal(ix[b, h, :int(cnt[b, h])], ix_f[b, h, :int(cnt[b, h])]) for b in range(1) for h in range(HKV))
     extra["kept_fraction"] = ((cnt.float() - 64) / idx.clustered).mean().item()
     o = K.indexed_attention(q, idx.keys, idx.values, ix, cnt, lk, lv, lengths, sc)
     o_r, _ = R.indexed_attention_reference(q[:, :, -128:], idx.keys, idx.values, ix, cnt, lk, lv, lengths, sc)
     extra["rel_err_vs_reference_last128"] = rel(o[:, :, -128:], o_r)
     kall = torch.cat([keys, lk[0]], 1)[None]
     vall = torch.cat([values, lv[0]], 1)[None]
-    base = time_cuda(lambda: F.scaled_dot_product_attention(q, kall, vall, scale=sc, enable_gqa=True), iters=iters,
-                     use_graph=False)
     flops_dense = 4 * HQ * T * (N + T) * D
+
+    def dense():
+        return F.scaled_dot_product_attention(q, kall, vall, scale=sc, enable_gqa=True)
+    base = time_cuda(dense, iters=iters, use_graph=False)
+    base_g = time_cuda(dense, iters=iters, use_graph=True)
     rows.append(timing_row("prefill_dense_sdpa_bf16", base, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
                            context=N, user_tokens=T, tflops=flops_dense / (base.median_ms * 1e-3) / 1e12))
+    rows.append(timing_row("prefill_dense_sdpa_bf16_graph", base_g, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T,
+                           tflops=flops_dense / (base_g.median_ms * 1e-3) / 1e12))
+    # centroid scoring kernel: sweep (block_m, block_c, warps, stages) against the reference
+    p_ref = R.prefill_scores_reference(q, idx.centroids, idx.log_sizes[None], sc)
+    ps_sweep, ps_best = [], None
+    ps_flops = 4 * HQ * T * idx.num_clusters * D
+    for cfg in PREFILL_SCORES_SWEEP:
+        bm_, bc_, w_, st_ = cfg
+        r_ = {"block_m": bm_, "block_c": bc_, "num_warps": w_, "num_stages": st_}
+        try:
+            p_ = K.prefill_scores_triton(q, idx.centroids, idx.log_sizes[None], sc, bm_, bc_, w_, st_)
+            r_["rel_err_vs_reference"] = rel(p_, p_ref)
+            t = time_cuda(lambda cfg=cfg: K.prefill_scores_triton(q, idx.centroids, idx.log_sizes[None], sc, *cfg),
+                          iters=iters, use_graph=True)
+        except Exception as ex:  # noqa: BLE001
+            ps_sweep.append({**r_, "error": repr(ex)[:300]})
+            continue
+        r_["ms"] = t.median_ms
+        r_["tflops"] = ps_flops / (t.median_ms * 1e-3) / 1e12
+        ps_sweep.append(r_)
+        if r_["rel_err_vs_reference"] < 1e-2 and (ps_best is None or t.median_ms < ps_best[1].median_ms):
+            ps_best = (cfg, t)
+    del p_ref
+    extra["scores_sweep"] = ps_sweep
+    prev_scores_cfg = K.PREFILL_SCORES_CONFIG
+    extra["scores_prev_default"] = list(prev_scores_cfg)
+    extra["scores_best_config"] = list(ps_best[0])
+    rows.append(timing_row("prefill_squeezed_selection_scores_kernel", ps_best[1], baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T, config=list(ps_best[0]),
+                           tflops=ps_flops / (ps_best[1].median_ms * 1e-3) / 1e12))
+    # selection: previous (host sync, previous scoring config) vs sync-free with the best scoring config
     t_sel = time_cuda(select, iters=iters, use_graph=False)
     rows.append(timing_row("prefill_squeezed_selection", t_sel, baseline="prefill_dense_sdpa_bf16",
-                           baseline_timing=base, context=N, user_tokens=T))
-    # where the selection's time goes: the scoring kernel alone, and the rest (top clusters, key list)
-    t_ps = time_cuda(lambda: K.prefill_scores(q, idx.centroids, idx.log_sizes[None], sc), iters=iters,
-                     use_graph=False)
-    rows.append(timing_row("prefill_squeezed_selection_scores_kernel", t_ps, baseline="prefill_dense_sdpa_bf16",
-                           baseline_timing=base, context=N, user_tokens=T,
-                           tflops=4 * HQ * T * idx.num_clusters * D / (t_ps.median_ms * 1e-3) / 1e12))
+                           baseline_timing=base, context=N, user_tokens=T, config=list(prev_scores_cfg),
+                           note="host sync (rows list as wide as the largest count), eager"))
+    K.PREFILL_SCORES_CONFIG = tuple(ps_best[0])
+    try:
+        t_self = time_cuda(lambda: select(True), iters=iters, use_graph=False)
+        t_selg = time_cuda(lambda: select(True), iters=iters, use_graph=True)
+    finally:
+        K.PREFILL_SCORES_CONFIG = prev_scores_cfg
+    rows.append(timing_row("prefill_squeezed_selection_sync_free", t_self, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T, config=list(ps_best[0]), note="eager"))
+    rows.append(timing_row("prefill_squeezed_selection_sync_free_graph", t_selg, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base_g, context=N, user_tokens=T, config=list(ps_best[0]),
+                           note="CUDA graph; baseline: dense SDPA in a CUDA graph"))
     sweep, best = [], None
-    for bm, w, st in (((128, 8, 3),) if PREFILL_SHORT else ((64, 4, 2), (64, 8, 2), (128, 8, 2), (128, 8, 3))):
+    for bm, w, st, bn in PREFILL_ATTN_SWEEP:
+        r_ = {"block_m": bm, "num_warps": w, "num_stages": st, "block_n": bn}
         try:
-            t = time_cuda(lambda bm=bm, w=w, st=st: K.indexed_attention_triton(
-                q, idx.keys, idx.values, ix, cnt, lk, lv, lengths, sc, block_m=bm, num_warps=w, num_stages=st),
-                iters=iters, use_graph=False)
+            o_ = K.indexed_attention_triton(q, idx.keys, idx.values, ix_f, cnt_f, lk, lv, lengths, sc, block_m=bm,
+                                            num_warps=w, num_stages=st, block_n=bn)
+            r_["rel_err_vs_reference_last128"] = rel(o_[:, :, -128:], o_r)
+            t = time_cuda(lambda bm=bm, w=w, st=st, bn=bn: K.indexed_attention_triton(
+                q, idx.keys, idx.values, ix_f, cnt_f, lk, lv, lengths, sc, block_m=bm, num_warps=w, num_stages=st,
+                block_n=bn), iters=iters, use_graph=True)
         except Exception as ex:  # noqa: BLE001
-            sweep.append({"block_m": bm, "num_warps": w, "num_stages": st, "error": repr(ex)[:200]})
+            sweep.append({**r_, "error": repr(ex)[:200]})
             continue
-        sweep.append({"block_m": bm, "num_warps": w, "num_stages": st, "ms": t.median_ms})
-        if best is None or t.median_ms < best[1].median_ms:
-            best = ((bm, w, st), t)
+        r_["ms"] = t.median_ms
+        sweep.append(r_)
+        if r_["rel_err_vs_reference_last128"] < 1e-2 and (best is None or t.median_ms < best[1].median_ms):
+            best = ((bm, w, st, bn), t)
     extra["attention_sweep"] = sweep
-    (bm, w, st), t_attn = best
+    (bm, w, st, bn), t_attn = best
     flops_sparse = 4 * HQ * T * (float(cnt.float().mean()) + T / 2) * D
     rows.append(timing_row("prefill_squeezed_attention_only", t_attn, baseline="prefill_dense_sdpa_bf16",
-                           baseline_timing=base, context=N, user_tokens=T, config=[bm, w, st],
-                           tflops=flops_sparse / (t_attn.median_ms * 1e-3) / 1e12))
+                           baseline_timing=base_g, context=N, user_tokens=T, config=[bm, w, st, bn],
+                           tflops=flops_sparse / (t_attn.median_ms * 1e-3) / 1e12, note="CUDA graph"))
 
-    def full():
-        i, c = select()
-        return K.indexed_attention_triton(q, idx.keys, idx.values, i, c, lk, lv, lengths, sc, block_m=bm,
-                                          num_warps=w, num_stages=st)
-    t_full = time_cuda(full, iters=iters, use_graph=False)
+    def full(sync_free):
+        def fn():
+            i, c = select(sync_free)
+            return K.indexed_attention_triton(q, idx.keys, idx.values, i, c, lk, lv, lengths, sc, block_m=bm,
+                                              num_warps=w, num_stages=st, block_n=bn)
+        return fn
+    t_full = time_cuda(full(False), iters=iters, use_graph=False)
     rows.append(timing_row("prefill_squeezed", t_full, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
                            context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"],
-                           prefill="chunk"))
+                           prefill="chunk", config={"scores": list(prev_scores_cfg), "attention": [bm, w, st, bn]},
+                           note="eager, host sync, previous scoring config (the library path before this run)"))
+    K.PREFILL_SCORES_CONFIG = tuple(ps_best[0])
+    try:
+        t_ff = time_cuda(full(True), iters=iters, use_graph=False)
+        t_fg = time_cuda(full(True), iters=iters, use_graph=True)
+    finally:
+        K.PREFILL_SCORES_CONFIG = prev_scores_cfg
+    cfg_new = {"scores": list(ps_best[0]), "attention": [bm, w, st, bn]}
+    rows.append(timing_row("prefill_squeezed_sync_free", t_ff, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
+                           context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"],
+                           prefill="chunk", config=cfg_new, note="eager, no host sync"))
+    rows.append(timing_row("prefill_squeezed_graph", t_fg, baseline="prefill_dense_sdpa_bf16_graph",
+                           baseline_timing=base_g, context=N, user_tokens=T, sparsity=0.9,
+                           kept_fraction=extra["kept_fraction"], prefill="chunk", config=cfg_new,
+                           note="selection + attention in one CUDA graph vs dense SDPA in a CUDA graph"))
     if checkpoint is not None:
         checkpoint(rows, extra)
-    try:
-        rows += _prefill_per_token(q, idx, lk, lv, lengths, sc, base, N, T, iters, extra)
-    except Exception:  # noqa: BLE001
-        extra["per_token_error"] = traceback.format_exc()[-2000:]
-        say(f"per-token prefill raised:\n{traceback.format_exc()[-1500:]}")
+    if PER_TOKEN:
+        try:
+            rows += _prefill_per_token(q, idx, lk, lv, lengths, sc, base, N, T, iters, extra)
+        except Exception:  # noqa: BLE001
+            extra["per_token_error"] = traceback.format_exc()[-2000:]
+            say(f"per-token prefill raised:\n{traceback.format_exc()[-1500:]}")
     for r in rows:
-        say(f"prefill {r['method']:34s} {r['ms']:8.3f} ms  x{r.get('speedup', float('nan')):5.2f}")
+        say(f"prefill {r['method']:42s} {r['ms']:8.3f} ms  x{r.get('speedup', float('nan')):5.2f}")
     return rows, extra
 
 
@@ -647,9 +737,24 @@ def main() -> int:
                     help="comma-separated sections to run (checks, decode, prefill)")
     ap.add_argument("--prefill-sweep", default="full", choices=("full", "short"),
                     help="short: only the attention tile configs that won earlier sweeps (fewer compiles)")
+    ap.add_argument("--per-token", action="store_true", help="also time the per-token prefill rule")
+    ap.add_argument("--fused-merge-checks", action="store_true",
+                    help="run the model checks (graph decode == eager) with the in-kernel merge on")
+    ap.add_argument("--model-checks-last", action="store_true",
+                    help="run the model checks after the timings (inside --budget-s) instead of first")
+    ap.add_argument("--check-kernels", default=None,
+                    help="comma-separated name prefixes: only these kernel checks (default: all)")
+    ap.add_argument("--model-checks", default="all", choices=("all", "graph"),
+                    help="graph: only the graph decode == eager decode model checks")
     args = ap.parse_args()
-    global QUICK, PREFILL_SHORT
+    global QUICK, PREFILL_SHORT, PER_TOKEN, CHECK_KERNELS, MODEL_CHECKS
+    CHECK_KERNELS = args.check_kernels.split(",") if args.check_kernels else None
+    MODEL_CHECKS = args.model_checks
     QUICK = args.quick
+    PER_TOKEN = args.per_token
+    if args.fused_merge_checks:
+        from lmsqueeze.methods.squeezed import kernels as K
+        K.DECODE_FUSED_MERGE = True
     PREFILL_SHORT = args.prefill_sweep == "short"
     sections = set(args.sections.split(","))
     if args.plot_from:
@@ -663,17 +768,23 @@ def main() -> int:
     def save():
         write_result(args.out, "squeezed_decode", command_line(), rows, extra, device=dev)
 
-    for name, fn in (() if QUICK or "checks" not in sections else
-                     (("kernels", lambda: check_kernels(dev)), ("model", lambda: check_model(dev)))):
-        try:
-            res = fn()
-            extra["checks"] += res
-            bad = [r for r in res if not r["ok"]]
-            say(f"check {name}: {len(res) - len(bad)}/{len(res)} ok" + (f"; FAILED {bad}" if bad else ""))
-        except Exception:  # noqa: BLE001
-            extra["errors"].append({"section": name, "trace": traceback.format_exc()[-2000:]})
-            say(f"check {name} raised:\n{traceback.format_exc()[-1500:]}")
-        save()
+    def run_checks(which):
+        for name, fn in (() if QUICK or "checks" not in sections else which):
+            if time.time() - T0 > args.budget_s:
+                say(f"skipping check {name}: out of time")
+                continue
+            try:
+                res = fn()
+                extra["checks"] += res
+                bad = [r for r in res if not r["ok"]]
+                say(f"check {name}: {len(res) - len(bad)}/{len(res)} ok" + (f"; FAILED {bad}" if bad else ""))
+            except Exception:  # noqa: BLE001
+                extra["errors"].append({"section": name, "trace": traceback.format_exc()[-2000:]})
+                say(f"check {name} raised:\n{traceback.format_exc()[-1500:]}")
+            save()
+
+    run_checks((("kernels", lambda: check_kernels(dev)),) + (() if args.model_checks_last else
+                                                              (("model", lambda: check_model(dev)),)))
     for N in (int(x) for x in args.contexts.split(",")) if "decode" in sections else ():
         if time.time() - T0 > args.budget_s:
             say(f"skipping decode N={N}: out of time")
@@ -698,6 +809,8 @@ def main() -> int:
             extra["errors"].append({"section": "prefill", "trace": traceback.format_exc()[-2000:]})
             say(f"prefill raised:\n{traceback.format_exc()[-1500:]}")
         save()
+    if args.model_checks_last:
+        run_checks((("model", lambda: check_model(dev)),))
     print("\n== summary ==")
     for r in rows:
         if "speedup" in r:

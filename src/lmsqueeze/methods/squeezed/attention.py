@@ -76,6 +76,18 @@ def prefill_keep(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: 
     return torch.cat([keep, torch.ones_like(keep[..., :1])], -1)
 
 
+def prefill_rows(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: float, coarse_sparsity: float,
+                 sync_free: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed rows a prefill chunk reads ('chunk' rule): (rows [B, Hkv, M] int32, counts [B, Hkv] int32).
+    sync_free (None: PREFILL_SYNC_FREE): M = all N rows (only the first counts are used) instead of the largest
+    count, so no host synchronisation: the selection can run ahead of the GPU or inside a CUDA graph."""
+    keep = prefill_keep(q, idx, scaling, sparsity, coarse_sparsity)
+    free = PREFILL_SYNC_FREE if sync_free is None else sync_free
+    return mask_to_index(keys_from_clusters(keep, idx.row_cluster), idx.keys.shape[1] if free else None)
+
+
+# 'chunk' prefill selection without a host sync (prefill_rows): default from the same-run H100 timing
+PREFILL_SYNC_FREE = False
 REFERENCE_SCORES = 1 << 24   # off the GPU, per-token prefill attends at most this many (query head, token, row) scores at once
 
 
@@ -123,8 +135,7 @@ class SqueezedState(FixedContextState):
         return out[:, :, None]
 
     def select(self, q_rot: torch.Tensor, idx: SqueezedIndex, step: Step):
-        keep = prefill_keep(q_rot, idx, step.scaling, self.sparsity, self.coarse_sparsity)
-        return mask_to_index(keys_from_clusters(keep, idx.row_cluster))
+        return prefill_rows(q_rot, idx, step.scaling, self.sparsity, self.coarse_sparsity)
 
     def prefill_per_token(self, q_rot, idx: SqueezedIndex, step: Step, lengths, starts, local_valid, n):
         """A prefill chunk where every token reads its own clusters. q_rot: [B, Hq, T, D] -> [B, Hq, T, D]."""

@@ -36,6 +36,9 @@ DECODE_STAGES = 2     # software-pipelining stages of the fused decode kernel
 # at 32K / 128K vs 4.8 / 5.3 us for the shared kernel (H100, benchmarks/results/squeezed_decode_h100.json,
 # extra.decode_*.merge_sweep)
 MERGE_BLOCK_D = 16
+# prefill centroid scoring (block_m queries, block_c centroids, warps, stages): (64, 64, 4, 3) measured 0.52-0.57 ms
+# for 1024 queries x 6550 centroids (H100, squeezed_prefill_h100.json); bench_squeezed.py sweeps the others
+PREFILL_SCORES_CONFIG = (64, 64, 4, 3)
 # fused merge: the last split program of each (sequence, KV head) merges the partials itself (atomic ticket):
 # one launch fewer per decode step. Default from the same-run H100 timing (bench_squeezed.py, decode_sweep).
 DECODE_FUSED_MERGE = False
@@ -74,7 +77,7 @@ def _ieee(t: torch.Tensor) -> bool:
 # --- centroid scoring ---------------------------------------------------------------------------------------
 
 def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
-                           chunk: int = BLOCK_C) -> tuple[torch.Tensor, torch.Tensor]:
+                           chunk: int = BLOCK_C, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel form of `centroid_scores_reference`: q [B, Hq, D], centroids [Hkv, C, D], lsizes [Hkv, C]."""
     from lmsqueeze.methods.squeezed._triton_kernels import _centroid_scores_kernel
 
@@ -90,7 +93,7 @@ def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: tor
         scores.stride(0), scores.stride(1), lse.stride(0), lse.stride(1),
         C, float(scaling),
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_C=chunk, IEEE_DOT=_ieee(q),
-        num_warps=4,
+        num_warps=num_warps,
     )
     return scores, lse
 
@@ -332,8 +335,14 @@ def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_
 # --- prefill -------------------------------------------------------------------------------------------------
 
 def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
-                          block_m: int = 64, block_c: int = 64) -> torch.Tensor:
-    """Kernel form of `prefill_scores_reference`: psum [B, Hq, C]."""
+                          block_m: int | None = None, block_c: int | None = None, num_warps: int | None = None,
+                          num_stages: int | None = None) -> torch.Tensor:
+    """Kernel form of `prefill_scores_reference`: psum [B, Hq, C]. block_m queries x block_c centroids per tile
+    (both passes stream the centroids: num_stages pipelines those loads); None: PREFILL_SCORES_CONFIG (read at
+    call time)."""
+    cfg = PREFILL_SCORES_CONFIG
+    block_m, block_c = block_m or cfg[0], block_c or cfg[1]
+    num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
     from lmsqueeze.methods.squeezed._triton_kernels import _prefill_scores_kernel
 
     B, Hq, T, D = q.shape
@@ -348,7 +357,8 @@ def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torc
         q.stride(0), q.stride(1), q.stride(2), centroids.stride(0), centroids.stride(1),
         lsizes.stride(0) if lsizes.shape[0] > 1 else 0, lsizes.stride(1),
         T, C, nmb, float(scaling),
-        HQ=Hq, G=G, D=D, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=_pow2(D), IEEE_DOT=_ieee(q), num_warps=4,
+        HQ=Hq, G=G, D=D, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=_pow2(D), IEEE_DOT=_ieee(q),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return part.sum(2)
 

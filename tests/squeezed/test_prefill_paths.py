@@ -1,0 +1,61 @@
+"""Prefill pieces touched for speed: the centroid-scoring kernel at other tile configs (TRITON_INTERPRET=1, fp32)
+against its reference, and the host-sync-free row selection against the synced one."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from lmsqueeze.methods.squeezed import kernels as K
+from lmsqueeze.methods.squeezed import reference as R
+from lmsqueeze.methods.squeezed.attention import prefill_rows
+from lmsqueeze.methods.squeezed.index import SqueezedIndex, build_layer_index
+from lmsqueeze.methods.squeezed.lookup import log_sizes
+
+pytest.importorskip("triton")
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+
+
+@pytest.mark.parametrize("G,D,cfg", [(1, 64, (32, 16, 4, 2)), (4, 128, (16, 32, 2, 3)), (3, 64, (64, 16, 4, 1))])
+def test_prefill_scores_configs_match_reference(G, D, cfg, gen):
+    B, Hkv, T, C = 2, 2, 37, 45                      # odd: partial query and centroid tiles
+    q = torch.randn(B, Hkv * G, T, D, generator=gen)
+    cents = torch.randn(Hkv, C, D, generator=gen)
+    sizes = torch.randint(0, 5, (Hkv, C), generator=gen)  # some empty clusters (-inf log size)
+    ls = log_sizes(sizes)[None].expand(B, -1, -1).clone()
+    ls[1, 0, :7] = float("-inf")                       # per-sequence exclusions
+    p = K.prefill_scores_triton(q, cents, ls, D ** -0.5, *cfg)
+    p_r = R.prefill_scores_reference(q, cents, ls, D ** -0.5)
+    assert _rel(p, p_r) < 1e-5
+    assert (p[1, :G, :7] == 0).all() and (p[..., sizes[0] == 0][:, :G] == 0).all()
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_sync_free_prefill_rows_equal_synced(B, gen):
+    Hkv, G, N, D, W = 2, 2, 301, 64, 9
+    keys, values = torch.randn(Hkv, N, D, generator=gen), torch.randn(Hkv, N, D, generator=gen)
+    q_obs = torch.randn(Hkv * G, W, D, generator=gen)
+    t, _ = build_layer_index(keys, values, torch.arange(N) - N, q_obs, D ** -0.5, centroids=0.1, sparsity=0.7,
+                             observation=W, iters=4)
+    idx = SqueezedIndex.from_tensors(t, torch.device("cpu"), torch.float32)
+    q = torch.randn(B, Hkv * G, 13, D, generator=gen)
+    rows, cnt = prefill_rows(q, idx, D ** -0.5, 0.7, 0.5, sync_free=False)
+    rows_f, cnt_f = prefill_rows(q, idx, D ** -0.5, 0.7, 0.5, sync_free=True)
+    assert torch.equal(cnt, cnt_f) and rows_f.shape[-1] == idx.keys.shape[1]
+    assert (cnt < idx.keys.shape[1]).all() and (cnt >= W).all()   # sparse, window always read
+    for b in range(B):
+        for h in range(Hkv):
+            n = int(cnt[b, h])
+            assert torch.equal(rows[b, h, :n], rows_f[b, h, :n])
