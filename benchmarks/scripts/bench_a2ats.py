@@ -243,16 +243,37 @@ def checks(run: Run, dev: torch.device) -> None:
 
     if dev.type == "cuda":  # the same model-level checks with the new kernels forced on (radix select, fused
         # assignment + per-head append), whatever the kernel timings pick later
-        flags = ("SELECT_RADIX", "FUSED_ASSIGN", "APPEND_PER_HEAD")
-        saved = {f: getattr(kernels, f) for f in flags}
-        for f in flags:
-            setattr(kernels, f, True)
+        fast = {"SELECT_ALGO": "bisect16_mark", "FUSED_ASSIGN": True, "APPEND_PER_HEAD": True,
+                "FUSED_BAND_QUERY": True}
+        saved = {f: getattr(kernels, f) for f in fast}
+
+        def set_flags(flags):
+            for f, v in flags.items():
+                setattr(kernels, f, v)
+
+        def fast_equals_old_bf16():
+            """bf16 tiny model, ratio 0.1: 12 decode steps with the new kernels vs the old ones (same selection
+            rule; codes may differ only on float32 near-ties of the assignment)."""
+            model.to(torch.bfloat16)
+            try:
+                ids = torch.randint(0, 256, (3, 200), device=dev)
+                art = with_settings(art_box["art"], ratio=0.1, offload=False)
+                set_flags(saved)
+                old = decode(art, ids, 188)
+                set_flags(fast)
+                new = decode(art, ids, 188)
+            finally:
+                model.to(torch.float32)
+                set_flags(fast)
+            return {"rel_err": rel_err(new, old), "ok": rel_err(new, old) < 1e-2}
+
+        set_flags(fast)
         try:
             check(run, "tiny_ratio1_dense_and_offload_paths[fast_kernels]", tiny_paths)
             check(run, "tiny_graph_generate_equals_eager[fast_kernels]", tiny_generate)
+            check(run, "tiny_bf16_fast_kernels_equal_old", fast_equals_old_bf16)
         finally:
-            for f, v in saved.items():
-                setattr(kernels, f, v)
+            set_flags(saved)
 
 
 # model-level helpers -------------------------------------------------------------------------------------
@@ -426,6 +447,23 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
     add("lookup_table", lambda: retrieval.lookup_table(x["qb"], score_lo),
         Hkv * C * D * elt + B * Hkv * G * NB * C * elt, lut_dtype=str(dt).replace("torch.", ""))
     lut_lo = retrieval.lookup_table(x["qb"], score_lo)
+    # the decode step's whole table: band-rotated queries (float32 torch ops + cast/permute copies, or one
+    # Triton launch) then the bmm
+    ang = torch.rand(NB, D // 2, device=dev) * 6.0
+    bcos, bsin = torch.cat([ang.cos()] * 2, -1).contiguous(), torch.cat([ang.sin()] * 2, -1).contiguous()
+    q_pre = torch.randn(B, 1, Hkv * G, D, device=dev, dtype=dt).transpose(1, 2)[:, :, 0]
+    lut_rows = {}
+    for fused in (False, True):
+        lut_rows[fused] = add("band_queries+lookup_table", lambda f=fused: kernels.band_lookup_table(
+            q_pre, bcos, bsin, score_lo, fused=f), Hkv * C * D * elt + B * Hkv * G * NB * C * elt,
+            variant="fused" if fused else "torch")
+    if dev.type == "cuda" and all("ms" in r for r in lut_rows.values()):
+        a = kernels.band_lookup_table(q_pre, bcos, bsin, score_lo, fused=False).float()
+        b = kernels.band_lookup_table(q_pre, bcos, bsin, score_lo, fused=True).float()
+        err = rel_err(b, a)
+        run.extra["fused_band_query_rel_err"] = err
+        kernels.FUSED_BAND_QUERY = err < 1e-2 and lut_rows[True]["ms"] < lut_rows[False]["ms"]
+        run.extra["fused_band_query"] = kernels.FUSED_BAND_QUERY
     sel_lo = torch.empty_like(sel)
     ratio_lo = torch.tensor([args.ratio], dtype=torch.float64, device=dev)  # made outside the captured graph
     # select variants on the model-dtype table the decode step uses: one program per KV group (bisection),
@@ -433,7 +471,8 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
     want_lo = select_codes_reference(lut_lo, x["counts"], retrieval.tokens_to_keep(args.ratio, x["lengths"],
                                                                                    x["starts"]))
     variants = {"bisect": dict(split=False, radix=False), "split": dict(split=True, radix=False),
-                "radix": dict(radix=True)}
+                "radix": dict(radix=True), "bisect16": dict(algo="bisect16"),
+                "bisect16_mark": dict(algo="bisect16_mark")}
     sel_rows, sel_ok = {}, {}
     for name, kw in variants.items():
         if dev.type == "cuda":
@@ -448,29 +487,10 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
         sel_rows[name] = add("select_codes", fn, B * Hkv * NB * (G * C * elt + C * 4 + C),
                              lut_dtype=str(dt).replace("torch.", ""), variant=name, equals_reference=sel_ok[name],
                              split=kw.get("split", False))
-    if dev.type == "cuda":  # radix chunk / warps settings (the default above is RADIX_BLOCK x RADIX_WARPS)
-        from lmsqueeze.methods.a2ats import _triton_fast
-
-        default_cfg = (_triton_fast.RADIX_BLOCK, _triton_fast.RADIX_WARPS)
-        best_cfg, best_ms = default_cfg, sel_rows["radix"].get("ms", float("inf"))
-        for blk, nw in ((512, 4), (256, 4), (2048, 16)):
-            _triton_fast.RADIX_BLOCK, _triton_fast.RADIX_WARPS = blk, nw
-            got = kernels.select_codes_triton(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo, radix=True)
-            ok_cfg = bool(torch.equal(got.bool(), want_lo))
-            row = add("select_codes", lambda: kernels.select_codes_triton(
-                lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo, out=sel_lo, radix=True),
-                B * Hkv * NB * (G * C * elt + C * 4 + C), lut_dtype=str(dt).replace("torch.", ""),
-                variant=f"radix_b{blk}_w{nw}", equals_reference=ok_cfg)
-            if ok_cfg and row.get("ms", float("inf")) < best_ms:
-                best_cfg, best_ms = (blk, nw), row["ms"]
-        _triton_fast.RADIX_BLOCK, _triton_fast.RADIX_WARPS = best_cfg
-        run.extra["radix_config"] = {"block": best_cfg[0], "num_warps": best_cfg[1]}
-        if best_ms < sel_rows["radix"].get("ms", float("inf")):
-            sel_rows["radix"] = dict(sel_rows["radix"], ms=best_ms)
     timed_ok = {k: r["ms"] for k, r in sel_rows.items() if "ms" in r and sel_ok[k]}
     if dev.type == "cuda" and timed_ok:
         pick = min(timed_ok, key=timed_ok.get)
-        kernels.SELECT_RADIX = pick == "radix"
+        kernels.SELECT_ALGO = pick if pick not in ("split",) else "bisect"
         kernels.SELECT_SPLIT = pick == "split"
         run.extra["select_variant"] = pick
     run.extra["select_equals_reference"] = sel_ok
@@ -722,7 +742,7 @@ def print_table(run: Run) -> None:
                      if "block_n" in r else ""))
         else:
             print(f"  {r['method']:38s} ERROR {r.get('error')}")
-    print("  picked:", {k: run.extra.get(k) for k in ("select_variant", "radix_config", "append_variant",
+    print("  picked:", {k: run.extra.get(k) for k in ("select_variant", "append_variant", "fused_band_query",
                                                      "fused_assign_check", "select_equals_reference")})
     print("\nserving (full depth extrapolated from measured layer counts):")
     for r in run.serving:

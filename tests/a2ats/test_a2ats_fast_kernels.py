@@ -100,3 +100,43 @@ def test_fused_assign_append_equals_reference(B, Hkv, D, C, bands):
         codes[:, :, n - 1] = state[0][:, :, n - 1]  # follow the kernel's codes so the histograms are comparable
         want, _ = retrieval.recount(state[0], starts, n, sinks, window, C, bands)
         assert torch.equal(state[1], want) and torch.equal(state[2], counted), n
+
+
+@pytest.mark.parametrize("algo", ["bisect16", "bisect16_mark"])
+@pytest.mark.parametrize("G,C,dtype,ties", [(4, 64, torch.float16, True), (3, 37, torch.float32, False),
+                                            (2, 300, torch.float16, False), (1, 50, torch.float32, True)])
+def test_bisect16_select_equals_reference(algo, G, C, dtype, ties):
+    """Bisection per query head (16-bit keys for fp16 tables) with a union launch or direct marking == the
+    sorted reference, ties and signed zeros included; marking clears codes selected by a previous step."""
+    B, Hkv = 3, 2
+    lut = torch.randn(B, Hkv, G, C)
+    if ties:
+        lut = (lut * 2).round() / 2
+        lut[1, 0, 0, :7] = -0.0
+    lut = lut.to(dtype)
+    counts = torch.randint(0, 6, (B, Hkv, C), dtype=torch.int32)
+    lengths = torch.tensor([40, 3000, 100], dtype=torch.int32)
+    starts = torch.tensor([0, 7, 0], dtype=torch.int32)
+    out = torch.ones(B, Hkv, C, dtype=torch.int8)  # stale selection from an earlier step
+    for ratio in (1.0, 0.01, 0.03, 0.3):
+        got = select_codes_triton(lut, counts, lengths, starts, ratio, algo=algo, out=out)
+        want = select_codes_reference(lut, counts, retrieval.tokens_to_keep(ratio, lengths, starts))
+        assert got.dtype == torch.int8 and torch.equal(got.bool(), want), ratio
+
+
+@pytest.mark.parametrize("B,Hkv,G,D,NB,dtype", [(2, 2, 4, 64, 4, torch.float32), (3, 1, 2, 128, 1, torch.float16),
+                                                (1, 2, 3, 64, 3, torch.float32)])
+def test_fused_band_lookup_table_equals_reference(B, Hkv, G, D, NB, dtype):
+    """One-launch band queries + bmm == band_queries + lookup_table (a strided query view as the model gives)."""
+    from lmsqueeze.methods.a2ats.kernels import band_lookup_table
+
+    C = 40
+    q = torch.randn(B, 1, Hkv * G, D).transpose(1, 2)[:, :, 0]  # [B, Hq, D], non-contiguous heads
+    ang = torch.rand(NB, D // 2) * 6.0
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    cb = torch.randn(Hkv, C, D).to(dtype)
+    want = band_lookup_table(q, cos, sin, cb, fused=False)
+    got = band_lookup_table(q, cos, sin, cb, fused=True)
+    assert got.shape == want.shape == (B, Hkv, G, NB * C)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * 10)

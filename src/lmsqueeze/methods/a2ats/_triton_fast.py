@@ -7,6 +7,12 @@ chunks, counting for 16 thresholds at once, so a head costs 4 block reductions, 
 
 `_radix_union_kernel`, grid (B * Hkv, cdiv(C, BLOCK)): sel = OR over the G heads of key >= threshold.
 
+`_bisect_head_kernel`, grid (B * Hkv, G): the bisection of `_triton_a2ats._select_threshold_kernel` on
+16-bit keys for a 16-bit table (16 halvings instead of 32), and optionally marking sel directly (after a
+memset) instead of a union launch that re-reads the table.
+
+`_band_query_kernel`, grid (B * Hq,): the band-rotated queries in the lookup table's bmm layout and dtype.
+
 `_assign_partial_kernel`, grid (Hkv, cdiv(C, 64)): the new keys' assignment scores (float32, IEEE dot) for a
 block of codewords, reduced in registers to the block's max and argmax (no [Hkv, B, C] score array).
 
@@ -130,13 +136,131 @@ def radix_select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
 
 
 @triton.jit
-def _assign_partial_kernel(K, Cb, HalfNorms, PVal, PIdx, stride_kb, stride_kh, stride_ch, stride_cc, stride_nh,
+def _bisect_head_kernel(Lut, Counts, Lengths, Starts, Ratio, Thr, Sel,
+                        stride_lb, stride_lh, stride_lg, stride_cb, stride_ch, stride_sb, stride_sh, C,
+                        HKV: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr, KEY16: tl.constexpr,
+                        ITERS: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
+                        SENTINEL: tl.constexpr, MARK: tl.constexpr):
+    """grid (B * Hkv, G): one query head's kth-largest candidate key by bisection over the key range (16
+    halvings for a 16-bit table, 32 for float32), scores and histogram held in registers. MARK: write 1 into
+    sel (zeroed before the launch) wherever key >= threshold (the heads of a group write the same byte value:
+    their union, no union launch); else write the threshold to Thr for `_radix_union_kernel`."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    offs = tl.arange(0, BLOCK_C)
+    cm = offs < C
+    lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + g * stride_lg
+    cnt = tl.load(Counts + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + offs, mask=cm, other=0)
+    key = _order_key(tl.load(lut + offs, mask=cm, other=0.0), KEY16)
+    total = tl.sum(cnt, 0)
+    n = (tl.load(Lengths + b) - tl.load(Starts + b)).to(tl.float64)
+    kth = tl.minimum((n * tl.load(Ratio)).to(tl.int32), total)
+    lo = tl.full([1], KEY_MIN, tl.int64)  # invariant: count(keys >= lo) >= kth
+    hi = tl.full([1], KEY_MAX, tl.int64)
+    for _ in range(ITERS):
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum(tl.where(key[None, :] >= mid.to(tl.int32)[:, None], cnt[None, :], 0), 1)
+        ok = c >= kth
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    lo = tl.where(kth > 0, lo, SENTINEL)
+    if MARK:
+        take = (key.to(tl.int64)[None, :] >= lo[:, None]) & cm[None, :]
+        one = tl.full([1, BLOCK_C], 1, tl.int8)
+        tl.store(Sel + b.to(tl.int64) * stride_sb + h * stride_sh + offs[None, :], one, mask=take)
+    else:
+        tl.store(Thr + pid.to(tl.int64) * G + g + tl.arange(0, 1), lo)
+
+
+def bisect_select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
+                         ratio: torch.Tensor, sel: torch.Tensor, mark: bool = True) -> None:
+    """Same contract as `radix_select_launch`: bisection per query head on 16-bit keys for 16-bit tables;
+    mark: zero sel then let every head mark its codes (a memset + one launch), else thresholds + union."""
+    B, Hkv, G, C = lut.shape
+    key16 = lut.element_size() == 2
+    bits = 16 if key16 else 32
+    sentinel = 1 << (bits - 1)
+    block_c = triton.next_power_of_2(C)
+    if mark:
+        sel.zero_()
+        thr = sel  # unused
+    else:
+        thr = torch.empty(B * Hkv * G, dtype=torch.int64, device=lut.device)
+    _bisect_head_kernel[(B * Hkv, G)](
+        lut, counts, lengths, starts, ratio, thr, sel,
+        lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1), sel.stride(0),
+        sel.stride(1), C, HKV=Hkv, G=G, BLOCK_C=block_c, KEY16=key16, ITERS=bits, KEY_MIN=-(1 << (bits - 1)),
+        KEY_MAX=(1 << (bits - 1)) - 1, SENTINEL=sentinel, MARK=mark,
+        num_warps=max(4, min(16, block_c // 1024)),
+    )
+    if not mark:
+        ublock = min(1024, max(16, block_c))
+        _radix_union_kernel[(B * Hkv, triton.cdiv(C, ublock))](
+            lut, thr, sel, lut.stride(0), lut.stride(1), lut.stride(2), sel.stride(0), sel.stride(1), C,
+            HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK=ublock, KEY16=key16, SENTINEL=sentinel,
+            num_warps=4,
+        )
+
+
+@triton.jit
+def _band_query_kernel(Q, Cos, Sin, Out, stride_qb, stride_qh, NB, HQ: tl.constexpr, G: tl.constexpr,
+                       D: tl.constexpr, BLOCK_NB: tl.constexpr):
+    """grid (B * Hq,): the pre-RoPE query rotated to every band distance (float32 math, as
+    `windowed_rope.band_queries`), written in Out's dtype at the row `lookup_table` multiplies:
+    Out[hkv, (b * G + g) * NB + band, :]."""
+    pid = tl.program_id(0)
+    b = pid // HQ
+    hq = pid % HQ
+    hkv = hq // G
+    g = hq % G
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_NB)
+    nm = offs_n < NB
+    half: tl.constexpr = D // 2
+    q_row = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
+    q = tl.load(q_row + offs_d).to(tl.float32)
+    q_rot = tl.load(q_row + (offs_d + half) % D).to(tl.float32)
+    q_rot = tl.where(offs_d < half, -q_rot, q_rot)  # rotate_half(q) = cat(-q[D/2:], q[:D/2])
+    cos = tl.load(Cos + offs_n[:, None] * D + offs_d[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
+    sin = tl.load(Sin + offs_n[:, None] * D + offs_d[None, :], mask=nm[:, None], other=0.0).to(tl.float32)
+    x = q[None, :] * cos + q_rot[None, :] * sin
+    B = tl.num_programs(0) // HQ
+    row = hkv.to(tl.int64) * (B * G * NB) + (b * G + g) * NB + offs_n
+    tl.store(Out + row[:, None] * D + offs_d[None, :], x.to(Out.dtype.element_ty), mask=nm[:, None])
+
+
+def band_query_launch(q_pre: torch.Tensor, cos_nb: torch.Tensor, sin_nb: torch.Tensor, hkv: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """q_pre: [B, Hq, D] (last dim contiguous); cos_nb, sin_nb: [NB, D] float32 contiguous -> [Hkv, B * G * NB,
+    D] in dtype: the band queries laid out for `lookup_table`'s bmm (one launch instead of the float32
+    rotation, cast and permute copies)."""
+    B, Hq, D = q_pre.shape
+    NB = cos_nb.shape[0]
+    G = Hq // hkv
+    out = torch.empty(hkv, B * G * NB, D, dtype=dtype, device=q_pre.device)
+    _band_query_kernel[(B * Hq,)](q_pre, cos_nb, sin_nb, out, q_pre.stride(0), q_pre.stride(1), NB, HQ=Hq, G=G,
+                                  D=D, BLOCK_NB=max(2, triton.next_power_of_2(NB)), num_warps=1)
+    return out
+
+
+@triton.jit
+def _assign_partial_kernel(K, Cb, HalfNorms, PVal, PIdx, Counted, Lengths, Prev,
+                           stride_kb, stride_kh, stride_ch, stride_cc, stride_nh,
                            B, C, NBLK, D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """grid (Hkv, cdiv(C, BLOCK_C)): k·a_c − ‖c‖²/2 of every sequence's new key for one block of codewords
-    (float32, IEEE dot), reduced to the block's max and its first argmax -> PVal, PIdx [Hkv, B, NBLK]."""
+    (float32, IEEE dot), reduced to the block's max and its first argmax -> PVal, PIdx [Hkv, B, NBLK].
+    Program (0, 0) also hands `counted` over: Prev = Counted, Counted = Lengths (the append that follows
+    reads Prev; every head of a sequence needs the old value, and this kernel finishes before it starts)."""
     h = tl.program_id(0)
     blk = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK_B)
+    if (h == 0) & (blk == 0):
+        old = tl.load(Counted + offs_b, mask=offs_b < B, other=0)
+        tl.store(Prev + offs_b, old, mask=offs_b < B)
+        tl.store(Counted + offs_b, tl.load(Lengths + offs_b, mask=offs_b < B, other=0).to(tl.int64),
+                 mask=offs_b < B)
     offs_c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, D)
     bm = offs_b < B
@@ -156,21 +280,24 @@ def _assign_partial_kernel(K, Cb, HalfNorms, PVal, PIdx, stride_kb, stride_kh, s
 
 
 def assign_partial_launch(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Tensor,
-                          block_c: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                          counted: torch.Tensor, lengths: torch.Tensor,
+                          block_c: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k: [B, Hkv, 1, D] (any float dtype, last dim contiguous); assign_cb: [Hkv, C, D] float32; half_norms:
     [Hkv, C] float32 -> (best [Hkv, B, NBLK] float32, idx [Hkv, B, NBLK] int32): per block of codewords,
-    the max assignment score and its first argmax (the code = idx at the first max over blocks)."""
+    the max assignment score and its first argmax (the code = idx at the first max over blocks); and prev
+    [B] int64, the old `counted` (counted: [B] int64 is set to lengths: [B] int32)."""
     B, Hkv, _T, D = k.shape
     C = assign_cb.shape[1]
     nblk = triton.cdiv(C, block_c)
     best = torch.empty(Hkv, B, nblk, dtype=torch.float32, device=k.device)
     idx = torch.empty(Hkv, B, nblk, dtype=torch.int32, device=k.device)
+    prev = torch.empty_like(counted)
     _assign_partial_kernel[(Hkv, nblk)](
-        k, assign_cb, half_norms, best, idx, k.stride(0), k.stride(1), assign_cb.stride(0), assign_cb.stride(1),
+        k, assign_cb, half_norms, best, idx, counted, lengths, prev, k.stride(0), k.stride(1), assign_cb.stride(0), assign_cb.stride(1),
         half_norms.stride(0), B, C, nblk, D=D, BLOCK_B=max(16, triton.next_power_of_2(B)), BLOCK_C=block_c,
         num_warps=4,
     )
-    return best, idx
+    return best, idx, prev
 
 
 @triton.jit
@@ -224,19 +351,22 @@ def _code_append_head_kernel(Scores, ScoreIdx, Codes, Counts, Counted, Slot, Len
 
 def code_append_head_launch(scores, codes, counts, counted, slot, lengths, starts, sinks: int,
                             edges: torch.Tensor, score_idx: torch.Tensor | None = None,
-                            num_codes: int | None = None) -> None:
+                            num_codes: int | None = None, prev: torch.Tensor | None = None) -> None:
     """Same contract as `_triton_a2ats.code_append_launch`, one program per (sequence, KV head), then
     counted = lengths (a second, tiny launch). With score_idx, scores/score_idx are the per-block maxima and
-    codes of `assign_partial_launch` and num_codes is the codebook size."""
+    codes of `assign_partial_launch` and num_codes is the codebook size; with prev (the old counted, handed
+    over by `assign_partial_launch`, which already set counted = lengths) no second launch."""
     Hkv, B, NS = scores.shape
     C = NS if score_idx is None else int(num_codes)
     NB = edges.shape[0]
     block_s = triton.next_power_of_2(NS)
     _code_append_head_kernel[(B, Hkv)](
-        scores, scores if score_idx is None else score_idx, codes, counts, counted, slot, lengths, starts, edges,
+        scores, scores if score_idx is None else score_idx, codes, counts, counted if prev is None else prev, slot,
+        lengths, starts, edges,
         scores.stride(0), scores.stride(1), codes.stride(0), codes.stride(1), counts.stride(0), counts.stride(1),
         NS, C, int(sinks), codes.shape[2], BLOCK_S=block_s, MAX_REWIND=MAX_REWIND, NB=NB,
         BLOCK_NB=max(2, triton.next_power_of_2(NB)), PARTIAL=score_idx is not None,
         num_warps=4 if block_s <= 4096 else 8,
     )
-    counted.copy_(lengths)
+    if prev is None:
+        counted.copy_(lengths)

@@ -42,13 +42,18 @@ SPARSE_COMPACT = True
 # True = two launches, one program per query head for the thresholds then the union. Not yet timed on the
 # GPU: bench_a2ats.py times both and keeps the faster.
 SELECT_SPLIT = False
-# Radix select (`_triton_fast.py`): per query head, a 16-way search over the order-preserving integer keys
-# (4 passes for a 16-bit table) streamed in chunks, then the union. False until a same-run GPU timing shows
-# it faster: bench_a2ats.py times it against the bisection kernels and keeps the fastest.
-SELECT_RADIX = False
+# Select algorithm (`select_codes_triton`): "bisect" (the `_triton_a2ats` kernels), "radix", "bisect16",
+# "bisect16_mark" (`_triton_fast.py`). H100, Llama-3-8B layer, batch 14, 32K, 4 x 4096 virtual codes, bf16
+# table (a2ats_serving_h100_v3.json): radix 0.128 ms (compute-bound: 16 compares per score and pass),
+# bisect one program per group 0.115 ms, per head (split) 0.090 ms. bench_a2ats.py times them all and keeps
+# the fastest correct one.
+SELECT_ALGO = "bisect"
 # code_append with one program per (sequence, KV head) (`_triton_fast.py`) instead of one per sequence.
 # False until timed on the GPU (bench_a2ats.py times both and keeps the faster).
 APPEND_PER_HEAD = False
+# band_lookup_table: the band-rotated queries by one Triton launch (`_triton_fast._band_query_kernel`)
+# instead of the float32 rotation, cast and permute copies. False until timed on the GPU.
+FUSED_BAND_QUERY = False
 # assign_append: the new keys' codes by a Triton kernel that keeps per-block maxima (no float32 score
 # array) feeding the per-head append. False until timed on the GPU (bench_a2ats.py times both).
 FUSED_ASSIGN = False
@@ -98,11 +103,13 @@ def select_codes(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor,
 def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,
                         ratio: torch.Tensor | float, out: torch.Tensor | None = None,
                         wide: bool | None = None, split: bool | None = None,
-                        radix: bool | None = None) -> torch.Tensor:
+                        radix: bool | None = None, algo: str | None = None) -> torch.Tensor:
     """The Triton select kernel on any tensors Triton accepts (CUDA, or CPU under TRITON_INTERPRET=1).
     wide: force the head-by-head kernel (True) or the all-heads one (False); None: by size. split: the
-    two-launch form (None: SELECT_SPLIT). radix: the 16-way search per query head (None: SELECT_RADIX);
-    overrides wide and split."""
+    two-launch form (None: SELECT_SPLIT). radix: True forces the 16-way search, False the bisection kernels
+    of `_triton_a2ats` (wide/split); None: `algo` (None: SELECT_ALGO) picks: "radix", "bisect16" (bisection
+    per query head, 16-bit keys for 16-bit tables, then the union), "bisect16_mark" (same, each head marking
+    sel directly after a memset), or "bisect" (`_triton_a2ats`, wide/split)."""
     _check_select(lut, counts, lengths, starts)
     from lmsqueeze.methods.a2ats._triton_a2ats import select_launch
 
@@ -119,10 +126,16 @@ def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
     if C > MAX_TRITON_CODEBOOK:
         raise LmsqueezeError(f"the Triton select holds at most {MAX_TRITON_CODEBOOK} virtual codes per program, "
                              f"got {C}; use fewer bands or a smaller codebook")
-    if SELECT_RADIX if radix is None else radix:
+    algo = algo or SELECT_ALGO
+    if radix or (radix is None and algo == "radix"):
         from lmsqueeze.methods.a2ats._triton_fast import radix_select_launch
 
         radix_select_launch(lut, counts, lengths, starts, ratio, out)
+        return out
+    if radix is None and algo in ("bisect16", "bisect16_mark"):
+        from lmsqueeze.methods.a2ats._triton_fast import bisect_select_launch
+
+        bisect_select_launch(lut, counts, lengths, starts, ratio, out, mark=algo == "bisect16_mark")
         return out
     select_launch(lut, counts, lengths, starts, ratio, out, wide, SELECT_SPLIT if split is None else split)
     return out
@@ -170,6 +183,27 @@ def code_append_triton(scores, codes, counts, counted, slot, lengths, starts, si
     launch(scores, codes, counts, counted, slot, lengths, starts, sinks, edges)
 
 
+def band_lookup_table(q_pre: torch.Tensor, cos_nb: torch.Tensor, sin_nb: torch.Tensor, score_cb: torch.Tensor,
+                      fused: bool | None = None) -> torch.Tensor:
+    """`retrieval.lookup_table(windowed_rope.band_queries(q_pre, cos_nb, sin_nb), score_cb)`: q_pre: [B, Hq, D]
+    pre-RoPE queries; cos_nb, sin_nb: [NB, D]; score_cb: [Hkv, C, D]. Returns lut: [B, Hkv, G, NB * C]. With
+    fused (None: FUSED_BAND_QUERY; CUDA, or forced on any Triton device) the queries come from one launch."""
+    from lmsqueeze.methods.a2ats.retrieval import lookup_table
+    from lmsqueeze.methods.a2ats.windowed_rope import band_queries
+
+    use = FUSED_BAND_QUERY if fused is None else fused
+    B, Hq, D = q_pre.shape
+    if use and (q_pre.is_cuda or fused) and D & (D - 1) == 0 and q_pre.stride(2) == 1:
+        from lmsqueeze.methods.a2ats._triton_fast import band_query_launch
+
+        Hkv, C, _ = score_cb.shape
+        NB = cos_nb.shape[0]
+        x = band_query_launch(q_pre, cos_nb.float().contiguous(), sin_nb.float().contiguous(), Hkv, score_cb.dtype)
+        lut = torch.bmm(x, score_cb.transpose(1, 2))  # [Hkv, B*G*NB, C]
+        return lut.view(Hkv, B, Hq // Hkv, NB * C).permute(1, 0, 2, 3)
+    return lookup_table(band_queries(q_pre, cos_nb, sin_nb), score_cb)
+
+
 def assign_append(k: torch.Tensor, assign_cb: torch.Tensor, half_norms: torch.Tensor, codes: torch.Tensor,
                   counts: torch.Tensor, counted: torch.Tensor, slot: torch.Tensor, lengths: torch.Tensor,
                   starts: torch.Tensor, sinks: int, window: int, bands: tuple[int, ...] = (),
@@ -199,9 +233,9 @@ def assign_append_triton(k, assign_cb, half_norms, codes, counts, counted, slot,
 
     if assign_cb.dtype != torch.float32 or assign_cb.stride(2) != 1 or half_norms.stride(1) != 1:
         raise LmsqueezeError("assign_append needs float32 codebooks with contiguous last dims")
-    best, idx = assign_partial_launch(k, assign_cb, half_norms)
+    best, idx, prev = assign_partial_launch(k, assign_cb, half_norms, counted, lengths)
     code_append_head_launch(best, codes, counts, counted, slot, lengths, starts, sinks, edges, score_idx=idx,
-                            num_codes=assign_cb.shape[1])
+                            num_codes=assign_cb.shape[1], prev=prev)
 
 
 def _check_sparse(q, k_store, v_store, codes, sel, starts, lengths) -> None:

@@ -26,7 +26,13 @@ from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.merge import merge_attention_states
 from lmsqueeze.kernels.rope_append import rope_append
 from lmsqueeze.methods.a2ats import retrieval
-from lmsqueeze.methods.a2ats.kernels import assign_append, band_edge_tensor, select_codes, sparse_decode_attention
+from lmsqueeze.methods.a2ats.kernels import (
+    assign_append,
+    band_edge_tensor,
+    band_lookup_table,
+    select_codes,
+    sparse_decode_attention,
+)
 from lmsqueeze.methods.a2ats.offload import (
     host_empty,
     near_attention,
@@ -35,7 +41,7 @@ from lmsqueeze.methods.a2ats.offload import (
     selected_attention_cpu,
     to_host,
 )
-from lmsqueeze.methods.a2ats.windowed_rope import band_distances, band_queries, multi_distance_tables
+from lmsqueeze.methods.a2ats.windowed_rope import band_distances, multi_distance_tables
 from lmsqueeze.methods.cache import LayerState, Step
 from lmsqueeze.methods.dense import DenseState
 from lmsqueeze.methods.slot_attention import slot_attention
@@ -271,8 +277,10 @@ class A2ATSState(LayerState):
         k_code = k if cfg.windowed_rope else apply_rope(k, step.cos, step.sin)
         assign_append(k_code, books.assign, books.half_norms, self.codes, self.counts, self.counted, slot, lengths,
                       starts, cfg.sinks, cfg.window, cfg.bands, self.edges)
-        qs = band_queries(q[:, :, 0], self.band_cos, self.band_sin) if cfg.windowed_rope else q_rot
-        lut = retrieval.lookup_table(qs, self.score_lut)
+        if cfg.windowed_rope:  # the pre-RoPE query rotated to each band's distance, dotted with Ĉ
+            lut = band_lookup_table(q[:, :, 0], self.band_cos, self.band_sin, self.score_lut)
+        else:
+            lut = retrieval.lookup_table(q_rot, self.score_lut)
         sel = select_codes(lut, self.counts, lengths, starts, self.ratio, out=self.sel)
         if not self.offloaded:
             out = sparse_decode_attention(q_rot, self.k, self.v, self.codes, sel, starts, lengths, cfg.sinks,
