@@ -51,11 +51,16 @@ SELECTION_SWEEP = ((32, 4), (64, 4), (128, 4), (128, 8), (256, 8))
 DECODE_SWEEP = ((32, 32, 4, 2, 2, True), (32, 32, 4, 1, 2, True), (64, 32, 4, 1, 3, True), (128, 32, 4, 1, 3, True),
                 (128, 64, 8, 1, 3, True), (256, 32, 4, 1, 3, True), (256, 64, 8, 1, 3, True),
                 (128, 32, 4, 2, 3, True), (256, 64, 8, 2, 3, True), (64, 64, 8, 1, 3, True))
+# decode probe (separate merge): (clusters per program, keys per tile, warps, programs per block or None: the
+# previous default's rule, stages); the first is the previous default
+DECODE_PROBE = ((32, 32, 4, None, 2), (64, 32, 4, 1, 2), (64, 32, 4, 2, 2), (128, 32, 4, 1, 2), (128, 32, 4, 1, 3),
+                (128, 32, 4, 2, 3), (64, 16, 4, 1, 2), (32, 32, 4, None, 3))
 # prefill centroid scoring: (queries, centroids per tile, warps, stages); the first is the previous default
 PREFILL_SCORES_SWEEP = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),
-                        (128, 128, 8, 2))
-# prefill gather attention: (query rows per program, warps, stages); (128, 8, 3) won the earlier sweeps
-PREFILL_ATTN_SWEEP = ((128, 8, 3, 64), (128, 8, 4, 64), (128, 8, 2, 128), (64, 4, 3, 64))
+                        (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 4))
+# prefill gather attention: (query rows per program, warps, stages, keys per tile)
+PREFILL_ATTN_SWEEP = ((128, 8, 3, 64), (128, 8, 4, 64), (128, 8, 2, 128), (64, 4, 3, 64), (64, 4, 4, 64),
+                      (64, 4, 3, 32), (64, 4, 2, 128), (32, 4, 3, 64))
 CHECK_KERNELS = None    # --check-kernels: only the kernel checks whose name starts with one of these
 MODEL_CHECKS = "all"    # --model-checks graph: only graph decode == eager decode
 
@@ -489,6 +494,124 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     return rows, extra
 
 
+def _kernel_resources(fn) -> list[dict]:
+    """Registers / spills / shared memory of every compiled variant of a Triton kernel (best effort: the cache
+    layout differs between Triton versions)."""
+    out = []
+    try:
+        caches = getattr(fn, "device_caches", None) or {}
+        for dc in caches.values():
+            cache = dc[0] if isinstance(dc, tuple) else dc
+            for key, ck in cache.items():
+                meta = getattr(ck, "metadata", None)
+                out.append({"key": str(key)[-300:], "n_regs": getattr(ck, "n_regs", None),
+                            "n_spills": getattr(ck, "n_spills", None),
+                            "shared": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
+                            "num_stages": getattr(meta, "num_stages", None)})
+    except Exception as ex:  # noqa: BLE001
+        out.append({"error": repr(ex)[:200]})
+    return out
+
+
+def bench_decode_probe(N: int, dev, iters: int) -> tuple[list[dict], dict]:
+    """Where the split kernel's time goes: wider cluster ranges per program with the separate merge (the in-kernel
+    merge lost in the v2 sweep), the fixed cost (a threshold that keeps no cluster: the observation window and
+    local slots only), registers / spills; then the full step with the fastest config vs the previous default,
+    against dense SDPA in the same run."""
+    from lmsqueeze.methods.squeezed import kernels as K
+    from lmsqueeze.methods.squeezed import reference as R
+    from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
+
+    rows, extra = [], {}
+    sc = 1 / math.sqrt(D)
+    keys, values, queries = synthetic_context(N, dev, seed=N)
+    idx, _ = build_index(keys, values, queries(64))
+    q = queries(1).reshape(1, HQ, D).to(torch.bfloat16)
+    lk = torch.randn(1, HKV, 1024, D, device=dev, dtype=torch.bfloat16)
+    lv = torch.randn(1, HKV, 1024, D, device=dev, dtype=torch.bfloat16)
+    lengths = torch.tensor([LOCAL], dtype=torch.int32, device=dev)
+    ncopy = 6 if N <= 40000 else 3
+    idxs = [idx] + [clone_index(idx) for _ in range(ncopy - 1)]
+    scores = [K.centroid_scores(q, ix.centroids, ix.log_sizes, sc) for ix in idxs]
+    s, e = scores[0]
+    o_r, _, kept_r = R.squeezed_decode_reference(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
+                                                 lv, lengths, sc)
+    kept_rows = int(kept_r.sum())
+    extra["kept_fraction"] = ((kept_r.float() - 64) / idx.clustered).mean().item()
+    C = idx.num_clusters
+    kall = torch.cat([keys, lk[0, :, :LOCAL]], 1)[None].half()
+    vall = torch.cat([values, lv[0, :, :LOCAL]], 1)[None].half()
+    kalls, valls = [kall, kall.clone()], [vall, vall.clone()]
+    q16 = q[:, :, None].half()
+    base = time_cuda(lambda: [F.scaled_dot_product_attention(q16, k_, v_, scale=sc, enable_gqa=True)
+                              for k_, v_ in zip(kalls, valls)], iters=iters, calls_per_iter=2)
+    rows.append(timing_row("probe_dense_sdpa_fp16", base, baseline="probe_dense_sdpa_fp16", baseline_timing=base,
+                           bytes_moved=2 * HKV * (N + LOCAL) * D * 2, peak_tb_per_s=PEAK_TB_S, context=N, batch=1))
+    attn_bytes = kept_rows * D * 2 * 2 + HKV * LOCAL * D * 4 + HQ * C * 4 + HKV * (C + 2) * 4
+    ns_prev = 2 if -(-(C + 1) // 32) <= 64 else 1
+    sweep, best = [], None
+    for bc, bn, w, ns, st in DECODE_PROBE:
+        kw = {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": ns or ns_prev, "num_stages": st,
+              "fused_merge": False}
+        r_ = dict(kw)
+        try:
+            oo, _, kk = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
+                                                 lv, lengths, sc, **kw)
+            r_["rel_err_vs_reference"] = rel(oo, o_r)
+            r_["kept_equal_reference"] = bool(torch.equal(kk, kept_r))
+            t = time_cuda(lambda kw=kw: [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_,
+                                                                  ix.log_threshold, lk, lv, lengths, sc,
+                                                                  count_kept=False, **kw)
+                                         for ix, (s_, e_) in zip(idxs, scores)], iters=iters, calls_per_iter=ncopy)
+            tp = time_cuda(lambda kw=kw: [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_,
+                                                                   ix.log_threshold, lk, lv, lengths, sc,
+                                                                   count_kept=False, partials_only=True, **kw)
+                                          for ix, (s_, e_) in zip(idxs, scores)], iters=iters, calls_per_iter=ncopy)
+        except Exception as ex:  # noqa: BLE001
+            sweep.append({**r_, "error": repr(ex)[:300]})
+            continue
+        r_["ms"], r_["split_only_ms"] = t.median_ms, tp.median_ms
+        r_["split_tb_per_s"] = attn_bytes / (tp.median_ms * 1e-3) / 1e12
+        sweep.append(r_)
+        if r_["rel_err_vs_reference"] < 5e-3 and r_["kept_equal_reference"] and (
+                best is None or t.median_ms < best[1].median_ms):
+            best = (kw, t)
+    extra["attention_sweep"] = sweep
+    prev_kw = {"block_c": 32, "block_n": 32, "num_warps": 4, "sub_splits": ns_prev, "num_stages": 2,
+               "fused_merge": False}
+    # fixed cost: a threshold no cluster passes (observation window + local slots only), previous default tiles
+    tau_none = torch.full_like(idx.log_threshold, float("inf"))
+    t_none = time_cuda(lambda: [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, tau_none, lk, lv,
+                                                         lengths, sc, count_kept=False, partials_only=True, **prev_kw)
+                                for ix, (s_, e_) in zip(idxs, scores)], iters=iters, calls_per_iter=ncopy)
+    rows.append(timing_row("probe_split_kernel_keep_nothing", t_none, baseline="probe_dense_sdpa_fp16",
+                           baseline_timing=base, context=N, batch=1, config=prev_kw,
+                           note="threshold +inf: only the 64 observation rows and 256 local slots are read"))
+    extra["decode_kernel_resources"] = _kernel_resources(_squeezed_decode_kernel)
+    best_kw, t_best = best
+    extra["best_config"] = best_kw
+    rows.append(timing_row("probe_attention_only_best", t_best, baseline="probe_dense_sdpa_fp16",
+                           baseline_timing=base, bytes_moved=attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
+                           kept_fraction=extra["kept_fraction"], config=best_kw))
+
+    def full(kw):
+        def fn():
+            for ix in idxs:
+                s_, e_ = K.centroid_scores(q, ix.centroids, ix.log_sizes, sc)
+                K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths,
+                                         sc, count_kept=False, **kw)
+        return fn
+    sel_bytes = HKV * C * D * 2 + HQ * C * 4 + HKV * C * 4
+    for name, kw in (("probe_decode_flat_best", best_kw), ("probe_decode_flat_prev_default", prev_kw)):
+        t = time_cuda(full(kw), iters=iters, calls_per_iter=ncopy)
+        rows.append(timing_row(name, t, baseline="probe_dense_sdpa_fp16", baseline_timing=base,
+                               bytes_moved=sel_bytes + attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
+                               sparsity=0.9, centroids=0.05, kept_fraction=extra["kept_fraction"], config=kw))
+    for r in rows:
+        say(f"probe N={N} {r['method']:34s} {r['ms'] * 1e3:8.1f} us  x{r.get('speedup', float('nan')):5.2f}")
+    return rows, extra
+
+
 # --- 3. prefill -------------------------------------------------------------------------------------------------
 
 def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[list[dict], dict]:
@@ -509,8 +632,12 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
     lv = torch.randn(1, HKV, T, D, device=dev, dtype=torch.bfloat16)
     lengths = torch.tensor([T], dtype=torch.int32, device=dev)
 
-    def select(sync_free=False):
+    def select(sync_free=False):   # None: the library default (attention.PREFILL_SYNC_FREE)
         return prefill_rows(q, idx, sc, 0.9, 0.5, sync_free=sync_free)
+
+    def PREFILL_SYNC_DEFAULT():
+        from lmsqueeze.methods.squeezed import attention as A
+        return A.PREFILL_SYNC_FREE
     ix, cnt = select()
     ix_f, cnt_f = select(True)
     extra["sync_free_rows_equal"] = bool(torch.equal(cnt, cnt_f)) and all(
@@ -560,17 +687,19 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
     rows.append(timing_row("prefill_squeezed_selection_scores_kernel", ps_best[1], baseline="prefill_dense_sdpa_bf16",
                            baseline_timing=base, context=N, user_tokens=T, config=list(ps_best[0]),
                            tflops=ps_flops / (ps_best[1].median_ms * 1e-3) / 1e12))
-    # selection: previous (host sync, previous scoring config) vs sync-free with the best scoring config
-    t_sel = time_cuda(select, iters=iters, use_graph=False)
-    rows.append(timing_row("prefill_squeezed_selection", t_sel, baseline="prefill_dense_sdpa_bf16",
-                           baseline_timing=base, context=N, user_tokens=T, config=list(prev_scores_cfg),
-                           note="host sync (rows list as wide as the largest count), eager"))
+    # selection with the host sync (as wide as the largest count) and without (as wide as N), both with the best
+    # scoring config; eager, and the sync-free one in a CUDA graph
+    prev_scores_cfg = K.PREFILL_SCORES_CONFIG
     K.PREFILL_SCORES_CONFIG = tuple(ps_best[0])
     try:
+        t_sel = time_cuda(select, iters=iters, use_graph=False)
         t_self = time_cuda(lambda: select(True), iters=iters, use_graph=False)
         t_selg = time_cuda(lambda: select(True), iters=iters, use_graph=True)
     finally:
         K.PREFILL_SCORES_CONFIG = prev_scores_cfg
+    rows.append(timing_row("prefill_squeezed_selection", t_sel, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T, config=list(ps_best[0]),
+                           note="host sync (rows list as wide as the largest count), eager"))
     rows.append(timing_row("prefill_squeezed_selection_sync_free", t_self, baseline="prefill_dense_sdpa_bf16",
                            baseline_timing=base, context=N, user_tokens=T, config=list(ps_best[0]), note="eager"))
     rows.append(timing_row("prefill_squeezed_selection_sync_free_graph", t_selg, baseline="prefill_dense_sdpa_bf16",
@@ -606,18 +735,23 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
             return K.indexed_attention_triton(q, idx.keys, idx.values, i, c, lk, lv, lengths, sc, block_m=bm,
                                               num_warps=w, num_stages=st, block_n=bn)
         return fn
-    t_full = time_cuda(full(False), iters=iters, use_graph=False)
+    t_full = time_cuda(full(None), iters=iters, use_graph=False)
     rows.append(timing_row("prefill_squeezed", t_full, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
                            context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"],
-                           prefill="chunk", config={"scores": list(prev_scores_cfg), "attention": [bm, w, st, bn]},
-                           note="eager, host sync, previous scoring config (the library path before this run)"))
+                           prefill="chunk", config={"scores": list(K.PREFILL_SCORES_CONFIG), "attention": [bm, w, st, bn],
+                                                    "sync_free": PREFILL_SYNC_DEFAULT()},
+                           note="eager, the library defaults for scoring and host sync; best attention tiles"))
     K.PREFILL_SCORES_CONFIG = tuple(ps_best[0])
     try:
+        t_fs = time_cuda(full(False), iters=iters, use_graph=False)
         t_ff = time_cuda(full(True), iters=iters, use_graph=False)
         t_fg = time_cuda(full(True), iters=iters, use_graph=True)
     finally:
         K.PREFILL_SCORES_CONFIG = prev_scores_cfg
     cfg_new = {"scores": list(ps_best[0]), "attention": [bm, w, st, bn]}
+    rows.append(timing_row("prefill_squeezed_sync", t_fs, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
+                           context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"],
+                           prefill="chunk", config=cfg_new, note="eager, host sync"))
     rows.append(timing_row("prefill_squeezed_sync_free", t_ff, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
                            context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"],
                            prefill="chunk", config=cfg_new, note="eager, no host sync"))
@@ -734,7 +868,7 @@ def main() -> int:
     ap.add_argument("--plot", default="benchmarks/plots/squeezed_decode_h100.png")
     ap.add_argument("--quick", action="store_true", help="decode sweeps only: no checks, no prefill")
     ap.add_argument("--sections", default="checks,decode,prefill",
-                    help="comma-separated sections to run (checks, decode, prefill)")
+                    help="comma-separated sections to run (checks, decode, probe, prefill)")
     ap.add_argument("--prefill-sweep", default="full", choices=("full", "short"),
                     help="short: only the attention tile configs that won earlier sweeps (fewer compiles)")
     ap.add_argument("--per-token", action="store_true", help="also time the per-token prefill rule")
@@ -796,6 +930,19 @@ def main() -> int:
         except Exception:  # noqa: BLE001
             extra["errors"].append({"section": f"decode_{N}", "trace": traceback.format_exc()[-2000:]})
             say(f"decode N={N} raised:\n{traceback.format_exc()[-1500:]}")
+        torch.cuda.empty_cache()
+        save()
+    for N in (int(x) for x in args.contexts.split(",")) if "probe" in sections else ():
+        if time.time() - T0 > args.budget_s:
+            say(f"skipping probe N={N}: out of time")
+            continue
+        try:
+            r, e = bench_decode_probe(N, dev, args.iters)
+            rows += r
+            extra[f"probe_{N}"] = e
+        except Exception:  # noqa: BLE001
+            extra["errors"].append({"section": f"probe_{N}", "trace": traceback.format_exc()[-2000:]})
+            say(f"probe N={N} raised:\n{traceback.format_exc()[-1500:]}")
         torch.cuda.empty_cache()
         save()
     if time.time() - T0 <= args.budget_s and not QUICK and "prefill" in sections:

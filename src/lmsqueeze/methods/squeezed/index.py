@@ -136,6 +136,7 @@ class SqueezedIndex:
     coarse_offsets: torch.Tensor | None = None
     parent: torch.Tensor | None = None
     coarse_log_threshold: torch.Tensor | None = None
+    clustered_rows: int | None = None  # clustered keys per head, read once when built (no host sync per use)
 
     @property
     def num_clusters(self) -> int:
@@ -143,7 +144,9 @@ class SqueezedIndex:
 
     @property
     def clustered(self) -> int:
-        return int(self.offsets[0, -2])
+        if self.clustered_rows is None:
+            self.clustered_rows = int(self.offsets[0, -2])
+        return self.clustered_rows
 
     @property
     def hierarchical(self) -> bool:
@@ -166,7 +169,7 @@ class SqueezedIndex:
             offsets=offsets, centroids=t["centroids"].to(device=device, dtype=dtype).contiguous(),
             log_sizes=log_sizes(sizes).contiguous(), sizes=sizes,
             log_threshold=t["log_threshold"].to(device=device, dtype=torch.float32).contiguous(),
-            row_cluster=row_cluster,
+            row_cluster=row_cluster, clustered_rows=int(offsets[0, -2]),
         )
         if "coarse_centroids" in t:
             co = t["coarse_offsets"].to(device=device).long()

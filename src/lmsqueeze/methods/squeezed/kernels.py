@@ -36,9 +36,10 @@ DECODE_STAGES = 2     # software-pipelining stages of the fused decode kernel
 # at 32K / 128K vs 4.8 / 5.3 us for the shared kernel (H100, benchmarks/results/squeezed_decode_h100.json,
 # extra.decode_*.merge_sweep)
 MERGE_BLOCK_D = 16
-# prefill centroid scoring (block_m queries, block_c centroids, warps, stages): (64, 64, 4, 3) measured 0.52-0.57 ms
-# for 1024 queries x 6550 centroids (H100, squeezed_prefill_h100.json); bench_squeezed.py sweeps the others
-PREFILL_SCORES_CONFIG = (64, 64, 4, 3)
+# prefill centroid scoring (block_m queries, block_c centroids, warps, stages): (128, 64, 4, 3) 0.372 ms vs 0.568 ms
+# for the earlier (64, 64, 4, 3), 1024 queries x 32 heads x 6550 centroids, D=128 (H100, same run:
+# squeezed_decode_h100_v2.json, extra.prefill_131072_1024.scores_sweep)
+PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
 # fused merge: the last split program of each (sequence, KV head) merges the partials itself (atomic ticket):
 # one launch fewer per decode step. Default from the same-run H100 timing (bench_squeezed.py, decode_sweep).
 DECODE_FUSED_MERGE = False
@@ -405,12 +406,15 @@ def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, len
 
 
 def _prefill_block_config(rows: int, block_m, num_warps, num_stages) -> tuple[int, int, int]:
-    if block_m is None:  # (128, 8 warps, 3 stages) was the fastest of four at 1024 x 4 rows, D=128 on the H100
-        block_m = 16 if rows <= 16 else (64 if rows <= 256 else 128)
+    # > 256 query rows: (64, 4 warps, 3 stages) 0.650 ms vs 0.751 ms for the earlier default (128, 8, 3) at
+    # 1024 x 4 rows over 13.1K listed keys, D=128 (H100, same run: squeezed_decode_h100_v2.json,
+    # extra.prefill_131072_1024.attention_sweep)
+    if block_m is None:
+        block_m = 16 if rows <= 16 else 64
     if num_warps is None:
         num_warps = 4 if block_m <= 64 else 8
     if num_stages is None:
-        num_stages = 3 if block_m == 128 else 2
+        num_stages = 3 if rows > 256 or block_m == 128 else 2
     return block_m, num_warps, num_stages
 
 
