@@ -487,10 +487,28 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
         sel_rows[name] = add("select_codes", fn, B * Hkv * NB * (G * C * elt + C * 4 + C),
                              lut_dtype=str(dt).replace("torch.", ""), variant=name, equals_reference=sel_ok[name],
                              split=kw.get("split", False))
+    if dev.type == "cuda":  # warps of the per-head bisection (registers hold the head's scores and counts)
+        from lmsqueeze.methods.a2ats import _triton_fast
+
+        for nw in (8, 32):
+            _triton_fast.BISECT_WARPS = nw
+            got = kernels.select_codes_triton(lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo,
+                                              algo="bisect16_mark")
+            name = f"bisect16_mark_w{nw}"
+            sel_ok[name] = bool(torch.equal(got.bool(), want_lo))
+            sel_rows[name] = add("select_codes", lambda: kernels.select_codes_triton(
+                lut_lo, x["counts"], x["lengths"], x["starts"], ratio_lo, out=sel_lo, algo="bisect16_mark"),
+                B * Hkv * NB * (G * C * elt + C * 4 + C), lut_dtype=str(dt).replace("torch.", ""), variant=name,
+                equals_reference=sel_ok[name])
+        _triton_fast.BISECT_WARPS = None
     timed_ok = {k: r["ms"] for k, r in sel_rows.items() if "ms" in r and sel_ok[k]}
     if dev.type == "cuda" and timed_ok:
         pick = min(timed_ok, key=timed_ok.get)
-        kernels.SELECT_ALGO = pick if pick not in ("split",) else "bisect"
+        if pick.startswith("bisect16_mark_w"):
+            _triton_fast.BISECT_WARPS = int(pick.rsplit("_w", 1)[1])
+            kernels.SELECT_ALGO = "bisect16_mark"
+        else:
+            kernels.SELECT_ALGO = pick if pick != "split" else "bisect"
         kernels.SELECT_SPLIT = pick == "split"
         run.extra["select_variant"] = pick
     run.extra["select_equals_reference"] = sel_ok
