@@ -81,3 +81,20 @@ def test_fused_merge_sparsity0_equals_dense(gen):
             assert _rel(o[b, h * 4:(h + 1) * 4], torch.softmax(logits, -1) @ vv) < 1e-5
             assert _rel(lse[b, h * 4:(h + 1) * 4], torch.logsumexp(logits, -1)) < 1e-5
     assert torch.equal(kept, offs[:, -1].expand(2, -1).to(kept.dtype))
+
+
+@pytest.mark.parametrize("G,D,block_c,nsub,bpp,fused", [(1, 64, 16, 1, 2, False), (4, 128, 16, 2, 3, False),
+                                                         (3, 64, 16, 1, 4, True), (4, 64, 32, 1, 9, False)])
+def test_blocks_per_program_decode_matches_reference(G, D, block_c, nsub, bpp, fused, gen):
+    """Several blocks of clusters per program (strided, one softmax): same output, lse and kept count; bpp above
+    the number of blocks is clamped."""
+    args = _case(2, 2, G, D, 83, 5, 37, gen)
+    o_r, lse_r, kept_r = R.squeezed_decode_reference(*args)
+    o, lse, kept = K.squeezed_decode_triton(*args, local_splits=2, block_c=block_c, block_n=16, sub_splits=nsub,
+                                            blocks_per_program=bpp, fused_merge=fused)
+    assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
+    assert torch.equal(kept, kept_r) and (kept < args[1].shape[1]).all()
+    mid_o, _ = K.squeezed_decode_triton(*args, local_splits=2, block_c=block_c, block_n=16, sub_splits=nsub,
+                                        blocks_per_program=bpp, partials_only=True)
+    nsp = -(-(83 + 1) // block_c)
+    assert mid_o.shape[2] == -(-nsp // min(bpp, nsp)) * nsub + 2      # fewer partials to merge

@@ -6,8 +6,9 @@ Decode (one query per sequence), all without host synchronisation (CUDA-graph ca
   `_fine_scores_kernel`      hierarchical second level, same grid over fine centroids: recomputes the coarse
                              decision of each fine centroid's parent and loads/multiplies only the rows of
                              surviving parents (masked loads read no memory; a chunk with none skips the dot).
-  `_squeezed_decode_kernel`  grid (B*Hkv, NSP*NSUB + NLOC): programs s < NSP*NSUB own clusters [j*BLOCK_C,
-                             (j+1)*BLOCK_C), j = s // NSUB, each taking every NSUB-th tile of their kept rows
+  `_squeezed_decode_kernel`  grid (B*Hkv, NSPP*NSUB + NLOC): programs s < NSPP*NSUB own the blocks of clusters
+                             [j*BLOCK_C, (j+1)*BLOCK_C), j = s // NSUB + k * NSPP for k < BPP (BPP = 1: one block,
+                             NSPP = NSP blocks), each taking every NSUB-th tile of their kept rows
                              (NSUB > 1 splits a block that keeps many clusters over several programs)
                              (their rows are one contiguous range, keys being sorted by cluster): it combines the
                              chunk logsumexps into log Z, keeps clusters whose score beats the threshold, and
@@ -206,6 +207,7 @@ def _squeezed_decode_kernel(
     BLOCK_CH: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, NSUB: tl.constexpr = 1,
     Ticket=None, Out=None, OutLse=None, stride_outb=0, stride_outh=0,
     FUSE_MERGE: tl.constexpr = False, BLOCK_GM: tl.constexpr = 2, BLOCK_S: tl.constexpr = 8,
+    NSPP=0, BPP: tl.constexpr = 1,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -222,52 +224,55 @@ def _squeezed_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    if split < NSP * NSUB:
-        cb = split // NSUB                                               # cluster block
+    if split < NSPP * NSUB:
         sub = split % NSUB                                               # this program's tiles: sub, sub+NSUB, ..
-        # which of this program's clusters to read
         z = _log_z(ChunkLse, b * stride_eb + heads * stride_eh, offs_g, g_mask, NCH, BLOCK_CH)
+        log_tau = tl.load(LogTau + hkv)
         offs_c = tl.arange(0, BLOCK_C)
-        cids = cb * BLOCK_C + offs_c
-        real = cids < C
-        inr = cids < C + 1                                               # cluster C: the observation window
-        s = tl.load(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :],
-                    mask=g_mask[:, None] & real[None, :], other=float("-inf"))
-        a = tl.max(s - z[:, None], 0)
-        keep = ((a > tl.load(LogTau + hkv)) | (cids == C)) & inr
         o_base = Offsets + hkv * stride_oh
-        lo = tl.load(o_base + cids, mask=inr, other=0)
-        hi = tl.load(o_base + cids + 1, mask=inr, other=0)
-        size = hi - lo
-        ks = tl.where(keep, size, 0)
-        us = size - ks
-        ends = tl.cumsum(ks, 0)                                          # kept keys up to and including j
-        total = tl.sum(ks, 0)
-        base = tl.load(o_base + cb * BLOCK_C)
         k_base = K + hkv.to(tl.int64) * stride_kh
         v_base = V + hkv.to(tl.int64) * stride_vh
-        for t0 in range(sub * BLOCK_N, total, NSUB * BLOCK_N):
-            p = t0 + offs_n
-            p_mask = p < total
-            shift = tl.sum(tl.where(ends[None, :] <= p[:, None], us[None, :], 0), 1)
-            rows = base + p + shift                                      # int32: N * D < 2**31
-            if BLOCK_D == D:
-                kv_mask = p_mask[:, None]
-            else:
-                kv_mask = p_mask[:, None] & d_mask[None, :]
-            m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
-                                          v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
-                                          p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
-        if sub == 0:
-            tl.store(Kept + pid_bh * NSP + cb, total)
+        for kb in range(BPP):                                            # cluster blocks split//NSUB + kb*NSPP
+            cb = split // NSUB + kb * NSPP
+            if cb < NSP:
+                # which of this block's clusters to read
+                cids = cb * BLOCK_C + offs_c
+                real = cids < C
+                inr = cids < C + 1                                       # cluster C: the observation window
+                s = tl.load(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :],
+                            mask=g_mask[:, None] & real[None, :], other=float("-inf"))
+                a = tl.max(s - z[:, None], 0)
+                keep = ((a > log_tau) | (cids == C)) & inr
+                lo = tl.load(o_base + cids, mask=inr, other=0)
+                hi = tl.load(o_base + cids + 1, mask=inr, other=0)
+                size = hi - lo
+                ks = tl.where(keep, size, 0)
+                us = size - ks
+                ends = tl.cumsum(ks, 0)                                  # kept keys up to and including j
+                total = tl.sum(ks, 0)
+                base = tl.load(o_base + cb * BLOCK_C)
+                for t0 in range(sub * BLOCK_N, total, NSUB * BLOCK_N):
+                    p = t0 + offs_n
+                    p_mask = p < total
+                    shift = tl.sum(tl.where(ends[None, :] <= p[:, None], us[None, :], 0), 1)
+                    rows = base + p + shift                              # int32: N * D < 2**31
+                    if BLOCK_D == D:
+                        kv_mask = p_mask[:, None]
+                    else:
+                        kv_mask = p_mask[:, None] & d_mask[None, :]
+                    m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
+                                                  v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
+                                                  p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
+                if sub == 0:
+                    tl.store(Kept + pid_bh * NSP + cb, total)
     else:
-        m_i, l_i, acc = _attend_local(q, LK, LV, Lengths, Starts, b, hkv, split - NSP * NSUB, NLOC, l_max, offs_n, offs_d,
+        m_i, l_i, acc = _attend_local(q, LK, LV, Lengths, Starts, b, hkv, split - NSPP * NSUB, NLOC, l_max, offs_n, offs_d,
                                       d_mask, stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
                                       scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, HAS_STARTS, IEEE_DOT)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    num_splits = NSP * NSUB + NLOC
+    num_splits = NSPP * NSUB + NLOC
     row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
     tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(MidLse + row, lse, mask=g_mask)

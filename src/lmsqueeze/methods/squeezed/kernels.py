@@ -156,6 +156,12 @@ def default_sub_splits(cluster_blocks: int) -> int:
     return 2 if cluster_blocks <= 64 else 1
 
 
+def default_blocks_per_program(cluster_blocks: int) -> int:
+    """Blocks of clusters per decode program, from the shape only (graph-safe): 1 (one block per program) until
+    a same-run H100 timing shows more to be faster (bench_squeezed.py --sections probe)."""
+    return 1
+
+
 def default_local_splits(l_max: int) -> int:
     """Programs per (batch, KV head) over the local slots: from the buffer size only (graph-safe)."""
     return max(1, min(8, -(-l_max // 512)))
@@ -166,14 +172,16 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
                            local_splits: int | None = None, num_warps: int = 4, num_stages: int = DECODE_STAGES,
                            count_kept: bool = True, sub_splits: int | None = None,
                            merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
-                           fused_merge: bool | None = None):
+                           fused_merge: bool | None = None, blocks_per_program: int | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
     None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
     of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`.
     merge_block_d: None merges the split partials with the shared kernel (one program per query head), an int
     with `merge_splits` (D / merge_block_d programs per head). partials_only: return (mid_o, mid_lse) unmerged
     (to time the parts). fused_merge (None: DECODE_FUSED_MERGE): the split kernel merges its own partials (the
-    last program of each (sequence, KV head), by an atomic ticket): one launch."""
+    last program of each (sequence, KV head), by an atomic ticket): one launch. blocks_per_program: blocks of
+    clusters one program reads in turn (strided: j, j + NSP/bpp, ..), one online softmax and one partial for all:
+    q and log Z loaded once, fewer partials to merge."""
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
     B, Hq, D = q.shape
@@ -192,7 +200,9 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     nsp = -(-(C + 1) // block_c)
     nloc = local_splits or default_local_splits(l_max)
     sub_splits = sub_splits or default_sub_splits(nsp)
-    splits = nsp * sub_splits + nloc
+    bpp = max(1, min(int(blocks_per_program or default_blocks_per_program(nsp)), nsp))
+    nspp = -(-nsp // bpp)
+    splits = nspp * sub_splits + nloc
     mid_o = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
     mid_lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
     kept = torch.empty(B, Hkv, nsp, device=q.device, dtype=torch.int32)
@@ -214,7 +224,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         Ticket=ticket, Out=out, OutLse=lse, stride_outb=out.stride(0) if fuse else 0,
         stride_outh=out.stride(1) if fuse else 0, HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q), NSUB=sub_splits,
-        FUSE_MERGE=fuse, BLOCK_GM=max(2, _pow2(G)), BLOCK_S=8,
+        FUSE_MERGE=fuse, BLOCK_GM=max(2, _pow2(G)), BLOCK_S=8, NSPP=nspp, BPP=bpp,
         num_warps=num_warps, num_stages=num_stages,
     )
     if partials_only:
