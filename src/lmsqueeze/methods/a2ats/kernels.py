@@ -44,19 +44,19 @@ SPARSE_COMPACT = True
 SELECT_SPLIT = False
 # Select algorithm (`select_codes_triton`): "bisect" (the `_triton_a2ats` kernels), "radix", "bisect16",
 # "bisect16_mark" (`_triton_fast.py`). H100, Llama-3-8B layer, batch 14, 32K, 4 x 4096 virtual codes, bf16
-# table (a2ats_serving_h100_v3.json): radix 0.128 ms (compute-bound: 16 compares per score and pass),
-# bisect one program per group 0.115 ms, per head (split) 0.090 ms. bench_a2ats.py times them all and keeps
-# the fastest correct one.
-SELECT_ALGO = "bisect"
+# table, same run (a2ats_serving_h100_v3b.json, part "kernel"): bisect16_mark (8 warps) 0.059 ms, bisect16
+# 0.059, per-head bisection on 32-bit keys (split) 0.091, one program per group 0.116, radix 0.129 (compute-
+# bound: 16 compares per score and pass). All equal the reference there. bench_a2ats.py re-times them.
+SELECT_ALGO = "bisect16_mark"
 # code_append with one program per (sequence, KV head) (`_triton_fast.py`) instead of one per sequence.
-# False until timed on the GPU (bench_a2ats.py times both and keeps the faster).
-APPEND_PER_HEAD = False
+APPEND_PER_HEAD = True
 # band_lookup_table: the band-rotated queries by one Triton launch (`_triton_fast._band_query_kernel`)
-# instead of the float32 rotation, cast and permute copies. False until timed on the GPU.
-FUSED_BAND_QUERY = False
+# instead of the float32 rotation, cast and permute copies: 0.013 ms vs 0.029 ms for queries + table (v3b).
+FUSED_BAND_QUERY = True
 # assign_append: the new keys' codes by a Triton kernel that keeps per-block maxima (no float32 score
-# array) feeding the per-head append. False until timed on the GPU (bench_a2ats.py times both).
-FUSED_ASSIGN = False
+# array) feeding the per-head append: 0.028 ms vs 0.063 ms for assign_scores + the one-program append (v3b;
+# assign_scores + per-head append 0.028; codes equal the float32 argmax in the bench's check).
+FUSED_ASSIGN = True
 
 
 @functools.cache
