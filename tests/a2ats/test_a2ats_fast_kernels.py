@@ -49,10 +49,12 @@ def test_radix_select_keeps_the_top_codes():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("sinks,window,bands,Hkv", [(2, 5, (), 2), (0, 2, (), 3), (2, 5, (7, 12), 2),
                                                     (1, 3, (4, 6, 15), 1)])
-def test_code_append_per_head_equals_reference(sinks, window, bands, Hkv):
-    """Per-head code append == reference over forward steps, replays and rewinds (graph warm-up)."""
+def test_code_append_per_head_equals_reference(sinks, window, bands, Hkv, per_head):
+    """Code append (one program per (sequence, KV head), the default, or per sequence) == reference over
+    forward steps, replays and rewinds (graph warm-up)."""
     B, S, C = 3, 40, 33
     codes = torch.randint(0, C, (B, Hkv, S), dtype=torch.int16)
     starts = torch.tensor([0, 3, 9], dtype=torch.int32)
@@ -63,7 +65,7 @@ def test_code_append_per_head_equals_reference(sinks, window, bands, Hkv):
         scores = torch.randn(Hkv, B, C)
         slot = torch.tensor([n - 1])
         lengths = torch.full((B,), n, dtype=torch.int32)
-        code_append_triton(scores, *state, slot, lengths, starts, sinks, edges, per_head=True)
+        code_append_triton(scores, *state, slot, lengths, starts, sinks, edges, per_head=per_head)
         code_append_reference(scores, codes, counts, counted, slot, lengths, starts, sinks, window, bands)
         assert torch.equal(state[0], codes) and torch.equal(state[1], counts) and torch.equal(state[2], counted)
         assert torch.equal(codes[:, :, n - 1].long(), scores.argmax(-1).T)

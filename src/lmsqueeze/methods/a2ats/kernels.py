@@ -107,7 +107,8 @@ def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
     """The Triton select kernel on any tensors Triton accepts (CUDA, or CPU under TRITON_INTERPRET=1).
     wide: force the head-by-head kernel (True) or the all-heads one (False); None: by size. split: the
     two-launch form (None: SELECT_SPLIT). radix: True forces the 16-way search, False the bisection kernels
-    of `_triton_a2ats` (wide/split); None: `algo` (None: SELECT_ALGO) picks: "radix", "bisect16" (bisection
+    of `_triton_a2ats` (wide/split); None: `algo` (None: "bisect" when wide or split is given, else
+    SELECT_ALGO) picks: "radix", "bisect16" (bisection
     per query head, 16-bit keys for 16-bit tables, then the union), "bisect16_mark" (same, each head marking
     sel directly after a memset), or "bisect" (`_triton_a2ats`, wide/split)."""
     _check_select(lut, counts, lengths, starts)
@@ -126,7 +127,8 @@ def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
     if C > MAX_TRITON_CODEBOOK:
         raise LmsqueezeError(f"the Triton select holds at most {MAX_TRITON_CODEBOOK} virtual codes per program, "
                              f"got {C}; use fewer bands or a smaller codebook")
-    algo = algo or SELECT_ALGO
+    if algo is None:  # wide/split name the `_triton_a2ats` bisection kernels
+        algo = "bisect" if (wide is not None or split is not None) else SELECT_ALGO
     if radix or (radix is None and algo == "radix"):
         from lmsqueeze.methods.a2ats._triton_fast import radix_select_launch
 
