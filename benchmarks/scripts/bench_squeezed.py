@@ -54,10 +54,12 @@ DECODE_SWEEP = ((32, 32, 4, 2, 2, True), (32, 32, 4, 1, 2, True), (64, 32, 4, 1,
 # decode probe (separate merge): (clusters per program, keys per tile, warps, programs per block or None: the
 # previous default's rule, stages); the first is the previous default
 # + blocks of clusters per program (strided, one softmax and one partial for all) and the in-kernel merge
-DECODE_PROBE = ((32, 32, 4, None, 2, 1, False), (64, 32, 4, 1, 2, 1, False), (128, 32, 4, 1, 3, 1, False),
-                (128, 32, 4, 2, 3, 1, False), (32, 32, 4, 1, 2, 2, False), (32, 32, 4, 1, 2, 4, False),
-                (32, 32, 4, 1, 2, 8, False), (32, 32, 4, 2, 2, 4, False), (32, 32, 4, 1, 3, 4, False),
-                (64, 32, 4, 1, 2, 4, False), (32, 32, 4, 1, 2, 8, True), (32, 32, 4, 1, 2, 4, True))
+# + the tile loop that prefetches the next tile (last element); the v3 run had no prefetch entries
+DECODE_PROBE = ((32, 32, 4, None, 2, 1, False, False), (32, 32, 4, None, 2, 1, False, True),
+                (32, 32, 4, None, 1, 1, False, True), (32, 32, 4, 1, 1, 1, False, True),
+                (128, 32, 4, 2, 3, 1, False, False), (128, 32, 4, 2, 1, 1, False, True),
+                (64, 32, 4, 2, 1, 1, False, True), (32, 16, 4, None, 1, 1, False, True),
+                (32, 32, 4, 1, 1, 4, False, True), (32, 32, 4, 1, 1, 4, True, True))
 # prefill centroid scoring: (queries, centroids per tile, warps, stages); the first is the previous default
 PREFILL_SCORES_SWEEP = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),
                         (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 4))
@@ -557,9 +559,9 @@ def bench_decode_probe(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     attn_bytes = kept_rows * D * 2 * 2 + HKV * LOCAL * D * 4 + HQ * C * 4 + HKV * (C + 2) * 4
     ns_prev = 2 if -(-(C + 1) // 32) <= 64 else 1
     sweep, best = [], None
-    for bc, bn, w, ns, st, bpp, fu in DECODE_PROBE:
+    for bc, bn, w, ns, st, bpp, fu, pf in DECODE_PROBE:
         kw = {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": ns or ns_prev, "num_stages": st,
-              "fused_merge": fu, "blocks_per_program": bpp}
+              "fused_merge": fu, "blocks_per_program": bpp, "prefetch": pf}
         r_ = dict(kw)
         try:
             oo, _, kk = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
@@ -588,7 +590,7 @@ def bench_decode_probe(N: int, dev, iters: int) -> tuple[list[dict], dict]:
             best = (kw, t)
     extra["attention_sweep"] = sweep
     prev_kw = {"block_c": 32, "block_n": 32, "num_warps": 4, "sub_splits": ns_prev, "num_stages": 2,
-               "fused_merge": False, "blocks_per_program": 1}
+               "fused_merge": False, "blocks_per_program": 1, "prefetch": False}
     # the in-kernel merge leaves its tickets at 0: repeated calls of the fastest config agree with the reference
     reps = [K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk, lv, lengths,
                                      sc, **best[0])[0] for _ in range(3)]
@@ -647,8 +649,8 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
     lv = torch.randn(1, HKV, T, D, device=dev, dtype=torch.bfloat16)
     lengths = torch.tensor([T], dtype=torch.int32, device=dev)
 
-    def select(sync_free=False):   # None: the library default (attention.PREFILL_SYNC_FREE)
-        return prefill_rows(q, idx, sc, 0.9, 0.5, sync_free=sync_free)
+    def select(sync_free=False, from_clusters=False):   # None: the library defaults (attention.PREFILL_*)
+        return prefill_rows(q, idx, sc, 0.9, 0.5, sync_free=sync_free, from_clusters=from_clusters)
 
     def PREFILL_SYNC_DEFAULT():
         from lmsqueeze.methods.squeezed import attention as A
@@ -657,6 +659,8 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
     ix_f, cnt_f = select(True)
     extra["sync_free_rows_equal"] = bool(torch.equal(cnt, cnt_f)) and all(
         torch.equal(ix[b, h, :int(cnt[b, h])], ix_f[b, h, :int(cnt[b, h])]) for b in range(1) for h in range(HKV))
+    ix_c, cnt_c = select(True, True)
+    extra["rows_from_clusters_equal"] = bool(torch.equal(ix_c, ix_f)) and bool(torch.equal(cnt_c, cnt_f))
     extra["kept_fraction"] = ((cnt.float() - 64) / idx.clustered).mean().item()
     o = K.indexed_attention(q, idx.keys, idx.values, ix, cnt, lk, lv, lengths, sc)
     o_r, _ = R.indexed_attention_reference(q[:, :, -128:], idx.keys, idx.values, ix, cnt, lk, lv, lengths, sc)
@@ -710,6 +714,8 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
         t_sel = time_cuda(select, iters=iters, use_graph=False)
         t_self = time_cuda(lambda: select(True), iters=iters, use_graph=False)
         t_selg = time_cuda(lambda: select(True), iters=iters, use_graph=True)
+        t_selc = time_cuda(lambda: select(True, True), iters=iters, use_graph=False)
+        t_selcg = time_cuda(lambda: select(True, True), iters=iters, use_graph=True)
     finally:
         K.PREFILL_SCORES_CONFIG = prev_scores_cfg
     rows.append(timing_row("prefill_squeezed_selection", t_sel, baseline="prefill_dense_sdpa_bf16",
@@ -720,6 +726,12 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
     rows.append(timing_row("prefill_squeezed_selection_sync_free_graph", t_selg, baseline="prefill_dense_sdpa_bf16",
                            baseline_timing=base_g, context=N, user_tokens=T, config=list(ps_best[0]),
                            note="CUDA graph; baseline: dense SDPA in a CUDA graph"))
+    rows.append(timing_row("prefill_squeezed_selection_from_clusters", t_selc, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T, config=list(ps_best[0]),
+                           note="eager, no host sync, row list from a scan over clusters (rows_from_clusters)"))
+    rows.append(timing_row("prefill_squeezed_selection_from_clusters_graph", t_selcg,
+                           baseline="prefill_dense_sdpa_bf16", baseline_timing=base_g, context=N, user_tokens=T,
+                           config=list(ps_best[0]), note="CUDA graph, rows_from_clusters"))
     sweep, best = [], None
     for bm, w, st, bn in PREFILL_ATTN_SWEEP:
         r_ = {"block_m": bm, "num_warps": w, "num_stages": st, "block_n": bn}
@@ -744,13 +756,13 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
                            baseline_timing=base_g, context=N, user_tokens=T, config=[bm, w, st, bn],
                            tflops=flops_sparse / (t_attn.median_ms * 1e-3) / 1e12, note="CUDA graph"))
 
-    def full(sync_free):
+    def full(sync_free, from_clusters=False):
         def fn():
-            i, c = select(sync_free)
+            i, c = select(sync_free, from_clusters)
             return K.indexed_attention_triton(q, idx.keys, idx.values, i, c, lk, lv, lengths, sc, block_m=bm,
                                               num_warps=w, num_stages=st, block_n=bn)
         return fn
-    t_full = time_cuda(full(None), iters=iters, use_graph=False)
+    t_full = time_cuda(full(None, None), iters=iters, use_graph=False)
     rows.append(timing_row("prefill_squeezed", t_full, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
                            context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"],
                            prefill="chunk", config={"scores": list(K.PREFILL_SCORES_CONFIG), "attention": [bm, w, st, bn],
@@ -761,6 +773,8 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
         t_fs = time_cuda(full(False), iters=iters, use_graph=False)
         t_ff = time_cuda(full(True), iters=iters, use_graph=False)
         t_fg = time_cuda(full(True), iters=iters, use_graph=True)
+        t_fc = time_cuda(full(True, True), iters=iters, use_graph=False)
+        t_fcg = time_cuda(full(True, True), iters=iters, use_graph=True)
     finally:
         K.PREFILL_SCORES_CONFIG = prev_scores_cfg
     cfg_new = {"scores": list(ps_best[0]), "attention": [bm, w, st, bn]}
@@ -774,6 +788,14 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
                            baseline_timing=base_g, context=N, user_tokens=T, sparsity=0.9,
                            kept_fraction=extra["kept_fraction"], prefill="chunk", config=cfg_new,
                            note="selection + attention in one CUDA graph vs dense SDPA in a CUDA graph"))
+    rows.append(timing_row("prefill_squeezed_from_clusters", t_fc, baseline="prefill_dense_sdpa_bf16",
+                           baseline_timing=base, context=N, user_tokens=T, sparsity=0.9,
+                           kept_fraction=extra["kept_fraction"], prefill="chunk", config=cfg_new,
+                           note="eager, no host sync, rows_from_clusters"))
+    rows.append(timing_row("prefill_squeezed_from_clusters_graph", t_fcg, baseline="prefill_dense_sdpa_bf16_graph",
+                           baseline_timing=base_g, context=N, user_tokens=T, sparsity=0.9,
+                           kept_fraction=extra["kept_fraction"], prefill="chunk", config=cfg_new,
+                           note="CUDA graph, rows_from_clusters"))
     if checkpoint is not None:
         checkpoint(rows, extra)
     if PER_TOKEN:

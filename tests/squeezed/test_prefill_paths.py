@@ -59,3 +59,27 @@ def test_sync_free_prefill_rows_equal_synced(B, gen):
         for h in range(Hkv):
             n = int(cnt[b, h])
             assert torch.equal(rows[b, h, :n], rows_f[b, h, :n])
+
+
+@pytest.mark.parametrize("B,width", [(1, None), (3, None), (2, "N")])
+def test_rows_from_clusters_equals_mask_to_index(B, width, gen):
+    """The cluster-scan row list equals the row-scan one (random keep masks incl. all / none kept, empty clusters,
+    the observation window as cluster C)."""
+    from lmsqueeze.methods.squeezed.lookup import keys_from_clusters, mask_to_index, rows_from_clusters
+
+    H, C, W = 3, 23, 4
+    sizes = torch.randint(0, 5, (H, C), generator=gen)
+    n = int(sizes.sum(-1).max()) + W
+    offs = torch.zeros(H, C + 2, dtype=torch.int32)
+    offs[:, 1:C + 1] = torch.cumsum(sizes, -1).to(torch.int32)
+    offs[:, C + 1] = n
+    rc = torch.repeat_interleave(torch.arange(C + 1).repeat(H), (offs[:, 1:] - offs[:, :-1]).long().flatten())
+    rc = rc.reshape(H, n)
+    keep = torch.rand(B, H, C + 1, generator=gen) < 0.4
+    keep[0, 0] = True
+    keep[-1, -1] = False
+    w = n if width == "N" else None
+    want = mask_to_index(keys_from_clusters(keep, rc), w)
+    got = rows_from_clusters(keep, offs, rc, w)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert int(got[1][0, 0]) == n and int(got[1][-1, -1]) == 0

@@ -29,7 +29,12 @@ from lmsqueeze.methods.squeezed.kernels import (
     squeezed_decode,
     token_select_attention,
 )
-from lmsqueeze.methods.squeezed.lookup import budget_keep, keys_from_clusters, mask_to_index
+from lmsqueeze.methods.squeezed.lookup import (
+    budget_keep,
+    keys_from_clusters,
+    mask_to_index,
+    rows_from_clusters,
+)
 from lmsqueeze.methods.squeezed.state import FixedContextState, cached_layer
 from lmsqueeze.methods.squeezed.token_select import kept_rows, token_keep
 
@@ -77,17 +82,25 @@ def prefill_keep(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: 
 
 
 def prefill_rows(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: float, coarse_sparsity: float,
-                 sync_free: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 sync_free: bool | None = None, from_clusters: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed rows a prefill chunk reads ('chunk' rule): (rows [B, Hkv, M] int32, counts [B, Hkv] int32).
     sync_free (None: PREFILL_SYNC_FREE): M = all N rows (only the first counts are used) instead of the largest
-    count, so no host synchronisation: the selection can run ahead of the GPU or inside a CUDA graph."""
+    count, so no host synchronisation: the selection can run ahead of the GPU or inside a CUDA graph.
+    from_clusters (None: PREFILL_ROWS_FROM_CLUSTERS): the same list built with a scan over clusters instead of
+    rows (lookup.rows_from_clusters)."""
     keep = prefill_keep(q, idx, scaling, sparsity, coarse_sparsity)
-    free = PREFILL_SYNC_FREE if sync_free is None else sync_free
-    return mask_to_index(keys_from_clusters(keep, idx.row_cluster), idx.keys.shape[1] if free else None)
+    width = idx.keys.shape[1] if (PREFILL_SYNC_FREE if sync_free is None else sync_free) else None
+    if PREFILL_ROWS_FROM_CLUSTERS if from_clusters is None else from_clusters:
+        return rows_from_clusters(keep, idx.offsets, idx.row_cluster, width)
+    return mask_to_index(keys_from_clusters(keep, idx.row_cluster), width)
 
 
-# 'chunk' prefill selection without a host sync (prefill_rows): default from the same-run H100 timing
-PREFILL_SYNC_FREE = False
+# 'chunk' prefill selection without a host sync (prefill_rows): 1.49 ms vs 1.69 ms with the sync for a 1K-token
+# chunk against 128K (eager, same scoring and attention configs, same rows; H100, squeezed_decode_h100_v3.json)
+PREFILL_SYNC_FREE = True
+# rows_from_clusters instead of mask_to_index over all N rows: identical lists, untimed on the GPU (off until a
+# same-run timing: bench_squeezed.py prefill section times both)
+PREFILL_ROWS_FROM_CLUSTERS = False
 REFERENCE_SCORES = 1 << 24   # off the GPU, per-token prefill attends at most this many (query head, token, row) scores at once
 
 

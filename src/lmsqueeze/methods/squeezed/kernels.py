@@ -41,9 +41,14 @@ MERGE_BLOCK_D = 16
 # squeezed_decode_h100_v2.json, extra.prefill_131072_1024.scores_sweep)
 PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
 # fused merge: the last split program of each (sequence, KV head) merges the partials itself (atomic ticket):
-# one launch fewer per decode step. Default from the same-run H100 timing (bench_squeezed.py, decode_sweep).
+# one launch fewer, but measured slower on the H100 in every config (its one program reads all partials: at the
+# default tiles 26.4 vs 16.7 us at 32K, 56.6 vs 37.6 us at 128K; squeezed_decode_h100_v2.json, decode_sweep),
+# so off. Wider cluster ranges per program (64-256) and several blocks per program were slower too (v2, v3).
 DECODE_FUSED_MERGE = False
 _TICKETS: dict = {}
+# decode tile loop with K+V requested together and the next tile prefetched (untimed: bench_squeezed.py --sections
+# probe times it against the default; the v3 probe found each block of clusters costs ~8 us of serial latency)
+DECODE_PREFETCH = False
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
@@ -157,8 +162,9 @@ def default_sub_splits(cluster_blocks: int) -> int:
 
 
 def default_blocks_per_program(cluster_blocks: int) -> int:
-    """Blocks of clusters per decode program, from the shape only (graph-safe): 1 (one block per program) until
-    a same-run H100 timing shows more to be faster (bench_squeezed.py --sections probe)."""
+    """Blocks of clusters per decode program, from the shape only (graph-safe): 1. Two to eight blocks per
+    program were all slower on the H100 (32K: 24.9-68.2 us vs 17.1 us, 128K: 42.3-81.9 us vs 37.3 us;
+    squeezed_decode_h100_v3.json, extra.probe_*.attention_sweep): each block costs ~8 us of serial latency."""
     return 1
 
 
@@ -172,7 +178,8 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
                            local_splits: int | None = None, num_warps: int = 4, num_stages: int = DECODE_STAGES,
                            count_kept: bool = True, sub_splits: int | None = None,
                            merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
-                           fused_merge: bool | None = None, blocks_per_program: int | None = None):
+                           fused_merge: bool | None = None, blocks_per_program: int | None = None,
+                           prefetch: bool | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
     None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
     of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`.
@@ -181,7 +188,8 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     (to time the parts). fused_merge (None: DECODE_FUSED_MERGE): the split kernel merges its own partials (the
     last program of each (sequence, KV head), by an atomic ticket): one launch. blocks_per_program: blocks of
     clusters one program reads in turn (strided: j, j + NSP/bpp, ..), one online softmax and one partial for all:
-    q and log Z loaded once, fewer partials to merge."""
+    q and log Z loaded once, fewer partials to merge. prefetch (None: DECODE_PREFETCH): K and V of a tile
+    requested together and the next tile's before this tile's math (two tiles in flight per program)."""
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
     B, Hq, D = q.shape
@@ -225,6 +233,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         stride_outh=out.stride(1) if fuse else 0, HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q), NSUB=sub_splits,
         FUSE_MERGE=fuse, BLOCK_GM=max(2, _pow2(G)), BLOCK_S=8, NSPP=nspp, BPP=bpp,
+        PREFETCH=DECODE_PREFETCH if prefetch is None else bool(prefetch),
         num_warps=num_warps, num_stages=num_stages,
     )
     if partials_only:

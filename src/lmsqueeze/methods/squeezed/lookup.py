@@ -100,3 +100,26 @@ def mask_to_index(mask: torch.Tensor, width: int | None = None) -> tuple[torch.T
     rows = torch.arange(mask.shape[-1], device=mask.device).expand_as(pos)
     idx.scatter_(-1, pos.clamp_max(M), rows)
     return idx[..., :M].to(torch.int32).contiguous(), counts.clamp_max(M).to(torch.int32)
+
+
+def rows_from_clusters(keep: torch.Tensor, offsets: torch.Tensor, row_cluster: torch.Tensor,
+                       width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_to_index(keys_from_clusters(keep, row_cluster), width)` without a scan over the N rows: keys are
+    sorted by cluster, so the p-th kept row of cluster c lands at (kept keys of clusters before c) + p; the
+    scan runs over the C + 1 clusters only. keep: [B, H, C + 1] bool; offsets: [H, C + 2] int (cluster c's rows
+    are [offsets[c], offsets[c + 1])); row_cluster: [H, N]. Returns (idx [B, H, M] int32 ascending, padded
+    with 0; counts [B, H] int32); M = `width` or the largest count (a host sync)."""
+    B, H, _ = keep.shape
+    N = row_cluster.shape[-1]
+    offs = offsets.long()
+    ks = torch.where(keep, (offs[:, 1:] - offs[:, :-1])[None], 0)                # [B, H, C + 1] kept sizes
+    before = torch.cumsum(ks, -1) - ks                                            # kept keys of earlier clusters
+    counts = ks.sum(-1)
+    M = max(int(counts.max()) if width is None else width, 1)
+    rc = row_cluster.long()
+    rank = torch.arange(N, device=keep.device)[None] - offs.gather(1, rc)         # [H, N] row within its cluster
+    rcb = rc[None].expand(B, -1, -1)
+    pos = torch.where(keep.gather(-1, rcb), before.gather(-1, rcb) + rank[None], M)
+    idx = torch.zeros(B, H, M + 1, dtype=torch.int32, device=keep.device)
+    idx.scatter_(-1, pos.clamp_max(M), torch.arange(N, dtype=torch.int32, device=keep.device).expand(B, H, -1))
+    return idx[..., :M].contiguous(), counts.clamp_max(M).to(torch.int32)
