@@ -17,6 +17,14 @@ does, so it is measured and reported with every row, and a second row fixes each
 this query keeps exactly 10% of the keys.
 
     python benchmarks/scripts/bench_squeezed.py --out benchmarks/results/squeezed_decode_h100.json
+    # v2 (decode sweeps incl. the in-kernel merge, prefill sweeps; model checks with the in-kernel merge):
+    python benchmarks/scripts/bench_squeezed.py --out squeezed_decode_h100_v2.json --budget-s 250 \
+        --check-kernels centroid_scores,squeezed_decode,fused_decode_merge_in_kernel --model-checks graph \
+        --model-checks-last --fused-merge-checks
+    # v3 (decode probe: blocks per program, keep-nothing fixed cost, registers; prefill; all model checks):
+    python benchmarks/scripts/bench_squeezed.py --out squeezed_decode_h100_v3.json --sections checks,probe,prefill \
+        --budget-s 265 --check-kernels fused_decode_bpp,prefill_scores,indexed_attention --model-checks-last
+    # next: the same v3 command times the untimed opt-ins (DECODE_PROBE prefetch rows, rows_from_clusters)
     python benchmarks/scripts/bench_squeezed.py --plot-from benchmarks/results/squeezed_decode_h100.json \
         --plot benchmarks/plots/squeezed_decode_h100.png
 """
