@@ -204,7 +204,7 @@ SWEEP_CONFIGS = (  # the default first, v3's next best (chess_gpu_h100_v3.json),
     # and v4's three fastest pipelined variants (chess_gpu_h100_v4.json: all pipelined ones were slower than the default)
     K.SPMV_CONFIGS_B1[0], K.SpmvConfig(64, 64, 2, 8), K.SpmvConfig(64, 128, 4, 4, fused=True),
     K.SPMV_CONFIGS_COMPACT[0], *K.SPMV_CONFIGS_TILE_REDUCE, K.SpmvConfig(64, 32, 2, 8, pipe=2),
-    K.SpmvConfig(128, 32, 4, 4, pipe=2), K.SpmvConfig(128, 16, 2, 8, pipe=2), K.SPMV_CONFIGS_B1[1],
+    K.SpmvConfig(128, 32, 4, 4, pipe=2), K.SpmvConfig(128, 16, 2, 8, pipe=2), K.SPMV_CONFIGS_B1[1], K.SPMV_CONFIGS_B1[2],
     *K.SPMV_CONFIGS_FUSED_SWEEP,
 )
 

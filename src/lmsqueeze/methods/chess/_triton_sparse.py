@@ -118,7 +118,7 @@ def _sum_partials(Part, offs_n, n_ok, num_splits, stride_ps, RED_SPLITS: tl.cons
 def _input_sparse_b1_fused_kernel(
     X, W, Part, Ticket, Bias, Y, K, N, k_per_split, num_splits, threshold, stride_wk, stride_ps,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, RED_SPLITS: tl.constexpr = 0,
-    EVICT: tl.constexpr = False, XNEXT: tl.constexpr = False, ACC1D: tl.constexpr = False,
+    EVICT: tl.constexpr = False, XNEXT: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -126,10 +126,7 @@ def _input_sparse_b1_fused_kernel(
     n_ok = offs_n < N
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    if ACC1D:  # reduce every step: 1 accumulator register per output instead of one per tile element
-        acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    else:  # reduce over k once, at the end
-        acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     offs_k = k_lo + tl.arange(0, BLOCK_K)
     x_next = tl.load(X + offs_k, mask=offs_k < k_hi, other=0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -145,14 +142,8 @@ def _input_sparse_b1_fused_kernel(
             w = tl.load(w_ptr, mask=keep[:, None] & n_ok[None, :], other=0.0, eviction_policy="evict_first")
         else:
             w = tl.load(w_ptr, mask=keep[:, None] & n_ok[None, :], other=0.0)
-        if ACC1D:
-            acc1 += tl.sum(tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32), axis=0)
-        else:
-            acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
-    if ACC1D:
-        acc = acc1
-    else:
-        acc = tl.sum(acc2, axis=0)
+        acc2 += tl.where(keep, x, 0.0)[:, None] * w.to(tl.float32)
+    acc = tl.sum(acc2, axis=0)
     tl.store(Part + pid_s * stride_ps + offs_n, acc, mask=n_ok)
     tl.debug_barrier()  # every thread's partial is written before the ticket is taken
     ticket = tl.atomic_add(Ticket + pid_n, 1, sem="acq_rel")

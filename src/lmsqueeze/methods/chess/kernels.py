@@ -46,7 +46,6 @@ class SpmvConfig:
     tile_reduce: bool = False  # fused / pipe: the last program loads all partials as one tile (one round trip)
     evict: bool = False  # fused: weight loads marked evict-first (each weight byte is read once per call)
     xnext: bool = False  # fused: the next step's x is requested before this step's W tile
-    acc1d: bool = False  # fused: reduce over k every step (fewer registers per program: more programs per SM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +57,10 @@ class GateUpConfig:
     num_warps: int
 
 
-SPMV_CONFIGS_B1 = (  # first: the fastest at Llama-3-8B down_proj and q/o, 30/50/70%, H100 (chess_gpu_h100_v6.json);
-    # a column-blocked weight layout and a preloaded x range were correct but slower there (commit 371f1c3)
+SPMV_CONFIGS_B1 = (  # first: the fastest at Llama-3-8B down_proj and q/o, 30/50/70%, H100 (chess_gpu_h100_v8/v9.json);
+    # a column-blocked weight layout, a preloaded x range (commit 371f1c3), programmatic dependent launch (fcbeb7e)
+    # and a per-step reduction (cbb09bc) were correct but not faster there (chess_gpu_h100_v6/v7/v9.json)
+    SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, evict=True, xnext=True),
     SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, evict=True), SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True),
     SpmvConfig(64, 64, 2, 8, fused=True), SpmvConfig(128, 64, 4, 4), SpmvConfig(256, 32, 4, 4), SpmvConfig(128, 128, 8, 4), SpmvConfig(256, 64, 8, 2),
     SpmvConfig(128, 64, 4, 8), SpmvConfig(64, 128, 4, 4), SpmvConfig(256, 64, 8, 4), SpmvConfig(512, 32, 8, 4),
@@ -104,18 +105,8 @@ SPMV_CONFIGS_TILE_REDUCE = (
 )
 # Fused variants swept by bench_chess_gpu.py; one joins SPMV_CONFIGS_B1 only after a same-run GPU timing shows it faster.
 SPMV_CONFIGS_FUSED_SWEEP = (
-    SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, evict=True, xnext=True),
     SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, xnext=True),
     SpmvConfig(64, 128, 4, 4, fused=True, tile_reduce=True, evict=True, xnext=True),
-    # per-step reduction (ACC1D): 48-72 registers instead of 127 (ptxas, sm_90a), so more programs fit per SM
-    SpmvConfig(64, 64, 2, 14, fused=True, evict=True, xnext=True, acc1d=True),
-    SpmvConfig(64, 64, 2, 12, fused=True, tile_reduce=True, evict=True, xnext=True, acc1d=True),
-    SpmvConfig(64, 64, 4, 10, fused=True, tile_reduce=True, evict=True, xnext=True, acc1d=True),
-    SpmvConfig(64, 64, 4, 8, fused=True, tile_reduce=True, evict=True, xnext=True, acc1d=True),
-    SpmvConfig(64, 128, 4, 7, fused=True, tile_reduce=True, evict=True, xnext=True, acc1d=True),
-    SpmvConfig(64, 128, 8, 4, fused=True, tile_reduce=True, evict=True, xnext=True, acc1d=True),
-    SpmvConfig(64, 256, 8, 4, fused=True, tile_reduce=True, evict=True, xnext=True, acc1d=True),
-    SpmvConfig(128, 64, 4, 7, fused=True, tile_reduce=True, evict=True, xnext=True, acc1d=True),
     SpmvConfig(64, 32, 2, 16, fused=True, tile_reduce=True, evict=True, xnext=True),
 )
 SPMV_CONFIGS_DOT = (
@@ -273,8 +264,7 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
                 x, w_t, part, _tickets(x.device, n_blocks), bias if bias is not None else part, y, K, N, k_per,
                 splits, float(threshold), w_t.stride(0), part.stride(0),
                 BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None,
-                RED_SPLITS=_red_splits(cfg, splits), EVICT=cfg.evict, XNEXT=cfg.xnext, ACC1D=cfg.acc1d,
-                num_warps=cfg.num_warps,
+                RED_SPLITS=_red_splits(cfg, splits), EVICT=cfg.evict, XNEXT=cfg.xnext, num_warps=cfg.num_warps,
             )
             return y
         ts._input_sparse_kernel[(n_blocks, splits)](
