@@ -67,6 +67,7 @@ DECODE_PROBE = ((32, 32, 4, None, 2, 1, False, False), (32, 32, 4, None, 2, 1, F
                 (32, 32, 4, None, 1, 1, False, True), (32, 32, 4, 1, 1, 1, False, True),
                 (128, 32, 4, 2, 3, 1, False, False), (128, 32, 4, 2, 1, 1, False, True),
                 (64, 32, 4, 2, 1, 1, False, True), (32, 16, 4, None, 1, 1, False, True),
+                (32, 32, 8, None, 1, 1, False, True),
                 (32, 32, 4, 1, 1, 4, False, True), (32, 32, 4, 1, 1, 4, True, True))
 # prefill centroid scoring: (queries, centroids per tile, warps, stages); the first is the previous default
 PREFILL_SCORES_SWEEP = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),

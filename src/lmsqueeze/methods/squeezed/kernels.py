@@ -47,7 +47,10 @@ PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
 DECODE_FUSED_MERGE = False
 _TICKETS: dict = {}
 # decode tile loop with K+V requested together and the next tile prefetched (untimed: bench_squeezed.py --sections
-# probe times it against the default; the v3 probe found each block of clusters costs ~8 us of serial latency)
+# probe times it against the default; the v3 probe found each block of clusters costs ~8 us of serial latency).
+# The decode kernels get no cp.async pipelining from Triton (plain ld.global: num_stages changes nothing), so this
+# is the only way to keep two tiles in flight. Registers (Triton 3.9 PTX, ptxas sm_90a, 32x32 tiles): default 168
+# at 4 warps / 128 at 8; prefetch 254 at 4 warps, 128 at 8 warps or with 16-key tiles.
 DECODE_PREFETCH = False
 
 
