@@ -473,7 +473,7 @@ def kernel_bench(run: Run, dev: torch.device, preset) -> None:
                                                                                    x["starts"]))
     variants = {"bisect": dict(split=False, radix=False), "split": dict(split=True, radix=False),
                 "radix": dict(radix=True), "bisect16": dict(algo="bisect16"),
-                "bisect16_mark": dict(algo="bisect16_mark")}
+                "bisect16_mark": dict(algo="bisect16_mark"), "bisect16v_mark": dict(algo="bisect16v_mark")}
     sel_rows, sel_ok = {}, {}
     for name, kw in variants.items():
         if dev.type == "cuda":

@@ -10,8 +10,7 @@ from lmsqueeze.methods.a2ats.kernels import band_edge_tensor, code_append_triton
 from lmsqueeze.methods.a2ats.reference import code_append_reference, select_codes_reference
 
 
-@pytest.mark.parametrize("G,C,dtype,ties", [(4, 64, torch.float32, False), (4, 64, torch.float16, True),
-                                            (3, 37, torch.float16, False), (1, 50, torch.float32, True),
+@pytest.mark.parametrize("G,C,dtype,ties", [(4, 64, torch.float16, True), (3, 37, torch.float32, False),
                                             (2, 1100, torch.float16, False)])
 def test_radix_select_equals_reference(G, C, dtype, ties):
     """16-way search per head + union == the sorted reference: fp32 (32-bit keys) and fp16 (16-bit keys),
@@ -104,7 +103,7 @@ def test_fused_assign_append_equals_reference(B, Hkv, D, C, bands):
         assert torch.equal(state[1], want) and torch.equal(state[2], counted), n
 
 
-@pytest.mark.parametrize("algo", ["bisect16", "bisect16_mark"])
+@pytest.mark.parametrize("algo", ["bisect16", "bisect16_mark", "bisect16v_mark"])
 @pytest.mark.parametrize("G,C,dtype,ties", [(4, 64, torch.float16, True), (3, 37, torch.float32, False),
                                             (2, 300, torch.float16, False), (1, 50, torch.float32, True)])
 def test_bisect16_select_equals_reference(algo, G, C, dtype, ties):
@@ -142,3 +141,22 @@ def test_fused_band_lookup_table_equals_reference(B, Hkv, G, D, NB, dtype):
     assert got.shape == want.shape == (B, Hkv, G, NB * C)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 3e3])
+def test_value_bisection_on_awkward_ranges(dtype, scale):
+    """The value-first bisection stays exact on tiny, unit and huge scores, infinities and constant rows."""
+    B, Hkv, G, C = 2, 2, 2, 90
+    lut = torch.randn(B, Hkv, G, C) * scale
+    lut[0, 0, 0, 3] = float("inf")
+    lut[0, 1, 1, :10] = float("-inf")
+    lut[1, 0, 0] = 0.5  # one value for the whole head: everything with a count is kept
+    lut = lut.to(dtype)
+    counts = torch.randint(0, 4, (B, Hkv, C), dtype=torch.int32)
+    lengths = torch.tensor([300, 120], dtype=torch.int32)
+    starts = torch.zeros(B, dtype=torch.int32)
+    for ratio in (0.02, 0.2, 1.0):
+        got = select_codes_triton(lut, counts, lengths, starts, ratio, algo="bisect16v_mark")
+        want = select_codes_reference(lut, counts, retrieval.tokens_to_keep(ratio, lengths, starts))
+        assert torch.equal(got.bool(), want), ratio

@@ -13,6 +13,9 @@ memset) instead of a union launch that re-reads the table.
 
 `_band_query_kernel`, grid (B * Hq,): the band-rotated queries in the lookup table's bmm layout and dtype.
 
+`_bisect_value_kernel`, grid (B * Hkv, G): the marking bisection over the data's own key range, splitting
+the value interval first and stopping at one key (fewer passes on clustered scores; exact on any data).
+
 `_assign_partial_kernel`, grid (Hkv, cdiv(C, 64)): the new keys' assignment scores (float32, IEEE dot) for a
 block of codewords, reduced in registers to the block's max and argmax (no [Hkv, B, C] score array).
 
@@ -174,6 +177,78 @@ def _bisect_head_kernel(Lut, Counts, Lengths, Starts, Ratio, Thr, Sel,
         tl.store(Sel + b.to(tl.int64) * stride_sb + h * stride_sh + offs[None, :], one, mask=take)
     else:
         tl.store(Thr + pid.to(tl.int64) * G + g + tl.arange(0, 1), lo)
+
+
+@triton.jit
+def _key_value(key, LUT_DTYPE: tl.constexpr, KEY16: tl.constexpr):
+    """The float32 value of an order key (inverse of `_order_key`; the map is its own inverse on the bits)."""
+    if KEY16:
+        bits = key ^ ((key >> 15) & 0x7FFF)
+        return bits.to(tl.int16).to(LUT_DTYPE, bitcast=True).to(tl.float32)
+    else:
+        bits = key ^ ((key >> 31) & 0x7FFFFFFF)
+        return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bisect_value_kernel(Lut, Counts, Lengths, Starts, Ratio, Sel,
+                         stride_lb, stride_lh, stride_lg, stride_cb, stride_ch, stride_sb, stride_sh, C,
+                         HKV: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr, KEY16: tl.constexpr,
+                         VALUE_PASSES: tl.constexpr, SENTINEL: tl.constexpr):
+    """`_bisect_head_kernel` (MARK) with a data-bounded search: the key range starts at [min, max] of the
+    head's scores, the first VALUE_PASSES splits halve the *value* interval (scores cluster in a few
+    binades, where key-space halving spends passes on the exponent), the rest halve the key interval, and the
+    loop stops as soon as one key is left. Any split point in (lo, hi] keeps the invariant, so the result is
+    the exact kth-largest key whatever the data (at most VALUE_PASSES + 16 passes for a 16-bit table)."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    b = pid // HKV
+    h = pid % HKV
+    offs = tl.arange(0, BLOCK_C)
+    cm = offs < C
+    lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + g * stride_lg
+    cnt = tl.load(Counts + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + offs, mask=cm, other=0)
+    vals = tl.load(lut + offs, mask=cm, other=0.0)
+    key = _order_key(vals, KEY16)
+    total = tl.sum(cnt, 0)
+    n = (tl.load(Lengths + b) - tl.load(Starts + b)).to(tl.float64)
+    kth = tl.minimum((n * tl.load(Ratio)).to(tl.int32), total)
+    lo = tl.min(tl.where(cm, key, 2147483647), 0).to(tl.int64)  # count(keys >= lo) = total >= kth
+    hi = tl.max(tl.where(cm, key, -2147483648), 0).to(tl.int64)  # count(keys > hi) = 0 < kth (kth >= 1)
+    it = tl.program_id(0) * 0  # a loop-carried int32 scalar
+    while lo < hi:
+        v = _key_value(lo.to(tl.int32), Lut.dtype.element_ty, KEY16) * 0.5 + \
+            _key_value(hi.to(tl.int32), Lut.dtype.element_ty, KEY16) * 0.5
+        v_mid = _order_key(v.to(Lut.dtype.element_ty), KEY16).to(tl.int64)
+        k_mid = lo + (hi - lo + 1) // 2
+        mid = tl.where(it < VALUE_PASSES, v_mid, k_mid)
+        mid = tl.minimum(tl.maximum(mid, lo + 1), hi)  # a split point in (lo, hi]: progress, invariant kept
+        c = tl.sum(tl.where(key >= mid.to(tl.int32), cnt, 0), 0)
+        ok = c >= kth
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+        it += 1
+    lo = tl.where(kth > 0, lo, SENTINEL)
+    take = (key.to(tl.int64) >= lo) & cm
+    tl.store(Sel + b.to(tl.int64) * stride_sb + h * stride_sh + offs, tl.full([BLOCK_C], 1, tl.int8), mask=take)
+
+
+VALUE_PASSES = 10  # value-midpoint splits of `_bisect_value_kernel` before key-midpoint ones
+
+
+def bisect_value_select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor,
+                               starts: torch.Tensor, ratio: torch.Tensor, sel: torch.Tensor) -> None:
+    """Same contract as `radix_select_launch`: a memset of sel, then `_bisect_value_kernel` (one launch)."""
+    B, Hkv, G, C = lut.shape
+    key16 = lut.element_size() == 2
+    block_c = triton.next_power_of_2(C)
+    sel.zero_()
+    _bisect_value_kernel[(B * Hkv, G)](
+        lut, counts, lengths, starts, ratio, sel,
+        lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1), sel.stride(0),
+        sel.stride(1), C, HKV=Hkv, G=G, BLOCK_C=block_c, KEY16=key16, VALUE_PASSES=VALUE_PASSES,
+        SENTINEL=1 << (15 if key16 else 31), num_warps=BISECT_WARPS or max(4, min(8, block_c // 1024)),
+    )
 
 
 def bisect_select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor,

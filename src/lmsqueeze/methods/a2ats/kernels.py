@@ -110,7 +110,8 @@ def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
     of `_triton_a2ats` (wide/split); None: `algo` (None: "bisect" when wide or split is given, else
     SELECT_ALGO) picks: "radix", "bisect16" (bisection
     per query head, 16-bit keys for 16-bit tables, then the union), "bisect16_mark" (same, each head marking
-    sel directly after a memset), or "bisect" (`_triton_a2ats`, wide/split)."""
+    sel directly after a memset), "bisect16v_mark" (same over the data's key range, value-midpoint splits
+    first, stopping at one key; not yet timed on the GPU), or "bisect" (`_triton_a2ats`, wide/split)."""
     _check_select(lut, counts, lengths, starts)
     from lmsqueeze.methods.a2ats._triton_a2ats import select_launch
 
@@ -133,6 +134,11 @@ def select_codes_triton(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
         from lmsqueeze.methods.a2ats._triton_fast import radix_select_launch
 
         radix_select_launch(lut, counts, lengths, starts, ratio, out)
+        return out
+    if radix is None and algo == "bisect16v_mark":
+        from lmsqueeze.methods.a2ats._triton_fast import bisect_value_select_launch
+
+        bisect_value_select_launch(lut, counts, lengths, starts, ratio, out)
         return out
     if radix is None and algo in ("bisect16", "bisect16_mark"):
         from lmsqueeze.methods.a2ats._triton_fast import bisect_select_launch
