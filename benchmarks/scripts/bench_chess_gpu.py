@@ -273,6 +273,45 @@ def sweep_rows(bw: float) -> list[dict]:
     return rows
 
 
+# 2c. repeated default-vs-cuBLAS measurement ------------------------------------------------------------------
+def repeat_rows(bw: float, repeats: int = 9) -> list[dict]:
+    """The batch-1 default config (SPMV_CONFIGS_B1[0]) at down_proj 50% against cuBLAS, `repeats` times with a
+    fresh random input each time (a new 50% mask), each a same-run pair of graph timings (median of 30 replays);
+    the spread of these ratios is the run-to-run noise of the headline number."""
+    rows = []
+    dt = torch.bfloat16
+    H, I = MLP
+    n = _copies(I * H * 2)
+    ws = [(torch.randn(H, I, device=DEV) * 0.02).to(dt) for _ in range(n)]
+    wts = [w.t().contiguous() for w in ws]
+    cfg = K.SPMV_CONFIGS_B1[0]
+    outs = [None]
+    for r in range(repeats):
+        x = sparse_x(1, I, 0.5, dt)
+
+        def dense():
+            for w in ws:
+                outs[0] = F.linear(x, w)
+
+        def sparse():
+            for wt in wts:
+                outs[0] = K.input_sparse_matvec_triton(x, wt, 0.0, None, config=cfg)
+
+        err = rel(K.input_sparse_matvec_triton(x, wts[0], 0.0, None, config=cfg), F.linear(x.float(), ws[0].float()))
+        td = time_cuda(dense, warmup=5, iters=ITERS, calls_per_iter=n)
+        ts = time_cuda(sparse, warmup=5, iters=ITERS, calls_per_iter=n)
+        need = int((x != 0).any(0).sum())
+        rows.append(timing_row("chess-triton", ts, baseline="cublas-dense", baseline_timing=td, bytes_moved=need * H * 2,
+                               peak_tb_per_s=bw, kernel="down_proj", K=I, N=H, batch=1, sparsity=0.5, repeat=r,
+                               rows_read_frac=need / I, config=str(cfg), rel_err_vs_fp32=err, ok=err < TOL[dt]))
+    ws = wts = None
+    torch.cuda.empty_cache()
+    ratios = sorted(r["speedup"] for r in rows)
+    print(f"[repeat] down_proj 50% default vs cuBLAS, {repeats} pairs: median {ratios[len(ratios) // 2]:.3f}x, "
+          f"min {ratios[0]:.3f}x, max {ratios[-1]:.3f}x", flush=True)
+    return rows
+
+
 # 3. decode step --------------------------------------------------------------------------------------------
 def _sparsity_probe(model):
     """Hooks that record, for the next forward, the fraction of weight bytes each sparse module can skip."""
@@ -395,7 +434,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--length", type=int, default=1024)
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: check,sweep,gemv,decode")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: check,sweep,gemv,repeat,decode")
     ap.add_argument("--name", default="chess_gpu_h100.json", help="result file name under --out")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter): a dry run")
     args = ap.parse_args()
@@ -414,6 +453,7 @@ def main() -> None:
     parts = (("check", lambda: extra.__setitem__("checks", check_kernels())),
              ("sweep", lambda: extra.__setitem__("sweep", sweep_rows(bw))),
              ("gemv", lambda: rows.extend(gemv_rows(bw))),
+             ("repeat", lambda: extra.__setitem__("repeat", repeat_rows(bw))),
              ("decode", lambda: _decode(rows, extra, bw, args.layers, args.length)))
     for name, fn in parts:
         if name in skip:

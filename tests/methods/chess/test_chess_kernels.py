@@ -210,8 +210,6 @@ def test_pipe_depth_is_validated():
     (301, 512, torch.float32, 0.5, SpmvConfig(16, 16, 2, 1, fused=True, evict=True)),  # 4 splits of 5 steps
     (301, 512, torch.float32, 0.5, SpmvConfig(16, 16, 2, 1, fused=True, tile_reduce=True, xnext=True)),
     (333, 256, torch.float16, 0.3, SpmvConfig(16, 32, 2, 1, fused=True, evict=True, xnext=True)),  # 6 steps, odd K
-    (301, 512, torch.float32, 0.5, SpmvConfig(16, 32, 2, 1, tile_reduce=True, halves=True)),  # 3 steps, short last
-    (1000, 70, torch.float16, 0.3, SpmvConfig(32, 16, 2, 4, evict=True, halves=True)),
 ])
 def test_tile_reduce_matches_reference(K, N, dtype, threshold, cfg):
     from lmsqueeze.methods.chess import kernels

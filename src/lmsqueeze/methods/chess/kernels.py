@@ -46,7 +46,6 @@ class SpmvConfig:
     tile_reduce: bool = False  # fused / pipe: the last program loads all partials as one tile (one round trip)
     evict: bool = False  # fused: weight loads marked evict-first (each weight byte is read once per call)
     xnext: bool = False  # fused: the next step's x is requested before this step's W tile
-    halves: bool = False  # batch 1: the fused kernel with x prefetch, each step as two half tiles (fewer registers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +59,8 @@ class GateUpConfig:
 
 SPMV_CONFIGS_B1 = (  # first: the fastest at Llama-3-8B down_proj and q/o, 30/50/70%, H100 (chess_gpu_h100_v8/v9.json);
     # a column-blocked weight layout, a preloaded x range (commit 371f1c3), programmatic dependent launch (fcbeb7e)
-    # and a per-step reduction (cbb09bc) were correct but not faster there (chess_gpu_h100_v6/v7/v9.json)
+    # a per-step reduction (cbb09bc) and half-tile steps (71ff35f) were correct but not faster there
+    # (chess_gpu_h100_v6/v7/v9/v10.json)
     SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, evict=True, xnext=True),
     SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, evict=True), SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True),
     SpmvConfig(64, 64, 2, 8, fused=True), SpmvConfig(128, 64, 4, 4), SpmvConfig(256, 32, 4, 4), SpmvConfig(128, 128, 8, 4), SpmvConfig(256, 64, 8, 2),
@@ -109,9 +109,6 @@ SPMV_CONFIGS_FUSED_SWEEP = (
     SpmvConfig(64, 64, 2, 8, fused=True, tile_reduce=True, xnext=True),
     SpmvConfig(64, 128, 4, 4, fused=True, tile_reduce=True, evict=True, xnext=True),
     SpmvConfig(64, 32, 2, 16, fused=True, tile_reduce=True, evict=True, xnext=True),
-    SpmvConfig(64, 64, 2, 10, tile_reduce=True, evict=True, halves=True),
-    SpmvConfig(64, 64, 2, 8, tile_reduce=True, evict=True, halves=True),
-    SpmvConfig(64, 128, 4, 5, tile_reduce=True, evict=True, halves=True),
 )
 SPMV_CONFIGS_DOT = (
     SpmvConfig(128, 64, 4, 4), SpmvConfig(64, 64, 4, 4), SpmvConfig(128, 32, 4, 8), SpmvConfig(256, 64, 8, 2),
@@ -260,19 +257,6 @@ def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: fl
                 splits, float(threshold), w_t.stride(0), part.stride(0),
                 BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, SCAN=min(1024, _next_pow2(k_per)),
                 HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
-            )
-            return y
-        if cfg.halves and BB == 1:
-            from lmsqueeze.methods.chess import _triton_sparse_halves as th
-
-            if cfg.block_k % 2:
-                raise LmsqueezeError(f"SpmvConfig.halves needs an even block_k, got {cfg.block_k}")
-            y = torch.empty(B, N, dtype=x.dtype, device=x.device)
-            th._input_sparse_b1_halves_kernel[(n_blocks, splits)](
-                x, w_t, part, _tickets(x.device, n_blocks), bias if bias is not None else part, y, K, N, k_per,
-                splits, float(threshold), w_t.stride(0), part.stride(0),
-                BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, HAS_BIAS=bias is not None,
-                RED_SPLITS=_red_splits(cfg, splits), EVICT=cfg.evict, num_warps=cfg.num_warps,
             )
             return y
         if cfg.fused and BB == 1:
