@@ -98,9 +98,9 @@ def prefill_rows(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: 
 # 'chunk' prefill selection without a host sync (prefill_rows): 1.49 ms vs 1.69 ms with the sync for a 1K-token
 # chunk against 128K (eager, same scoring and attention configs, same rows; H100, squeezed_decode_h100_v3.json)
 PREFILL_SYNC_FREE = True
-# rows_from_clusters instead of mask_to_index over all N rows: identical lists, untimed on the GPU (off until a
-# same-run timing: bench_squeezed.py prefill section times both)
-PREFILL_ROWS_FROM_CLUSTERS = False
+# rows_from_clusters instead of mask_to_index over all N rows: identical lists; 1.347 vs 1.510 ms eager and 1.272
+# vs 1.444 ms in a CUDA graph for the whole 1K-token prefill against 128K (H100, same run, squeezed_decode_h100_v4.json)
+PREFILL_ROWS_FROM_CLUSTERS = True
 REFERENCE_SCORES = 1 << 24   # off the GPU, per-token prefill attends at most this many (query head, token, row) scores at once
 
 
