@@ -100,21 +100,27 @@ def render() -> str:
          ("SDPA ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f"), ("TB/s", "tb_per_s", ".2f"),
          ("bits/elt read", "bits_per_element_read", ".3f")])
     lines += rows_table(
-        newest("chess_gpu_h100_v5.json", "chess_gpu_h100_v4.json", "chess_gpu_h100_v3.json", "chess_gpu_h100_v2.json"), "CHESS sparse GEMV and decode step vs dense (H100)",
+        newest("chess_gpu_h100_v10.json", "chess_gpu_h100_v5.json", "chess_gpu_h100_v4.json", "chess_gpu_h100_v3.json"), "CHESS sparse GEMV and decode step vs dense (H100)",
         [("kernel", "kernel", ""), ("batch", "batch", "d"), ("sparsity", "sparsity", ".2f"), ("method", "method", ""),
          ("ms", "ms", ".4f"), ("dense ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: r.get("batch") == 1)
     lines += rows_table(
-        "squeezed_decode_h100.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
+        "squeezed_decode_h100_v2.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
         [("context", "context", "d"), ("batch", "batch", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
          ("baseline ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
-        keep=lambda r: "ms" in r)
+        keep=lambda r: "ms" in r and not r["method"].startswith("prefill"))
     lines += rows_table(
-        "squeezed_prefill_token_h100.json",
-        "Squeezed Attention prefill: 1K user tokens vs a 128K fixed context, 90% sparsity (H100)",
-        [("method", "method", ""), ("prefill rule", "prefill", ""), ("ms", "ms", ".3f"),
-         ("dense ms", "baseline_ms", ".3f"), ("speedup", "speedup", ".2f"), ("keys read", "kept_fraction", ".3f"),
-         ("per-block union read", "union_kept_fraction", ".3f")])
+        "squeezed_decode_h100_v4.json",
+        "Squeezed Attention prefill: 1K user tokens vs a 128K fixed context, 90% sparsity (H100; `_graph` rows and "
+        "their baseline are CUDA graphs)",
+        [("method", "method", ""), ("ms", "ms", ".3f"), ("dense ms", "baseline_ms", ".3f"), ("speedup", "speedup", ".2f"),
+         ("keys read", "kept_fraction", ".3f")],
+        keep=lambda r: r["method"].startswith("prefill"))
+    lines += rows_table(
+        "a2ats_serving_h100_v3c.json", "A²ATS serving vs dense on the GPU (Llama-3-8B shape, ratio 3%, H100)",
+        [("context", "length", "d"), ("method", "method", ""), ("batch", "batch", "d"), ("ms / step", "ms", ".2f"),
+         ("tokens/s", "tokens_per_s", ".1f"), ("vs dense", "speedup", ".2f")],
+        keep=lambda r: r.get("part") == "serving")
     lines += generic_sections()
     return "\n".join(lines).rstrip() + "\n"
 
