@@ -24,7 +24,7 @@ this query keeps exactly 10% of the keys.
     # v3 (decode probe: blocks per program, keep-nothing fixed cost, registers; prefill; all model checks):
     python benchmarks/scripts/bench_squeezed.py --out squeezed_decode_h100_v3.json --sections checks,probe,prefill \
         --budget-s 265 --check-kernels fused_decode_bpp,prefill_scores,indexed_attention --model-checks-last
-    # next: the same v3 command times the untimed opt-ins (DECODE_PROBE prefetch rows, rows_from_clusters)
+    # v4 (the same v3 command at ced64f2: next-tile prefetch and rows_from_clusters timed)
     python benchmarks/scripts/bench_squeezed.py --plot-from benchmarks/results/squeezed_decode_h100.json \
         --plot benchmarks/plots/squeezed_decode_h100.png
 """
@@ -60,15 +60,11 @@ DECODE_SWEEP = ((32, 32, 4, 2, 2, True), (32, 32, 4, 1, 2, True), (64, 32, 4, 1,
                 (128, 64, 8, 1, 3, True), (256, 32, 4, 1, 3, True), (256, 64, 8, 1, 3, True),
                 (128, 32, 4, 2, 3, True), (256, 64, 8, 2, 3, True), (64, 64, 8, 1, 3, True))
 # decode probe (separate merge): (clusters per program, keys per tile, warps, programs per block or None: the
-# previous default's rule, stages); the first is the previous default
-# + blocks of clusters per program (strided, one softmax and one partial for all) and the in-kernel merge
-# + the tile loop that prefetches the next tile (last element); the v3 run had no prefetch entries
-DECODE_PROBE = ((32, 32, 4, None, 2, 1, False, False), (32, 32, 4, None, 2, 1, False, True),
-                (32, 32, 4, None, 1, 1, False, True), (32, 32, 4, 1, 1, 1, False, True),
-                (128, 32, 4, 2, 3, 1, False, False), (128, 32, 4, 2, 1, 1, False, True),
-                (64, 32, 4, 2, 1, 1, False, True), (32, 16, 4, None, 1, 1, False, True),
-                (32, 32, 8, None, 1, 1, False, True),
-                (32, 32, 4, 1, 1, 4, False, True), (32, 32, 4, 1, 1, 4, True, True))
+# previous default's rule, stages, blocks of clusters per program, in-kernel merge); the first is the previous
+# default; blocks per program are strided, one softmax and one partial for all
+DECODE_PROBE = ((32, 32, 4, None, 2, 1, False), (128, 32, 4, 2, 3, 1, False),
+                (32, 32, 4, 1, 1, 4, False), (32, 32, 4, 1, 1, 4, True))
+# (v4 also timed a tile loop that prefetched the next tile: slower at every config, removed from the kernel)
 # prefill centroid scoring: (queries, centroids per tile, warps, stages); the first is the previous default
 PREFILL_SCORES_SWEEP = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),
                         (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 4))
@@ -568,9 +564,9 @@ def bench_decode_probe(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     attn_bytes = kept_rows * D * 2 * 2 + HKV * LOCAL * D * 4 + HQ * C * 4 + HKV * (C + 2) * 4
     ns_prev = 2 if -(-(C + 1) // 32) <= 64 else 1
     sweep, best = [], None
-    for bc, bn, w, ns, st, bpp, fu, pf in DECODE_PROBE:
+    for bc, bn, w, ns, st, bpp, fu in DECODE_PROBE:
         kw = {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": ns or ns_prev, "num_stages": st,
-              "fused_merge": fu, "blocks_per_program": bpp, "prefetch": pf}
+              "fused_merge": fu, "blocks_per_program": bpp}
         r_ = dict(kw)
         try:
             oo, _, kk = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
@@ -599,7 +595,7 @@ def bench_decode_probe(N: int, dev, iters: int) -> tuple[list[dict], dict]:
             best = (kw, t)
     extra["attention_sweep"] = sweep
     prev_kw = {"block_c": 32, "block_n": 32, "num_warps": 4, "sub_splits": ns_prev, "num_stages": 2,
-               "fused_merge": False, "blocks_per_program": 1, "prefetch": False}
+               "fused_merge": False, "blocks_per_program": 1}
     # the in-kernel merge leaves its tickets at 0: repeated calls of the fastest config agree with the reference
     reps = [K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk, lv, lengths,
                                      sc, **best[0])[0] for _ in range(3)]

@@ -69,24 +69,6 @@ def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IE
 
 
 @triton.jit
-def _softmax_kv(q, k, v, vis, scale_log2, m_i, l_i, acc, IEEE_DOT: tl.constexpr):
-    """`_softmax_tile` on tiles already loaded (k, v: [BLOCK_N, BLOCK_D]): lets a caller issue the next tile's
-    loads before this tile's math."""
-    qk = _dot(q, tl.trans(k), IEEE_DOT)
-    qk = tl.where(vis, qk * scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    pr = tl.exp2(qk - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(pr, 1)
-    if IEEE_DOT:
-        pv = tl.dot(pr, v, input_precision="ieee")
-    else:
-        pv = tl.dot(pr.to(v.dtype), v)
-    return m_new, l_i, acc * alpha[:, None] + pv
-
-
-@triton.jit
 def _kept_rows(base, p, ends, us):
     """Rows of the kept positions p of a block: base + p + (unkept keys of the clusters whose kept prefix ends at
     or before p). ends: inclusive cumsum of the kept sizes, us: unkept sizes, both [BLOCK_C]."""
@@ -232,7 +214,7 @@ def _squeezed_decode_kernel(
     BLOCK_CH: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, NSUB: tl.constexpr = 1,
     Ticket=None, Out=None, OutLse=None, stride_outb=0, stride_outh=0,
     FUSE_MERGE: tl.constexpr = False, BLOCK_GM: tl.constexpr = 2, BLOCK_S: tl.constexpr = 8,
-    NSPP=0, BPP: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
+    NSPP=0, BPP: tl.constexpr = 1,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -276,39 +258,17 @@ def _squeezed_decode_kernel(
                 ends = tl.cumsum(ks, 0)                                  # kept keys up to and including j
                 total = tl.sum(ks, 0)
                 base = tl.load(o_base + cb * BLOCK_C)
-                if PREFETCH:
-                    # K and V of a tile requested together, and the next tile's before this tile's math: two
-                    # tiles in flight per program (the last prefetch is masked off: no memory read)
-                    step = NSUB * BLOCK_N
-                    p = sub * BLOCK_N + offs_n
+                for t0 in range(sub * BLOCK_N, total, NSUB * BLOCK_N):
+                    p = t0 + offs_n
                     p_mask = p < total
-                    rows = _kept_rows(base, p, ends, us)
-                    kv_mask = p_mask[:, None] & d_mask[None, :]
-                    k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-                    v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-                    for t0 in range(sub * BLOCK_N, total, step):
-                        pn = t0 + step + offs_n
-                        pn_mask = pn < total
-                        rows_n = _kept_rows(base, pn, ends, us)
-                        kvn_mask = pn_mask[:, None] & d_mask[None, :]
-                        k_n = tl.load(k_base + rows_n[:, None] * stride_kn + offs_d[None, :], mask=kvn_mask,
-                                      other=0.0)
-                        v_n = tl.load(v_base + rows_n[:, None] * stride_vn + offs_d[None, :], mask=kvn_mask,
-                                      other=0.0)
-                        m_i, l_i, acc = _softmax_kv(q, k, v, p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
-                        k, v, p_mask = k_n, v_n, pn_mask
-                else:
-                    for t0 in range(sub * BLOCK_N, total, NSUB * BLOCK_N):
-                        p = t0 + offs_n
-                        p_mask = p < total
-                        rows = _kept_rows(base, p, ends, us)                 # int32: N * D < 2**31
-                        if BLOCK_D == D:
-                            kv_mask = p_mask[:, None]
-                        else:
-                            kv_mask = p_mask[:, None] & d_mask[None, :]
-                        m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
-                                                      v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
-                                                      p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
+                    rows = _kept_rows(base, p, ends, us)                 # int32: N * D < 2**31
+                    if BLOCK_D == D:
+                        kv_mask = p_mask[:, None]
+                    else:
+                        kv_mask = p_mask[:, None] & d_mask[None, :]
+                    m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
+                                                  v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
+                                                  p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
                 if sub == 0:
                     tl.store(Kept + pid_bh * NSP + cb, total)
     else:

@@ -46,12 +46,9 @@ PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
 # so off. Wider cluster ranges per program (64-256) and several blocks per program were slower too (v2, v3).
 DECODE_FUSED_MERGE = False
 _TICKETS: dict = {}
-# decode tile loop with K+V requested together and the next tile prefetched (untimed: bench_squeezed.py --sections
-# probe times it against the default; the v3 probe found each block of clusters costs ~8 us of serial latency).
-# The decode kernels get no cp.async pipelining from Triton (plain ld.global: num_stages changes nothing), so this
-# is the only way to keep two tiles in flight. Registers (Triton 3.9 PTX, ptxas sm_90a, 32x32 tiles): default 168
-# at 4 warps / 128 at 8; prefetch 254 at 4 warps, 128 at 8 warps or with 16-key tiles.
-DECODE_PREFETCH = False
+# A decode tile loop that requested the next tile's K and V before this tile's math (two tiles in flight; the
+# kernels get no cp.async pipelining from Triton) was correct but slower on the H100 (32K: 19.1 vs 17.1 us, 128K:
+# 42.3 vs 37.5 us at the default tiles; squeezed_decode_h100_v4.json, probe_*.attention_sweep) and was removed.
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
@@ -181,8 +178,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
                            local_splits: int | None = None, num_warps: int = 4, num_stages: int = DECODE_STAGES,
                            count_kept: bool = True, sub_splits: int | None = None,
                            merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
-                           fused_merge: bool | None = None, blocks_per_program: int | None = None,
-                           prefetch: bool | None = None):
+                           fused_merge: bool | None = None, blocks_per_program: int | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
     None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
     of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`.
@@ -191,8 +187,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     (to time the parts). fused_merge (None: DECODE_FUSED_MERGE): the split kernel merges its own partials (the
     last program of each (sequence, KV head), by an atomic ticket): one launch. blocks_per_program: blocks of
     clusters one program reads in turn (strided: j, j + NSP/bpp, ..), one online softmax and one partial for all:
-    q and log Z loaded once, fewer partials to merge. prefetch (None: DECODE_PREFETCH): K and V of a tile
-    requested together and the next tile's before this tile's math (two tiles in flight per program)."""
+    q and log Z loaded once, fewer partials to merge."""
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
     B, Hq, D = q.shape
@@ -236,7 +231,6 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         stride_outh=out.stride(1) if fuse else 0, HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q), NSUB=sub_splits,
         FUSE_MERGE=fuse, BLOCK_GM=max(2, _pow2(G)), BLOCK_S=8, NSPP=nspp, BPP=bpp,
-        PREFETCH=DECODE_PREFETCH if prefetch is None else bool(prefetch),
         num_warps=num_warps, num_stages=num_stages,
     )
     if partials_only:
