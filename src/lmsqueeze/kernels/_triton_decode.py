@@ -95,13 +95,24 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _pdl_prologue(PDL: tl.constexpr):
+    """Programmatic dependent launch (kernels launched with launch_pdl=True, Hopper+): wait until the previous
+    grid has completed and its writes are visible, then let the next grid's programs be scheduled early (they
+    wait the same way), so the launch gap between small kernels is hidden. No-op when PDL is False."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _merge_splits_kernel(
     MidO, MidLse, Out, Lse, stride_ob, stride_oh, num_splits,
     HQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    WRITE_LSE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Grid (B * Hq, cdiv(D, BLOCK_D)): each program merges BLOCK_D dims of one head (the split weights are
     recomputed by every program: num_splits floats); the first writes the merged log-sum-exp."""
+    _pdl_prologue(PDL)
     pid = tl.program_id(0)  # = b * HQ + h
     dblk = tl.program_id(1)
     b = pid // HQ

@@ -34,6 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lmsqueeze.kernels._triton_decode import _pdl_prologue
+
 LN2 = 0.6931471805599453
 
 
@@ -133,7 +135,9 @@ def _centroid_scores_kernel(
     C, scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE_DOT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    _pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     chunk = tl.program_id(1)
     b = pid_bh // HKV
@@ -214,8 +218,9 @@ def _squeezed_decode_kernel(
     BLOCK_CH: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, NSUB: tl.constexpr = 1,
     Ticket=None, Out=None, OutLse=None, stride_outb=0, stride_outh=0,
     FUSE_MERGE: tl.constexpr = False, BLOCK_GM: tl.constexpr = 2, BLOCK_S: tl.constexpr = 8,
-    NSPP=0, BPP: tl.constexpr = 1,
+    NSPP=0, BPP: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
+    _pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.kernels.pdl import pdl_options
 from lmsqueeze.methods.squeezed.reference import (
     centroid_scores_reference,
     fine_scores_reference,
@@ -45,6 +46,10 @@ PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
 # default tiles 26.4 vs 16.7 us at 32K, 56.6 vs 37.6 us at 128K; squeezed_decode_h100_v2.json, decode_sweep),
 # so off. Wider cluster ranges per program (64-256) and several blocks per program were slower too (v2, v3).
 DECODE_FUSED_MERGE = False
+# Programmatic dependent launch for the decode path's kernels (centroid scores, split attention, merge: Hopper+,
+# `lmsqueeze.kernels.pdl`): each kernel's programs are scheduled while the previous one finishes. Off until a
+# same-run H100 timing (bench_squeezed.py decode section, row squeezed_decode_flat_pdl) shows it faster.
+DECODE_PDL = False
 _TICKETS: dict = {}
 # A decode tile loop that requested the next tile's K and V before this tile's math (two tiles in flight; the
 # kernels get no cp.async pipelining from Triton) was correct but slower on the H100 (32K: 19.1 vs 17.1 us, 128K:
@@ -99,7 +104,7 @@ def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: tor
         scores.stride(0), scores.stride(1), lse.stride(0), lse.stride(1),
         C, float(scaling),
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_C=chunk, IEEE_DOT=_ieee(q),
-        num_warps=num_warps,
+        num_warps=num_warps, **pdl_options(DECODE_PDL, q.device),
     )
     return scores, lse
 
@@ -231,7 +236,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         stride_outh=out.stride(1) if fuse else 0, HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q), NSUB=sub_splits,
         FUSE_MERGE=fuse, BLOCK_GM=max(2, _pow2(G)), BLOCK_S=8, NSPP=nspp, BPP=bpp,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_options(DECODE_PDL, q.device),
     )
     if partials_only:
         return mid_o, mid_lse
@@ -255,6 +260,7 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, dtype: torch.dtype,
     _merge_splits_kernel[(B * Hq, -(-D // block_d))](
         mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), S,
         HQ=Hq, D=D, BLOCK_S=bs, BLOCK_D=block_d, WRITE_LSE=True, num_warps=4 if bs * block_d <= 8192 else 8,
+        **pdl_options(DECODE_PDL, mid_o.device),
     )
     return out, lse
 
