@@ -47,9 +47,9 @@ PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
 # so off. Wider cluster ranges per program (64-256) and several blocks per program were slower too (v2, v3).
 DECODE_FUSED_MERGE = False
 # Programmatic dependent launch for the decode path's kernels (centroid scores, split attention, merge: Hopper+,
-# `lmsqueeze.kernels.pdl`): each kernel's programs are scheduled while the previous one finishes. Off until a
-# same-run H100 timing (bench_squeezed.py decode section, row squeezed_decode_flat_pdl) shows it faster.
-DECODE_PDL = False
+# `lmsqueeze.kernels.pdl`): each kernel's programs are scheduled while the previous one finishes. H100, same run,
+# graphed: 20.1 vs 21.3 us at 32K, 45.0 vs 46.0 us at 128K, outputs bit-identical (squeezed_decode_h100_v5.json).
+DECODE_PDL = True
 _TICKETS: dict = {}
 # A decode tile loop that requested the next tile's K and V before this tile's math (two tiles in flight; the
 # kernels get no cp.async pipelining from Triton) was correct but slower on the H100 (32K: 19.1 vs 17.1 us, 128K:
