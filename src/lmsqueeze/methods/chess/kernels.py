@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
+from lmsqueeze.kernels.tickets import ticket_buffer
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +199,8 @@ def _red_splits(cfg: SpmvConfig, splits: int) -> int:
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """[>= n] int32 zeros, one per column block, kept per device: the fused kernel leaves them at 0 again.
-
-    Calls on one device must not run concurrently on two streams (they would share tickets).
-    """
-    t = _TICKETS.get(device)
-    if t is None or t.numel() < n:
-        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _TICKETS[device] = t
-    return t
+    """One ticket per column block for the fused kernels (`lmsqueeze.kernels.tickets`)."""
+    return ticket_buffer(_TICKETS, device, n)
 
 
 def input_sparse_matvec_triton(x: torch.Tensor, w_t: torch.Tensor, threshold: float = 0.0,

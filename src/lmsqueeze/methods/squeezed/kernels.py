@@ -12,6 +12,7 @@ import torch
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.pdl import pdl_options
+from lmsqueeze.kernels.tickets import ticket_buffer
 from lmsqueeze.methods.squeezed.reference import (
     centroid_scores_reference,
     fine_scores_reference,
@@ -57,14 +58,8 @@ _TICKETS: dict = {}
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """[>= n] int32 zeros kept per device; the fused-merge decode leaves them at 0 again (graph-safe once
-    allocated: allocate outside capture, e.g. by a warm-up call). Calls on one device must not run concurrently
-    on two streams (they would share tickets)."""
-    t = _TICKETS.get(device)
-    if t is None or t.numel() < n:
-        t = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _TICKETS[device] = t
-    return t
+    """One ticket per (sequence, KV head) for the fused-merge decode (`lmsqueeze.kernels.tickets`)."""
+    return ticket_buffer(_TICKETS, device, n)
 
 
 def _pow2(n: int) -> int:
