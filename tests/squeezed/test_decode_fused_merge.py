@@ -4,10 +4,6 @@ fresh random inputs): GQA 1/3/4, head dims 64/128, odd sizes, batch 2, sparsity 
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 
@@ -20,11 +16,6 @@ pytest.importorskip("triton")
 
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
 
 
 def _case(B, Hkv, G, D, C, W, L, gen, keep_all=False):

@@ -3,10 +3,6 @@ against its reference, and the host-sync-free row selection against the synced o
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 
@@ -21,11 +17,6 @@ pytest.importorskip("triton")
 
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
 
 
 @pytest.mark.parametrize("G,D,cfg", [(1, 64, (32, 16, 4, 2)), (4, 128, (16, 32, 2, 3)), (3, 64, (64, 16, 4, 1))])
