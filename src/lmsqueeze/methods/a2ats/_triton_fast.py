@@ -141,15 +141,10 @@ def radix_select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.
 
 
 @triton.jit
-def _bisect_head_kernel(Lut, Counts, Lengths, Starts, Ratio, Thr, Sel,
-                        stride_lb, stride_lh, stride_lg, stride_cb, stride_ch, stride_sb, stride_sh, C,
-                        HKV: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr, KEY16: tl.constexpr,
-                        ITERS: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
-                        SENTINEL: tl.constexpr, MARK: tl.constexpr):
-    """grid (B * Hkv, G): one query head's kth-largest candidate key by bisection over the key range (16
-    halvings for a 16-bit table, 32 for float32), scores and histogram held in registers. MARK: write 1 into
-    sel (zeroed before the launch) wherever key >= threshold (the heads of a group write the same byte value:
-    their union, no union launch); else write the threshold to Thr for `_radix_union_kernel`."""
+def _head_keys(Lut, Counts, Lengths, Starts, Ratio, stride_lb, stride_lh, stride_lg, stride_cb, stride_ch, C,
+               HKV: tl.constexpr, BLOCK_C: tl.constexpr, KEY16: tl.constexpr):
+    """Prologue of the per-query-head select kernels, grid (B * Hkv, G): the head's order keys of its table row,
+    the code counts and kth = min(ratio x tokens, total count). Returns (pid, g, b, h, offs, cm, key, cnt, kth)."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     b = pid // HKV
@@ -159,9 +154,23 @@ def _bisect_head_kernel(Lut, Counts, Lengths, Starts, Ratio, Thr, Sel,
     lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + g * stride_lg
     cnt = tl.load(Counts + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + offs, mask=cm, other=0)
     key = _order_key(tl.load(lut + offs, mask=cm, other=0.0), KEY16)
-    total = tl.sum(cnt, 0)
     n = (tl.load(Lengths + b) - tl.load(Starts + b)).to(tl.float64)
-    kth = tl.minimum((n * tl.load(Ratio)).to(tl.int32), total)
+    kth = tl.minimum((n * tl.load(Ratio)).to(tl.int32), tl.sum(cnt, 0))
+    return pid, g, b, h, offs, cm, key, cnt, kth
+
+
+@triton.jit
+def _bisect_head_kernel(Lut, Counts, Lengths, Starts, Ratio, Thr, Sel,
+                        stride_lb, stride_lh, stride_lg, stride_cb, stride_ch, stride_sb, stride_sh, C,
+                        HKV: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr, KEY16: tl.constexpr,
+                        ITERS: tl.constexpr, KEY_MIN: tl.constexpr, KEY_MAX: tl.constexpr,
+                        SENTINEL: tl.constexpr, MARK: tl.constexpr):
+    """grid (B * Hkv, G): one query head's kth-largest candidate key by bisection over the key range (16
+    halvings for a 16-bit table, 32 for float32), scores and histogram held in registers. MARK: write 1 into
+    sel (zeroed before the launch) wherever key >= threshold (the heads of a group write the same byte value:
+    their union, no union launch); else write the threshold to Thr for `_radix_union_kernel`."""
+    pid, g, b, h, offs, cm, key, cnt, kth = _head_keys(Lut, Counts, Lengths, Starts, Ratio, stride_lb, stride_lh,
+                                                      stride_lg, stride_cb, stride_ch, C, HKV, BLOCK_C, KEY16)
     lo = tl.full([1], KEY_MIN, tl.int64)  # invariant: count(keys >= lo) >= kth
     hi = tl.full([1], KEY_MAX, tl.int64)
     for _ in range(ITERS):
@@ -200,19 +209,8 @@ def _bisect_value_kernel(Lut, Counts, Lengths, Starts, Ratio, Sel,
     binades, where key-space halving spends passes on the exponent), the rest halve the key interval, and the
     loop stops as soon as one key is left. Any split point in (lo, hi] keeps the invariant, so the result is
     the exact kth-largest key whatever the data (at most VALUE_PASSES + 16 passes for a 16-bit table)."""
-    pid = tl.program_id(0)
-    g = tl.program_id(1)
-    b = pid // HKV
-    h = pid % HKV
-    offs = tl.arange(0, BLOCK_C)
-    cm = offs < C
-    lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + g * stride_lg
-    cnt = tl.load(Counts + b.to(tl.int64) * stride_cb + h.to(tl.int64) * stride_ch + offs, mask=cm, other=0)
-    vals = tl.load(lut + offs, mask=cm, other=0.0)
-    key = _order_key(vals, KEY16)
-    total = tl.sum(cnt, 0)
-    n = (tl.load(Lengths + b) - tl.load(Starts + b)).to(tl.float64)
-    kth = tl.minimum((n * tl.load(Ratio)).to(tl.int32), total)
+    pid, g, b, h, offs, cm, key, cnt, kth = _head_keys(Lut, Counts, Lengths, Starts, Ratio, stride_lb, stride_lh,
+                                                      stride_lg, stride_cb, stride_ch, C, HKV, BLOCK_C, KEY16)
     lo = tl.min(tl.where(cm, key, 2147483647), 0).to(tl.int64)  # count(keys >= lo) = total >= kth
     hi = tl.max(tl.where(cm, key, -2147483648), 0).to(tl.int64)  # count(keys > hi) = 0 < kth (kth >= 1)
     it = tl.program_id(0) * 0  # a loop-carried int32 scalar
