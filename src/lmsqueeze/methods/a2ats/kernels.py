@@ -57,8 +57,10 @@ APPEND_PER_HEAD = True
 FUSED_BAND_QUERY = True
 # assign_append: the new keys' codes by a Triton kernel that keeps per-block maxima (no float32 score
 # array) feeding the per-head append: 0.028 ms vs 0.063 ms for assign_scores + the one-program append (v3b;
-# assign_scores + per-head append 0.028; codes equal the float32 argmax in the bench's check).
-FUSED_ASSIGN = True
+# assign_scores + per-head append 0.028; codes equal the float32 argmax in the bench's check). In the later run
+# whose serving figure the README quotes (a2ats_serving_h100_v3c.json) assign_scores + the per-head append was the
+# faster (0.0259 vs 0.0278 ms) and was the one its serving part used, so it is the default.
+FUSED_ASSIGN = False
 
 
 @functools.cache
