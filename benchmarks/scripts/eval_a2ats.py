@@ -304,14 +304,16 @@ def run_suite_rows(model, tok, arts: dict, args, rows: list, save) -> None:
 
 
 # recall over a set of sequences ----------------------------------------------------------------------------
-def recall_totals(model, seqs, arts, variants, args, run_name: str) -> tuple[dict, dict, int, dict]:
-    """Sum the recalls of every method over `seqs`. Returns (totals, per_source, count, count_by_source)."""
+def recall_totals(model, seqs, arts, variants, args, run_name: str) -> tuple[dict, dict, int, dict, list]:
+    """Sum the recalls of every method over `seqs`. Returns (totals, per_source, count, count_by_source,
+    per_sequence: one {(method, ratio): recall of that sequence} per sequence, for paired comparisons)."""
     cfg = model.config
     G = cfg.num_attention_heads // cfg.num_key_value_heads
     rotary = model.model.rotary_emb
     totals: dict = {}
     per_source: dict = {}
     src_counts: dict = {}
+    per_sequence: list[dict] = []
     count = 0
     per_seq = cfg.num_hidden_layers * cfg.num_attention_heads * args.queries
     for src, ids, needle in seqs:
@@ -319,6 +321,7 @@ def recall_totals(model, seqs, arts, variants, args, run_name: str) -> tuple[dic
         rec = record(model, ids, args.queries)
         nd = None if needle is None else needle.to(model.device)
         key_src = src.split(":")[0] if needle is None else src
+        this: dict = {}
         for layer in range(cfg.num_hidden_layers):
             books = {name: (layer_codebooks(arts[name], layer).to(model.device), variants[name].windowed_rope,
                             variants[name].bands) for name in arts}
@@ -326,16 +329,38 @@ def recall_totals(model, seqs, arts, variants, args, run_name: str) -> tuple[dic
             res = layer_recall(sc, n, args.queries, G, args, run_name, nd)
             for key, v in res.items():
                 totals[key] = totals.get(key, 0.0) + v
+                this[key] = this.get(key, 0.0) + v
                 for k_src in {key_src, src.split(":")[0]}:
                     per_source.setdefault(k_src, {}).setdefault(key, 0.0)
                     per_source[k_src][key] += v
         count += per_seq
+        per_sequence.append({k: v / per_seq for k, v in this.items() if len(k) == 2 and k[1] != "needle"})
         for k_src in {key_src, src.split(":")[0]}:
             src_counts[k_src] = src_counts.get(k_src, 0) + per_seq
         print(f"  {src} ({n} tokens): {run_name}@3% {totals[(run_name, 0.03)] / count:.4f} "
               f"plain-vq {totals.get(('plain-vq', 0.03), float('nan')) / count:.4f} "
               f"oracle {totals[('oracle', 0.03)] / count:.4f}", flush=True)
-    return totals, per_source, count, src_counts
+    return totals, per_source, count, src_counts, per_sequence
+
+
+def paired(per_sequence: list[dict], a: str, b: str, resamples: int = 10000) -> dict:
+    """Paired comparison of methods a and b over the sequences, per ratio: mean difference of the per-sequence
+    recalls, its 95% bootstrap interval (sequences resampled, seed 0), wins / losses / ties, and a two-sided
+    sign-flip permutation p-value of the mean difference."""
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for ratio in RATIOS:
+        if not all((a, ratio) in s and (b, ratio) in s for s in per_sequence):
+            continue
+        d = torch.tensor([s[(a, ratio)] - s[(b, ratio)] for s in per_sequence], dtype=torch.float64)
+        n = d.numel()
+        boot = d[torch.randint(n, (resamples, n), generator=gen)].mean(1)
+        flips = torch.randint(0, 2, (resamples, n), generator=gen).double() * 2 - 1
+        perm = (flips * d).mean(1).abs()
+        out[str(ratio)] = {"mean_diff": float(d.mean()), "ci95": [float(boot.quantile(0.025)), float(boot.quantile(0.975))],
+                           "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum()),
+                           "sequences": n, "p_sign_flip": float((perm >= d.mean().abs() - 1e-15).double().mean())}
+    return out
 
 
 def recall_rows(totals, per_source, count, src_counts, split: str) -> list[dict]:
@@ -445,7 +470,7 @@ def main() -> None:
     if len(qa) > 1:
         val = eval_sequences(tok, args, split="train")
         print(f"[{time.perf_counter() - t0:7.1f}s] validation (train split): {len(val)} sequences", flush=True)
-        vt, vps, vc, vsc = recall_totals(model, val, arts, variants, args, qa[0])
+        vt, vps, vc, vsc, _ = recall_totals(model, val, arts, variants, args, qa[0])
         rows += recall_rows(vt, vps, vc, vsc, "validation")
         chosen = max(qa, key=lambda n: vt[(n, args.suite_ratio)])
         extra["validation"] = {n: vt[(n, args.suite_ratio)] / vc for n in arts}
@@ -461,7 +486,9 @@ def main() -> None:
         seqs = eval_sequences(tok, args)
         extra["sequences"] = [{"source": s, "tokens": int(ids.shape[1])} for s, ids, _ in seqs]
         eval_arts = {k: v for k, v in arts.items() if k != "a2ats"}
-        totals, per_source, count, src_counts = recall_totals(model, seqs, eval_arts, variants, args, chosen)
+        totals, per_source, count, src_counts, per_sequence = recall_totals(model, seqs, eval_arts, variants, args,
+                                                                           chosen)
+        extra["paired"] = {f"a2ats - {b}": paired(per_sequence, chosen, b) for b in ("plain-vq", "quest")}
         for key in [k for k in totals if k[0] == chosen]:  # the chosen variant is reported as 'a2ats' too
             totals[("a2ats", *key[1:])] = totals[key]
             for src in per_source.values():
@@ -483,6 +510,11 @@ def main() -> None:
     for name in names:
         print(f"{name:18s}" + "".join(f"{totals[(name, r)] / count:8.4f}" for r in RATIOS))
     print("a2ats-union read  " + "".join(f"{totals[('a2ats-union:fraction_read', r)] / count:8.4f}" for r in RATIOS))
+    for name, by_ratio in extra.get("paired", {}).items():
+        r = by_ratio.get(str(args.suite_ratio))
+        if r:
+            print(f"paired {name} @{args.suite_ratio}: mean {r['mean_diff']:+.4f} CI95 [{r['ci95'][0]:+.4f}, "
+                  f"{r['ci95'][1]:+.4f}] wins {r['wins']}/{r['sequences']} p {r['p_sign_flip']:.4f}")
     print(f"wrote {path}")
     if args.plot:
         plot(totals, count, args.plot, extra)
