@@ -35,8 +35,9 @@ def random_quantizers(bits: int, kv_heads: int, head_dim: int, n_out: int, g: to
 
 
 def filled_state(bits: int, lens: list[int], kv_heads: int, head_dim: int, *, n_sink: int = 1, window: int = 0,
-                 n_out: int = 1, seed: int = 0, rope_scale: float = 1.0):
-    """A KVQuantState filled by one prefill of random keys/values; sequence b has lens[b] tokens, left padded.
+                 n_out: int = 2, seed: int = 0, rope_scale: float = 1.0):
+    """A KVQuantState filled by one prefill of random keys/values; sequence b has lens[b] tokens, left padded
+    (n_out = 2: both entries of each outlier word are used).
 
     Returns (state, rotary, starts [B] int32, slots)."""
     g = torch.Generator().manual_seed(seed)

@@ -45,8 +45,20 @@ def test_bad_inputs():
         pack_codes(torch.zeros(64, dtype=torch.long), 5)
 
 
-def test_outlier_words():
-    idx = torch.randint(0, 128, (4, 9))
-    val = torch.randn(4, 9) * 50
-    i, v = unpack_outliers(pack_outliers(idx, val))
-    assert torch.equal(i, idx) and torch.equal(v, val.half())
+@pytest.mark.parametrize("head_dim, mant", [(64, 4), (128, 3), (256, 2)])
+def test_outlier_words(head_dim, mant):
+    """Two entries a word; channels exact, values fp16 rounded to `mant` mantissa bits; odd counts padded."""
+    g = torch.Generator().manual_seed(head_dim)
+    idx = torch.randint(0, head_dim, (4, 9), generator=g)
+    val = torch.randn(4, 9, generator=g) * 50
+    words = pack_outliers(idx, val, head_dim)
+    assert words.dtype == torch.int32 and words.shape == (4, 5)
+    i, v = unpack_outliers(words, head_dim)
+    assert torch.equal(i[:, :9], idx) and torch.equal(i[:, 9], torch.zeros(4, dtype=torch.long))
+    assert float(v[:, 9].abs().max()) == 0.0
+    rel = ((v[:, :9].float() - val) / val).abs()
+    assert float(rel.max()) <= 2.0 ** -(mant + 1) + 1e-3  # round to nearest: half a unit in the last place
+    assert float(rel.max()) > 2.0 ** -(mant + 4)           # and really shortened (not stored at full fp16)
+    # the documented layout: entry 1 of word 0 in its high half, channel in the low bits
+    w = pack_outliers(torch.tensor([3, 5]), torch.tensor([0.0, 1.0]), 64)
+    assert int(w[0]) == 3 | ((0x3C00 | 5) << 16)

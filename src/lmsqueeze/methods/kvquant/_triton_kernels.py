@@ -5,6 +5,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _outlier(ow, HI: tl.constexpr, IMASK: tl.constexpr):
+    """Entry HI (0: low half, 1: high half) of packed outlier words (pack.pack_outliers) -> (channel int32,
+    value float32): the channel in the low bits (IMASK), the shortened fp16 value in the rest."""
+    e = (ow >> (16 * HI)) & 0xFFFF
+    ov = (e & (0xFFFF ^ IMASK)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return e & IMASK, ov
+
+
+@triton.jit
 def _asm_levels(sel, t0, t1):
     # sel: low 16 bits = 4 nibble codes (< 8); t0, t1: the codebook's bytes (level + 128) -> level / 128
     return tl.inline_asm_elementwise(
@@ -204,7 +213,7 @@ def _split_kernel(
     qk_scale, rope_scale, cap, Hkv, n_sink, fwin, mwin, num_splits,
     kt0, kt1, kt2, kt3, vt0, vt1, vt2, vt3,
     D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, NOUT: tl.constexpr, NSIDE: tl.constexpr, NSIDE_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr, NOUT: tl.constexpr, IMASK: tl.constexpr, NSIDE: tl.constexpr, NSIDE_P2: tl.constexpr,
     HAS_STARTS: tl.constexpr, USE_ASM: tl.constexpr, QROWS: tl.constexpr,
     KROT: tl.constexpr = False, VFOLD: tl.constexpr = False,
 ):
@@ -304,10 +313,9 @@ def _split_kernel(
             X = _opaque(X, USE_ASM)
             qk = tl.dot(Y, tl.trans(X)) * ynorm[:, None] + tl.dot(Yz, tl.trans(T)) * znorm[:, None]
             # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
-            for j in tl.static_range(NOUT):
-                ow = tl.load(KOb + slots * NOUT + j)
-                oi = (ow >> 16) & 0xFFFF
-                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            for j in tl.static_range(2 * NOUT):
+                ow = tl.load(KOb + slots * NOUT + j // 2)
+                oi, ov = _outlier(ow, j % 2, IMASK)
                 upper = oi >= HALF
                 of = tl.where(upper, oi - HALF, oi)
                 ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
@@ -331,10 +339,9 @@ def _split_kernel(
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
             za = za * alpha[:, None] + p * vz[None, :]
             upd = tl.dot(pv, lv) * vmax
-            for j in tl.static_range(NOUT):
-                ow = tl.load(VOb + slots * NOUT + j)
-                oi = (ow >> 16) & 0xFFFF
-                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            for j in tl.static_range(2 * NOUT):
+                ow = tl.load(VOb + slots * NOUT + j // 2)
+                oi, ov = _outlier(ow, j % 2, IMASK)
                 ev = tl.load(EYE + oi[:, None] * D + d[None, :])
                 upd += tl.dot((p * ov[None, :]).to(tl.float16), ev)
             acc = acc * alpha[:, None] + upd
@@ -376,10 +383,9 @@ def _split_kernel(
                 X = _opaque(X, USE_ASM)
                 qk = tl.dot(X, tl.trans(Y)) * ynorm[None, :] + tl.dot(T, tl.trans(Yz)) * znorm[None, :]
             # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
-            for j in tl.static_range(NOUT):
-                ow = tl.load(KOb + slots * NOUT + j)
-                oi = (ow >> 16) & 0xFFFF
-                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            for j in tl.static_range(2 * NOUT):
+                ow = tl.load(KOb + slots * NOUT + j // 2)
+                oi, ov = _outlier(ow, j % 2, IMASK)
                 upper = oi >= HALF
                 of = tl.where(upper, oi - HALF, oi)
                 ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
@@ -402,20 +408,18 @@ def _split_kernel(
             lv = _unpack(VCb, row, 0, vt0, vt1, vt2, vt3, VLUT, 2 * NWH, WB, BITS, USE_ASM)
             if VFOLD:  # sparse value outliers folded into the levels (residual / scale at their channel)
                 vsafe = tl.where(vs > 0, vs, 1.0)
-                for j in tl.static_range(NOUT):
-                    ow = tl.load(VOb + slots * NOUT + j)
-                    oi = (ow >> 16) & 0xFFFF
-                    ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                for j in tl.static_range(2 * NOUT):
+                    ow = tl.load(VOb + slots * NOUT + j // 2)
+                    oi, ov = _outlier(ow, j % 2, IMASK)
                     lv = lv + tl.where(d[None, :] == oi[:, None], (ov / vsafe)[:, None], 0.0).to(tl.float16)
             lv = _opaque(lv, USE_ASM)
             pv = _opaque((p * (vs / vmax)[:, None]).to(tl.float16), USE_ASM)
             za = za * alpha[None, :] + p * vz[:, None]
             upd = tl.dot(tl.trans(lv), pv) * vmax
             if not VFOLD:  # sparse value outliers through identity rows
-                for j in tl.static_range(NOUT):
-                    ow = tl.load(VOb + slots * NOUT + j)
-                    oi = (ow >> 16) & 0xFFFF
-                    ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                for j in tl.static_range(2 * NOUT):
+                    ow = tl.load(VOb + slots * NOUT + j // 2)
+                    oi, ov = _outlier(ow, j % 2, IMASK)
                     ev = tl.load(EYE + oi[:, None] * D + d[None, :])
                     upd += tl.dot(tl.trans(ev), _opaque((p * ov[:, None]).to(tl.float16), USE_ASM))
             acc = acc * alpha[None, :] + upd

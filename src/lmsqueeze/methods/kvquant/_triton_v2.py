@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from lmsqueeze.methods.kvquant._triton_kernels import _nat4, _nat8, _opaque
+from lmsqueeze.methods.kvquant._triton_kernels import _nat4, _nat8, _opaque, _outlier
 
 
 @triton.jit
@@ -182,7 +182,8 @@ def _pad_cols(x, BN: tl.constexpr, GP: tl.constexpr, LOG_STRIDE: tl.constexpr):
 @triton.jit
 def _key_scores(KCb, KOb, KINDb, slots, toff, CRT, SRT, Ck2, Ya16, Yb16, ynorm, Qc, gcm, INV_FREQ, p_first, s_lo,
                 lo, s_hi, qsc, kt0, kt1, kt2, kt3, KXLUT, d,
-                D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, NOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, NOUT: tl.constexpr, IMASK: tl.constexpr,
+                BLOCK_N: tl.constexpr,
                 BLOCK_G: tl.constexpr, GP: tl.constexpr, LOG_STRIDE: tl.constexpr, USE_ASM: tl.constexpr,
                 OPAQUE: tl.constexpr):
     """Masked base-2 scores [BLOCK_N, BLOCK_G] of the tokens `slots` (table rows toff + n)."""
@@ -197,10 +198,9 @@ def _key_scores(KCb, KOb, KINDb, slots, toff, CRT, SRT, Ck2, Ya16, Yb16, ynorm, 
         x2 = _opaque(x2, USE_ASM)
     qk = tl.dot(x1, tl.trans(Ya16)) + tl.dot(x2, tl.trans(Yb16))
     dqs = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
-    for j in tl.static_range(NOUT):
-        ow = tl.load(KOb + slots * NOUT + j)
-        oi = (ow >> 16) & 0xFFFF
-        ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    for j in tl.static_range(2 * NOUT):
+        ow = tl.load(KOb + slots * NOUT + j // 2)
+        oi, ov = _outlier(ow, j % 2, IMASK)
         upper = oi >= HALF
         of = tl.where(upper, oi - HALF, oi)
         oc, osn = _sincos64((p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of), USE_ASM)
@@ -217,7 +217,8 @@ def _key_scores(KCb, KOb, KINDb, slots, toff, CRT, SRT, Ck2, Ya16, Yb16, ynorm, 
 
 @triton.jit
 def _value_update(VCb, VOb, VSb, VZb, EYE, slots, p, vmax, vt0, vt1, vt2, vt3, VXLUT, d,
-                  D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, NOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                  D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, NOUT: tl.constexpr, IMASK: tl.constexpr,
+                BLOCK_N: tl.constexpr,
                   USE_ASM: tl.constexpr, OPAQUE: tl.constexpr):
     """(p^T V / vmax [BLOCK_G, D], p * value zero [BLOCK_N, BLOCK_G]) of the tokens `slots`."""
     vs = tl.load(VSb + slots).to(tl.float32) * 128.0
@@ -230,10 +231,9 @@ def _value_update(VCb, VOb, VSb, VZb, EYE, slots, p, vmax, vt0, vt1, vt2, vt3, V
     if OPAQUE > 0:
         pv = _opaque(pv, USE_ASM)
     upd = tl.dot(tl.trans(pv), lv)
-    for j in tl.static_range(NOUT):
-        ow = tl.load(VOb + slots * NOUT + j)
-        oi = (ow >> 16) & 0xFFFF
-        ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    for j in tl.static_range(2 * NOUT):
+        ow = tl.load(VOb + slots * NOUT + j // 2)
+        oi, ov = _outlier(ow, j % 2, IMASK)
         ev = tl.load(EYE + oi[:, None] * D + d[None, :])
         pe = (p * (ov / vmax)[:, None]).to(tl.float16)
         if OPAQUE > 0:
@@ -251,7 +251,7 @@ def _v2_split_kernel(
     kt0, kt1, kt2, kt3, vt0, vt1, vt2, vt3,
     D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     BLOCK_G: tl.constexpr, LOG_STRIDE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NOUT: tl.constexpr, NSIDE: tl.constexpr, NSIDE_P2: tl.constexpr,
+    BLOCK_N: tl.constexpr, NOUT: tl.constexpr, IMASK: tl.constexpr, NSIDE: tl.constexpr, NSIDE_P2: tl.constexpr,
     HAS_STARTS: tl.constexpr, USE_ASM: tl.constexpr, TAB_REGS: tl.constexpr, QROWS: tl.constexpr,
     OPAQUE: tl.constexpr = 0, NSUB: tl.constexpr = 1,
 ):
@@ -335,24 +335,24 @@ def _v2_split_kernel(
             slots = n0 + nn
             qa = _key_scores(KCb, KOb, KINDb, slots, 0, CRT, SRT, Ck2, Ya16, Yb16, ynorm, Qc, gcm, INV_FREQ,
                              p_first, s_lo, lo, s_hi, qsc, kt0, kt1, kt2, kt3, KXLUT, d,
-                             D, BITS, W, NOUT, BLOCK_N, BLOCK_G, GP, LOG_STRIDE, USE_ASM, OPAQUE)
+                             D, BITS, W, NOUT, IMASK, BLOCK_N, BLOCK_G, GP, LOG_STRIDE, USE_ASM, OPAQUE)
             if NSUB == 2:
                 qb = _key_scores(KCb, KOb, KINDb, slots + BLOCK_N, BLOCK_N, CRT, SRT, Ck2, Ya16, Yb16, ynorm, Qc,
                                  gcm, INV_FREQ, p_first, s_lo, lo, s_hi, qsc, kt0, kt1, kt2, kt3, KXLUT, d,
-                                 D, BITS, W, NOUT, BLOCK_N, BLOCK_G, GP, LOG_STRIDE, USE_ASM, OPAQUE)
+                                 D, BITS, W, NOUT, IMASK, BLOCK_N, BLOCK_G, GP, LOG_STRIDE, USE_ASM, OPAQUE)
                 m_new = tl.maximum(m_i, tl.max(tl.maximum(qa, qb), 0))
             else:
                 m_new = tl.maximum(m_i, tl.max(qa, 0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qa - m_new[None, :])
             upd, zc = _value_update(VCb, VOb, VSb, VZb, EYE, slots, p, vmax, vt0, vt1, vt2, vt3, VXLUT, d,
-                                    D, BITS, W, NOUT, BLOCK_N, USE_ASM, OPAQUE)
+                                    D, BITS, W, NOUT, IMASK, BLOCK_N, USE_ASM, OPAQUE)
             la = la * alpha[None, :] + p
             za = za * alpha[None, :] + zc
             if NSUB == 2:
                 p2 = tl.exp2(qb - m_new[None, :])
                 upd2, zc2 = _value_update(VCb, VOb, VSb, VZb, EYE, slots + BLOCK_N, p2, vmax, vt0, vt1, vt2, vt3,
-                                          VXLUT, d, D, BITS, W, NOUT, BLOCK_N, USE_ASM, OPAQUE)
+                                          VXLUT, d, D, BITS, W, NOUT, IMASK, BLOCK_N, USE_ASM, OPAQUE)
                 upd += upd2
                 la += p2
                 za += zc2
@@ -380,10 +380,9 @@ def _v2_split_kernel(
                 qk = tl.dot(x1, tl.trans(Ya.to(tl.float16))) + tl.dot(x2, tl.trans(Yb.to(tl.float16)))
             # sparse key outliers: q . R(p) (residual e_c), from the unrotated query and the absolute angle
             dqs = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
-            for j in tl.static_range(NOUT):
-                ow = tl.load(KOb + slots * NOUT + j)
-                oi = (ow >> 16) & 0xFFFF
-                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            for j in tl.static_range(2 * NOUT):
+                ow = tl.load(KOb + slots * NOUT + j // 2)
+                oi, ov = _outlier(ow, j % 2, IMASK)
                 upper = oi >= HALF
                 of = tl.where(upper, oi - HALF, oi)
                 oc, osn = _sincos64((p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of), USE_ASM)
@@ -423,10 +422,9 @@ def _v2_split_kernel(
                     pv = _opaque(pv, USE_ASM)
                 upd = tl.dot(tl.trans(pv), lv)
             # sparse value outliers through identity rows (one-hot, gathered) on tensor cores
-            for j in tl.static_range(NOUT):
-                ow = tl.load(VOb + slots * NOUT + j)
-                oi = (ow >> 16) & 0xFFFF
-                ov = (ow & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            for j in tl.static_range(2 * NOUT):
+                ow = tl.load(VOb + slots * NOUT + j // 2)
+                oi, ov = _outlier(ow, j % 2, IMASK)
                 ev = tl.load(EYE + oi[:, None] * D + d[None, :])
                 if QROWS:
                     upd += tl.dot((p * (ov / vmax)[None, :]).to(tl.float16), ev)

@@ -36,6 +36,7 @@ import torch
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.kvquant.layout import PackedKV
+from lmsqueeze.methods.kvquant.pack import outlier_index_bits
 from lmsqueeze.methods.kvquant.rope import KernelRope
 
 MAX_SPLITS = 512
@@ -167,7 +168,8 @@ def kvquant_decode_attention_v2(q: torch.Tensor, kv: PackedKV, lengths: torch.Te
         kt[0], kt[1], kt[2], kt[3], vt[0], vt[1], vt[2], vt[3],
         D=D, BITS=bits, W=kv.kcodes.shape[-1], G=G, GP=gp, BLOCK_G=bg, LOG_STRIDE=int(math.log2(bg // gp)),
         BLOCK_N=block_n,
-        NOUT=kv.n_out, NSIDE=n_side, NSIDE_P2=max(16, _pow2(n_side)),
+        NOUT=kv.n_out_words, IMASK=(1 << outlier_index_bits(D)) - 1,
+        NSIDE=n_side, NSIDE_P2=max(16, _pow2(n_side)),
         HAS_STARTS=starts is not None, USE_ASM=use_asm,
         TAB_REGS=TAB_REGS if tab_regs is None else tab_regs, QROWS=qrows, NSUB=nsub,
         OPAQUE=OPAQUE if opaque is None else opaque,

@@ -44,6 +44,7 @@ import torch
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.kvquant.layout import PackedKV
+from lmsqueeze.methods.kvquant.pack import outlier_index_bits
 from lmsqueeze.methods.kvquant.rope import KernelRope
 
 MAX_SPLITS = 256
@@ -188,7 +189,8 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
         scaling * LOG2E, rope.scale, cap, Hkv, kv.n_sink, kv.window, window or 0, num_splits,
         kt[0], kt[1], kt[2], kt[3], vt[0], vt[1], vt[2], vt[3],
         D=D, BITS=bits, W=kv.kcodes.shape[-1], G=G, BLOCK_G=max(1, triton_next_pow2(G)), BLOCK_N=block_n,
-        NOUT=kv.n_out, NSIDE=n_side, NSIDE_P2=max(16, triton_next_pow2(n_side)),
+        NOUT=kv.n_out_words, IMASK=(1 << outlier_index_bits(D)) - 1,
+        NSIDE=n_side, NSIDE_P2=max(16, triton_next_pow2(n_side)),
         HAS_STARTS=starts is not None, USE_ASM=use_asm, QROWS=qrows, KROT=krot and not qrows,
         VFOLD=vfold and not qrows, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),

@@ -4,8 +4,8 @@ Slots are cache positions 0..capacity-1 (the same for every sequence; padding is
 
     kcodes  [B, Hkv, cap, Wk] int32   packed pre-RoPE key codes (pack.py layout)
     vcodes  [B, Hkv, cap, Wv] int32   packed value codes
-    kout    [B, Hkv, cap, n_out] int32  sparse key outliers (fp16 residual | channel << 16)
-    vout    [B, Hkv, cap, n_out] int32  sparse value outliers
+    kout    [B, Hkv, cap, n_out / 2] int32  sparse key outliers, two 16-bit entries a word (pack.pack_outliers)
+    vout    [B, Hkv, cap, n_out / 2] int32  sparse value outliers
     vscale  [B, Hkv, cap] fp16, vzero [B, Hkv, cap] fp16   per-(token, head) value scale and zero
     positions [B, cap] int32   RoPE position of each slot (padding slots get the position they would have
                                if the sequence were contiguous, so positions run slot-by-slot; see cache.py)
@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lmsqueeze.methods.kvquant.pack import words_per_row
+from lmsqueeze.methods.kvquant.pack import outlier_words, words_per_row
 from lmsqueeze.methods.kvquant.quantizers import KeyQuantizer, ValueQuantizer
 
 KIND_EMPTY, KIND_QUANT, KIND_SINK = 0, 1, 2
@@ -67,7 +67,8 @@ class PackedKV:
         return self.kcodes.shape[2]
 
     @property
-    def n_out(self) -> int:
+    def n_out_words(self) -> int:
+        """int32 words of sparse outliers per (token, head) vector (two entries each)."""
         return self.kout.shape[-1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -81,7 +82,7 @@ def allocate(kq: KeyQuantizer, vq: ValueQuantizer, batch: int, kv_heads: int, he
     cap = -(-max(capacity, 1) // GROW_BLOCK) * GROW_BLOCK
     bits = kq.codebook.bits
     w = words_per_row(head_dim, bits)
-    n_out = kq.n_out
+    n_out = outlier_words(kq.n_out)
     n_side = n_sink + window
     i32 = {"dtype": torch.int32, "device": device}
     return PackedKV(

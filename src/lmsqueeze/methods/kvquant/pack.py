@@ -12,6 +12,9 @@ chosen so the decode kernel can turn a word into byte-permute selectors with one
   high word u. For the 16 channels of low word w, `m = 2 * (w % 2) + k` (k = 0 for its first eight).
 - 8 bits, 4 codes a word: channel 4w + j in bits [8j, 8j+8) (reference path only).
 
+Sparse outliers: two 16-bit entries (channel in the low bits, a shortened fp16 value above) per int32 word
+(`pack_outliers`).
+
 Bytes per element are exactly bits / 8: nothing is padded (D must be a multiple of 32, and of 64 for the
 decode kernel, which unpacks each half of the head separately for RoPE).
 """
@@ -90,18 +93,50 @@ def unpack_codes(words: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     return codes
 
 
-def pack_outliers(index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """One int32 per sparse outlier: channel index in the high 16 bits, the fp16 value's bits in the low 16.
+OUTLIERS_PER_WORD = 2  # two 16-bit sparse-outlier entries share one int32 word
 
-    index: [...] integer in [0, 65536); value: [...] float (stored as fp16). Returns [...] int32.
+
+def outlier_index_bits(head_dim: int) -> int:
+    """Bits of an outlier entry that hold its channel (6 for head dim 64, 7 for 128, 8 for 256)."""
+    return max(1, (head_dim - 1).bit_length())
+
+
+def outlier_words(entries: int) -> int:
+    """int32 words holding `entries` sparse outliers."""
+    return -(-entries // OUTLIERS_PER_WORD)
+
+
+def pack_outliers(index: torch.Tensor, value: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Sparse outliers, two to an int32 word: index [..., n] in [0, head_dim), value [..., n] float ->
+    words [..., ceil(n / 2)] int32.
+
+    Entry e (16 bits) sits in bits [16 (e % 2), 16 (e % 2) + 16) of word e // 2: the low I =
+    `outlier_index_bits(head_dim)` bits hold the channel, the high 16 - I bits the fp16 value with its I lowest
+    mantissa bits dropped (rounded to nearest: 10 - I mantissa bits are left, a relative error of at most
+    2^-(11 - I), 1/32 for head dim 64). Reading an entry is two masks and a bitcast: value bits = e & ~(2^I - 1).
     """
-    v16 = value.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
-    return _to_int32((index.to(torch.int64) << 16) | v16)
+    if index.shape != value.shape:
+        raise LmsqueezeError(f"outlier index {tuple(index.shape)} and value {tuple(value.shape)} shapes differ")
+    ib = outlier_index_bits(head_dim)
+    imask = (1 << ib) - 1
+    bits = value.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+    sign, mag = bits & 0x8000, bits & 0x7FFF
+    mag = torch.minimum(mag + (1 << (ib - 1)), torch.full_like(mag, 0x7BFF)) & ~imask  # round, stay finite
+    entry = sign | mag | (index.to(torch.int64) & imask)
+    n = entry.shape[-1]
+    if n % OUTLIERS_PER_WORD:
+        entry = torch.cat([entry, entry.new_zeros(*entry.shape[:-1], 1)], -1)
+    pairs = entry.reshape(*entry.shape[:-1], -1, OUTLIERS_PER_WORD)
+    return _to_int32(pairs[..., 0] | (pairs[..., 1] << 16))
 
 
-def unpack_outliers(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of `pack_outliers`: (index int64, value float16)."""
+def unpack_outliers(words: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_outliers` (values as stored): words [..., W] -> (index int64, value float16), each
+    [..., 2W]; empty entries read as index 0, value 0."""
+    ib = outlier_index_bits(head_dim)
+    imask = (1 << ib) - 1
     w = words.to(torch.int64) & 0xFFFFFFFF
-    low = (w & 0xFFFF).to(torch.int32)
+    entry = torch.stack([w & 0xFFFF, w >> 16], -1).flatten(-2)
+    low = (entry & 0xFFFF & ~imask).to(torch.int32)
     low = torch.where(low >= 2**15, low - 2**16, low).to(torch.int16)
-    return w >> 16, low.view(torch.float16)
+    return entry & imask, low.view(torch.float16)

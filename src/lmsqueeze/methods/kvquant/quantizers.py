@@ -2,9 +2,9 @@
 
 Keys (pre-RoPE) are normalised per channel with ranges fixed offline: x = (k - z_c) / s_c. Values are
 normalised per (token, head) with ranges computed online after setting aside that vector's outliers.
-Codes index the layer's codebook. Every (token, head) vector keeps `n_out` sparse outliers exactly: the
-residual `x - dequant(code)` in fp16 plus its channel index, packed into one int32 (see `pack.pack_outliers`);
-empty slots hold index 0 and value 0. Keys' outliers are the largest excursions outside the calibrated range
+Codes index the layer's codebook. Every (token, head) vector keeps `n_out` sparse outliers: the residual
+`x - dequant(code)` (fp16 with the lowest mantissa bits dropped) plus its channel index in 16 bits, two to an
+int32 word (see `pack.pack_outliers`); empty entries hold index 0 and value 0. Keys' outliers are the largest excursions outside the calibrated range
 (at most `n_out` per vector; others are clamped), values' are the elements farthest from the vector's median.
 
 Dequantisation, exactly as the kernel computes it (up to one fp16 rounding):
@@ -19,17 +19,19 @@ from dataclasses import dataclass
 import torch
 
 from lmsqueeze.methods.kvquant.codebooks import Codebook
-from lmsqueeze.methods.kvquant.pack import pack_codes, pack_outliers, unpack_codes, unpack_outliers
+from lmsqueeze.methods.kvquant.pack import (OUTLIERS_PER_WORD, outlier_words, pack_codes, pack_outliers, unpack_codes,
+                                            unpack_outliers)
 
 MAGIC = 1152.0  # the kernel's fp16 byte trick yields 1024 + (level + 128) = level + 1152
 FP16_TINY = 2.0**-14  # smallest normal fp16: scales never go below it
 
 
 def outlier_slots(fraction: float, head_dim: int) -> int:
-    """Sparse outlier slots per (token, head) vector: round(fraction * head_dim), at least 1 if fraction > 0."""
+    """Sparse outlier entries per (token, head) vector: round(fraction * head_dim), at least 1 if fraction > 0,
+    rounded up to fill whole words (two entries a word: the second entry of a word costs nothing)."""
     if fraction <= 0:
         return 0
-    return max(1, round(fraction * head_dim))
+    return OUTLIERS_PER_WORD * outlier_words(max(1, round(fraction * head_dim)))
 
 
 @dataclass
@@ -60,7 +62,7 @@ class KeyQuantizer:
         return lv * self.s16.float()[:, None, :] + self.zeff[:, None, :]
 
     def quantize(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k: [B, H, T, D] pre-RoPE -> (packed codes [B, H, T, W] int32, outliers [B, H, T, n_out] int32)."""
+        """k: [B, H, T, D] pre-RoPE -> (packed codes [B, H, T, W] int32, outliers [B, H, T, n_out / 2] int32)."""
         k = k.float()
         s16, zeff = self.s16.float()[:, None, :], self.zeff[:, None, :]
         x = (k - zeff) / s16 * self.codebook.grid  # normalised: inliers in [-1, 1]
@@ -68,10 +70,11 @@ class KeyQuantizer:
         packed = pack_codes(codes, self.codebook.bits)
         if self.n_out == 0:
             return packed, k.new_zeros(*k.shape[:-1], 0, dtype=torch.int32)
+        D = k.shape[-1]
         mag, idx = x.abs().topk(self.n_out, dim=-1)
         resid = (k - self.dequantize(codes)).gather(-1, idx)
         keep = mag > 1.0
-        out = pack_outliers(torch.where(keep, idx, 0), torch.where(keep, resid, 0.0))
+        out = pack_outliers(torch.where(keep, idx, 0), torch.where(keep, resid, 0.0), D)
         return packed, out
 
 
@@ -89,7 +92,7 @@ class ValueQuantizer:
         return ValueQuantizer(Codebook(self.codebook.levels.to(device), self.codebook.grid), self.n_out)
 
     def quantize(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """v: [B, H, T, D] -> (packed codes [B,H,T,W] int32, outliers [B,H,T,n_out] int32,
+        """v: [B, H, T, D] -> (packed codes [B,H,T,W] int32, outliers [B,H,T,n_out / 2] int32,
         scale [B, H, T] fp16, zero [B, H, T] fp16)."""
         v = v.float()
         if self.n_out > 0:
@@ -110,7 +113,7 @@ class ValueQuantizer:
             return packed, v.new_zeros(*v.shape[:-1], 0, dtype=torch.int32), s16, z16
         deq = self.dequantize(codes, s16, z16)
         resid = (v - deq).gather(-1, idx)
-        return packed, pack_outliers(idx, resid), s16, z16
+        return packed, pack_outliers(idx, resid, v.shape[-1]), s16, z16
 
     def dequantize(self, codes: torch.Tensor, s16: torch.Tensor, z16: torch.Tensor) -> torch.Tensor:
         """codes: [B, H, T, D]; s16, z16: [B, H, T] -> values [B, H, T, D] float32 (no outliers)."""
@@ -119,10 +122,10 @@ class ValueQuantizer:
 
 
 def add_outliers(x: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
-    """x: [..., D] dequantised; outliers: [..., n_out] packed int32 -> x with the residuals added."""
+    """x: [..., D] dequantised; outliers: [..., n_out / 2] packed int32 -> x with the residuals added."""
     if outliers.shape[-1] == 0:
         return x
-    idx, val = unpack_outliers(outliers)
+    idx, val = unpack_outliers(outliers, x.shape[-1])
     return x.scatter_add(-1, idx, val.float())
 
 
