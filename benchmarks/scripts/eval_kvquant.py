@@ -5,7 +5,8 @@
 
 Every method runs through lmsqueeze's own harness on the same tokens in the same process:
 - selection (validation, never the held-out text): for each bit width, every KVQuant candidate in CANDIDATES
-  (the paper's quantile key ranges or per-channel Lloyd-refitted ranges, Fisher-weighted or not) is calibrated
+  (the paper's quantile key ranges, ranges at the 2% quantile, or per-channel Lloyd-refitted ranges,
+  Fisher-weighted or not) is calibrated
   on --calib-samples x --calib-len tokens of the corpus train split and scored by perplexity on --val-tokens
   later tokens of the same train split (same protocol as below); the lowest validation perplexity gives the
   "nuqB-1%" rows. Every candidate is also reported on the held-out text (rows named after the candidate);
@@ -61,7 +62,10 @@ log = logging.getLogger("eval_kvquant")
 CANDIDATES = {"quantile": {"key_fit": "quantile", "fisher": True},
               "quantile-nofisher": {"key_fit": "quantile", "fisher": False},
               "lloyd": {"key_fit": "lloyd", "fisher": True},
-              "lloyd-nofisher": {"key_fit": "lloyd", "fisher": False}}
+              "lloyd-nofisher": {"key_fit": "lloyd", "fisher": False},
+              # key ranges at the 2% quantile: the 1% budget's outlier word holds two entries (3% of D = 64)
+              "quantile-r2": {"key_fit": "quantile", "fisher": True, "key_range_fraction": 0.02},
+              "quantile-nofisher-r2": {"key_fit": "quantile", "fisher": False, "key_range_fraction": 0.02}}
 BASELINES = {"dense": None, "int3": IntUniform(bits=3), "int4": IntUniform(bits=4),
              "kivi-2": KIVI(bits=2), "kivi-4": KIVI(bits=4)}
 # variants of the selected configuration (name -> changes), reported on the held-out text

@@ -30,6 +30,7 @@ def ids_for(batch=2, length=24, seed=0):
     ({"datatype": "fp8"}, "datatype must be one of"),
     ({"outliers": 0.7}, "fraction"),
     ({"window": -1}, ">= 0"),
+    ({"key_range_fraction": 0.5}, "key_range_fraction"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(LmsqueezeError, match=match):
@@ -82,6 +83,19 @@ def test_calibrate_save_load_generate(family, tmp_path):
     assert hf.shape == (2, 26)
     # the static decode path (device-side slots) and transformers' eager path compute the same function
     assert torch.equal(ours.new_tokens, hf[:, 20:])
+
+
+def test_key_range_fraction_narrows_key_ranges():
+    """key_range_fraction sets the key ranges' quantile (default: outliers); the outlier slots do not change."""
+    model = model_of("llama")
+    ids = ids_for(2, 40, seed=3)
+    wide = KVQuant(bits=3, datatype="int").calibrate(model, [ids])
+    narrow = KVQuant(bits=3, datatype="int", key_range_fraction=0.2).calibrate(model, [ids])
+    assert KVQuant(bits=3).range_fraction == 0.01 and narrow.method.range_fraction == 0.2
+    lo_w, hi_w = wide.tensors["layer0.k_lower"], wide.tensors["layer0.k_upper"]
+    lo_n, hi_n = narrow.tensors["layer0.k_lower"], narrow.tensors["layer0.k_upper"]
+    assert (lo_n >= lo_w).all() and (hi_n <= hi_w).all() and float((hi_w - lo_w - hi_n + lo_n).min()) > 0
+    assert wide.meta["outlier_slots_per_vector"] == narrow.meta["outlier_slots_per_vector"] == 2
 
 
 def test_artifact_from_another_model():

@@ -2,7 +2,8 @@
 
 For each chunk of `layers_per_pass` layers:
 1. a forward pass collects the chunk's pre-RoPE keys (sink tokens and padding left out); each channel's
-   range is [quantile(f/2), quantile(1 - f/2)] with f the outlier fraction (min/max when f = 0);
+   range is [quantile(f/2), quantile(1 - f/2)] with f = `key_range_fraction` (default: the outlier fraction;
+   min/max when f = 0);
 2. for "nuq", a forward (+ backward of the LM loss when `fisher`) pass normalises keys with those ranges and
    values per token (outliers set aside, as at inference), and adds the inliers to one histogram per layer
    for K and V, weighted by the Fisher information times the squared scale: grad^2 * s^2 (Eq. 7 of the
@@ -92,7 +93,7 @@ def calibrate_kvquant(method, model, batches) -> Artifact:
                     fisher.run(model, b, grad=False)
                     for i in chunk:
                         keys[i].append(store[i].k[b.keep].detach())
-            ranges = {i: key_ranges(keys[i], method.outliers) for i in chunk}
+            ranges = {i: key_ranges(keys[i], method.range_fraction) for i in chunk}
             del keys
             hists = {i: (Histogram(device=device), Histogram(device=device),
                          ChannelHistogram(H * D, device=device) if refine else None)

@@ -39,7 +39,11 @@ class KVQuant(Method):
     (None: on for 2-bit nuq); fisher: weight k-means by Fisher information (False: plain counts); key_fit: "quantile" (the paper's
     per-channel ranges: quantiles leaving out the outlier fraction) or "lloyd" (each channel's range refitted
     to minimise its Fisher-weighted error, clipping included; see calibrate.py);
-    layers_per_pass: layers hooked per calibration pass; kernel: use the Triton decode kernel on CUDA.
+    layers_per_pass: layers hooked per calibration pass; kernel: use the Triton decode kernel on CUDA;
+    key_range_fraction: the fraction of each key channel's calibration values left outside its range (split
+    between the two tails; None: `outliers`, as in the paper). A vector keeps `outlier_slots(outliers, D)`
+    entries (whole words of two), which can hold more than `outliers` of its channels: a larger fraction
+    then spends the levels on a narrower range at no storage cost.
     """
 
     name: ClassVar[str] = "kvquant"
@@ -55,6 +59,7 @@ class KVQuant(Method):
     key_fit: str = "quantile"
     layers_per_pass: int = 8
     kernel: bool = True
+    key_range_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.datatype not in DATATYPES:
@@ -68,8 +73,15 @@ class KVQuant(Method):
             raise LmsqueezeError(f"sink_tokens and window must be >= 0, got {self.sink_tokens}, {self.window}")
         if self.key_fit not in KEY_FITS:
             raise LmsqueezeError(f"kvquant key_fit must be one of {KEY_FITS}, got {self.key_fit!r}")
+        if self.key_range_fraction is not None and not 0 <= self.key_range_fraction < 0.5:
+            raise LmsqueezeError(f"key_range_fraction is a fraction in [0, 0.5) or None, got {self.key_range_fraction}")
         if self.layers_per_pass < 1:
             raise LmsqueezeError(f"layers_per_pass must be >= 1, got {self.layers_per_pass}")
+
+    @property
+    def range_fraction(self) -> float:
+        """The fraction of key calibration values outside the per-channel ranges."""
+        return self.outliers if self.key_range_fraction is None else self.key_range_fraction
 
     @property
     def use_qnorm(self) -> bool:
