@@ -95,10 +95,16 @@ def render() -> str:
     lines += ["### Decode attention kernel (32 query / 8 KV heads, D=128, bf16)", ""]
     lines += kernel_table("decode_kernel_h100.json")
     lines += rows_table(
-        "kvquant_decode_h100.json", "KVQuant decode attention vs fp16 SDPA (32/8 heads, D=128, H100)",
+        "kvquant_decode_h100_v3.json", "KVQuant decode attention vs fp16 SDPA (32/8 heads, D=128, H100)",
         [("batch", "batch", "d"), ("context", "length", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
          ("SDPA ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f"), ("TB/s", "tb_per_s", ".2f"),
          ("bits/elt read", "bits_per_element_read", ".3f")])
+    lines += rows_table(
+        "kvquant_quality_zoo_v3.json", "KVQuant quality on the zoo model (held-out perplexity, 8K windows, H100 bf16)",
+        [("method", "method", ""), ("ppl", "ppl", ".4f"), ("vs dense %", "ppl_delta_pct", "+.2f"),
+         ("bits/elt", "bits_per_element", ".3f")],
+        keep=lambda r: "[" not in r["method"])
+    lines += ["![KVQuant perplexity vs bits](benchmarks/plots/kvquant_quality_zoo_v3.png)", ""]
     lines += rows_table(
         newest("chess_gpu_h100_v10.json", "chess_gpu_h100_v5.json", "chess_gpu_h100_v4.json", "chess_gpu_h100_v3.json"), "CHESS sparse GEMV and decode step vs dense (H100)",
         [("kernel", "kernel", ""), ("batch", "batch", "d"), ("sparsity", "sparsity", ".2f"), ("method", "method", ""),
@@ -121,6 +127,10 @@ def render() -> str:
         [("context", "length", "d"), ("method", "method", ""), ("batch", "batch", "d"), ("ms / step", "ms", ".2f"),
          ("tokens/s", "tokens_per_s", ".1f"), ("vs dense", "speedup", ".2f")],
         keep=lambda r: r.get("part") == "serving")
+    lines += ["### Quality plots", "",
+              "![A²ATS recall vs budget](benchmarks/plots/a2ats_recall.png) "
+              "![Squeezed Attention accuracy vs budget](benchmarks/plots/squeezed_quality_8k.png) "
+              "![CHESS perplexity vs sparsity](benchmarks/plots/chess_quality_zoo.png)", ""]
     lines += generic_sections()
     return "\n".join(lines).rstrip() + "\n"
 

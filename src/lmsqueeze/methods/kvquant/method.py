@@ -5,9 +5,11 @@
     with lmsqueeze.apply(model, art) as s:
         out = model.generate(ids, past_key_values=s.new_cache(), max_new_tokens=32)
 
-Quality on the zoo's default model (benchmarks/results/kvquant_quality_zoo.json, H100 bf16, 16x8192 calibration
-tokens): held-out perplexity nuq4-1% +2.1%, nuq3-1% +4.4% (int3 per token +3.9%), passkey 8K 0.76 for nuq3-1%;
-the keys carry the loss. key_fit="lloyd" did not win on validation data there (it did on the CPU at 16x512).
+Quality on the zoo's default model (benchmarks/results/kvquant_quality_zoo_v3.json, H100 bf16, 16x8192
+calibration tokens, candidates chosen on train-split validation): held-out perplexity nuq4-1% +0.87%, nuq3-1%
++2.75% (int3 per token +3.85%), nuq2-1% +7.98%, passkey 8K 0.82 for nuq3-1%, with two outlier entries per word
+and key ranges at the 2% quantile (key_range_fraction=0.02); one entry and 1% ranges gave +2.1% / +4.4%
+(kvquant_quality_zoo.json). The keys carry the loss. key_fit="lloyd" did not win on validation data.
 """
 
 from __future__ import annotations
