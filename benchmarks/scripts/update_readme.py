@@ -129,7 +129,7 @@ def render() -> str:
         keep=lambda r: r.get("part") == "serving")
     lines += ["### Quality plots", "",
               "![A²ATS recall vs budget](benchmarks/plots/a2ats_recall.png) "
-              "![Squeezed Attention accuracy vs budget](benchmarks/plots/squeezed_quality_8k.png) "
+              "![Squeezed Attention accuracy vs budget](benchmarks/plots/squeezed_quality_8k_v2.png) "
               "![CHESS perplexity vs sparsity](benchmarks/plots/chess_quality_zoo.png)", ""]
     lines += generic_sections()
     return "\n".join(lines).rstrip() + "\n"
