@@ -17,7 +17,8 @@ Every method runs through lmsqueeze's own harness on the same tokens in the same
 - bits per element: allocated bits per cached K/V element (codes and every piece of metadata) of a cache
   preallocated for one window, as each method's cache reports it, with full-precision buffers (sinks, KIVI's
   recent-token window) counted at fp16;
-- passkey (dense and the selected nuq3-1%): `lmsqueeze eval suite --tasks passkey --lengths 8192
+- passkey (dense and the selected nuq3-1%, and with --passkey-window W also nuq3-1% with an fp16 window of W
+  recent tokens): `lmsqueeze eval suite --tasks passkey --lengths 8192
   --formats prose,code`, --passkey-samples prompts per format and depth (3 depths), prefilled in chunks of
   --chunk-size tokens so the needle sits in the quantized cache.
 KVQuant runs its PyTorch reference attention here (kernel=False: the same function as the Triton decode
@@ -233,6 +234,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--passkey-samples", type=int, default=9, help="prompts per format and depth (0: skip)")
     ap.add_argument("--passkey-length", type=int, default=8192)
+    ap.add_argument("--passkey-window", type=int, default=0,
+                    help="also run the passkey for nuq3-1%% with an fp16 window of this many recent tokens")
     ap.add_argument("--diagnose", default=None, help="a calibrated method name: per-layer key / score / attention "
                     "errors of its keys against per-token int3 keys (written as 'diagnosis')")
     ap.add_argument("--merge", type=Path, nargs="*", default=None,
@@ -325,7 +328,13 @@ def main() -> None:
         haystack, _ = eval_text(None, max_chars=8 * args.passkey_length + 200_000)
         result["passkey_config"] = scfg.to_dict()
         result["passkey"] = {}
-        for name, meth in (("dense", None), ("nuq3-1%", arts[f"nuq3-1%[{chosen[3]}]"])):
+        runs = [("dense", None), ("nuq3-1%", arts[f"nuq3-1%[{chosen[3]}]"])]
+        if args.passkey_window:  # the same calibration, with an fp16 window of recent tokens in the cache
+            art = runs[1][1]
+            runs.append((f"nuq3-1%-w{args.passkey_window}", type(art)(
+                method=kvquant(3, **{**CANDIDATES[chosen[3]], "window": args.passkey_window}),
+                fingerprint=art.fingerprint, tensors=art.tensors, meta=art.meta)))
+        for name, meth in runs:
             t = time.time()
             summary, _records = run_suite(model, tok, haystack, meth, scfg, progress=False)
             summary["seconds"] = round(time.time() - t, 1)
