@@ -6,6 +6,7 @@ import torch
 
 from lmsqueeze.methods.kvquant.decode_v2 import kvquant_decode_attention_v2, rope_tables_full
 from lmsqueeze.methods.kvquant.kernels import kvquant_decode_attention, rope_planes
+from lmsqueeze.methods.kvquant.pack import pack_outliers, unpack_outliers
 from lmsqueeze.methods.kvquant.reference import decode_attention_reference
 
 
@@ -53,6 +54,23 @@ def test_kernel_lengths_window_and_lse(make_state, kernel, fp16_window, splits, 
                                   block_n=block_n, return_lse=True)
     assert rel_err(out, ref) < 5e-3
     assert torch.allclose(lse, ref_lse, atol=1e-2)
+
+
+@pytest.mark.parametrize("n_out", [1, 2])
+def test_kernel_value_outlier_entries(make_state, n_out):
+    """One entry (the word's second half empty: channel 0, value 0) or two; a value outlier on channel 0 too."""
+    state, _rot, starts, S = make_state(4, [37, 29], 2, 64, n_out=n_out, seed=11)
+    kv = state.kv
+    idx, val = unpack_outliers(kv.vout, 64)
+    idx[..., 0], val[..., 0] = 0, 0.5   # every token's first value outlier on channel 0
+    kv.vout.copy_(pack_outliers(idx, val.float(), 64))
+    q = torch.randn(2, 4, 64)
+    lengths = torch.full((2,), S, dtype=torch.int32)
+    ref = decode_attention_reference(q, kv, lengths, 0.125, state.rope, starts)
+    for vfold in (True, False):  # value outliers folded into the levels (the GPU default) or via identity rows
+        out = kvquant_decode_attention(q, kv, lengths, 0.125, state.rope, starts, num_splits=2, block_n=32,
+                                       qrows=False, vfold=vfold)
+        assert rel_err(out, ref) < 5e-3
 
 
 def test_rope_planes_layout():
