@@ -58,7 +58,8 @@ def test_kernel_lengths_window_and_lse(make_state, kernel, fp16_window, splits, 
 
 @pytest.mark.parametrize("n_out", [1, 2])
 def test_kernel_value_outlier_entries(make_state, n_out):
-    """One entry (the word's second half empty: channel 0, value 0) or two; a value outlier on channel 0 too."""
+    """One entry (the word's second half empty: channel 0, value 0) or two; every first entry moved to channel 0
+    (so with two entries some vectors hold channel 0 twice: the entries add up, as in the reference)."""
     state, _rot, starts, S = make_state(4, [37, 29], 2, 64, n_out=n_out, seed=11)
     kv = state.kv
     idx, val = unpack_outliers(kv.vout, 64)

@@ -408,13 +408,11 @@ def _split_kernel(
             lv = _unpack(VCb, row, 0, vt0, vt1, vt2, vt3, VLUT, 2 * NWH, WB, BITS, USE_ASM)
             if VFOLD:  # sparse value outliers folded into the levels (residual / scale at their channel)
                 vsafe = tl.where(vs > 0, vs, 1.0)
-                fold = tl.zeros_like(lv)  # fp16: a compare and a select per element and entry, one add
-                for j in tl.static_range(2 * NOUT):
+                zero16 = tl.zeros_like(lv)
+                for j in tl.static_range(2 * NOUT):  # in fp16: no conversion per element
                     ow = tl.load(VOb + slots * NOUT + j // 2)
                     oi, ov = _outlier(ow, j % 2, IMASK)
-                    oi = tl.where(ov != 0.0, oi, D)  # empty entries (channel 0, value 0) match no channel
-                    fold = tl.where(d[None, :] == oi[:, None], (ov / vsafe).to(tl.float16)[:, None], fold)
-                lv = lv + fold
+                    lv = lv + tl.where(d[None, :] == oi[:, None], (ov / vsafe).to(tl.float16)[:, None], zero16)
             lv = _opaque(lv, USE_ASM)
             pv = _opaque((p * (vs / vmax)[:, None]).to(tl.float16), USE_ASM)
             za = za * alpha[None, :] + p * vz[:, None]
