@@ -23,8 +23,8 @@ Status (benchmarks/results/kvquant_decode_h100_v4.json, H100, fp16 SDPA timed in
 CUDA-graph safe, 0.66-0.90x of fp16 SDPA at the Llama-3-8B shape (0.29-0.63 TB/s of 3.0): issue/latency-bound,
 far from the bytes floor (targets 2.5x / 3x at 128K missed). Two outlier entries per word cost about 10% over
 one (0.74-1.01x in kvquant_decode_h100.json, 0.66-0.89x in _v3): each entry adds a sincos and two query gathers
-per key and a select per value; folding the value entries in fp16 (no conversion per element) won back 1.5-2%
-(_v4). 3-bit used to be the slowest (0.71x at 128K):
+per key and a select per value; folding the value entries in fp16 (no conversion per element) measured 1.5-2%
+faster in _v4 than _v3 (separate runs: within run-to-run noise). 3-bit used to be the slowest (0.71x at 128K):
 its high-bit words were loaded with a gathered (w // 2) pattern, which left the unpacked levels in a layout
 that Triton staged to shared memory for the MMA with 16-bit stores (1520 SASS instructions per 64-token tile
 and warp, compiled offline with Triton 3.6 for sm_90); they are now loaded contiguously and repeated with a
