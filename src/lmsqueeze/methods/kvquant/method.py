@@ -39,7 +39,7 @@ class KVQuant(Method):
     of each sequence kept in full precision; datatype: "nuq" (Fisher-weighted k-means), "int" (uniform),
     "nf" (NormalFloat); window: recent tokens also kept in full precision; qnorm: Q-Norm of the datatype
     (None: on for 2-bit nuq); fisher: weight k-means by Fisher information (False: plain counts); key_fit: "quantile" (the paper's
-    per-channel ranges: quantiles leaving out the outlier fraction) or "lloyd" (each channel's range refitted
+    per-channel ranges: quantiles leaving out `key_range_fraction`) or "lloyd" (each channel's range refitted
     to minimise its Fisher-weighted error, clipping included; see calibrate.py);
     layers_per_pass: layers hooked per calibration pass; kernel: use the Triton decode kernel on CUDA;
     key_range_fraction: the fraction of each key channel's calibration values left outside its range (split
