@@ -4,8 +4,9 @@ Keys (pre-RoPE) are normalised per channel with ranges fixed offline: x = (k - z
 normalised per (token, head) with ranges computed online after setting aside that vector's outliers.
 Codes index the layer's codebook. Every (token, head) vector keeps `n_out` sparse outliers: the residual
 `x - dequant(code)` (fp16 with the lowest mantissa bits dropped) plus its channel index in 16 bits, two to an
-int32 word (see `pack.pack_outliers`); empty entries hold index 0 and value 0. Keys' outliers are the largest excursions outside the calibrated range
-(at most `n_out` per vector; others are clamped), values' are the elements farthest from the vector's median.
+int32 word (see `pack.pack_outliers`); empty entries hold index 0 and value 0. Keys' outliers are the largest
+excursions outside the calibrated range (at most `n_out` per vector; others are clamped), values' are the
+elements farthest from the vector's median.
 
 Dequantisation, exactly as the kernel computes it (up to one fp16 rounding):
     key   = level[code] * s16[h, d] + zeff[h, d]       (s16 = fp16(s * grid), zeff from an fp16 offset)
