@@ -357,7 +357,8 @@ def paired(per_sequence: list[dict], a: str, b: str, resamples: int = 10000) -> 
         boot = d[torch.randint(n, (resamples, n), generator=gen)].mean(1)
         flips = torch.randint(0, 2, (resamples, n), generator=gen).double() * 2 - 1
         perm = (flips * d).mean(1).abs()
-        out[str(ratio)] = {"mean_diff": float(d.mean()), "ci95": [float(boot.quantile(0.025)), float(boot.quantile(0.975))],
+        out[str(ratio)] = {"mean_diff": float(d.mean()),
+                           "ci95": [float(boot.quantile(0.025)), float(boot.quantile(0.975))],
                            "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum()),
                            "sequences": n, "p_sign_flip": float((perm >= d.mean().abs() - 1e-15).double().mean())}
     return out

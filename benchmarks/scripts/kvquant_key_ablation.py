@@ -24,11 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-import lmsqueeze  # noqa: E402
-from lmsqueeze.bench.results import command_line, write_result  # noqa: E402
-from lmsqueeze.data.calibration import calibration_batches  # noqa: E402
-from lmsqueeze.data.corpus import token_stream  # noqa: E402
-from lmsqueeze.eval.texts import eval_text  # noqa: E402
+import lmsqueeze
+from lmsqueeze.bench.results import command_line, write_result
+from lmsqueeze.data.calibration import calibration_batches
+from lmsqueeze.data.corpus import token_stream
+from lmsqueeze.eval.texts import eval_text
 
 
 def kmeans_1d(x: torch.Tensor, k: int, iters: int = 30) -> torch.Tensor:
@@ -145,10 +145,12 @@ def main() -> None:
     variants = {}
     for bits in (4, 3):
         for slots, name in ((1, "1 outlier"), (2, "2 outliers"), (None, "all outliers")):
-            variants[f"nuq{bits} per-channel, 2% ranges, layer codebook, {name}"] = per_channel(bits, 0.02, slots, "layer")
+            variants[f"nuq{bits} per-channel, 2% ranges, layer codebook, {name}"] = per_channel(
+                bits, 0.02, slots, "layer")
         variants[f"nuq{bits} per-channel, 1% ranges, layer codebook, 2 outliers"] = per_channel(bits, 0.01, 2, "layer")
         for group in ("head", "channel"):
-            variants[f"nuq{bits} per-channel, 2% ranges, {group} codebooks, 2 outliers"] = per_channel(bits, 0.02, 2, group)
+            variants[f"nuq{bits} per-channel, 2% ranges, {group} codebooks, 2 outliers"] = per_channel(
+                bits, 0.02, 2, group)
         variants[f"int{bits} per-token (min/max, no outliers)"] = per_token(bits)
     dense = ppl(None)
     rows = [{"method": "dense", "ppl": dense, "ppl_delta_pct": 0.0}]

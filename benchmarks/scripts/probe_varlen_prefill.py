@@ -1,7 +1,10 @@
 """Probe: prefill attention of 1K user tokens over a selected 10% of a 128K fixed context, Llama-3-8B heads,
 through torch's varlen flash attention on gathered rows, against dense SDPA in the same run (H100)."""
-import json, os, sys, time
+import json
+import os
+
 import torch
+
 
 def bench(fn, iters=25, graph=True):
     for _ in range(3): fn()
@@ -55,8 +58,9 @@ def gather():
     buf_v[pos_usr, 0] = vu.reshape(-1, D)
 
 try:
-    from torch.nn.attention.varlen import varlen_attn
     import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
     out["varlen_signature"] = str(inspect.signature(varlen_attn))
     kw = {}
     sig = inspect.signature(varlen_attn).parameters

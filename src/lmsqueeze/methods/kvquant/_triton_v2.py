@@ -183,7 +183,8 @@ def _pad_cols(x, BN: tl.constexpr, GP: tl.constexpr, LOG_STRIDE: tl.constexpr):
 def _key_scores(KCb, KOb, KINDb, slots, toff, CRT, SRT, Ck2, Ya16, Yb16, ynorm, Qc, gcm, INV_FREQ, p_first, s_lo,
                 lo, s_hi, qsc, kt0, kt1, kt2, kt3, KXLUT, d,
                 D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, NOUT: tl.constexpr, IMASK: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GP: tl.constexpr, LOG_STRIDE: tl.constexpr, USE_ASM: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, GP: tl.constexpr, LOG_STRIDE: tl.constexpr,
+                USE_ASM: tl.constexpr,
                 OPAQUE: tl.constexpr):
     """Masked base-2 scores [BLOCK_N, BLOCK_G] of the tokens `slots` (table rows toff + n)."""
     HALF: tl.constexpr = D // 2

@@ -20,8 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from lmsqueeze.methods.kvquant.codebooks import Codebook
-from lmsqueeze.methods.kvquant.pack import (OUTLIERS_PER_WORD, outlier_words, pack_codes, pack_outliers, unpack_codes,
-                                            unpack_outliers)
+from lmsqueeze.methods.kvquant.pack import (
+    OUTLIERS_PER_WORD,
+    outlier_words,
+    pack_codes,
+    pack_outliers,
+    unpack_codes,
+    unpack_outliers,
+)
 
 MAGIC = 1152.0  # the kernel's fp16 byte trick yields 1024 + (level + 128) = level + 1152
 FP16_TINY = 2.0**-14  # smallest normal fp16: scales never go below it
