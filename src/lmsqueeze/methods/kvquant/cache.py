@@ -182,13 +182,13 @@ class KVQuantState(LayerState):
                     kv.kind[b, start + t] = KIND_SINK
                     self.sink_count[b] += 1
                     sink_of[b][t] = True
-        if self.window > 0:
-            for t in range(max(0, T - self.window), T):
-                e = self.n_sink + (start + t) % self.window
-                kv.side_k[:, :, e] = k_rot[:, :, t]
-                kv.side_v[:, :, e] = v[:, :, t]
-                ok = torch.tensor([valid_host[b][t] and not sink_of[b][t] for b in range(B)], device=k.device)
-                kv.side_slot[:, e] = torch.where(ok, start + t, -1).to(torch.int32)
+        if self.window > 0:  # the chunk's last `window` tokens, each to its own ring entry (one indexed copy)
+            t = torch.arange(max(0, T - self.window), T, device=k.device)
+            e = self.n_sink + (start + t) % self.window
+            kv.side_k[:, :, e] = k_rot[:, :, t].to(kv.side_k.dtype)
+            kv.side_v[:, :, e] = v[:, :, t].to(kv.side_v.dtype)
+            ok = valid[:, t].to(k.device) & ~torch.tensor(sink_of, device=k.device)[:, t]
+            kv.side_slot[:, e] = torch.where(ok, start + t, -1).to(torch.int32)
         self.length = end
 
     def _write_positions(self, positions: torch.Tensor, valid: torch.Tensor, start: int) -> None:
