@@ -66,7 +66,11 @@ CANDIDATES = {"quantile": {"key_fit": "quantile", "fisher": True},
               "lloyd-nofisher": {"key_fit": "lloyd", "fisher": False},
               # key ranges at the 2% quantile: the 1% budget's outlier word holds two entries (3% of D = 64)
               "quantile-r2": {"key_fit": "quantile", "fisher": True, "key_range_fraction": 0.02},
-              "quantile-nofisher-r2": {"key_fit": "quantile", "fisher": False, "key_range_fraction": 0.02}}
+              "quantile-nofisher-r2": {"key_fit": "quantile", "fisher": False, "key_range_fraction": 0.02},
+              # beyond the paper: one scale byte per key vector (key_token_scale)
+              "quantile-r2-ts": {"key_fit": "quantile", "fisher": True, "key_range_fraction": 0.02,
+                                 "key_token_scale": True},
+              "quantile-ts": {"key_fit": "quantile", "fisher": True, "key_token_scale": True}}
 BASELINES = {"dense": None, "int3": IntUniform(bits=3), "int4": IntUniform(bits=4),
              "kivi-2": KIVI(bits=2), "kivi-4": KIVI(bits=4)}
 # variants of the selected configuration (name -> changes), reported on the held-out text
@@ -155,8 +159,8 @@ def key_error_diagnosis(model, tok, ids: torch.Tensor, art, tokens: int = 2048) 
         qr = apply_rope(q, cos, sin)
         kr = apply_rope(k, cos, sin)
         kq, _vq = art.method.quantizers(art, i)
-        codes, outl = kq.quantize(k)
-        k_nuq = apply_rope(dequantize_keys(kq, codes, outl, D), cos, sin)
+        codes, outl, ks = kq.quantize(k)
+        k_nuq = apply_rope(dequantize_keys(kq, codes, outl, D, ks), cos, sin)
         c, sc, z = quantize_uniform(kr, 3)
         k_int = dequantize_uniform(c, sc, z)
         for kd in (k_nuq, k_int):  # the first token is a full-precision sink in both caches

@@ -122,8 +122,8 @@ def main() -> None:
         kq, _ = nuq3.method.quantizers(nuq3, i)
         x = (k - kq.zeff[:, None]) / kq.s16.float()[:, None] * kq.codebook.grid
         out = (x.abs() > 1)[:, :, 1:]
-        codes, outl = kq.quantize(k)
-        kd = dequantize_keys(kq, codes, outl, k.shape[-1])
+        codes, outl, ks = kq.quantize(k)
+        kd = dequantize_keys(kq, codes, outl, k.shape[-1], ks)
         plain[i] = kd
         e = (kd - k)[:, :, 1:]
         clipped = out & (e.abs() > 0.05 * (kq.upper - kq.lower)[:, None])

@@ -26,22 +26,23 @@ class Rotary:
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
-def random_quantizers(bits: int, kv_heads: int, head_dim: int, n_out: int, g: torch.Generator):
+def random_quantizers(bits: int, kv_heads: int, head_dim: int, n_out: int, g: torch.Generator,
+                      token_scale: bool = False):
     kcb = snap(torch.sort(torch.randn(2**bits, generator=g)).values.clamp(-1.5, 1.5))
     vcb = snap(torch.sort(torch.randn(2**bits, generator=g)).values.clamp(-1.5, 1.5))
     lower = -torch.rand(kv_heads, head_dim, generator=g) - 0.5
     upper = torch.rand(kv_heads, head_dim, generator=g) + 0.5
-    return KeyQuantizer(kcb, lower, upper, n_out), ValueQuantizer(vcb, n_out)
+    return KeyQuantizer(kcb, lower, upper, n_out, token_scale), ValueQuantizer(vcb, n_out)
 
 
 def filled_state(bits: int, lens: list[int], kv_heads: int, head_dim: int, *, n_sink: int = 1, window: int = 0,
-                 n_out: int = 2, seed: int = 0, rope_scale: float = 1.0):
+                 n_out: int = 2, seed: int = 0, rope_scale: float = 1.0, token_scale: bool = False):
     """A KVQuantState filled by one prefill of random keys/values; sequence b has lens[b] tokens, left padded
     (n_out = 2: both entries of each outlier word are used).
 
     Returns (state, rotary, starts [B] int32, slots)."""
     g = torch.Generator().manual_seed(seed)
-    kq, vq = random_quantizers(bits, kv_heads, head_dim, n_out, g)
+    kq, vq = random_quantizers(bits, kv_heads, head_dim, n_out, g, token_scale)
     state = KVQuantState(kq, vq, n_sink, window)
     B, S = len(lens), max(lens)
     rot = Rotary(head_dim, rope_scale)

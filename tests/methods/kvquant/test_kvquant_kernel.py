@@ -74,6 +74,26 @@ def test_kernel_value_outlier_entries(make_state, n_out):
         assert rel_err(out, ref) < 5e-3
 
 
+@pytest.mark.parametrize("qrows, krot", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("heads", [(4, 4, 64), (8, 2, 128)])
+def test_kernel_key_token_scales(make_state, qrows, krot, heads):
+    """Per-token key scales (one byte per token and head) read by every key path of the v1 kernel."""
+    Hq, Hkv, D = heads
+    state, _rot, starts, S = make_state(3, [41, 26], Hkv, D, seed=D + 3, token_scale=True)
+    assert state.kv.kscale.shape[-1] == state.kv.capacity and int(state.kv.kscale.float().std()) >= 0
+    q = torch.randn(2, Hq, D)
+    lengths = torch.full((2,), S, dtype=torch.int32)
+    ref = decode_attention_reference(q, state.kv, lengths, D**-0.5, state.rope, starts)
+    out = kvquant_decode_attention(q, state.kv, lengths, D**-0.5, state.rope, starts, num_splits=2, block_n=32,
+                                   qrows=qrows, krot=krot)
+    assert rel_err(out, ref) < 5e-3
+    # the scales matter: the same cache read as if every scale were 1 gives another answer
+    codes = state.kv.kscale.clone()
+    state.kv.kscale.fill_(128)
+    assert rel_err(decode_attention_reference(q, state.kv, lengths, D**-0.5, state.rope, starts), ref) > 1e-2
+    state.kv.kscale.copy_(codes)
+
+
 def test_rope_planes_layout():
     inv = 1.0 / 10000 ** (torch.arange(0, 128, 2).float() / 128)
     tab = rope_planes(inv, 3, 128, 32).view(torch.float32)   # [2 * 16 planes, 32 offsets, 12 words]

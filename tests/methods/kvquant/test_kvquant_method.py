@@ -31,6 +31,7 @@ def ids_for(batch=2, length=24, seed=0):
     ({"outliers": 0.7}, "fraction"),
     ({"window": -1}, ">= 0"),
     ({"key_range_fraction": 0.5}, "key_range_fraction"),
+    ({"key_token_scale": True, "key_fit": "lloyd"}, "key_token_scale"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(LmsqueezeError, match=match):
@@ -96,6 +97,21 @@ def test_key_range_fraction_narrows_key_ranges():
     lo_n, hi_n = narrow.tensors["layer0.k_lower"], narrow.tensors["layer0.k_upper"]
     assert (lo_n >= lo_w).all() and (hi_n <= hi_w).all() and float((hi_w - lo_w - hi_n + lo_n).min()) > 0
     assert wide.meta["outlier_slots_per_vector"] == narrow.meta["outlier_slots_per_vector"] == 2
+
+
+def test_key_token_scale_calibrate_and_generate():
+    """key_token_scale: calibration, a cache with one scale byte per (token, head) counted in its bytes, and the
+    static decode path equal to transformers' eager path."""
+    model = model_of("llama")
+    ids = ids_for(2, 20, seed=4)
+    art = KVQuant(bits=3, key_token_scale=True).calibrate(model, [ids])
+    assert art.method.new_layer_state(0, art)._kq.token_scale
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), lmsqueeze.apply(model, art) as s:
+        cache = s.new_cache()
+        hf = model.generate(ids, attention_mask=mask, **cache_kw(model, cache), max_new_tokens=5, do_sample=False)
+    ours = generate(model, ids, mask, max_new_tokens=5, method=art, use_graph=False)
+    assert torch.equal(ours.new_tokens, hf[:, 20:])
 
 
 def test_artifact_from_another_model():

@@ -17,6 +17,7 @@ from lmsqueeze.methods.kvquant.quantizers import (
     dequantize_keys,
     dequantize_values,
     outlier_slots,
+    token_scales,
 )
 
 
@@ -54,7 +55,7 @@ def test_key_outliers_kept_exactly():
     kq = KeyQuantizer(uniform_codebook(3), -torch.ones(2, 64), torch.ones(2, 64), n_out=1)
     k = torch.rand(1, 2, 5, 64, generator=g) * 2 - 1
     k[0, 0, 3, 17] = 9.0                      # far outside the calibrated range
-    words, out = kq.quantize(k)
+    words, out, _ = kq.quantize(k)
     rec = dequantize_keys(kq, words, out, 64)
     assert abs(float(rec[0, 0, 3, 17]) - 9.0) <= 9.0 * 2**-5  # the residual keeps 4 mantissa bits at D = 64
     inl = torch.ones_like(k, dtype=torch.bool)
@@ -79,10 +80,13 @@ def test_outlier_slots():
     assert outlier_slots(0.01, 64) == 2 and outlier_slots(0.03, 64) == 2 and outlier_slots(0.05, 64) == 4
 
 
+@pytest.mark.parametrize("token_scale", [False, True])
 @pytest.mark.parametrize("bits, limit", [(4, 4.45), (3, 3.45), (2, 2.45)])
-def test_bits_per_element_equals_allocation(bits, limit):
-    """Llama-3-8B shape (8 KV heads, D=128), 1% outliers, one fp16 sink: measured bits include everything."""
-    kq = KeyQuantizer(uniform_codebook(bits), -torch.ones(8, 128), torch.ones(8, 128), outlier_slots(0.01, 128))
+def test_bits_per_element_equals_allocation(bits, limit, token_scale):
+    """Llama-3-8B shape (8 KV heads, D=128), 1% outliers, one fp16 sink: measured bits include everything
+    (with key token scales too: one byte per token and head)."""
+    kq = KeyQuantizer(uniform_codebook(bits), -torch.ones(8, 128), torch.ones(8, 128), outlier_slots(0.01, 128),
+                      token_scale)
     vq = ValueQuantizer(uniform_codebook(bits), kq.n_out)
     kv = layout.allocate(kq, vq, 1, 8, 128, 32768, 1, 0, torch.float16, torch.device("cpu"))
     held = [t for t in vars(kv).values() if isinstance(t, torch.Tensor)]
@@ -93,3 +97,22 @@ def test_bits_per_element_equals_allocation(bits, limit):
     bpe = layout.bits_per_element(kv)
     assert bpe == 8 * nbytes / (2 * 8 * 32768 * 128)
     assert bits < bpe <= limit
+
+
+def test_key_token_scales():
+    """Token scales: the smallest r on the 1/16-octave grid that covers every non-outlier channel; keys whose
+    magnitude varies by token are reconstructed better, and nothing outside the ranges is clipped."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 2, 40, 64, generator=g) * torch.logspace(-1.5, 0.7, 40)[None, None, :, None]
+    kq0 = KeyQuantizer(uniform_codebook(3), -torch.ones(2, 64), torch.ones(2, 64), n_out=2)
+    kq1 = KeyQuantizer(uniform_codebook(3), -torch.ones(2, 64), torch.ones(2, 64), n_out=2, token_scale=True)
+    w0, o0, ts0 = kq0.quantize(k)
+    w1, o1, ts1 = kq1.quantize(k)
+    assert ts0 is None and ts1.dtype == torch.uint8 and ts1.shape == (1, 2, 40)
+    x = (k - kq1.zeff[:, None, :]) / kq1.s16.float()[:, None, :] * kq1.codebook.grid
+    a = x.abs().scatter(-1, x.abs().topk(2, dim=-1).indices, 0.0).amax(-1)
+    r = token_scales(ts1)
+    assert (r >= a * (1 - 1e-5)).all() and (r <= torch.maximum(a, torch.tensor(2.0**-8)) * 2 ** (1 / 16) + 1e-6).all()
+    e0 = (dequantize_keys(kq0, w0, o0, 64) - k).pow(2).mean()
+    e1 = (dequantize_keys(kq1, w1, o1, 64, ts1) - k).pow(2).mean()
+    assert e1 < 0.25 * e0

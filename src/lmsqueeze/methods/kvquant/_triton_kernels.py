@@ -209,13 +209,13 @@ def _sincos_reduced(x, USE_ASM: tl.constexpr):
 def _split_kernel(
     Q, O_part, L_part,
     KC, VC, KO, VO, VS, VZ, POS, KIND, SK, SV, SSLOT,
-    KS16, KZ16, EYE, KLUT, VLUT, INV_FREQ, ROPE_TAB, LENGTHS, STARTS, VSMAX,
+    KS16, KZ16, EYE, KLUT, VLUT, INV_FREQ, ROPE_TAB, LENGTHS, STARTS, VSMAX, TSC,
     qk_scale, rope_scale, cap, Hkv, n_sink, fwin, mwin, num_splits,
     kt0, kt1, kt2, kt3, vt0, vt1, vt2, vt3,
     D: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, NOUT: tl.constexpr, IMASK: tl.constexpr, NSIDE: tl.constexpr, NSIDE_P2: tl.constexpr,
     HAS_STARTS: tl.constexpr, USE_ASM: tl.constexpr, QROWS: tl.constexpr,
-    KROT: tl.constexpr = False, VFOLD: tl.constexpr = False,
+    KROT: tl.constexpr = False, VFOLD: tl.constexpr = False, HAS_TSCALE: tl.constexpr = False,
 ):
     HALF: tl.constexpr = D // 2
     if BITS == 4:
@@ -247,6 +247,7 @@ def _split_kernel(
     VOb = VO + tok0 * NOUT
     VSb = VS + tok0
     VZb = VZ + tok0
+    TSCb = TSC + tok0
     KINDb = KIND + b.to(tl.int64) * cap
     POSb = POS + b.to(tl.int64) * cap
 
@@ -311,7 +312,12 @@ def _split_kernel(
             l2 = _unpack(KCb, row, NWH, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
             X = _cat(_cat(l1 * CR, l1 * SR, BLOCK_N, HALF), _cat(l2 * CR, l2 * SR, BLOCK_N, HALF), BLOCK_N, D)
             X = _opaque(X, USE_ASM)
-            qk = tl.dot(Y, tl.trans(X)) * ynorm[:, None] + tl.dot(Yz, tl.trans(T)) * znorm[:, None]
+            if HAS_TSCALE:  # per-token key scales r: the levels' part of each token's score times r
+                ts = tl.exp2(tl.load(TSCb + slots).to(tl.float32) * (1.0 / 16.0) - 8.0)
+                qk = (tl.dot(Y, tl.trans(X)) * (ynorm[:, None] * ts[None, :])
+                      + tl.dot(Yz, tl.trans(T)) * znorm[:, None])
+            else:
+                qk = tl.dot(Y, tl.trans(X)) * ynorm[:, None] + tl.dot(Yz, tl.trans(T)) * znorm[:, None]
             # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
             for j in tl.static_range(2 * NOUT):
                 ow = tl.load(KOb + slots * NOUT + j // 2)
@@ -363,11 +369,14 @@ def _split_kernel(
             row = slots * W
             l1 = _unpack(KCb, row, 0, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
             l2 = _unpack(KCb, row, NWH, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
+            ts = tl.full((BLOCK_N,), 1.0, tl.float32)
+            if HAS_TSCALE:  # per-token key scales r (one byte each): key = level * r * s + z
+                ts = tl.exp2(tl.load(TSCb + slots).to(tl.float32) * (1.0 / 16.0) - 8.0)
             if KROT:
                 # keys dequantized (per-channel scale and zero) and rotated by the tile's relative offsets in
                 # registers: one [BLOCK_N, D] operand against the query rotated to the tile's first position
-                k1 = l1.to(tl.float32) * s1[None, :] + zk1[None, :]
-                k2 = l2.to(tl.float32) * s2[None, :] + zk2[None, :]
+                k1 = l1.to(tl.float32) * (s1[None, :] * ts[:, None]) + zk1[None, :]
+                k2 = l2.to(tl.float32) * (s2[None, :] * ts[:, None]) + zk2[None, :]
                 X = _cat(k1 * CRf - k2 * SRf, k2 * CRf + k1 * SRf, BLOCK_N, HALF).to(tl.float16)
                 X = _opaque(X, USE_ASM)
                 Yq = _opaque(_cat(qt1, qt2, BLOCK_G, HALF).to(tl.float16), USE_ASM)
@@ -381,7 +390,8 @@ def _split_kernel(
                 # keys: levels of each half times the relative RoPE tables; scales and zeros sit in Y / Yz
                 X = _cat(_cat(l1 * CR, l1 * SR, BLOCK_N, HALF), _cat(l2 * CR, l2 * SR, BLOCK_N, HALF), BLOCK_N, D)
                 X = _opaque(X, USE_ASM)
-                qk = tl.dot(X, tl.trans(Y)) * ynorm[None, :] + tl.dot(T, tl.trans(Yz)) * znorm[None, :]
+                qk = (tl.dot(X, tl.trans(Y)) * (ynorm[None, :] * ts[:, None])
+                      + tl.dot(T, tl.trans(Yz)) * znorm[None, :])
             # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
             for j in tl.static_range(2 * NOUT):
                 ow = tl.load(KOb + slots * NOUT + j // 2)

@@ -154,10 +154,12 @@ class KVQuantState(LayerState):
         self.reserve(start + T)
         kv = self.kv
         end = start + T
-        kc, ko = kv.kq.quantize(k)
+        kc, ko, ks = kv.kq.quantize(k)
         vc, vo, vs, vz = kv.vq.quantize(v)
         kv.kcodes[:, :, start:end] = kc
         kv.kout[:, :, start:end] = ko
+        if ks is not None:
+            kv.kscale[:, :, start:end] = ks
         kv.vcodes[:, :, start:end] = vc
         kv.vout[:, :, start:end] = vo
         kv.vscale[:, :, start:end] = vs
@@ -222,10 +224,12 @@ class KVQuantState(LayerState):
             raise LmsqueezeError(f"kvquant keeps the first {self.n_sink} tokens of each sequence in full "
                                  "precision: prefill at least that many tokens before static decoding")
         kv, slot = self.kv, step.slot
-        kc, ko = kv.kq.quantize(k)
+        kc, ko, ks = kv.kq.quantize(k)
         vc, vo, vs, vz = kv.vq.quantize(v)
         kv.kcodes.index_copy_(2, slot, kc)
         kv.kout.index_copy_(2, slot, ko)
+        if ks is not None:
+            kv.kscale.index_copy_(2, slot, ks)
         kv.vcodes.index_copy_(2, slot, vc)
         kv.vout.index_copy_(2, slot, vo)
         kv.vscale.index_copy_(2, slot, vs)

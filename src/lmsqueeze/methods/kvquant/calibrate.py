@@ -25,9 +25,8 @@ import torch
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.base import Artifact, model_fingerprint
 from lmsqueeze.methods.kvquant import fisher
-from lmsqueeze.methods.kvquant.codebooks import (ChannelHistogram, Histogram, fit_channel_affine,
-                                                 fit_codebook)
-from lmsqueeze.methods.kvquant.quantizers import outlier_slots
+from lmsqueeze.methods.kvquant.codebooks import ChannelHistogram, Histogram, fit_channel_affine, fit_codebook
+from lmsqueeze.methods.kvquant.quantizers import outlier_slots, token_scale_codes, token_scales
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,8 @@ def calibrate_kvquant(method, model, batches) -> Artifact:
                     for b in data:
                         fisher.run(model, b, grad=method.fisher)
                         for i in chunk:
-                            _add_layer(store[i], b.keep, ranges[i], hists[i], n_out, method.fisher)
+                            _add_layer(store[i], b.keep, ranges[i], hists[i], n_out, method.fisher,
+                                       method.key_token_scale)
                             store[i].k = store[i].v = None
             for i in chunk:
                 lo, hi = ranges[i]
@@ -147,8 +147,10 @@ def refine_key_ranges(method, ch: ChannelHistogram, lo: torch.Tensor, hi: torch.
     return (zc - sc).float().reshape(shape), (zc + sc).float().reshape(shape), kcb
 
 
-def _add_layer(cap: fisher.Captured, keep: torch.Tensor, rng, hists, n_out: int, weighted: bool) -> None:
-    """Add one batch of one layer's normalised keys and values to its histograms."""
+def _add_layer(cap: fisher.Captured, keep: torch.Tensor, rng, hists, n_out: int, weighted: bool,
+               token_scale: bool = False) -> None:
+    """Add one batch of one layer's normalised keys and values to its histograms (keys also divided by their
+    token scales when `token_scale`, as the quantizer does; the Fisher weight then carries (s r)^2)."""
     lo, hi = (t.to(keep.device) for t in rng)
     k, v = cap.k.detach()[keep].float(), cap.v.detach()[keep].float()      # [N, H, D]
     s = (hi - lo) / 2
@@ -156,7 +158,11 @@ def _add_layer(cap: fisher.Captured, keep: torch.Tensor, rng, hists, n_out: int,
     g2 = cap.k.grad[keep].float() ** 2 if weighted else torch.ones_like(k)
     if hists[2] is not None:
         hists[2].add(xk.flatten(1), g2.flatten(1))
-    wk = g2 * s**2 if weighted else g2
+    scale = s
+    if token_scale:
+        r = token_scales(token_scale_codes(xk, n_out))[..., None]          # [N, H, 1]
+        xk, scale = xk / r, s * r
+    wk = g2 * scale**2 if weighted else g2
     inl = xk.abs() <= 1
     hists[0].add(xk[inl], wk[inl])
     xv, inl_v, sv = value_normalise(v, n_out)

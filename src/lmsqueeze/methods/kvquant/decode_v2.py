@@ -135,6 +135,8 @@ def kvquant_decode_attention_v2(q: torch.Tensor, kv: PackedKV, lengths: torch.Te
                              f"Hq={Hq}, Hkv={Hkv}")
     if lengths.dtype != torch.int32 or lengths.shape != (B,):
         raise LmsqueezeError("lengths must be an int32 [B] tensor")
+    if kv.kscale.shape[-1]:
+        raise LmsqueezeError("the experimental v2 kernel has no per-token key scales; use kernels.py (v1)")
     G = Hq // Hkv
     block_n = block_n or BLOCK_N
     num_warps = num_warps or NUM_WARPS

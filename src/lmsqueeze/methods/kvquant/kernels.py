@@ -188,14 +188,15 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
         kv.kcodes, kv.vcodes, kv.kout, kv.vout, kv.vscale, kv.vzero, kv.positions, kv.kind,
         kv.side_k, kv.side_v, kv.side_slot,
         kv.kq.s16, kv.kq.z16, c["eye"], c["klut"], c["vlut"], rope.inv_freq, c[tab_key], lengths,
-        starts if starts is not None else lengths, kv.vsmax,
+        starts if starts is not None else lengths, kv.vsmax, kv.kscale,
         scaling * LOG2E, rope.scale, cap, Hkv, kv.n_sink, kv.window, window or 0, num_splits,
         kt[0], kt[1], kt[2], kt[3], vt[0], vt[1], vt[2], vt[3],
         D=D, BITS=bits, W=kv.kcodes.shape[-1], G=G, BLOCK_G=max(1, triton_next_pow2(G)), BLOCK_N=block_n,
         NOUT=kv.n_out_words, IMASK=(1 << outlier_index_bits(D)) - 1,
         NSIDE=n_side, NSIDE_P2=max(16, triton_next_pow2(n_side)),
         HAS_STARTS=starts is not None, USE_ASM=use_asm, QROWS=qrows, KROT=krot and not qrows,
-        VFOLD=vfold and not qrows, num_warps=num_warps, num_stages=num_stages,
+        VFOLD=vfold and not qrows, HAS_TSCALE=kv.kscale.shape[-1] > 0, num_warps=num_warps,
+        num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     LAST_SPLIT_KERNEL["compiled"] = compiled

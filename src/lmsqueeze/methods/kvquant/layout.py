@@ -7,6 +7,8 @@ Slots are cache positions 0..capacity-1 (the same for every sequence; padding is
     kout    [B, Hkv, cap, n_out / 2] int32  sparse key outliers, two 16-bit entries a word (pack.pack_outliers)
     vout    [B, Hkv, cap, n_out / 2] int32  sparse value outliers
     vscale  [B, Hkv, cap] fp16, vzero [B, Hkv, cap] fp16   per-(token, head) value scale and zero
+    kscale  [B, Hkv, cap] uint8  per-(token, head) key scale codes (quantizers.token_scale_codes); [B, Hkv, 0]
+                               when the key quantizer has no token scales
     positions [B, cap] int32   RoPE position of each slot (padding slots get the position they would have
                                if the sequence were contiguous, so positions run slot-by-slot; see cache.py)
     kind    [B, cap] int8      0 = empty or padding, 1 = quantized token, 2 = sink (read from the side buffer)
@@ -45,6 +47,7 @@ class PackedKV:
     vout: torch.Tensor
     vscale: torch.Tensor
     vzero: torch.Tensor
+    kscale: torch.Tensor
     positions: torch.Tensor
     kind: torch.Tensor
     side_k: torch.Tensor
@@ -93,6 +96,7 @@ def allocate(kq: KeyQuantizer, vq: ValueQuantizer, batch: int, kv_heads: int, he
         vout=torch.zeros(batch, kv_heads, cap, n_out, **i32),
         vscale=torch.zeros(batch, kv_heads, cap, dtype=torch.float16, device=device),
         vzero=torch.zeros(batch, kv_heads, cap, dtype=torch.float16, device=device),
+        kscale=torch.zeros(batch, kv_heads, cap if kq.token_scale else 0, dtype=torch.uint8, device=device),
         positions=torch.zeros(batch, cap, **i32),
         kind=torch.zeros(batch, cap, dtype=torch.int8, device=device),
         side_k=torch.zeros(batch, kv_heads, n_side, head_dim, dtype=dtype, device=device),
@@ -108,7 +112,7 @@ def grow(kv: PackedKV, capacity: int, filled: int) -> PackedKV:
     B, H, _, _ = kv.kcodes.shape
     new = allocate(kv.kq, kv.vq, B, H, kv.head_dim, capacity, kv.n_sink, kv.window, kv.side_k.dtype,
                    kv.kcodes.device)
-    for name in ("kcodes", "vcodes", "kout", "vout", "vscale", "vzero"):
+    for name in ("kcodes", "vcodes", "kout", "vout", "vscale", "vzero", "kscale"):
         getattr(new, name)[:, :, :filled] = getattr(kv, name)[:, :, :filled]
     for name in ("positions", "kind"):
         getattr(new, name)[:, :filled] = getattr(kv, name)[:, :filled]

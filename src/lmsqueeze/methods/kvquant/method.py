@@ -45,7 +45,9 @@ class KVQuant(Method):
     key_range_fraction: the fraction of each key channel's calibration values left outside its range (split
     between the two tails; None: `outliers`, as in the paper). A vector keeps `outlier_slots(outliers, D)`
     entries (whole words of two), which can hold more than `outliers` of its channels: a larger fraction
-    then spends the levels on a narrower range at no storage cost.
+    then spends the levels on a narrower range at no storage cost; key_token_scale: also scale each key vector
+    (one byte per token and head, beyond the paper: key = level * r * s + z, see quantizers.KeyQuantizer), so
+    small vectors use the levels' full resolution and large ones are not clipped (not with key_fit="lloyd").
     """
 
     name: ClassVar[str] = "kvquant"
@@ -62,6 +64,7 @@ class KVQuant(Method):
     layers_per_pass: int = 8
     kernel: bool = True
     key_range_fraction: float | None = None
+    key_token_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.datatype not in DATATYPES:
@@ -77,6 +80,9 @@ class KVQuant(Method):
             raise LmsqueezeError(f"kvquant key_fit must be one of {KEY_FITS}, got {self.key_fit!r}")
         if self.key_range_fraction is not None and not 0 <= self.key_range_fraction < 0.5:
             raise LmsqueezeError(f"key_range_fraction is a fraction in [0, 0.5) or None, got {self.key_range_fraction}")
+        if self.key_token_scale and self.key_fit == "lloyd":
+            raise LmsqueezeError("key_token_scale works with key_fit='quantile' (the Lloyd range refit assumes "
+                                 "no per-token scale); drop one of them")
         if self.layers_per_pass < 1:
             raise LmsqueezeError(f"layers_per_pass must be >= 1, got {self.layers_per_pass}")
 
@@ -106,7 +112,8 @@ class KVQuant(Method):
         vcb = Codebook(t[f"layer{layer_idx}.v_levels"].float(), float(t[f"layer{layer_idx}.v_grid"]))
         if kcb.levels.numel() != 2**self.bits or vcb.levels.numel() != 2**self.bits:
             raise LmsqueezeError(f"this artifact's datatypes do not have 2^{self.bits} values; calibrate again")
-        return KeyQuantizer(kcb, lower, t[f"layer{layer_idx}.k_upper"].float(), n_out), ValueQuantizer(vcb, n_out)
+        kq = KeyQuantizer(kcb, lower, t[f"layer{layer_idx}.k_upper"].float(), n_out, self.key_token_scale)
+        return kq, ValueQuantizer(vcb, n_out)
 
     def new_layer_state(self, layer_idx: int, artifact: Artifact | None, max_length: int | None = None):
         if artifact is None:

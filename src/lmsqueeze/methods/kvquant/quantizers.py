@@ -9,7 +9,8 @@ excursions outside the calibrated range (at most `n_out` per vector; others are 
 elements farthest from the vector's median.
 
 Dequantisation, exactly as the kernel computes it (up to one fp16 rounding):
-    key   = level[code] * s16[h, d] + zeff[h, d]       (s16 = fp16(s * grid), zeff from an fp16 offset)
+    key   = level[code] * r[token, h] * s16[h, d] + zeff[h, d]   (s16 = fp16(s * grid), zeff from an fp16
+            offset; r = 1 unless token_scale, then one byte per (token, head): `token_scale_codes`)
     value = level[code] * vs16[token, h] + vz16[token, h]
 """
 
@@ -41,14 +42,40 @@ def outlier_slots(fraction: float, head_dim: int) -> int:
     return OUTLIERS_PER_WORD * outlier_words(max(1, round(fraction * head_dim)))
 
 
+TSCALE_STEPS = 16      # key token scales: r = 2^(code / 16 - 8), code uint8 (1/16-octave steps, 2^-8 .. 2^7.9)
+TSCALE_OFFSET = 8.0
+
+
+def token_scale_codes(x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Per-vector key scale codes (uint8 [...]) for keys normalised per channel, x: [..., D]: the smallest
+    r = 2^(code / 16 - 8) with |x| <= r on every channel except the n_out largest (the outlier candidates)."""
+    a = x.abs()
+    if n_out > 0:
+        a = a.scatter(-1, a.topk(n_out, dim=-1).indices, 0.0)
+    need = a.amax(-1).clamp_min(2.0**-TSCALE_OFFSET)
+    code = torch.ceil((torch.log2(need) + TSCALE_OFFSET) * TSCALE_STEPS - 1e-4)
+    return code.clamp(0, 255).to(torch.uint8)
+
+
+def token_scales(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 scale codes [...] -> r [...] float32."""
+    return torch.exp2(codes.float() / TSCALE_STEPS - TSCALE_OFFSET)
+
+
 @dataclass
 class KeyQuantizer:
-    """One layer's key quantizer. lower/upper: [Hkv, D] calibrated per-channel range (outliers outside)."""
+    """One layer's key quantizer. lower/upper: [Hkv, D] calibrated per-channel range (outliers outside).
+
+    token_scale: each (token, head) vector also gets a scale r (one byte, `token_scale_codes`) that divides its
+    per-channel-normalised values before the codebook lookup, so a vector with small values uses the levels'
+    resolution and one with values beyond the ranges is not clipped: key = level * r * s + z.
+    """
 
     codebook: Codebook
     lower: torch.Tensor
     upper: torch.Tensor
     n_out: int
+    token_scale: bool = False
 
     def __post_init__(self) -> None:
         lower, upper = self.lower.float(), self.upper.float()
@@ -61,28 +88,33 @@ class KeyQuantizer:
 
     def to(self, device) -> KeyQuantizer:
         cb = Codebook(self.codebook.levels.to(device), self.codebook.grid)
-        return KeyQuantizer(cb, self.lower.to(device), self.upper.to(device), self.n_out)
+        return KeyQuantizer(cb, self.lower.to(device), self.upper.to(device), self.n_out, self.token_scale)
 
-    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: [B, H, T, D] -> keys [B, H, T, D] float32 (no outliers)."""
+    def dequantize(self, codes: torch.Tensor, tscale: torch.Tensor | None = None) -> torch.Tensor:
+        """codes: [B, H, T, D], tscale: [B, H, T] uint8 or None -> keys [B, H, T, D] float32 (no outliers)."""
         lv = self.levels.to(codes.device)[codes]
+        if tscale is not None:
+            lv = lv * token_scales(tscale)[..., None]
         return lv * self.s16.float()[:, None, :] + self.zeff[:, None, :]
 
-    def quantize(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k: [B, H, T, D] pre-RoPE -> (packed codes [B, H, T, W] int32, outliers [B, H, T, n_out / 2] int32)."""
+    def quantize(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """k: [B, H, T, D] pre-RoPE -> (packed codes [B, H, T, W] int32, outliers [B, H, T, n_out / 2] int32,
+        token scale codes [B, H, T] uint8 or None)."""
         k = k.float()
         s16, zeff = self.s16.float()[:, None, :], self.zeff[:, None, :]
         x = (k - zeff) / s16 * self.codebook.grid  # normalised: inliers in [-1, 1]
-        codes = self.codebook.nearest(x)
+        tscale = token_scale_codes(x, self.n_out) if self.token_scale else None
+        y = x if tscale is None else x / token_scales(tscale)[..., None]
+        codes = self.codebook.nearest(y)
         packed = pack_codes(codes, self.codebook.bits)
         if self.n_out == 0:
-            return packed, k.new_zeros(*k.shape[:-1], 0, dtype=torch.int32)
+            return packed, k.new_zeros(*k.shape[:-1], 0, dtype=torch.int32), tscale
         D = k.shape[-1]
-        mag, idx = x.abs().topk(self.n_out, dim=-1)
-        resid = (k - self.dequantize(codes)).gather(-1, idx)
+        mag, idx = y.abs().topk(self.n_out, dim=-1)
+        resid = (k - self.dequantize(codes, tscale)).gather(-1, idx)
         keep = mag > 1.0
         out = pack_outliers(torch.where(keep, idx, 0), torch.where(keep, resid, 0.0), D)
-        return packed, out
+        return packed, out, tscale
 
 
 @dataclass
@@ -136,10 +168,11 @@ def add_outliers(x: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
     return x.scatter_add(-1, idx, val.float())
 
 
-def dequantize_keys(kq: KeyQuantizer, words: torch.Tensor, outliers: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Packed keys [B, H, S, W] + outliers -> pre-RoPE keys [B, H, S, D] float32."""
+def dequantize_keys(kq: KeyQuantizer, words: torch.Tensor, outliers: torch.Tensor, head_dim: int,
+                    tscale: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed keys [B, H, S, W] + outliers (+ token scale codes [B, H, S]) -> pre-RoPE keys [B, H, S, D] float32."""
     codes = unpack_codes(words, kq.codebook.bits, head_dim)
-    return add_outliers(kq.dequantize(codes), outliers)
+    return add_outliers(kq.dequantize(codes, tscale), outliers)
 
 
 def dequantize_values(vq: ValueQuantizer, words: torch.Tensor, outliers: torch.Tensor, s16: torch.Tensor,

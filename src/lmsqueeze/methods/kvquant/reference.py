@@ -17,7 +17,8 @@ from lmsqueeze.models.rope import apply_rope
 def dequantize_slots(kv: PackedKV, end: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Slots [0, end) -> (pre-RoPE keys, values): [B, Hkv, end, D] float32, outliers included."""
     D = kv.head_dim
-    k = dequantize_keys(kv.kq, kv.kcodes[:, :, :end], kv.kout[:, :, :end], D)
+    ks = kv.kscale[:, :, :end] if kv.kscale.shape[-1] else None
+    k = dequantize_keys(kv.kq, kv.kcodes[:, :, :end], kv.kout[:, :, :end], D, ks)
     v = dequantize_values(kv.vq, kv.vcodes[:, :, :end], kv.vout[:, :, :end], kv.vscale[:, :, :end],
                           kv.vzero[:, :, :end], D)
     return k, v
