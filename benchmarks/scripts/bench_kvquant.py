@@ -82,18 +82,18 @@ class Rotary:
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
 
-def quantizers(bits: int, H: int, D: int, n_out: int, g: torch.Generator):
+def quantizers(bits: int, H: int, D: int, n_out: int, g: torch.Generator, token_scale: bool = False):
     kcb = snap(torch.sort(torch.randn(2**bits, generator=g)).values.clamp(-2, 2))
     vcb = snap(torch.sort(torch.randn(2**bits, generator=g)).values.clamp(-2, 2))
     lo = -torch.rand(H, D, generator=g) - 0.5
     hi = torch.rand(H, D, generator=g) + 0.5
-    return KeyQuantizer(kcb, lo, hi, n_out), ValueQuantizer(vcb, n_out)
+    return KeyQuantizer(kcb, lo, hi, n_out, token_scale), ValueQuantizer(vcb, n_out)
 
 
-def filled_state(bits, B, H, D, lens, window, n_out, dtype, device, seed):
+def filled_state(bits, B, H, D, lens, window, n_out, dtype, device, seed, token_scale=False):
     """A KVQuantState filled through the real prefill path; lens[b] valid tokens, left padded to max(lens)."""
     g = torch.Generator().manual_seed(seed)
-    kq, vq = quantizers(bits, H, D, n_out, g)
+    kq, vq = quantizers(bits, H, D, n_out, g, token_scale)
     st = KVQuantState(kq, vq, n_sink=1, window=window)
     S = max(lens)
     rot = Rotary(D, device)
@@ -113,13 +113,14 @@ def filled_state(bits, B, H, D, lens, window, n_out, dtype, device, seed):
 
 def check_correctness(device, configs) -> list[dict]:
     rows = []
-    cases = [(b, 32, 8, 128, 0) for b in (2, 3, 4)] + [(3, 8, 8, 64, 16)]
-    for bits, Hq, H, D, window in cases:
-        for use_asm in ((True, False) if (bits == 3 and D == 128) else (True,)):
+    cases = [(b, 32, 8, 128, 0, False) for b in (2, 3, 4)] + [(3, 8, 8, 64, 16, False), (3, 32, 8, 128, 0, True)]
+    for bits, Hq, H, D, window, tscale in cases:
+        for use_asm in ((True, False) if (bits == 3 and D == 128 and not tscale) else (True,)):
             t0 = time.time()
             try:
                 lens = [1000, 777, 1]
-                st, starts, S = filled_state(bits, 3, H, D, lens, window, 1, torch.float16, device, seed=bits + D)
+                st, starts, S = filled_state(bits, 3, H, D, lens, window, 1, torch.float16, device, seed=bits + D,
+                                             token_scale=tscale)
                 q = torch.randn(3, Hq, D, device=device, dtype=torch.float16)
                 lengths = torch.full((3,), S, dtype=torch.int32, device=device)
                 ref = decode_attention_reference(q, st.kv, lengths, D**-0.5, st.rope, starts)
@@ -150,7 +151,8 @@ def check_correctness(device, configs) -> list[dict]:
                     ref2 = decode_attention_reference(q, st.kv, lens_dev, D**-0.5, st.rope, starts)
                     graph_err = rel_err(outb, ref2)
                 row = {"check": "kernel_vs_reference", "bits": bits, "heads": f"{Hq}/{H}x{D}", "batch": 3, "lengths": lens,
-                       "window": window, "use_asm": use_asm, "rel_err": err, "graph_replay_rel_err": graph_err,
+                       "window": window, "key_token_scale": tscale, "use_asm": use_asm, "rel_err": err,
+                       "graph_replay_rel_err": graph_err,
                        "ok": bool(err < 2e-2 and (graph_err is None or graph_err < 2e-2)),
                        "seconds": round(time.time() - t0, 1)}
             except Exception as e:  # noqa: BLE001 - report and go on
