@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmsqueeze.methods.a2ats._triton_fast import _radix_union_kernel
 from lmsqueeze.methods.a2ats.retrieval import MAX_REWIND
 
 _LOG2E = 1.4426950408889634
@@ -127,30 +128,6 @@ def _select_threshold_kernel(Lut, Counts, Lengths, Starts, Ratio, Thr,
     lo = tl.where(kth > 0, lo, 2147483648)
     offs1 = tl.arange(0, 1)
     tl.store(Thr + pid.to(tl.int64) * G + g + offs1, lo)
-
-
-@triton.jit
-def _select_union_kernel(Lut, Thr, Sel, stride_lb, stride_lh, stride_lg, stride_sb, stride_sh, C,
-                         HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
-    """Split select, phase 2, grid (B * Hkv, cdiv(C, BLOCK)): sel = OR over the heads of key >= threshold."""
-    pid = tl.program_id(0)
-    blk = tl.program_id(1)
-    b = pid // HKV
-    h = pid % HKV
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_c = blk * BLOCK + tl.arange(0, BLOCK)
-    gm = offs_g < G
-    cm = offs_c < C
-    thr = tl.load(Thr + pid.to(tl.int64) * G + offs_g, mask=gm, other=2147483648)
-    lut = Lut + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh
-    vals = tl.load(lut + offs_g[:, None] * stride_lg + offs_c[None, :], mask=gm[:, None] & cm[None, :],
-                   other=float("-inf")).to(tl.float32)
-    vals = tl.where(vals == 0.0, 0.0, vals)
-    bits = vals.to(tl.int32, bitcast=True)
-    keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-    take = (keys >= thr[:, None]) & gm[:, None]
-    sel = tl.max(take.to(tl.int32), 0)
-    tl.store(Sel + b.to(tl.int64) * stride_sb + h * stride_sh + offs_c, sel.to(tl.int8), mask=cm)
 
 
 @triton.jit
@@ -393,9 +370,11 @@ def select_launch(lut: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor
             C, HKV=Hkv, G=G, BLOCK_C=block_c, num_warps=max(4, min(16, block_c // 1024)),
         )
         block = min(block_c, 1024)
-        _select_union_kernel[(B * Hkv, triton.cdiv(C, block))](
+        # phase 2 (sel = OR over the heads of key >= threshold) is the radix select's union kernel on 32-bit keys
+        _radix_union_kernel[(B * Hkv, triton.cdiv(C, block))](
             lut, thr, sel, lut.stride(0), lut.stride(1), lut.stride(2), sel.stride(0), sel.stride(1), C,
-            HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK=block, num_warps=4,
+            HKV=Hkv, G=G, BLOCK_G=triton.next_power_of_2(G), BLOCK=block, KEY16=False, SENTINEL=2147483648,
+            num_warps=4,
         )
         return
     if wide is None:
