@@ -319,17 +319,19 @@ def _split_kernel(
             else:
                 qk = tl.dot(Y, tl.trans(X)) * ynorm[:, None] + tl.dot(Yz, tl.trans(T)) * znorm[:, None]
             # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
-            for j in tl.static_range(2 * NOUT):
-                ow = tl.load(KOb + slots * NOUT + j // 2)
-                oi, ov = _outlier(ow, j % 2, IMASK)
-                upper = oi >= HALF
-                of = tl.where(upper, oi - HALF, oi)
-                ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
-                oc, os = _sincos_reduced(ang, USE_ASM)
-                qa = tl.load(Qb + oi[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-                qb = tl.load(Qb + tl.where(upper, of, oi + HALF)[None, :], mask=gmask[:, None], other=0.0)
-                sgn = tl.where(upper, -os, os)
-                qk += (qa * oc[None, :] + qb.to(tl.float32) * sgn[None, :]) * (ov * (qk_scale * rope_scale))[None, :]
+            for w in tl.static_range(NOUT):
+                ow = tl.load(KOb + slots * NOUT + w)  # one load, two entries
+                for hi in tl.static_range(2):
+                    oi, ov = _outlier(ow, hi, IMASK)
+                    upper = oi >= HALF
+                    of = tl.where(upper, oi - HALF, oi)
+                    ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
+                    oc, os = _sincos_reduced(ang, USE_ASM)
+                    qa = tl.load(Qb + oi[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+                    qb = tl.load(Qb + tl.where(upper, of, oi + HALF)[None, :], mask=gmask[:, None], other=0.0)
+                    sgn = tl.where(upper, -os, os)
+                    qk += ((qa * oc[None, :] + qb.to(tl.float32) * sgn[None, :])
+                           * (ov * (qk_scale * rope_scale))[None, :])
             kind = tl.load(KINDb + slots)
             ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
             qk = tl.where(ok[None, :], qk, float("-inf"))
@@ -345,11 +347,12 @@ def _split_kernel(
             pv = (p * (vs / vmax)[None, :]).to(tl.float16)
             za = za * alpha[:, None] + p * vz[None, :]
             upd = tl.dot(pv, lv) * vmax
-            for j in tl.static_range(2 * NOUT):
-                ow = tl.load(VOb + slots * NOUT + j // 2)
-                oi, ov = _outlier(ow, j % 2, IMASK)
-                ev = tl.load(EYE + oi[:, None] * D + d[None, :])
-                upd += tl.dot((p * ov[None, :]).to(tl.float16), ev)
+            for w in tl.static_range(NOUT):
+                ow = tl.load(VOb + slots * NOUT + w)  # one load, two entries
+                for hi in tl.static_range(2):
+                    oi, ov = _outlier(ow, hi, IMASK)
+                    ev = tl.load(EYE + oi[:, None] * D + d[None, :])
+                    upd += tl.dot((p * ov[None, :]).to(tl.float16), ev)
             acc = acc * alpha[:, None] + upd
             m_i = m_new
             qn1 = qt1 * cB[None, :] + qt2 * sB[None, :]
@@ -393,17 +396,19 @@ def _split_kernel(
                 qk = (tl.dot(X, tl.trans(Y)) * (ynorm[None, :] * ts[:, None])
                       + tl.dot(T, tl.trans(Yz)) * znorm[None, :])
             # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
-            for j in tl.static_range(2 * NOUT):
-                ow = tl.load(KOb + slots * NOUT + j // 2)
-                oi, ov = _outlier(ow, j % 2, IMASK)
-                upper = oi >= HALF
-                of = tl.where(upper, oi - HALF, oi)
-                ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
-                oc, os = _sincos_reduced(ang, USE_ASM)
-                qa = tl.load(Qb_t + oi[:, None], mask=gmask[None, :], other=0.0).to(tl.float32)
-                qb = tl.load(Qb_t + tl.where(upper, of, oi + HALF)[:, None], mask=gmask[None, :], other=0.0)
-                sgn = tl.where(upper, -os, os)
-                qk += (qa * oc[:, None] + qb.to(tl.float32) * sgn[:, None]) * (ov * (qk_scale * rope_scale))[:, None]
+            for w in tl.static_range(NOUT):
+                ow = tl.load(KOb + slots * NOUT + w)  # one load, two entries
+                for hi in tl.static_range(2):
+                    oi, ov = _outlier(ow, hi, IMASK)
+                    upper = oi >= HALF
+                    of = tl.where(upper, oi - HALF, oi)
+                    ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
+                    oc, os = _sincos_reduced(ang, USE_ASM)
+                    qa = tl.load(Qb_t + oi[:, None], mask=gmask[None, :], other=0.0).to(tl.float32)
+                    qb = tl.load(Qb_t + tl.where(upper, of, oi + HALF)[:, None], mask=gmask[None, :], other=0.0)
+                    sgn = tl.where(upper, -os, os)
+                    qk += ((qa * oc[:, None] + qb.to(tl.float32) * sgn[:, None])
+                           * (ov * (qk_scale * rope_scale))[:, None])
             kind = tl.load(KINDb + slots)
             ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
             qk = tl.where(ok[:, None], qk, float("-inf"))
@@ -419,20 +424,22 @@ def _split_kernel(
             if VFOLD:  # sparse value outliers folded into the levels (residual / scale at their channel)
                 vsafe = tl.where(vs > 0, vs, 1.0)
                 zero16 = tl.zeros_like(lv)
-                for j in tl.static_range(2 * NOUT):  # in fp16: no conversion per element
-                    ow = tl.load(VOb + slots * NOUT + j // 2)
-                    oi, ov = _outlier(ow, j % 2, IMASK)
-                    lv = lv + tl.where(d[None, :] == oi[:, None], (ov / vsafe).to(tl.float16)[:, None], zero16)
+                for w in tl.static_range(NOUT):  # in fp16: no conversion per element
+                    ow = tl.load(VOb + slots * NOUT + w)  # one load, two entries
+                    for hi in tl.static_range(2):
+                        oi, ov = _outlier(ow, hi, IMASK)
+                        lv = lv + tl.where(d[None, :] == oi[:, None], (ov / vsafe).to(tl.float16)[:, None], zero16)
             lv = _opaque(lv, USE_ASM)
             pv = _opaque((p * (vs / vmax)[:, None]).to(tl.float16), USE_ASM)
             za = za * alpha[None, :] + p * vz[:, None]
             upd = tl.dot(tl.trans(lv), pv) * vmax
             if not VFOLD:  # sparse value outliers through identity rows
-                for j in tl.static_range(2 * NOUT):
-                    ow = tl.load(VOb + slots * NOUT + j // 2)
-                    oi, ov = _outlier(ow, j % 2, IMASK)
-                    ev = tl.load(EYE + oi[:, None] * D + d[None, :])
-                    upd += tl.dot(tl.trans(ev), _opaque((p * ov[:, None]).to(tl.float16), USE_ASM))
+                for w in tl.static_range(NOUT):
+                    ow = tl.load(VOb + slots * NOUT + w)  # one load, two entries
+                    for hi in tl.static_range(2):
+                        oi, ov = _outlier(ow, hi, IMASK)
+                        ev = tl.load(EYE + oi[:, None] * D + d[None, :])
+                        upd += tl.dot(tl.trans(ev), _opaque((p * ov[:, None]).to(tl.float16), USE_ASM))
             acc = acc * alpha[None, :] + upd
             m_i = m_new
             qn1 = qt1 * cB[None, :] + qt2 * sB[None, :]

@@ -198,17 +198,18 @@ def _key_scores(KCb, KOb, KINDb, slots, toff, CRT, SRT, Ck2, Ya16, Yb16, ynorm, 
         x2 = _opaque(x2, USE_ASM)
     qk = tl.dot(x1, tl.trans(Ya16)) + tl.dot(x2, tl.trans(Yb16))
     dqs = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
-    for j in tl.static_range(2 * NOUT):
-        ow = tl.load(KOb + slots * NOUT + j // 2)
-        oi, ov = _outlier(ow, j % 2, IMASK)
-        upper = oi >= HALF
-        of = tl.where(upper, oi - HALF, oi)
-        oc, osn = _sincos64((p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of), USE_ASM)
-        qa = tl.load(Qc + oi[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
-        qb = tl.load(Qc + tl.where(upper, of, oi + HALF)[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
-        sgn = tl.where(upper, -osn, osn)
-        dq = (qa * oc[:, None] + qb * sgn[:, None]) * (ov * qsc)[:, None]
-        dqs += _pad_cols(dq, BLOCK_N, GP, LOG_STRIDE)
+    for w in tl.static_range(NOUT):
+        ow = tl.load(KOb + slots * NOUT + w)  # one load, two entries
+        for hi in tl.static_range(2):
+            oi, ov = _outlier(ow, hi, IMASK)
+            upper = oi >= HALF
+            of = tl.where(upper, oi - HALF, oi)
+            oc, osn = _sincos64((p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of), USE_ASM)
+            qa = tl.load(Qc + oi[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
+            qb = tl.load(Qc + tl.where(upper, of, oi + HALF)[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
+            sgn = tl.where(upper, -osn, osn)
+            dq = (qa * oc[:, None] + qb * sgn[:, None]) * (ov * qsc)[:, None]
+            dqs += _pad_cols(dq, BLOCK_N, GP, LOG_STRIDE)
     kind = tl.load(KINDb + slots)
     ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
     qk = qk * ynorm[None, :] + dqs
@@ -230,14 +231,15 @@ def _value_update(VCb, VOb, VSb, VZb, EYE, slots, p, vmax, vt0, vt1, vt2, vt3, V
     if OPAQUE > 0:
         pv = _opaque(pv, USE_ASM)
     upd = tl.dot(tl.trans(pv), lv)
-    for j in tl.static_range(2 * NOUT):
-        ow = tl.load(VOb + slots * NOUT + j // 2)
-        oi, ov = _outlier(ow, j % 2, IMASK)
-        ev = tl.load(EYE + oi[:, None] * D + d[None, :])
-        pe = (p * (ov / vmax)[:, None]).to(tl.float16)
-        if OPAQUE > 0:
-            pe = _opaque(pe, USE_ASM)
-        upd += tl.dot(tl.trans(pe), ev)
+    for w in tl.static_range(NOUT):
+        ow = tl.load(VOb + slots * NOUT + w)  # one load, two entries
+        for hi in tl.static_range(2):
+            oi, ov = _outlier(ow, hi, IMASK)
+            ev = tl.load(EYE + oi[:, None] * D + d[None, :])
+            pe = (p * (ov / vmax)[:, None]).to(tl.float16)
+            if OPAQUE > 0:
+                pe = _opaque(pe, USE_ASM)
+            upd += tl.dot(tl.trans(pe), ev)
     return upd, p * vz[:, None]
 
 
@@ -379,17 +381,19 @@ def _v2_split_kernel(
                 qk = tl.dot(x1, tl.trans(Ya.to(tl.float16))) + tl.dot(x2, tl.trans(Yb.to(tl.float16)))
             # sparse key outliers: q . R(p) (residual e_c), from the unrotated query and the absolute angle
             dqs = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)
-            for j in tl.static_range(2 * NOUT):
-                ow = tl.load(KOb + slots * NOUT + j // 2)
-                oi, ov = _outlier(ow, j % 2, IMASK)
-                upper = oi >= HALF
-                of = tl.where(upper, oi - HALF, oi)
-                oc, osn = _sincos64((p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of), USE_ASM)
-                qa = tl.load(Qc + oi[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
-                qb = tl.load(Qc + tl.where(upper, of, oi + HALF)[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
-                sgn = tl.where(upper, -osn, osn)
-                dq = (qa * oc[:, None] + qb * sgn[:, None]) * (ov * qsc)[:, None]
-                dqs += _pad_cols(dq, BLOCK_N, GP, LOG_STRIDE)
+            for w in tl.static_range(NOUT):
+                ow = tl.load(KOb + slots * NOUT + w)  # one load, two entries
+                for hi in tl.static_range(2):
+                    oi, ov = _outlier(ow, hi, IMASK)
+                    upper = oi >= HALF
+                    of = tl.where(upper, oi - HALF, oi)
+                    oc, osn = _sincos64((p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of), USE_ASM)
+                    qa = tl.load(Qc + oi[:, None], mask=gcm[None, :], other=0.0).to(tl.float32)
+                    qb = tl.load(Qc + tl.where(upper, of, oi + HALF)[:, None], mask=gcm[None, :],
+                                 other=0.0).to(tl.float32)
+                    sgn = tl.where(upper, -osn, osn)
+                    dq = (qa * oc[:, None] + qb * sgn[:, None]) * (ov * qsc)[:, None]
+                    dqs += _pad_cols(dq, BLOCK_N, GP, LOG_STRIDE)
             kind = tl.load(KINDb + slots)
             ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
             vs = tl.load(VSb + slots).to(tl.float32) * 128.0
@@ -421,17 +425,18 @@ def _v2_split_kernel(
                     pv = _opaque(pv, USE_ASM)
                 upd = tl.dot(tl.trans(pv), lv)
             # sparse value outliers through identity rows (one-hot, gathered) on tensor cores
-            for j in tl.static_range(2 * NOUT):
-                ow = tl.load(VOb + slots * NOUT + j // 2)
-                oi, ov = _outlier(ow, j % 2, IMASK)
-                ev = tl.load(EYE + oi[:, None] * D + d[None, :])
-                if QROWS:
-                    upd += tl.dot((p * (ov / vmax)[None, :]).to(tl.float16), ev)
-                else:
-                    pe = (p * (ov / vmax)[:, None]).to(tl.float16)
-                    if OPAQUE:
-                        pe = _opaque(pe, USE_ASM)
-                    upd += tl.dot(tl.trans(pe), ev)
+            for w in tl.static_range(NOUT):
+                ow = tl.load(VOb + slots * NOUT + w)  # one load, two entries
+                for hi in tl.static_range(2):
+                    oi, ov = _outlier(ow, hi, IMASK)
+                    ev = tl.load(EYE + oi[:, None] * D + d[None, :])
+                    if QROWS:
+                        upd += tl.dot((p * (ov / vmax)[None, :]).to(tl.float16), ev)
+                    else:
+                        pe = (p * (ov / vmax)[:, None]).to(tl.float16)
+                        if OPAQUE:
+                            pe = _opaque(pe, USE_ASM)
+                        upd += tl.dot(tl.trans(pe), ev)
             acc = acc * alpha[:, None] + upd * vmax
             m_i = m_new
             yn = Ya * cB[None, :] + Yb * sB[None, :]
