@@ -19,8 +19,8 @@ the per-token value metadata, and
 Softmax is online in base 2. GQA: all query heads of a KV head share each tile. Per-sequence lengths (and
 left-padding starts) are read from device tensors, and the grid depends only on shapes: CUDA-graph safe.
 
-Status (benchmarks/results/kvquant_decode_h100_v5.json, H100, fp16 SDPA timed in the same run): correct,
-CUDA-graph safe, 0.67-0.91x of fp16 SDPA at the Llama-3-8B shape (0.29-0.63 TB/s of 3.0): issue/latency-bound,
+Status (benchmarks/results/kvquant_decode_h100_v6.json, H100, fp16 SDPA timed in the same run): correct,
+CUDA-graph safe, 0.66-0.91x of fp16 SDPA at the Llama-3-8B shape (0.29-0.63 TB/s of 3.0): issue/latency-bound,
 far from the bytes floor (targets 2.5x / 3x at 128K missed). Two outlier entries per word cost about 10% over
 one (0.74-1.01x in kvquant_decode_h100.json, 0.66-0.89x in _v3): each entry adds a sincos and two query gathers
 per key and a select per value; folding the value entries in fp16 (no conversion per element) measured 1.5-2%
