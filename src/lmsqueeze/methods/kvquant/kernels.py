@@ -59,6 +59,9 @@ MAXNREG = 168  # registers per thread: 3 programs of 4 warps per SM (faster than
 # slower on the H100 (fp32 RoPE tables in registers: 168 registers and ~195 spilled; kvquant_decode_h100.json)
 KROT = False
 VFOLD = True  # value outliers folded into the level tile instead of identity-row dots (no identity-row loads)
+VMMA = False  # value outliers on tensor cores through a factored one-hot (overrides VFOLD; [keys, queries] only)
+KFOLD = False  # key outliers folded into the levels before RoPE instead of a score term each ([keys, queries] only)
+PREFETCH = False  # each tile's loads issued one tile ahead, held in registers ([keys, queries] only)
 LAST_SPLIT_KERNEL: dict = {}  # the last launched split kernel (benchmarks read its registers / spills)
 
 
@@ -140,7 +143,7 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
                              num_warps: int | None = None, num_stages: int = 1, maxnreg: int | None = MAXNREG,
                              use_asm: bool | None = None,
                              qrows: bool | None = None, krot: bool | None = None, vfold: bool | None = None,
-                             return_lse: bool = False):
+                             vmma: bool | None = None, prefetch: bool | None = None, kfold: bool | None = None, return_lse: bool = False):
     """Attention of one query per sequence over a packed KVQuant cache (same contract as the reference).
 
     q: [B, Hq, D] (RoPE applied, contiguous); lengths: [B] int32 filled slots (device); starts: [B] int32
@@ -167,6 +170,9 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
         qrows = QROWS
     krot = KROT if krot is None else krot
     vfold = VFOLD if vfold is None else vfold
+    vmma = VMMA if vmma is None else vmma
+    prefetch = PREFETCH if prefetch is None else prefetch
+    kfold = KFOLD if kfold is None else kfold
     if use_asm is None:
         use_asm = q.is_cuda and not _interpreting()
     if num_splits is None:
@@ -195,7 +201,8 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
         NOUT=kv.n_out_words, IMASK=(1 << outlier_index_bits(D)) - 1,
         NSIDE=n_side, NSIDE_P2=max(16, triton_next_pow2(n_side)),
         HAS_STARTS=starts is not None, USE_ASM=use_asm, QROWS=qrows, KROT=krot and not qrows,
-        VFOLD=vfold and not qrows, HAS_TSCALE=kv.kscale.shape[-1] > 0, num_warps=num_warps,
+        VFOLD=vfold and not qrows, HAS_TSCALE=kv.kscale.shape[-1] > 0, VMMA=vmma and not qrows,
+        PREFETCH=prefetch and not qrows, KFOLD=kfold and not qrows and not krot, num_warps=num_warps,
         num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
