@@ -123,24 +123,15 @@ def _nat16(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15)
 
 
 @triton.jit
-def _load_words(WP, row, col0, NW: tl.constexpr, WB: tl.constexpr, BITS: tl.constexpr):
-    """The packed words of the channels whose words start at `col0` (see `_unpack`): (low words [BN, NW], high-bit
-    words [BN, NW // 2] for 3 bits, else the low words again)."""
+def _unpack(WP, row, col0, t0, t1, t2, t3, LUT, NW: tl.constexpr, WB: tl.constexpr, BITS: tl.constexpr,
+            USE_ASM: tl.constexpr):
+    """Levels / 128 (fp16) of the channels whose words start at `col0`.
+
+    WP: the (batch, head) base pointer; row: [BN] int32 word offsets of token rows; NW: words (3 bits: low
+    words) per row read; WB: first high-bit word of a row (3 bits). Returns [BN, 16 * NW] (8 * NW for 4 bits).
+    """
     w = tl.arange(0, NW)
     wd = tl.load(WP + row[:, None] + col0 + w[None, :])
-    hw = wd
-    if BITS == 3:
-        # the NW // 2 high-bit words of these low words, loaded contiguously (a vectorised load); `_decode_words`
-        # repeats each for its two low words with a register-only join. A gathered (w // 2) load here left the
-        # unpacked levels in a layout whose shared-memory staging for the MMA took 16-bit stores
-        hw = tl.load(WP + row[:, None] + WB + col0 // 2 + tl.arange(0, NW // 2)[None, :])
-    return wd, hw
-
-
-@triton.jit
-def _decode_words(wd, hw, t0, t1, t2, t3, LUT, NW: tl.constexpr, BITS: tl.constexpr, USE_ASM: tl.constexpr):
-    """Levels / 128 (fp16) of words loaded by `_load_words`: [BN, 16 * NW] (8 * NW for 4 bits)."""
-    w = tl.arange(0, NW)
     if BITS == 4:
         if USE_ASM:
             s7 = wd & 0x77777777
@@ -156,7 +147,11 @@ def _decode_words(wd, hw, t0, t1, t2, t3, LUT, NW: tl.constexpr, BITS: tl.conste
         lo = wd & 0x33333333
         hi = (wd >> 2) & 0x33333333
         if BITS == 3:
-            hb = tl.reshape(tl.join(hw, hw), (wd.shape[0], NW)) >> (2 * (w % 2))[None, :]
+            # the NW // 2 high-bit words of these low words, loaded contiguously (a vectorised load) and
+            # each repeated for its two low words with a register-only join; a gathered (w // 2) load here
+            # left the unpacked levels in a layout whose shared-memory staging for the MMA took 16-bit stores
+            hw = tl.load(WP + row[:, None] + WB + col0 // 2 + tl.arange(0, NW // 2)[None, :])
+            hb = tl.reshape(tl.join(hw, hw), (row.shape[0], NW)) >> (2 * (w % 2))[None, :]
             lo = lo | ((hb & 0x11111111) << 2)
             hi = hi | (((hb >> 1) & 0x11111111) << 2)
         p0, p1, p2, p3 = _levels4(lo, t0, t1, LUT, USE_ASM)
@@ -165,60 +160,6 @@ def _decode_words(wd, hw, t0, t1, t2, t3, LUT, NW: tl.constexpr, BITS: tl.conste
         p12, p13, p14, p15 = _levels4(hi >> 16, t0, t1, LUT, USE_ASM)
         out = _nat16(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13, p14, p15)
     return out
-
-
-@triton.jit
-def _unpack(WP, row, col0, t0, t1, t2, t3, LUT, NW: tl.constexpr, WB: tl.constexpr, BITS: tl.constexpr,
-            USE_ASM: tl.constexpr):
-    """Levels / 128 (fp16) of the channels whose words start at `col0`.
-
-    WP: the (batch, head) base pointer; row: [BN] int32 word offsets of token rows; NW: words (3 bits: low
-    words) per row read; WB: first high-bit word of a row (3 bits). Returns [BN, 16 * NW] (8 * NW for 4 bits).
-    """
-    wd, hw = _load_words(WP, row, col0, NW, WB, BITS)
-    return _decode_words(wd, hw, t0, t1, t2, t3, LUT, NW, BITS, USE_ASM)
-
-
-@triton.jit
-def _load_tile(KCb, VCb, KOb, VOb, VSb, VZb, KINDb, TSCb, n0, nn, W: tl.constexpr, NWH: tl.constexpr,
-               WB: tl.constexpr, BITS: tl.constexpr, NOUT: tl.constexpr, HAS_TSCALE: tl.constexpr):
-    """Every per-token load of the tile of slots n0 + nn (nn: [BLOCK_N]): key words of both halves, value words,
-    the first two outlier words of keys and values (later ones are loaded where used), the value scales and
-    zeros, the slot kinds and (HAS_TSCALE) the key token-scale codes. Unused outputs repeat another load."""
-    slots = n0 + nn
-    row = slots * W
-    k1w, k1h = _load_words(KCb, row, 0, NWH, WB, BITS)
-    k2w, k2h = _load_words(KCb, row, NWH, NWH, WB, BITS)
-    vw, vh = _load_words(VCb, row, 0, 2 * NWH, WB, BITS)
-    kind = tl.load(KINDb + slots)
-    ko0 = slots
-    vo0 = slots
-    if NOUT > 0:
-        ko0 = tl.load(KOb + slots * NOUT)
-        vo0 = tl.load(VOb + slots * NOUT)
-    ko1 = ko0
-    vo1 = vo0
-    if NOUT > 1:
-        ko1 = tl.load(KOb + slots * NOUT + 1)
-        vo1 = tl.load(VOb + slots * NOUT + 1)
-    vs = tl.load(VSb + slots)
-    vz = tl.load(VZb + slots)
-    tsc = kind
-    if HAS_TSCALE:
-        tsc = tl.load(TSCb + slots)
-    return k1w, k1h, k2w, k2h, vw, vh, kind, ko0, ko1, vo0, vo1, vs, vz, tsc
-
-
-@triton.jit
-def _word(OW, slots, w: tl.constexpr, NOUT: tl.constexpr, o0, o1):
-    """Outlier word w of the tile's tokens: the prefetched first two, later ones loaded here."""
-    if w == 0:
-        ow = o0
-    elif w == 1:
-        ow = o1
-    else:
-        ow = tl.load(OW + slots * NOUT + w)
-    return ow
 
 
 @triton.jit
@@ -293,7 +234,6 @@ def _split_kernel(
     BLOCK_N: tl.constexpr, NOUT: tl.constexpr, IMASK: tl.constexpr, NSIDE: tl.constexpr, NSIDE_P2: tl.constexpr,
     HAS_STARTS: tl.constexpr, USE_ASM: tl.constexpr, QROWS: tl.constexpr,
     KROT: tl.constexpr = False, VFOLD: tl.constexpr = False, HAS_TSCALE: tl.constexpr = False,
-    VMMA: tl.constexpr = False, PREFETCH: tl.constexpr = False, KFOLD: tl.constexpr = False,
 ):
     HALF: tl.constexpr = D // 2
     if BITS == 4:
@@ -444,46 +384,16 @@ def _split_kernel(
         la = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)   # sum of p, reduced after the loop
         za = tl.zeros((BLOCK_N, BLOCK_G), tl.float32)   # sum of p * value zero, reduced after the loop
         acc = tl.zeros((D, BLOCK_G), tl.float32)
-        VA: tl.constexpr = D // 16
-        chd = tl.arange(0, HALF).to(tl.float16)   # channel numbers (outlier folds)
-        chv = tl.arange(0, D).to(tl.float16)
-        if VMMA:  # value outliers, channel c = 16 a + b: [b, (g, a)] (see below)
-            accv = tl.zeros((16, BLOCK_G * VA), tl.float32)
-            ar_a = tl.arange(0, VA)
-            ar_b = tl.arange(0, 16)
         vmax = tl.maximum(tl.load(VSMAX + bh) * 128.0, 1e-30)
-        if PREFETCH:  # the first tile's loads (clamped into the cache: a split with no tile loads and drops them)
-            (k1w, k1h, k2w, k2h, vw, vh, kind_r, ko0, ko1, vo0, vo1, vs_r, vz_r, tsc_r) = _load_tile(
-                KCb, VCb, KOb, VOb, VSb, VZb, KINDb, TSCb, tl.minimum(s_lo, cap - BLOCK_N), nn, W, NWH, WB, BITS,
-                NOUT, HAS_TSCALE)
+        chv = tl.arange(0, D).to(tl.float16)   # channel numbers (value-outlier fold)
         for n0 in range(s_lo, s_hi, BLOCK_N):
             slots = n0 + nn
-            if PREFETCH:
-                # this tile's words arrived during the previous tile's math; request the next tile's now (the last
-                # tile re-requests itself: no masks, nothing out of bounds)
-                (c_k1w, c_k1h, c_k2w, c_k2h, c_vw, c_vh, c_kind, c_ko0, c_ko1, c_vo0, c_vo1, c_vs, c_vz,
-                 c_tsc) = (k1w, k1h, k2w, k2h, vw, vh, kind_r, ko0, ko1, vo0, vo1, vs_r, vz_r, tsc_r)
-                nxt = tl.where(n0 + BLOCK_N < s_hi, n0 + BLOCK_N, n0)
-                (k1w, k1h, k2w, k2h, vw, vh, kind_r, ko0, ko1, vo0, vo1, vs_r, vz_r, tsc_r) = _load_tile(
-                    KCb, VCb, KOb, VOb, VSb, VZb, KINDb, TSCb, nxt, nn, W, NWH, WB, BITS, NOUT, HAS_TSCALE)
-            else:
-                (c_k1w, c_k1h, c_k2w, c_k2h, c_vw, c_vh, c_kind, c_ko0, c_ko1, c_vo0, c_vo1, c_vs, c_vz,
-                 c_tsc) = _load_tile(KCb, VCb, KOb, VOb, VSb, VZb, KINDb, TSCb, n0, nn, W, NWH, WB, BITS, NOUT,
-                                     HAS_TSCALE)
-            l1 = _decode_words(c_k1w, c_k1h, kt0, kt1, kt2, kt3, KLUT, NWH, BITS, USE_ASM)
-            l2 = _decode_words(c_k2w, c_k2h, kt0, kt1, kt2, kt3, KLUT, NWH, BITS, USE_ASM)
+            row = slots * W
+            l1 = _unpack(KCb, row, 0, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
+            l2 = _unpack(KCb, row, NWH, kt0, kt1, kt2, kt3, KLUT, NWH, WB, BITS, USE_ASM)
             ts = tl.full((BLOCK_N,), 1.0, tl.float32)
             if HAS_TSCALE:  # per-token key scales r (one byte each): key = level * r * s + z
-                ts = tl.exp2(c_tsc.to(tl.float32) * (1.0 / 16.0) - 8.0)
-            if KFOLD:  # sparse key outliers folded into the levels before RoPE: residual / (128 * s * r)
-                for w in tl.static_range(NOUT):
-                    ow = _word(KOb, slots, w, NOUT, c_ko0, c_ko1)  # one word, two entries
-                    for hi in tl.static_range(2):
-                        oi, ov = _outlier(ow, hi, IMASK)
-                        ksc = tl.load(KS16 + h * D + oi).to(tl.float32) * 128.0 * ts
-                        xk = (ov / tl.where(ksc > 0, ksc, 1.0)).to(tl.float16)
-                        l1 = _fold(l1, chd, oi.to(tl.float16), xk, USE_ASM)
-                        l2 = _fold(l2, chd, (oi - HALF).to(tl.float16), xk, USE_ASM)
+                ts = tl.exp2(tl.load(TSCb + slots).to(tl.float32) * (1.0 / 16.0) - 8.0)
             if KROT:
                 # keys dequantized (per-channel scale and zero) and rotated by the tile's relative offsets in
                 # registers: one [BLOCK_N, D] operand against the query rotated to the tile's first position
@@ -505,8 +415,8 @@ def _split_kernel(
                 qk = (tl.dot(X, tl.trans(Y)) * (ynorm[None, :] * ts[:, None])
                       + tl.dot(T, tl.trans(Yz)) * znorm[None, :])
             # sparse key outliers: q . (a R(p) x e_c) added to the scores of their tokens
-            for w in tl.static_range(0 if KFOLD else NOUT):
-                ow = _word(KOb, slots, w, NOUT, c_ko0, c_ko1)  # one word, two entries
+            for w in tl.static_range(NOUT):
+                ow = tl.load(KOb + slots * NOUT + w)  # one load, two entries
                 for hi in tl.static_range(2):
                     oi, ov = _outlier(ow, hi, IMASK)
                     upper = oi >= HALF
@@ -518,7 +428,8 @@ def _split_kernel(
                     sgn = tl.where(upper, -os, os)
                     qk += ((qa * oc[:, None] + qb.to(tl.float32) * sgn[:, None])
                            * (ov * (qk_scale * rope_scale))[:, None])
-            ok = (slots >= lo) & (slots < s_hi) & (c_kind == 1)
+            kind = tl.load(KINDb + slots)
+            ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
             qk = tl.where(ok[:, None], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 0))
             alpha = tl.exp2(m_i - m_new)
@@ -526,13 +437,13 @@ def _split_kernel(
             la = la * alpha[None, :] + p
 
             # values: levels on tensor cores with the per-token scale on p; zeros as p . z; outliers via identity rows
-            vs = c_vs.to(tl.float32) * 128.0
-            vz = c_vz.to(tl.float32)
-            lv = _decode_words(c_vw, c_vh, vt0, vt1, vt2, vt3, VLUT, 2 * NWH, BITS, USE_ASM)
-            if VFOLD and not VMMA:  # sparse value outliers folded into the levels (residual / scale at their channel)
+            vs = tl.load(VSb + slots).to(tl.float32) * 128.0
+            vz = tl.load(VZb + slots).to(tl.float32)
+            lv = _unpack(VCb, row, 0, vt0, vt1, vt2, vt3, VLUT, 2 * NWH, WB, BITS, USE_ASM)
+            if VFOLD:  # sparse value outliers folded into the levels (residual / scale at their channel)
                 vsafe = tl.where(vs > 0, vs, 1.0)
                 for w in tl.static_range(NOUT):  # in fp16: no conversion per element
-                    ow = _word(VOb, slots, w, NOUT, c_vo0, c_vo1)  # one word, two entries
+                    ow = tl.load(VOb + slots * NOUT + w)  # one load, two entries
                     for hi in tl.static_range(2):
                         oi, ov = _outlier(ow, hi, IMASK)
                         lv = _fold(lv, chv, oi.to(tl.float16), (ov / vsafe).to(tl.float16), USE_ASM)
@@ -540,23 +451,9 @@ def _split_kernel(
             pv = _opaque((p * (vs / vmax)[:, None]).to(tl.float16), USE_ASM)
             za = za * alpha[None, :] + p * vz[:, None]
             upd = tl.dot(tl.trans(lv), pv) * vmax
-            if VMMA:
-                # sparse value outliers on tensor cores through a factored one-hot: with channel c = 16 a + b,
-                # accv[b, (g, a)] += sum_n [b_n = b] * ([a_n = a] * p[n, g] * value_n): one [16, BLOCK_N] x
-                # [BLOCK_N, G * D / 16] dot per entry, 16 + G * D / 16 selects per token instead of D
-                accv = accv * tl.reshape(tl.broadcast_to(alpha[:, None], (BLOCK_G, VA)), (BLOCK_G * VA,))[None, :]
+            if not VFOLD:  # sparse value outliers through identity rows
                 for w in tl.static_range(NOUT):
-                    ow = _word(VOb, slots, w, NOUT, c_vo0, c_vo1)
-                    for hi in tl.static_range(2):
-                        oi, ov = _outlier(ow, hi, IMASK)
-                        pw = p * ov[:, None]
-                        lt = tl.where((oi >> 4)[:, None, None] == ar_a[None, None, :], pw[:, :, None], 0.0)
-                        lt = _opaque(tl.reshape(lt, (BLOCK_N, BLOCK_G * VA)).to(tl.float16), USE_ASM)
-                        rt = _opaque(tl.where(ar_b[:, None] == (oi & 15)[None, :], 1.0, 0.0).to(tl.float16), USE_ASM)
-                        accv = tl.dot(rt, lt, accv)
-            elif not VFOLD:  # sparse value outliers through identity rows
-                for w in tl.static_range(NOUT):
-                    ow = _word(VOb, slots, w, NOUT, c_vo0, c_vo1)  # one word, two entries
+                    ow = tl.load(VOb + slots * NOUT + w)  # one load, two entries
                     for hi in tl.static_range(2):
                         oi, ov = _outlier(ow, hi, IMASK)
                         ev = tl.load(EYE + oi[:, None] * D + d[None, :])
@@ -566,8 +463,6 @@ def _split_kernel(
             qn1 = qt1 * cB[None, :] + qt2 * sB[None, :]
             qt2 = qt2 * cB[None, :] - qt1 * sB[None, :]
             qt1 = qn1
-        if VMMA:  # [b, (g, a)] -> [(a, b), g]
-            acc += tl.reshape(tl.permute(tl.reshape(accv, (16, BLOCK_G, VA)), (2, 0, 1)), (D, BLOCK_G))
         l_i = tl.sum(la, 0)
         acc += tl.sum(za, 0)[None, :]
     if NSIDE > 0:  # noqa: SIM102 - a constexpr test around a runtime one

@@ -19,23 +19,30 @@ the per-token value metadata, and
 Softmax is online in base 2. GQA: all query heads of a KV head share each tile. Per-sequence lengths (and
 left-padding starts) are read from device tensors, and the grid depends only on shapes: CUDA-graph safe.
 
-Status (benchmarks/results/kvquant_decode_h100_v6.json, H100, fp16 SDPA timed in the same run): correct,
-CUDA-graph safe, 0.66-0.91x of fp16 SDPA at the Llama-3-8B shape (0.29-0.63 TB/s of 3.0): issue/latency-bound,
-far from the bytes floor (targets 2.5x / 3x at 128K missed). Two outlier entries per word cost about 10% over
-one (0.74-1.01x in kvquant_decode_h100.json, 0.66-0.89x in _v3): each entry adds a sincos and two query gathers
-per key and a select per value; folding the value entries in fp16 (no conversion per element) measured 1.5-2%
-faster in _v4 than _v3 (separate runs: within run-to-run noise). 3-bit used to be the slowest (0.71x at 128K):
-its high-bit words were loaded with a gathered (w // 2) pattern, which left the unpacked levels in a layout
-that Triton staged to shared memory for the MMA with 16-bit stores (1520 SASS instructions per 64-token tile
-and warp, compiled offline with Triton 3.6 for sm_90); they are now loaded contiguously and repeated with a
-join (1089 per tile, 0.96x). Sweeps (same file and
-kvquant_decode_h100_v1.json): identity-row value outliers instead of VFOLD, maxnreg 128 / none, 2 stages,
-3 or 12 programs per SM, BLOCK_N 128 with 8 warps, KROT and the [queries, keys] orientation are all slower
-than the default. A rewrite with the v2 structure (decode_v2.py) was 1.5-2.5x slower on the H100
+Status (benchmarks/results/kvquant_decode_h100_v7_sweep.json, H100, fp16 SDPA timed in the same run): correct,
+CUDA-graph safe, 0.76-0.95x of fp16 SDPA at the Llama-3-8B shape (0.30-0.70 TB/s of 3.0), far from the bytes
+floor (targets 2.5x / 3x at 128K missed). The kernel is latency-bound, not bound by instruction count: the value
+outliers' fold was cut from an integer compare, a select and an add per element and entry to one packed f16x2
+set / fma pair per two elements (`_fold`: the main loop from 1409 to 1153 SASS instructions per 64-token tile and
+warp at 3 bits and 168 registers, 1494 to 1141 uncapped; Triton 3.9 offline for sm_90,
+benchmarks/results/kvquant_sass_sm90.json from benchmarks/scripts/kvquant_sass.py), and the time moved only from 0.2158 ms (_v6) to 0.2133 ms at 168
+registers; lifting the register cap to 255 (2 programs of 4 warps per SM, fewer spills) gave 0.1997 ms. In
+the same sweep, each slower than the default: requesting the next tile's words, outliers and metadata one tile
+ahead (registers; 0.2146 / 0.2022 ms at 168 / 255 registers), folding the key outliers into the levels
+before RoPE instead of one score term each (0.2569 ms: 64 more instructions per entry than the sincos and
+query gathers it replaces), 128 registers, 12 programs per SM, 32-token tiles with 2 warps. Value outliers
+through a factored one-hot MMA (channel = 16 a + b, one [16, BLOCK_N] x [BLOCK_N, G * D / 16] dot per entry)
+compiled offline to 2311-2527 instructions with 170-230 spills, and was not timed. Earlier: two outlier entries
+per word cost about 10% over one (kvquant_decode_h100.json vs _v3); 3-bit's high-bit words are loaded
+contiguously and repeated with a join (a gathered w // 2 load had left the levels in a layout that Triton
+staged to shared memory with 16-bit stores). Sweeps in kvquant_decode_h100_v1.json / _v6.json: identity-row
+value outliers, 2 stages, 3 programs per SM, BLOCK_N 128 with 8 warps, KROT and the [queries, keys]
+orientation are all slower. A rewrite with the v2 structure (decode_v2.py) was 1.5-2.5x slower on the H100
 (kvquant_decode_h100_v2_first.json). Next steps, for a kernel language with explicit layouts (Gluon or CUDA):
+more warps per SM to hide latency (the RoPE tables and their opaque copy hold about 64 registers per thread),
 packed words loaded straight into the MMA fragment registers (each thread's fragment channels sit in one
 byte of one word), no shared-memory round trip for the unpacked levels, and the softmax over the G real
-query heads only (not a 16-wide padded tile).
+query heads only (not a padded tile).
 """
 
 from __future__ import annotations
@@ -54,14 +61,14 @@ MAX_SPLITS = 256
 PROGRAMS_PER_SM = 6
 LOG2E = 1.4426950408889634
 QROWS = False  # scores as [keys, queries] (measured faster on the H100); True: [queries, keys]
-MAXNREG = 168  # registers per thread: 3 programs of 4 warps per SM (faster than 255 in the H100 sweep)
+# registers per thread: None = the compiler's limit (255, 2 programs of 4 warps per SM). With the packed value-outlier
+# fold, 255 beat 168 (3 programs per SM) in the H100 sweep at 128K, batch 1, 3 bits: 0.1997 vs 0.2133 ms (10 vs 28
+# spilled registers; benchmarks/results/kvquant_decode_h100_v7_sweep.json); before the fold 168 had been faster
+MAXNREG = None
 # keys dequantized and rotated in registers ([BLOCK_N, D] operand) instead of the 2D-wide form: measured 2x
 # slower on the H100 (fp32 RoPE tables in registers: 168 registers and ~195 spilled; kvquant_decode_h100.json)
 KROT = False
-VFOLD = True  # value outliers folded into the level tile instead of identity-row dots (no identity-row loads)
-VMMA = False  # value outliers on tensor cores through a factored one-hot (overrides VFOLD; [keys, queries] only)
-KFOLD = False  # key outliers folded into the levels before RoPE instead of a score term each ([keys, queries] only)
-PREFETCH = False  # each tile's loads issued one tile ahead, held in registers ([keys, queries] only)
+VFOLD = True  # value outliers folded into the level tile (`_fold`: packed f16x2 set / fma) instead of identity-row dots
 LAST_SPLIT_KERNEL: dict = {}  # the last launched split kernel (benchmarks read its registers / spills)
 
 
@@ -143,7 +150,7 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
                              num_warps: int | None = None, num_stages: int = 1, maxnreg: int | None = MAXNREG,
                              use_asm: bool | None = None,
                              qrows: bool | None = None, krot: bool | None = None, vfold: bool | None = None,
-                             vmma: bool | None = None, prefetch: bool | None = None, kfold: bool | None = None, return_lse: bool = False):
+                             return_lse: bool = False):
     """Attention of one query per sequence over a packed KVQuant cache (same contract as the reference).
 
     q: [B, Hq, D] (RoPE applied, contiguous); lengths: [B] int32 filled slots (device); starts: [B] int32
@@ -170,9 +177,6 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
         qrows = QROWS
     krot = KROT if krot is None else krot
     vfold = VFOLD if vfold is None else vfold
-    vmma = VMMA if vmma is None else vmma
-    prefetch = PREFETCH if prefetch is None else prefetch
-    kfold = KFOLD if kfold is None else kfold
     if use_asm is None:
         use_asm = q.is_cuda and not _interpreting()
     if num_splits is None:
@@ -201,8 +205,7 @@ def kvquant_decode_attention(q: torch.Tensor, kv: PackedKV, lengths: torch.Tenso
         NOUT=kv.n_out_words, IMASK=(1 << outlier_index_bits(D)) - 1,
         NSIDE=n_side, NSIDE_P2=max(16, triton_next_pow2(n_side)),
         HAS_STARTS=starts is not None, USE_ASM=use_asm, QROWS=qrows, KROT=krot and not qrows,
-        VFOLD=vfold and not qrows, HAS_TSCALE=kv.kscale.shape[-1] > 0, VMMA=vmma and not qrows,
-        PREFETCH=prefetch and not qrows, KFOLD=kfold and not qrows and not krot, num_warps=num_warps,
+        VFOLD=vfold and not qrows, HAS_TSCALE=kv.kscale.shape[-1] > 0, num_warps=num_warps,
         num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}),
     )
