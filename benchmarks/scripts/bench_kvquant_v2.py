@@ -43,7 +43,7 @@ from lmsqueeze.methods.kvquant.reference import decode_attention_reference
 from lmsqueeze.methods.kvquant.rope import KernelRope
 
 PEAK_TBPS = 3.0
-V1_DEFAULT = {"block_n": 64, "num_warps": 4, "num_stages": 1, "maxnreg": None, "vfold": True}
+V1_DEFAULT = {"block_n": 64, "num_warps": 4, "num_stages": 1, "maxnreg": 168, "vfold": True}
 SWEEP_V1 = [
     V1_DEFAULT,
     {**V1_DEFAULT, "vfold": False},

@@ -19,27 +19,27 @@ the per-token value metadata, and
 Softmax is online in base 2. GQA: all query heads of a KV head share each tile. Per-sequence lengths (and
 left-padding starts) are read from device tensors, and the grid depends only on shapes: CUDA-graph safe.
 
-Status (benchmarks/results/kvquant_decode_h100_v7_sweep.json, H100, fp16 SDPA timed in the same run): correct,
-CUDA-graph safe, 0.76-0.95x of fp16 SDPA at the Llama-3-8B shape (0.30-0.70 TB/s of 3.0), far from the bytes
-floor (targets 2.5x / 3x at 128K missed). The kernel is latency-bound, not bound by instruction count: the value
-outliers' fold was cut from an integer compare, a select and an add per element and entry to one packed f16x2
-set / fma pair per two elements (`_fold`: the main loop from 1409 to 1153 SASS instructions per 64-token tile and
-warp at 3 bits and 168 registers, 1494 to 1141 uncapped; Triton 3.9 offline for sm_90,
-benchmarks/results/kvquant_sass_sm90.json from benchmarks/scripts/kvquant_sass.py), and the time moved only from 0.2158 ms (_v6) to 0.2133 ms at 168
-registers; lifting the register cap to 255 (2 programs of 4 warps per SM, fewer spills) gave 0.1997 ms. In
-the same sweep, each slower than the default: requesting the next tile's words, outliers and metadata one tile
-ahead (registers; 0.2146 / 0.2022 ms at 168 / 255 registers), folding the key outliers into the levels
-before RoPE instead of one score term each (0.2569 ms: 64 more instructions per entry than the sincos and
-query gathers it replaces), 128 registers, 12 programs per SM, 32-token tiles with 2 warps. Value outliers
-through a factored one-hot MMA (channel = 16 a + b, one [16, BLOCK_N] x [BLOCK_N, G * D / 16] dot per entry)
-compiled offline to 2311-2527 instructions with 170-230 spills, and was not timed. Earlier: two outlier entries
+Status (benchmarks/results/kvquant_decode_h100_v7c_sweep.json, H100, fp16 SDPA timed in the same run): correct,
+CUDA-graph safe, 0.60-0.81x of fp16 SDPA at the Llama-3-8B shape (0.24-0.60 TB/s of 3.0), far from the bytes
+floor (targets 2.5x / 3x at 128K missed). The kernel is latency-bound, not bound by its instruction count. The
+value outliers' fold went from an integer compare, a select and an add per element and entry to one packed
+f16x2 set / fma pair per two elements (`_fold`): the main loop fell from 1409 to 1153 SASS instructions per
+64-token tile and warp at 3 bits and 168 registers (1494 to 1141 uncapped; Triton 3.9 offline for sm_90,
+benchmarks/results/kvquant_sass_sm90.json from benchmarks/scripts/kvquant_sass.py), but the time moved only from
+0.2158 ms (_v6) to 0.2133 ms (_v7_sweep.json) at 3 bits, 128K, batch 1. Those are separate runs: the same code
+and config took 0.2302 ms on another H100 (_v7c_sweep.json), with fp16 SDPA at 0.1846 ms in both, so this
+kernel's time varies about 8% between machines. Slower than the default in the same runs: the next tile's
+loads issued one tile ahead into registers (0.2146 / 0.2022 ms at 168 / 255 registers vs 0.2133 / 0.1997),
+key outliers folded into the levels before RoPE instead of one score term each (0.2569 ms), 128 registers,
+12 programs per SM, 32-token tiles with 2 or 4 warps, 64-token tiles with 8 warps, 128-token tiles with 8
+warps (_v7 and _v7b); identity-row value outliers (0.3207 vs 0.2302 ms, _v7c). Value outliers through a
+factored one-hot MMA (channel = 16 a + b, one [16, BLOCK_N] x [BLOCK_N, G * D / 16] dot per entry) compiled
+offline to 2311-2527 loop instructions with 170-230 spills, and was not timed. Earlier: two outlier entries
 per word cost about 10% over one (kvquant_decode_h100.json vs _v3); 3-bit's high-bit words are loaded
 contiguously and repeated with a join (a gathered w // 2 load had left the levels in a layout that Triton
-staged to shared memory with 16-bit stores). Sweeps in kvquant_decode_h100_v1.json / _v6.json: identity-row
-value outliers, 2 stages, 3 programs per SM, BLOCK_N 128 with 8 warps, KROT and the [queries, keys]
-orientation are all slower. A rewrite with the v2 structure (decode_v2.py) was 1.5-2.5x slower on the H100
-(kvquant_decode_h100_v2_first.json). Next steps, for a kernel language with explicit layouts (Gluon or CUDA):
-more warps per SM to hide latency (the RoPE tables and their opaque copy hold about 64 registers per thread),
+staged to shared memory with 16-bit stores); 2 stages, KROT and the [queries, keys] orientation were slower
+(_v1). A rewrite with the v2 structure (decode_v2.py) was 1.5-2.5x slower (kvquant_decode_h100_v2_first.json).
+Next steps, for a kernel language with explicit layouts (Gluon or CUDA): more warps per SM to hide latency,
 packed words loaded straight into the MMA fragment registers (each thread's fragment channels sit in one
 byte of one word), no shared-memory round trip for the unpacked levels, and the softmax over the G real
 query heads only (not a padded tile).
@@ -61,10 +61,10 @@ MAX_SPLITS = 256
 PROGRAMS_PER_SM = 6
 LOG2E = 1.4426950408889634
 QROWS = False  # scores as [keys, queries] (measured faster on the H100); True: [queries, keys]
-# registers per thread: None = the compiler's limit (255, 2 programs of 4 warps per SM). With the packed value-outlier
-# fold, 255 beat 168 (3 programs per SM) in the H100 sweep at 128K, batch 1, 3 bits: 0.1997 vs 0.2133 ms (10 vs 28
-# spilled registers; benchmarks/results/kvquant_decode_h100_v7_sweep.json); before the fold 168 had been faster
-MAXNREG = None
+# registers per thread: 168 = 3 programs of 4 warps per SM. 255 (2 programs) was faster on one H100 and slower on
+# another (3 bits, 128K, batch 1: 0.1997 vs 0.2133 ms in kvquant_decode_h100_v7_sweep.json, 0.2505 vs 0.2302 ms in
+# _v7c_sweep.json, same code): within the machine-to-machine spread of this latency-bound kernel, so unchanged
+MAXNREG = 168
 # keys dequantized and rotated in registers ([BLOCK_N, D] operand) instead of the 2D-wide form: measured 2x
 # slower on the H100 (fp32 RoPE tables in registers: 168 registers and ~195 spilled; kvquant_decode_h100.json)
 KROT = False
