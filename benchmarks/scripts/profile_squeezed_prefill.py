@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_squeezed as bs  # noqa: E402
+import bench_squeezed as bs
 
-from lmsqueeze.bench.results import command_line  # noqa: E402
+from lmsqueeze.bench.results import command_line
 
 
 def main() -> None:
