@@ -74,3 +74,47 @@ def test_rows_from_clusters_equals_mask_to_index(B, width, gen):
     got = rows_from_clusters(keep, offs, rc, w)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     assert int(got[1][0, 0]) == n and int(got[1][-1, -1]) == 0
+
+
+def _clustered_rows(H: int, C: int, W: int, gen):
+    """Offsets [H, C + 2] and row clusters [H, N] of a random cluster-sorted layout (some empty clusters, the
+    observation window of W rows as cluster C)."""
+    sizes = torch.randint(0, 6, (H, C), generator=gen)
+    sizes[:, 1] = 0
+    n = int(sizes.sum(-1).max()) + W
+    offs = torch.zeros(H, C + 2, dtype=torch.int32)
+    offs[:, 1:C + 1] = torch.cumsum(sizes, -1).to(torch.int32)
+    offs[:, C + 1] = n
+    rc = torch.repeat_interleave(torch.arange(C + 1).repeat(H), (offs[:, 1:] - offs[:, :-1]).long().flatten())
+    return offs, rc.reshape(H, n), sizes
+
+
+@pytest.mark.parametrize("B,G,C,budget", [(1, 4, 37, "tie"), (2, 1, 130, "exact"), (2, 2, 61, 90),
+                                          (3, 2, 21, 10**6), (2, 3, 50, 0)])
+def test_chunk_rows_kernel_matches_reference(B, G, C, budget, gen):
+    """The two-kernel 'chunk' selection (binary search for the crossing weight, no sort) gives the same row lists
+    and counts as budget_keep + rows_from_clusters: ties (many zero weights, a block of equal weights that the
+    budget crosses: "tie"), a budget ending exactly at a cluster boundary ("exact": the next cluster is not
+    read), empty clusters, a budget above every key, a zero budget."""
+    H, W, T = 2, 3, 7
+    offs, rc, sizes = _clustered_rows(H, C, W, gen)
+    psum = torch.rand(B, H * G, C, generator=gen) * 0.5 + 0.5     # distinct weights in [0.5, 1)
+    psum[:, :, : C // 3] = 0.0                                   # underflowed weights: eligible, ranked last
+    psum[:, :, C // 3: C // 2] = 0.25                            # a block of equal weights
+    if budget in ("tie", "exact"):
+        top = int(sizes[0, C // 2:].sum())                       # keys of the weights above the tie block
+        tie = sizes[0, C // 3: C // 2]
+        if budget == "tie":
+            budget = top + int(tie.sum()) // 2 + 1
+        else:
+            w = psum[0, :G].amax(0)
+            order = torch.argsort(w, descending=True, stable=True)
+            cum = torch.cumsum(sizes[0][order], 0)
+            budget = int(cum[len(cum) // 4])                     # exactly the keys of the first quarter
+    n = rc.shape[1]
+    want = K.chunk_rows_reference(psum, offs, rc, T, budget, n)
+    got = K.chunk_rows_triton(psum, offs, rc, budget)
+    assert torch.equal(got[1], want[1]), (got[1], want[1])
+    assert torch.equal(got[0], want[0])
+    if 0 < budget < 10**6:
+        assert (want[1] < n).all()                               # the budget binds

@@ -23,7 +23,9 @@ import torch
 from lmsqueeze.methods.cache import Step
 from lmsqueeze.methods.squeezed.index import SqueezedIndex
 from lmsqueeze.methods.squeezed.kernels import (
+    SELECT_MAX_CLUSTERS,
     centroid_scores,
+    chunk_rows_triton,
     fine_scores,
     prefill_scores,
     squeezed_decode,
@@ -31,6 +33,7 @@ from lmsqueeze.methods.squeezed.kernels import (
 )
 from lmsqueeze.methods.squeezed.lookup import (
     budget_keep,
+    chunk_agg,
     keys_from_clusters,
     mask_to_index,
     rows_from_clusters,
@@ -56,12 +59,6 @@ def decode_scores(q: torch.Tensor, idx: SqueezedIndex, scaling: float, count: bo
     return s2, e2, scored
 
 
-def _chunk_agg(psum: torch.Tensor, T: int, hkv: int) -> torch.Tensor:
-    """psum [B, Hq, C] -> log of the mean estimated weight, max over each KV head's query heads: [B, Hkv, C]."""
-    B, Hq, C = psum.shape
-    return torch.log(psum / T).reshape(B, hkv, Hq // hkv, C).amax(2)
-
-
 def prefill_keep(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: float,
                  coarse_sparsity: float) -> torch.Tensor:
     """Clusters a prefill chunk reads. q: [B, Hq, T, D] rotated -> keep [B, Hkv, C + 1] (last: observation
@@ -72,11 +69,11 @@ def prefill_keep(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: 
     allowed = None
     lsizes = idx.log_sizes[None]
     if idx.hierarchical:
-        agg1 = _chunk_agg(prefill_scores(q, idx.coarse_centroids, idx.coarse_log_sizes[None], scaling), T, Hkv)
+        agg1 = chunk_agg(prefill_scores(q, idx.coarse_centroids, idx.coarse_log_sizes[None], scaling), T, Hkv)
         keep1 = budget_keep(agg1, idx.coarse_sizes, math.ceil((1 - coarse_sparsity) * nc))
         allowed = keep1.gather(-1, idx.parent.long()[None].expand(B, -1, -1))
         lsizes = lsizes.masked_fill(~allowed, float("-inf"))
-    agg = _chunk_agg(prefill_scores(q, idx.centroids, lsizes, scaling), T, Hkv)
+    agg = chunk_agg(prefill_scores(q, idx.centroids, lsizes, scaling), T, Hkv)
     keep = budget_keep(agg, idx.sizes, math.ceil((1 - sparsity) * nc), allowed)
     return torch.cat([keep, torch.ones_like(keep[..., :1])], -1)
 
@@ -88,9 +85,14 @@ def prefill_rows(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: 
     count, so no host synchronisation: the selection can run ahead of the GPU or inside a CUDA graph.
     from_clusters (None: PREFILL_ROWS_FROM_CLUSTERS): the same list built with a scan over clusters instead of
     rows (lookup.rows_from_clusters)."""
-    keep = prefill_keep(q, idx, scaling, sparsity, coarse_sparsity)
     width = idx.keys.shape[1] if (PREFILL_SYNC_FREE if sync_free is None else sync_free) else None
-    if PREFILL_ROWS_FROM_CLUSTERS if from_clusters is None else from_clusters:
+    from_clusters = PREFILL_ROWS_FROM_CLUSTERS if from_clusters is None else from_clusters
+    if (q.is_cuda and PREFILL_SELECT_KERNEL and from_clusters and width is not None and not idx.hierarchical
+            and idx.num_clusters <= SELECT_MAX_CLUSTERS):
+        psum = prefill_scores(q, idx.centroids, idx.log_sizes[None], scaling)
+        return chunk_rows_triton(psum, idx.offsets, idx.row_cluster, math.ceil((1 - sparsity) * idx.clustered), width)
+    keep = prefill_keep(q, idx, scaling, sparsity, coarse_sparsity)
+    if from_clusters:
         return rows_from_clusters(keep, idx.offsets, idx.row_cluster, width)
     return mask_to_index(keys_from_clusters(keep, idx.row_cluster), width)
 
@@ -101,6 +103,9 @@ PREFILL_SYNC_FREE = True
 # rows_from_clusters instead of mask_to_index over all N rows: identical lists; 1.347 vs 1.510 ms eager and 1.272
 # vs 1.444 ms in a CUDA graph for the whole 1K-token prefill against 128K (H100, same run, squeezed_decode_h100_v4.json)
 PREFILL_ROWS_FROM_CLUSTERS = True
+# flat index, no host sync, clusters from the scan: the keep decision and row list by two Triton kernels
+# (kernels.chunk_rows_triton) instead of ~30 small torch ops (sort, scans, gathers, scatters)
+PREFILL_SELECT_KERNEL = True
 REFERENCE_SCORES = 1 << 24   # off the GPU, per-token prefill attends at most this many (query head, token, row) scores at once
 
 

@@ -389,6 +389,61 @@ def prefill_scores(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tenso
     return prefill_scores_reference(q, centroids, lsizes, scaling)
 
 
+# the 'chunk' selection kernel holds one (sequence, KV head)'s clusters in registers: at most this many (+1 window)
+SELECT_MAX_CLUSTERS = 16383
+
+
+def chunk_rows_reference(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: torch.Tensor, T: int, budget: int,
+                         width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 'chunk' prefill selection in torch: lookup.budget_keep on the chunk's estimated weights, the
+    observation window appended, then lookup.rows_from_clusters. psum: [B, Hq, C] (prefill_scores);
+    offsets: [Hkv, C + 2] int32; row_cluster: [Hkv, N]; T: the chunk's queries; budget: fixed keys to read.
+    Returns (idx [B, Hkv, width] int32 ascending, padded with 0; counts [B, Hkv] int32)."""
+    from lmsqueeze.methods.squeezed.lookup import budget_keep, chunk_agg, rows_from_clusters
+
+    Hkv = offsets.shape[0]
+    sizes = (offsets[:, 1:-1] - offsets[:, :-2]).long()
+    keep = budget_keep(chunk_agg(psum, T, Hkv), sizes, budget)
+    keep = torch.cat([keep, torch.ones_like(keep[..., :1])], -1)
+    return rows_from_clusters(keep, offsets, row_cluster, width)
+
+
+def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: torch.Tensor, budget: int,
+                      width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel form of `chunk_rows_reference` (two launches, no host sync, graph-capturable; T is not needed:
+    the ranking by max psum equals the ranking by log(psum / T)); width None: N (every row fits)."""
+    from lmsqueeze.methods.squeezed._triton_select import _budget_keep_kernel, _rows_from_keep_kernel
+
+    B, Hq, C = psum.shape
+    Hkv, N = row_cluster.shape
+    if offsets.shape != (Hkv, C + 2) or Hq % Hkv:
+        raise LmsqueezeError(f"chunk_rows: offsets {tuple(offsets.shape)} / row_cluster {tuple(row_cluster.shape)} "
+                             f"do not match psum {tuple(psum.shape)}")
+    if C + 1 > SELECT_MAX_CLUSTERS + 1:
+        raise LmsqueezeError(f"chunk_rows_triton handles at most {SELECT_MAX_CLUSTERS} clusters, got {C}; use "
+                             "chunk_rows_reference")
+    width = N if width is None else width
+    if width < N:
+        raise LmsqueezeError("chunk_rows_triton needs width >= N (no host sync for the largest count)")
+    psum = psum.contiguous()
+    keep = torch.empty(B, Hkv, C + 1, device=psum.device, dtype=torch.int8)
+    before = torch.empty(B, Hkv, C + 1, device=psum.device, dtype=torch.int32)
+    counts = torch.empty(B, Hkv, device=psum.device, dtype=torch.int32)
+    idx = torch.zeros(B, Hkv, width, device=psum.device, dtype=torch.int32)
+    bc = _pow2(C + 1)
+    _budget_keep_kernel[(B * Hkv,)](
+        psum, offsets, keep, before, counts, psum.stride(0), psum.stride(1), offsets.stride(0),
+        keep.stride(0), keep.stride(1), C, int(budget),
+        HKV=Hkv, G=Hq // Hkv, BLOCK_C=bc, num_warps=8 if bc >= 4096 else 4,
+    )
+    block = 1024
+    _rows_from_keep_kernel[(-(-N // block), B * Hkv)](
+        keep, before, offsets, row_cluster, idx, keep.stride(0), keep.stride(1), offsets.stride(0),
+        row_cluster.stride(0), idx.stride(0), idx.stride(1), N, HKV=Hkv, BLOCK=block, num_warps=4,
+    )
+    return idx, counts
+
+
 def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, lengths, scaling, starts=None,
                              return_lse: bool = False, *, block_m: int | None = None, block_n: int = 64,
                              num_warps: int | None = None, num_stages: int | None = None):

@@ -61,6 +61,12 @@ def chunk_mean_scores(scores: torch.Tensor, lsizes: torch.Tensor, allowed: torch
     return mean.amax(dim=-2)
 
 
+def chunk_agg(psum: torch.Tensor, T: int, hkv: int) -> torch.Tensor:
+    """psum [B, Hq, C] -> log of the mean estimated weight, max over each KV head's query heads: [B, Hkv, C]."""
+    B, Hq, C = psum.shape
+    return torch.log(psum / T).reshape(B, hkv, Hq // hkv, C).amax(2)
+
+
 def budget_keep(agg: torch.Tensor, sizes: torch.Tensor, budget: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the clusters of highest `agg` until their keys reach `budget` (the crossing cluster included).
 

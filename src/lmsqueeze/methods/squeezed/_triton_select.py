@@ -1,0 +1,86 @@
+"""Triton kernels of the 'chunk' prefill selection (imported lazily). Reference: lookup.budget_keep followed by
+lookup.rows_from_clusters (kernels.chunk_rows_triton documents the contract).
+
+  `_budget_keep_kernel`  grid (B*Hkv,): the clusters of one (sequence, KV head), all in registers: each
+                         cluster's weight is the max over the KV head's query heads of psum; eligible clusters
+                         (non-empty) are kept in order of weight (ties: lower index first) until their keys reach
+                         the budget, the crossing cluster included. No sort: the crossing weight theta is found by
+                         a binary search over the weights' bit patterns (non-negative floats order like their
+                         int32 bits), theta = max t with (keys of clusters of weight >= t) >= budget; clusters
+                         above theta are kept, those at theta in index order while the keys before them stay
+                         under the budget. Writes keep, the kept keys before each cluster (index order,
+                         observation window C last and always kept) and the count.
+  `_rows_from_keep_kernel` grid (ceil(N/BLOCK), B*Hkv): row r of cluster c (keys sorted by cluster) goes to
+                         position before[c] + r - offsets[c] of the row list when c is kept.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _budget_keep_kernel(
+    Psum, Offsets, Keep, Before, Counts,
+    stride_pb, stride_ph, stride_oh, stride_kb, stride_kh,
+    C, budget,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // HKV
+    h = pid % HKV
+    c = tl.arange(0, BLOCK_C)
+    cm = c < C                                                         # clusters (the window C excluded)
+    w = tl.zeros([BLOCK_C], tl.float32)
+    for g in tl.static_range(G):
+        p = tl.load(Psum + b.to(tl.int64) * stride_pb + (h * G + g) * stride_ph + c, mask=cm, other=0.0)
+        w = tl.maximum(w, p)
+    o_lo = tl.load(Offsets + h * stride_oh + c, mask=c <= C, other=0)
+    o_hi = tl.load(Offsets + h * stride_oh + c + 1, mask=c <= C, other=0)
+    sz = (o_hi - o_lo).to(tl.int64)                                    # keys per cluster (window at C)
+    elig = cm & (sz > 0)
+    key = tl.where(elig, w.to(tl.int32, bitcast=True), -1)             # w >= 0: bits order like the floats
+    szm = tl.where(elig, sz, 0)
+    total = tl.sum(szm, 0)
+    lo = tl.zeros([], tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in tl.static_range(31):                                      # max t with A(t) >= budget
+        mid = lo + (hi - lo + 1) // 2
+        a = tl.sum(tl.where(key.to(tl.int64) >= mid, szm, 0), 0)
+        ok = a >= budget
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    theta = tl.where(total >= budget, lo, -1)
+    k64 = key.to(tl.int64)
+    gt = elig & (k64 > theta)
+    s_gt = tl.sum(tl.where(gt, sz, 0), 0)
+    tsz = tl.where(elig & (k64 == theta), sz, 0)
+    tie_before = tl.cumsum(tsz, 0) - tsz
+    keep = gt | ((tsz > 0) & (s_gt + tie_before < budget)) | (c == C)
+    ks = tl.where(keep, sz, 0)
+    before = tl.cumsum(ks, 0) - ks
+    base = b.to(tl.int64) * stride_kb + h * stride_kh
+    tl.store(Keep + base + c, keep.to(tl.int8), mask=c <= C)
+    tl.store(Before + base + c, before.to(tl.int32), mask=c <= C)
+    tl.store(Counts + pid, tl.sum(ks, 0).to(tl.int32))
+
+
+@triton.jit
+def _rows_from_keep_kernel(
+    Keep, Before, Offsets, RowCluster, Idx,
+    stride_kb, stride_kh, stride_oh, stride_rh, stride_ib, stride_ih,
+    N,
+    HKV: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    r = pid_r * BLOCK + tl.arange(0, BLOCK)
+    rm = r < N
+    rc = tl.load(RowCluster + h.to(tl.int64) * stride_rh + r, mask=rm, other=0)
+    base = b.to(tl.int64) * stride_kb + h * stride_kh
+    k = tl.load(Keep + base + rc, mask=rm, other=0)
+    pos = tl.load(Before + base + rc, mask=rm, other=0) + r - tl.load(Offsets + h * stride_oh + rc, mask=rm, other=0)
+    tl.store(Idx + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + pos, r, mask=rm & (k != 0))
