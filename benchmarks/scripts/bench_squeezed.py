@@ -67,9 +67,7 @@ DECODE_PROBE = ((32, 32, 4, None, 2, 1, False), (128, 32, 4, 2, 3, 1, False),
 # (v4 also timed a tile loop that prefetched the next tile: slower at every config, removed from the kernel)
 # prefill centroid scoring: (queries, centroids per tile, warps, stages); the first is the previous default
 PREFILL_SCORES_SWEEP = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),
-                        (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 4),
-                        (128, 64, 4, 3, True), (128, 64, 8, 3, True), (256, 64, 8, 3, True), (64, 64, 4, 3, True),
-                        (128, 128, 8, 3, True))  # 5th: the query heads of a KV head packed into the tile's rows
+                        (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 4))
 # prefill gather attention: (query rows per program, warps, stages, keys per tile)
 PREFILL_ATTN_SWEEP = ((128, 8, 3, 64), (128, 8, 4, 64), (128, 8, 2, 128), (64, 4, 3, 64), (64, 4, 4, 64),
                       (64, 4, 3, 32), (64, 4, 2, 128), (32, 4, 3, 64), (128, 4, 3, 64), (128, 4, 2, 32),
@@ -709,14 +707,12 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
     ps_sweep, ps_best = [], None
     ps_flops = 4 * HQ * T * idx.num_clusters * D
     for cfg in PREFILL_SCORES_SWEEP:
-        bm_, bc_, w_, st_, *pk_ = cfg
-        pk_ = bool(pk_ and pk_[0])
-        r_ = {"block_m": bm_, "block_c": bc_, "num_warps": w_, "num_stages": st_, "pack_g": pk_}
+        bm_, bc_, w_, st_ = cfg
+        r_ = {"block_m": bm_, "block_c": bc_, "num_warps": w_, "num_stages": st_}
         try:
-            p_ = K.prefill_scores_triton(q, idx.centroids, idx.log_sizes[None], sc, bm_, bc_, w_, st_, pack_g=pk_)
+            p_ = K.prefill_scores_triton(q, idx.centroids, idx.log_sizes[None], sc, bm_, bc_, w_, st_)
             r_["rel_err_vs_reference"] = rel(p_, p_ref)
-            t = time_cuda(lambda cfg=cfg, pk_=pk_: K.prefill_scores_triton(q, idx.centroids, idx.log_sizes[None], sc,
-                                                                           *cfg[:4], pack_g=pk_),
+            t = time_cuda(lambda cfg=cfg: K.prefill_scores_triton(q, idx.centroids, idx.log_sizes[None], sc, *cfg),
                           iters=iters, use_graph=True)
         except Exception as ex:  # noqa: BLE001
             ps_sweep.append({**r_, "error": repr(ex)[:300]})
@@ -730,8 +726,7 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
     extra["scores_sweep"] = ps_sweep
 
     def use_best_scores():   # the library's scoring config set to the sweep's best (restored by the callers)
-        K.PREFILL_SCORES_CONFIG = tuple(ps_best[0][:4])
-        K.PREFILL_SCORES_PACK_G = bool(ps_best[0][4:] and ps_best[0][4])
+        K.PREFILL_SCORES_CONFIG = tuple(ps_best[0])
     prev_scores_cfg = K.PREFILL_SCORES_CONFIG
     extra["scores_prev_default"] = list(prev_scores_cfg)
     extra["scores_best_config"] = list(ps_best[0])
@@ -741,7 +736,6 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
     # selection with the host sync (as wide as the largest count) and without (as wide as N), both with the best
     # scoring config; eager, and the sync-free one in a CUDA graph
     prev_scores_cfg = K.PREFILL_SCORES_CONFIG
-    prev_pack = K.PREFILL_SCORES_PACK_G
     use_best_scores()
     try:
         t_sel = time_cuda(select, iters=iters, use_graph=False)
@@ -750,7 +744,7 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
         t_selc = time_cuda(lambda: select(True, True), iters=iters, use_graph=False)
         t_selcg = time_cuda(lambda: select(True, True), iters=iters, use_graph=True)
     finally:
-        K.PREFILL_SCORES_CONFIG, K.PREFILL_SCORES_PACK_G = prev_scores_cfg, prev_pack
+        K.PREFILL_SCORES_CONFIG = prev_scores_cfg
     rows.append(timing_row("prefill_squeezed_selection", t_sel, baseline="prefill_dense_sdpa_bf16",
                            baseline_timing=base, context=N, user_tokens=T, config=list(ps_best[0]),
                            note="host sync (rows list as wide as the largest count), eager"))
@@ -809,7 +803,7 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
         t_fc = time_cuda(full(True, True), iters=iters, use_graph=False)
         t_fcg = time_cuda(full(True, True), iters=iters, use_graph=True)
     finally:
-        K.PREFILL_SCORES_CONFIG, K.PREFILL_SCORES_PACK_G = prev_scores_cfg, prev_pack
+        K.PREFILL_SCORES_CONFIG = prev_scores_cfg
     cfg_new = {"scores": list(ps_best[0]), "attention": [bm, w, st, bn]}
     rows.append(timing_row("prefill_squeezed_sync", t_fs, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
                            context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"],

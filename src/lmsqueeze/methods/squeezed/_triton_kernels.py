@@ -345,31 +345,20 @@ def _prefill_scores_kernel(
     T, C, NMB, scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
-    PACK_G: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hkv = h // G
     offs_m = tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
     offs_d = tl.arange(0, BLOCK_D)
+    t = pid_m * BLOCK_M + offs_m
+    t_mask = t < T
     d_mask = offs_d < D
-    if PACK_G:  # rows t * G + g: the G query heads of KV head pid_bh % HKV share each centroid tile
-        b = pid_bh // (HQ // G)
-        hkv = pid_bh % (HQ // G)
-        r = pid_m * BLOCK_M + offs_m
-        t = r // G
-        t_mask = r < T * G
-        hrow = hkv * G + r % G
-        q = tl.load(Q + b.to(tl.int64) * stride_qb + hrow[:, None] * stride_qh + t[:, None] * stride_qt
-                    + offs_d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-    else:
-        b = pid_bh // HQ
-        h = pid_bh % HQ
-        hkv = h // G
-        t = pid_m * BLOCK_M + offs_m
-        t_mask = t < T
-        q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
-                    mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
+                mask=t_mask[:, None] & d_mask[None, :], other=0.0)
     c_base = Cent + hkv.to(tl.int64) * stride_ch
     l_base = LSz + b * stride_lb + hkv * stride_lh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -387,10 +376,7 @@ def _prefill_scores_kernel(
         m_i = m_new
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     log_z = tl.where(l_i > 0, m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
-    if PACK_G:
-        out_base = Psum + ((b * HQ + hkv * G + tl.arange(0, G)).to(tl.int64) * NMB + pid_m) * C   # [G]
-    else:
-        out_base = Psum + (pid_bh.to(tl.int64) * NMB + pid_m) * C
+    out_base = Psum + (pid_bh.to(tl.int64) * NMB + pid_m) * C
     for c0 in range(0, C, BLOCK_C):                                     # pass 2: sum_t exp(s - log Z)
         cids = c0 + offs_c
         c_mask = cids < C
@@ -400,11 +386,7 @@ def _prefill_scores_kernel(
         s = _dot(q, tl.trans(cent), IEEE_DOT) * scale
         ok = t_mask[:, None] & (ls[None, :] > float("-inf"))
         p = tl.where(ok, tl.exp(s - log_z[:, None]), 0.0)
-        if PACK_G:  # per query head: rows g, g + G, ..
-            ps = tl.sum(tl.reshape(p, (BLOCK_M // G, G, BLOCK_C)), 0)
-            tl.store(out_base[:, None] + cids[None, :], ps, mask=c_mask[None, :])
-        else:
-            tl.store(out_base + cids, tl.sum(p, 0), mask=c_mask)
+        tl.store(out_base + cids, tl.sum(p, 0), mask=c_mask)
 
 
 @triton.jit

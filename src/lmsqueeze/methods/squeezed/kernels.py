@@ -42,9 +42,9 @@ MERGE_BLOCK_D = 16
 # for the earlier (64, 64, 4, 3), 1024 queries x 32 heads x 6550 centroids, D=128 (H100, same run:
 # squeezed_decode_h100_v2.json, extra.prefill_131072_1024.scores_sweep)
 PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
-# prefill centroid scoring with the G query heads of a KV head packed into one tile's rows (centroid tiles read
-# once per group instead of once per query head); off until measured faster on the GPU
-PREFILL_SCORES_PACK_G = False
+# Packing the G query heads of a KV head into one scoring tile's rows (centroid tiles read once per group) was
+# slower: 0.415 vs 0.373 ms at the best configs (H100, same run: squeezed_prefill_h100_v6.json, scores_sweep, commit
+# 38463c9); the scoring is not bound by its centroid reads, and the option was removed.
 # fused merge: the last split program of each (sequence, KV head) merges the partials itself (atomic ticket):
 # one launch fewer, but measured slower on the H100 in every config (its one program reads all partials: at the
 # default tiles 26.4 vs 16.7 us at 32K, 56.6 vs 37.6 us at 128K; squeezed_decode_h100_v2.json, decode_sweep),
@@ -357,11 +357,10 @@ def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_
 
 def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
                           block_m: int | None = None, block_c: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, pack_g: bool | None = None) -> torch.Tensor:
+                          num_stages: int | None = None) -> torch.Tensor:
     """Kernel form of `prefill_scores_reference`: psum [B, Hq, C]. block_m queries x block_c centroids per tile
     (both passes stream the centroids: num_stages pipelines those loads); None: PREFILL_SCORES_CONFIG (read at
-    call time). pack_g (None: PREFILL_SCORES_PACK_G): a tile's rows are block_m / G tokens of all G query heads
-    of one KV head (each centroid tile read once per group; G a power of two dividing block_m)."""
+    call time)."""
     cfg = PREFILL_SCORES_CONFIG
     block_m, block_c = block_m or cfg[0], block_c or cfg[1]
     num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
@@ -372,16 +371,14 @@ def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torc
     G = _check_heads(q, Hkv, centroids.shape[-1], "prefill_scores")
     if lsizes.dim() != 3 or lsizes.shape[1:] != (Hkv, C) or lsizes.shape[0] not in (1, B):
         raise LmsqueezeError(f"prefill_scores: lsizes {tuple(lsizes.shape)} must be [1 or B, Hkv, C]")
-    pack = PREFILL_SCORES_PACK_G if pack_g is None else pack_g
-    pack = pack and G > 1 and G & (G - 1) == 0 and block_m % G == 0
-    nmb = -(-(T * G if pack else T) // block_m)
+    nmb = -(-T // block_m)
     part = torch.empty(B, Hq, nmb, C, device=q.device, dtype=torch.float32)
-    _prefill_scores_kernel[(nmb, B * (Hkv if pack else Hq))](
+    _prefill_scores_kernel[(nmb, B * Hq)](
         q, centroids, lsizes, part,
         q.stride(0), q.stride(1), q.stride(2), centroids.stride(0), centroids.stride(1),
         lsizes.stride(0) if lsizes.shape[0] > 1 else 0, lsizes.stride(1),
         T, C, nmb, float(scaling),
-        HQ=Hq, G=G, D=D, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=_pow2(D), IEEE_DOT=_ieee(q), PACK_G=pack,
+        HQ=Hq, G=G, D=D, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=_pow2(D), IEEE_DOT=_ieee(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     return part.sum(2)
