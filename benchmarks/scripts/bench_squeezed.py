@@ -59,6 +59,7 @@ SELECTION_SWEEP = ((32, 4), (64, 4), (128, 4), (128, 8), (256, 8))
 DECODE_SWEEP = ((32, 32, 4, 2, 2, True), (32, 32, 4, 1, 2, True), (64, 32, 4, 1, 3, True), (128, 32, 4, 1, 3, True),
                 (128, 64, 8, 1, 3, True), (256, 32, 4, 1, 3, True), (256, 64, 8, 1, 3, True),
                 (128, 32, 4, 2, 3, True), (256, 64, 8, 2, 3, True), (64, 64, 8, 1, 3, True))
+DECODE_LOCAL_SPLITS = (4, 8)
 # decode probe (separate merge): (clusters per program, keys per tile, warps, programs per block or None: the
 # previous default's rule, stages, blocks of clusters per program, in-kernel merge); the first is the previous
 # default; blocks per program are strided, one softmax and one partial for all
@@ -393,11 +394,15 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     # the decode default before this run: 32 clusters / 32 keys, 4 warps, 2 programs per block up to 64 blocks,
     # 2 stages, separate merge launch
     prev_default = (32, 32, 4, 2 if -(-(C + 1) // 32) <= 64 else 1, 2, False)
-    configs = [prev_default] + [c for c in DECODE_SWEEP if c != prev_default]
+    # the same with the local (user + generated) slots split over more programs (7th: local splits; default:
+    # kernels.default_local_splits of the local buffer)
+    configs = [prev_default] + [(*prev_default, ls) for ls in DECODE_LOCAL_SPLITS]
+    configs += [c for c in DECODE_SWEEP if c != prev_default]
 
     def decode_kw(cfg):
-        bc, bn, w, ns, st, fu = cfg
-        return {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": ns, "num_stages": st, "fused_merge": fu}
+        bc, bn, w, ns, st, fu, *ls = cfg
+        kw = {"block_c": bc, "block_n": bn, "num_warps": w, "sub_splits": ns, "num_stages": st, "fused_merge": fu}
+        return {**kw, "local_splits": ls[0]} if ls else kw
 
     sweep, best = [], None
     for cfg in configs:
