@@ -71,6 +71,24 @@ def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IE
 
 
 @triton.jit
+def _softmax_tile_full(q, k_ptrs, v_ptrs, scale_log2, m_i, l_i, acc, IEEE_DOT: tl.constexpr):
+    """`_softmax_tile` for a tile whose every key exists and is visible to every query row: no masks, the scale
+    applied to the row max and inside one FMA per score (exp2(qk * scale - m)). m_i must become finite here."""
+    k = tl.load(k_ptrs)
+    qk = _dot(q, tl.trans(k), IEEE_DOT)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+    alpha = tl.exp2(m_i - m_new)
+    pr = tl.exp2(qk * scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    v = tl.load(v_ptrs)
+    if IEEE_DOT:
+        pv = tl.dot(pr, v, input_precision="ieee")
+    else:
+        pv = tl.dot(pr.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _kept_rows(base, p, ends, us):
     """Rows of the kept positions p of a block: base + p + (unkept keys of the clusters whose kept prefix ends at
     or before p). ends: inclusive cumsum of the kept sizes, us: unkept sizes, both [BLOCK_C]."""
@@ -400,6 +418,7 @@ def _indexed_attention_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_STARTS: tl.constexpr, WRITE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, TOKEN_MASK: tl.constexpr = False,
+    STEADY: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -426,7 +445,15 @@ def _indexed_attention_kernel(
     k_base = K + hkv.to(tl.int64) * stride_kh
     v_base = V + hkv.to(tl.int64) * stride_vh
     p_base = Keep + b.to(tl.int64) * stride_pb + hkv.to(tl.int64) * stride_ph + t.to(tl.int64) * stride_pt
-    for n0 in range(0, cnt, BLOCK_N):
+    n0_masked = 0
+    if STEADY and not TOKEN_MASK and BLOCK_D == D:  # whole tiles without masks, then the rest as below
+        n0_masked = (cnt // BLOCK_N) * BLOCK_N
+        for n0 in range(0, n0_masked, BLOCK_N):
+            rows = tl.load(i_base + n0 + offs_n)
+            m_i, l_i, acc = _softmax_tile_full(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
+                                               v_base + rows[:, None] * stride_vn + offs_d[None, :], scale_log2,
+                                               m_i, l_i, acc, IEEE_DOT)
+    for n0 in range(n0_masked, cnt, BLOCK_N):
         n_mask = n0 + offs_n < cnt
         rows = tl.load(i_base + n0 + offs_n, mask=n_mask, other=0)
         if TOKEN_MASK:

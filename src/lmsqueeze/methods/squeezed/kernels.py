@@ -42,6 +42,8 @@ MERGE_BLOCK_D = 16
 # for the earlier (64, 64, 4, 3), 1024 queries x 32 heads x 6550 centroids, D=128 (H100, same run:
 # squeezed_decode_h100_v2.json, extra.prefill_131072_1024.scores_sweep)
 PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
+# prefill gather attention: whole tiles of listed rows without masks (indexed_attention_triton's `steady`)
+PREFILL_STEADY = True
 # Packing the G query heads of a KV head into one scoring tile's rows (centroid tiles read once per group) was
 # slower: 0.415 vs 0.373 ms at the best configs (H100, same run: squeezed_prefill_h100_v6.json, scores_sweep, commit
 # 38463c9); the scoring is not bound by its centroid reads, and the option was removed.
@@ -449,8 +451,10 @@ def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: to
 
 def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, lengths, scaling, starts=None,
                              return_lse: bool = False, *, block_m: int | None = None, block_n: int = 64,
-                             num_warps: int | None = None, num_stages: int | None = None):
-    """Kernel form of `indexed_attention_reference` (no window / local_valid)."""
+                             num_warps: int | None = None, num_stages: int | None = None,
+                             steady: bool | None = None):
+    """Kernel form of `indexed_attention_reference` (no window / local_valid). steady (None: PREFILL_STEADY):
+    the listed rows' whole tiles run without masks (the scale inside one FMA per score), the rest masked."""
     from lmsqueeze.methods.squeezed._triton_kernels import _indexed_attention_kernel
 
     B, Hq, T, D = q.shape
@@ -475,7 +479,7 @@ def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, len
         T, local_k.shape[2], float(scaling) * LOG2E,
         HKV=Hkv, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D),
         HAS_STARTS=starts is not None, WRITE_LSE=return_lse, IEEE_DOT=_ieee(q), TOKEN_MASK=False,
-        num_warps=num_warps, num_stages=num_stages,
+        STEADY=PREFILL_STEADY if steady is None else steady, num_warps=num_warps, num_stages=num_stages,
     )
     return (out, lse) if return_lse else out
 
