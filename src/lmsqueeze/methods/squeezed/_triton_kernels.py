@@ -363,6 +363,7 @@ def _prefill_scores_kernel(
     T, C, NMB, scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
+    EXP2: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -381,19 +382,32 @@ def _prefill_scores_kernel(
     l_base = LSz + b * stride_lb + hkv * stride_lh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    # EXP2: both passes in base 2 with the scale (and log2 e) inside one FMA per score; pass 2's exclusions as
+    # -inf biases (rows past T: +inf log Z; excluded clusters: -inf) instead of a select per score
+    sc = scale * 1.4426950408889634 if EXP2 else scale
     for c0 in range(0, C, BLOCK_C):                                     # pass 1: log Z per query row
         cids = c0 + offs_c
         c_mask = cids < C
         cent = tl.load(c_base + cids[:, None] * stride_cc + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
                        other=0.0)
         ls = tl.load(l_base + cids, mask=c_mask, other=float("-inf"))
-        x = _dot(q, tl.trans(cent), IEEE_DOT) * scale + ls[None, :]
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+        if EXP2:
+            x = _dot(q, tl.trans(cent), IEEE_DOT) * sc + (ls * 1.4426950408889634)[None, :]
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
+        else:
+            x = _dot(q, tl.trans(cent), IEEE_DOT) * sc + ls[None, :]
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
         m_i = m_new
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    log_z = tl.where(l_i > 0, m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+    if EXP2:
+        log_z = tl.where(l_i > 0, m_safe + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+        rz = tl.where(t_mask, log_z, float("inf"))
+    else:
+        log_z = tl.where(l_i > 0, m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
     out_base = Psum + (pid_bh.to(tl.int64) * NMB + pid_m) * C
     for c0 in range(0, C, BLOCK_C):                                     # pass 2: sum_t exp(s - log Z)
         cids = c0 + offs_c
@@ -401,9 +415,13 @@ def _prefill_scores_kernel(
         cent = tl.load(c_base + cids[:, None] * stride_cc + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
                        other=0.0)
         ls = tl.load(l_base + cids, mask=c_mask, other=float("-inf"))
-        s = _dot(q, tl.trans(cent), IEEE_DOT) * scale
-        ok = t_mask[:, None] & (ls[None, :] > float("-inf"))
-        p = tl.where(ok, tl.exp(s - log_z[:, None]), 0.0)
+        if EXP2:
+            cb = tl.where(ls > float("-inf"), 0.0, float("-inf"))
+            p = tl.exp2(_dot(q, tl.trans(cent), IEEE_DOT) * sc + cb[None, :] - rz[:, None])
+        else:
+            s = _dot(q, tl.trans(cent), IEEE_DOT) * sc
+            ok = t_mask[:, None] & (ls[None, :] > float("-inf"))
+            p = tl.where(ok, tl.exp(s - log_z[:, None]), 0.0)
         tl.store(out_base + cids, tl.sum(p, 0), mask=c_mask)
 
 

@@ -42,6 +42,8 @@ MERGE_BLOCK_D = 16
 # for the earlier (64, 64, 4, 3), 1024 queries x 32 heads x 6550 centroids, D=128 (H100, same run:
 # squeezed_decode_h100_v2.json, extra.prefill_131072_1024.scores_sweep)
 PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
+# prefill centroid scoring in base 2 with the scale inside one FMA per score (prefill_scores_triton's `exp2`)
+PREFILL_SCORES_EXP2 = True
 # prefill gather attention: whole tiles of listed rows without masks (indexed_attention_triton's `steady`)
 PREFILL_STEADY = True
 # Packing the G query heads of a KV head into one scoring tile's rows (centroid tiles read once per group) was
@@ -359,10 +361,11 @@ def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_
 
 def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
                           block_m: int | None = None, block_c: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None) -> torch.Tensor:
+                          num_stages: int | None = None, exp2: bool | None = None) -> torch.Tensor:
     """Kernel form of `prefill_scores_reference`: psum [B, Hq, C]. block_m queries x block_c centroids per tile
     (both passes stream the centroids: num_stages pipelines those loads); None: PREFILL_SCORES_CONFIG (read at
-    call time)."""
+    call time). exp2 (None: PREFILL_SCORES_EXP2): base-2 exponentials with the scale inside one FMA per score and
+    exclusions as -inf biases (no select per score)."""
     cfg = PREFILL_SCORES_CONFIG
     block_m, block_c = block_m or cfg[0], block_c or cfg[1]
     num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
@@ -381,7 +384,7 @@ def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torc
         lsizes.stride(0) if lsizes.shape[0] > 1 else 0, lsizes.stride(1),
         T, C, nmb, float(scaling),
         HQ=Hq, G=G, D=D, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=_pow2(D), IEEE_DOT=_ieee(q),
-        num_warps=num_warps, num_stages=num_stages,
+        EXP2=PREFILL_SCORES_EXP2 if exp2 is None else exp2, num_warps=num_warps, num_stages=num_stages,
     )
     return part.sum(2)
 
