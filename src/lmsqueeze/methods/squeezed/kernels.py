@@ -42,10 +42,16 @@ MERGE_BLOCK_D = 16
 # for the earlier (64, 64, 4, 3), 1024 queries x 32 heads x 6550 centroids, D=128 (H100, same run:
 # squeezed_decode_h100_v2.json, extra.prefill_131072_1024.scores_sweep)
 PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
-# prefill centroid scoring in base 2 with the scale inside one FMA per score (prefill_scores_triton's `exp2`)
+# prefill centroid scoring in base 2 with the scale inside one FMA per score (prefill_scores_triton's `exp2`):
+# 0.3204 vs 0.3727 ms at PREFILL_SCORES_CONFIG (H100, same run, squeezed_prefill_h100_v7.json, scores_sweep)
 PREFILL_SCORES_EXP2 = True
-# prefill gather attention: whole tiles of listed rows without masks (indexed_attention_triton's `steady`)
+# prefill gather attention: whole tiles of listed rows without masks (indexed_attention_triton's `steady`), with
+# (query rows, warps, stages, keys per tile) = PREFILL_STEADY_TILES above 256 query rows. 1K tokens x 4 heads over
+# 13.1K listed rows, D=128 (H100, same run, squeezed_prefill_h100_v7.json, attention_sweep): 0.5965 ms at
+# (128, 8, 2, 128) vs 0.6532 ms for the earlier default (64, 4, 3, 64) with every tile masked; (64, 4, 3, 64)
+# unmasked took 0.7230 ms, so the tiles change with it
 PREFILL_STEADY = True
+PREFILL_STEADY_TILES = (128, 8, 2, 128)
 # Packing the G query heads of a KV head into one scoring tile's rows (centroid tiles read once per group) was
 # slower: 0.415 vs 0.373 ms at the best configs (H100, same run: squeezed_prefill_h100_v6.json, scores_sweep, commit
 # 38463c9); the scoring is not bound by its centroid reads, and the option was removed.
@@ -453,7 +459,7 @@ def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: to
 
 
 def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, lengths, scaling, starts=None,
-                             return_lse: bool = False, *, block_m: int | None = None, block_n: int = 64,
+                             return_lse: bool = False, *, block_m: int | None = None, block_n: int | None = None,
                              num_warps: int | None = None, num_stages: int | None = None,
                              steady: bool | None = None):
     """Kernel form of `indexed_attention_reference` (no window / local_valid). steady (None: PREFILL_STEADY):
@@ -469,6 +475,10 @@ def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, len
     if idx.stride(-1) != 1 or counts.stride(-1) != 1:
         raise LmsqueezeError("indexed_attention needs idx / counts contiguous in the last dim")
     rows = T * G
+    steady = PREFILL_STEADY if steady is None else steady
+    if steady and rows > 256 and block_m is None and block_n is None:
+        block_m, num_warps, num_stages, block_n = PREFILL_STEADY_TILES
+    block_n = block_n or 64
     block_m, num_warps, num_stages = _prefill_block_config(rows, block_m, num_warps, num_stages)
     out = torch.empty(B, Hq, T, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32) if return_lse else out
@@ -482,15 +492,15 @@ def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, len
         T, local_k.shape[2], float(scaling) * LOG2E,
         HKV=Hkv, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D),
         HAS_STARTS=starts is not None, WRITE_LSE=return_lse, IEEE_DOT=_ieee(q), TOKEN_MASK=False,
-        STEADY=PREFILL_STEADY if steady is None else steady, num_warps=num_warps, num_stages=num_stages,
+        STEADY=steady, num_warps=num_warps, num_stages=num_stages,
     )
     return (out, lse) if return_lse else out
 
 
 def _prefill_block_config(rows: int, block_m, num_warps, num_stages) -> tuple[int, int, int]:
-    # > 256 query rows: (64, 4 warps, 3 stages) 0.650 ms vs 0.751 ms for the earlier default (128, 8, 3) at
-    # 1024 x 4 rows over 13.1K listed keys, D=128 (H100, same run: squeezed_decode_h100_v2.json,
-    # extra.prefill_131072_1024.attention_sweep)
+    # > 256 query rows with every tile masked (token prefill; chunk prefill uses PREFILL_STEADY_TILES): (64, 4
+    # warps, 3 stages) 0.650 ms vs 0.751 ms for (128, 8, 3) at 1024 x 4 rows over 13.1K listed keys, D=128 (H100,
+    # same run: squeezed_decode_h100_v2.json, extra.prefill_131072_1024.attention_sweep)
     if block_m is None:
         block_m = 16 if rows <= 16 else 64
     if num_warps is None:
