@@ -95,7 +95,7 @@ def render() -> str:
     lines += ["### Decode attention kernel (32 query / 8 KV heads, D=128, bf16)", ""]
     lines += kernel_table("decode_kernel_h100.json")
     lines += rows_table(
-        "kvquant_decode_h100_v6.json", "KVQuant decode attention vs fp16 SDPA (32/8 heads, D=128, H100)",
+        "kvquant_decode_h100_v7c_sweep.json", "KVQuant decode attention vs fp16 SDPA (32/8 heads, D=128, H100)",
         [("batch", "batch", "d"), ("context", "length", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
          ("SDPA ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f"), ("TB/s", "tb_per_s", ".2f"),
          ("bits/elt read", "bits_per_element_read", ".3f")])
@@ -111,12 +111,12 @@ def render() -> str:
          ("ms", "ms", ".4f"), ("dense ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: r.get("batch") == 1)
     lines += rows_table(
-        "squeezed_decode_h100_v5.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
+        "squeezed_decode_h100_v6.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
         [("context", "context", "d"), ("batch", "batch", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
          ("baseline ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: "ms" in r and not r["method"].startswith("prefill"))
     lines += rows_table(
-        "squeezed_decode_h100_v4.json",
+        "squeezed_prefill_h100_v7.json",
         "Squeezed Attention prefill: 1K user tokens vs a 128K fixed context, 90% sparsity (H100; `_graph` rows and "
         "their baseline are CUDA graphs)",
         [("method", "method", ""), ("ms", "ms", ".3f"), ("dense ms", "baseline_ms", ".3f"), ("speedup", "speedup", ".2f"),

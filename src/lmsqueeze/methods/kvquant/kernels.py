@@ -26,9 +26,9 @@ value outliers' fold went from an integer compare, a select and an add per eleme
 f16x2 set / fma pair per two elements (`_fold`): the main loop fell from 1409 to 1153 SASS instructions per
 64-token tile and warp at 3 bits and 168 registers (1494 to 1141 uncapped; Triton 3.9 offline for sm_90,
 benchmarks/results/kvquant_sass_sm90.json from benchmarks/scripts/kvquant_sass.py), but the time moved only from
-0.2158 ms (_v6) to 0.2133 ms (_v7_sweep.json) at 3 bits, 128K, batch 1. Those are separate runs: the same code
-and config took 0.2302 ms on another H100 (_v7c_sweep.json), with fp16 SDPA at 0.1846 ms in both, so this
-kernel's time varies about 8% between machines. Slower than the default in the same runs: the next tile's
+0.2158 ms (_v6) to 0.2133 ms (_v7_sweep.json, commit a696d1d: the same fold, loads grouped in a helper) at 3
+bits, 128K, batch 1. Those are separate runs: the final code took 0.2302 ms on another H100 (_v7c_sweep.json),
+with fp16 SDPA at 0.1846 ms in both, so this kernel's time varies about 8% between machines. Slower than the default in the same runs: the next tile's
 loads issued one tile ahead into registers (0.2146 / 0.2022 ms at 168 / 255 registers vs 0.2133 / 0.1997),
 key outliers folded into the levels before RoPE instead of one score term each (0.2569 ms), 128 registers,
 12 programs per SM, 32-token tiles with 2 or 4 warps, 64-token tiles with 8 warps, 128-token tiles with 8
