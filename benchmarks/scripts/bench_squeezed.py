@@ -69,12 +69,14 @@ DECODE_PROBE = ((32, 32, 4, None, 2, 1, False), (128, 32, 4, 2, 3, 1, False),
 # prefill centroid scoring: (queries, centroids per tile, warps, stages); the first is the previous default
 PREFILL_SCORES_SWEEP = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),
                         (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 4),
-                        (128, 64, 4, 3, False), (128, 32, 4, 4, False))
+                        (128, 64, 4, 3, False), (128, 32, 4, 4, False), (128, 64, 4, 2), (128, 128, 4, 3),
+                        (64, 64, 4, 2), (256, 64, 8, 2), (128, 64, 8, 2))
 # (5th: False = base-e exponentials with a select per score, the kernel before PREFILL_SCORES_EXP2)
 # prefill gather attention: (query rows per program, warps, stages, keys per tile)
 PREFILL_ATTN_SWEEP = ((128, 8, 3, 64), (128, 8, 4, 64), (128, 8, 2, 128), (64, 4, 3, 64), (64, 4, 4, 64),
                       (64, 4, 3, 32), (64, 4, 2, 128), (32, 4, 3, 64), (128, 4, 3, 64), (128, 4, 2, 32),
-                      (128, 8, 3, 32), (256, 8, 2, 32), (64, 4, 3, 64, False), (128, 8, 3, 32, False))
+                      (128, 8, 3, 32), (256, 8, 2, 32), (64, 4, 3, 64, False), (128, 8, 3, 32, False),
+                      (128, 8, 3, 128), (128, 8, 2, 64), (256, 8, 2, 64), (128, 4, 2, 128), (256, 16, 2, 64))
 # (5th: False = every tile masked, the kernel before PREFILL_STEADY; default: kernels.PREFILL_STEADY)
 CHECK_KERNELS = None    # --check-kernels: only the kernel checks whose name starts with one of these
 MODEL_CHECKS = "all"    # --model-checks graph: only graph decode == eager decode
