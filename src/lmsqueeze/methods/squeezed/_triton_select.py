@@ -4,9 +4,10 @@ lookup.rows_from_clusters (kernels.chunk_rows_triton documents the contract).
   `_budget_keep_kernel`  grid (B*Hkv,): the clusters of one (sequence, KV head), all in registers: each
                          cluster's weight is the max over the KV head's query heads of psum; eligible clusters
                          (non-empty) are kept in order of weight (ties: lower index first) until their keys reach
-                         the budget, the crossing cluster included. No sort: the crossing weight theta is found by
-                         a binary search over the weights' bit patterns (non-negative floats order like their
-                         int32 bits), theta = max t with (keys of clusters of weight >= t) >= budget; clusters
+                         the budget, the crossing cluster included. No sort: the crossing weight theta is found bit by
+                         bit, most significant first, over the weights' bit patterns (non-negative floats order
+                         like their int32 bits): theta = max t with (keys of clusters of weight >= t) >= budget,
+                         31 masked sums (int32 throughout: 69.8 -> see squeezed_prefill_profile_h100*.json); clusters
                          above theta are kept, those at theta in index order while the keys before them stay
                          under the budget. Writes keep, the kept keys before each cluster (index order,
                          observation window C last and always kept) and the count.
@@ -38,32 +39,28 @@ def _budget_keep_kernel(
         w = tl.maximum(w, p)
     o_lo = tl.load(Offsets + h * stride_oh + c, mask=c <= C, other=0)
     o_hi = tl.load(Offsets + h * stride_oh + c + 1, mask=c <= C, other=0)
-    sz = (o_hi - o_lo).to(tl.int64)                                    # keys per cluster (window at C)
+    sz = o_hi - o_lo                                                   # keys per cluster (window at C)
     elig = cm & (sz > 0)
     key = tl.where(elig, w.to(tl.int32, bitcast=True), -1)             # w >= 0: bits order like the floats
     szm = tl.where(elig, sz, 0)
     total = tl.sum(szm, 0)
-    lo = tl.zeros([], tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    for _ in tl.static_range(31):                                      # max t with A(t) >= budget
-        mid = lo + (hi - lo + 1) // 2
-        a = tl.sum(tl.where(key.to(tl.int64) >= mid, szm, 0), 0)
-        ok = a >= budget
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    theta = tl.where(total >= budget, lo, -1)
-    k64 = key.to(tl.int64)
-    gt = elig & (k64 > theta)
+    theta = tl.zeros([], tl.int32)                                     # A(0) = total; A(t) falls with t
+    for i in tl.static_range(31):                                      # max t with A(t) >= budget, MSB first
+        cand = theta | (1 << (30 - i))
+        a = tl.sum(tl.where(key >= cand, szm, 0), 0)
+        theta = tl.where(a >= budget, cand, theta)
+    theta = tl.where(total >= budget, theta, -1)
+    gt = elig & (key > theta)
     s_gt = tl.sum(tl.where(gt, sz, 0), 0)
-    tsz = tl.where(elig & (k64 == theta), sz, 0)
+    tsz = tl.where(elig & (key == theta), sz, 0)
     tie_before = tl.cumsum(tsz, 0) - tsz
     keep = gt | ((tsz > 0) & (s_gt + tie_before < budget)) | (c == C)
     ks = tl.where(keep, sz, 0)
     before = tl.cumsum(ks, 0) - ks
     base = b.to(tl.int64) * stride_kb + h * stride_kh
     tl.store(Keep + base + c, keep.to(tl.int8), mask=c <= C)
-    tl.store(Before + base + c, before.to(tl.int32), mask=c <= C)
-    tl.store(Counts + pid, tl.sum(ks, 0).to(tl.int32))
+    tl.store(Before + base + c, before, mask=c <= C)
+    tl.store(Counts + pid, tl.sum(ks, 0))
 
 
 @triton.jit
