@@ -61,10 +61,25 @@ def main() -> None:
     for r in rows[:40]:
         print(f"{r['us_per_step']:9.1f} us  x{r['calls_per_step']:4.1f}  {r['name'][:110]}")
     print(f"total kernel time per step {total:.1f} us over {len(rows)} kernels")
+    # the selection kernels alone at other warp counts (CUDA graph, CUDA events; median of 30)
+    from lmsqueeze.bench.timing import time_cuda
+
+    psum = K.prefill_scores(q, idx.centroids, idx.log_sizes[None], sc)
+    budget = math.ceil(0.1 * idx.clustered)
+    want = K.chunk_rows_triton(psum, idx.offsets, idx.row_cluster, budget)
+    select_warps = []
+    for w in (2, 4, 8, 16):
+        got = K.chunk_rows_triton(psum, idx.offsets, idx.row_cluster, budget, num_warps=w)
+        t = time_cuda(lambda w=w: K.chunk_rows_triton(psum, idx.offsets, idx.row_cluster, budget, num_warps=w),
+                      iters=30, use_graph=True)
+        select_warps.append({"num_warps": w, "us": t.median_ms * 1e3,
+                             "equal_default": bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))})
+        print(f"chunk_rows_triton num_warps={w}: {t.median_ms * 1e3:.1f} us", select_warps[-1]["equal_default"])
     Path(args.out).write_text(json.dumps({"kind": "squeezed.prefill_profile", "command": command_line(),
                                           "context": N, "user_tokens": T, "reps": args.reps,
                                           "device": torch.cuda.get_device_name(0),
-                                          "total_kernel_us_per_step": total, "kernels": rows}, indent=1) + "\n")
+                                          "total_kernel_us_per_step": total, "kernels": rows,
+                                          "chunk_rows_warps": select_warps}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

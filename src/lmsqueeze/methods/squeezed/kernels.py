@@ -423,7 +423,7 @@ def chunk_rows_reference(psum: torch.Tensor, offsets: torch.Tensor, row_cluster:
 
 
 def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: torch.Tensor, budget: int,
-                      width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      width: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel form of `chunk_rows_reference` (two launches, no host sync, graph-capturable; T is not needed:
     the ranking by max psum equals the ranking by log(psum / T)); width None: N (every row fits)."""
     from lmsqueeze.methods.squeezed._triton_select import _budget_keep_kernel, _rows_from_keep_kernel
@@ -448,7 +448,7 @@ def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: to
     _budget_keep_kernel[(B * Hkv,)](
         psum, offsets, keep, before, counts, psum.stride(0), psum.stride(1), offsets.stride(0),
         keep.stride(0), keep.stride(1), C, int(budget),
-        HKV=Hkv, G=Hq // Hkv, BLOCK_C=bc, num_warps=8 if bc >= 4096 else 4,
+        HKV=Hkv, G=Hq // Hkv, BLOCK_C=bc, num_warps=num_warps or (8 if bc >= 4096 else 4),
     )
     block = 1024
     _rows_from_keep_kernel[(-(-N // block), B * Hkv)](
