@@ -7,7 +7,8 @@ lookup.rows_from_clusters (kernels.chunk_rows_triton documents the contract).
                          the budget, the crossing cluster included. No sort: the crossing weight theta is found bit by
                          bit, most significant first, over the weights' bit patterns (non-negative floats order
                          like their int32 bits): theta = max t with (keys of clusters of weight >= t) >= budget,
-                         31 masked sums (int32 throughout: 69.8 -> see squeezed_prefill_profile_h100*.json); clusters
+                         31 masked sums in int32 (as an int64 bisection: 69.8 us, now 32.7 us, H100,
+                         squeezed_prefill_profile_h100_v2/_v3.json); clusters
                          above theta are kept, those at theta in index order while the keys before them stay
                          under the budget. Writes keep, the kept keys before each cluster (index order,
                          observation window C last and always kept) and the count.
