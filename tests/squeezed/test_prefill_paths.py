@@ -9,7 +9,7 @@ import torch
 from lmsqueeze.methods.squeezed import kernels as K
 from lmsqueeze.methods.squeezed import reference as R
 from lmsqueeze.methods.squeezed.attention import prefill_rows
-from lmsqueeze.methods.squeezed.index import SqueezedIndex, build_layer_index
+from lmsqueeze.methods.squeezed.index import SqueezedIndex, build_layer_index, row_clusters
 from lmsqueeze.methods.squeezed.lookup import log_sizes
 
 pytest.importorskip("triton")
@@ -60,13 +60,8 @@ def test_rows_from_clusters_equals_mask_to_index(B, width, gen):
     from lmsqueeze.methods.squeezed.lookup import keys_from_clusters, mask_to_index, rows_from_clusters
 
     H, C, W = 3, 23, 4
-    sizes = torch.randint(0, 5, (H, C), generator=gen)
-    n = int(sizes.sum(-1).max()) + W
-    offs = torch.zeros(H, C + 2, dtype=torch.int32)
-    offs[:, 1:C + 1] = torch.cumsum(sizes, -1).to(torch.int32)
-    offs[:, C + 1] = n
-    rc = torch.repeat_interleave(torch.arange(C + 1).repeat(H), (offs[:, 1:] - offs[:, :-1]).long().flatten())
-    rc = rc.reshape(H, n)
+    offs, rc, _ = _clustered_rows(H, C, W, gen)
+    n = rc.shape[1]
     keep = torch.rand(B, H, C + 1, generator=gen) < 0.4
     keep[0, 0] = True
     keep[-1, -1] = False
@@ -83,11 +78,10 @@ def _clustered_rows(H: int, C: int, W: int, gen):
     sizes = torch.randint(0, 6, (H, C), generator=gen)
     sizes[:, 1] = 0
     n = int(sizes.sum(-1).max()) + W
-    offs = torch.zeros(H, C + 2, dtype=torch.int32)
-    offs[:, 1:C + 1] = torch.cumsum(sizes, -1).to(torch.int32)
-    offs[:, C + 1] = n
-    rc = torch.repeat_interleave(torch.arange(C + 1).repeat(H), (offs[:, 1:] - offs[:, :-1]).long().flatten())
-    return offs, rc.reshape(H, n), sizes
+    offs = torch.full((H, C + 2), n, dtype=torch.int32)
+    offs[:, 0] = 0
+    offs[:, 1:C + 1] = torch.cumsum(sizes, -1)
+    return offs, row_clusters(offs, n), sizes
 
 
 @pytest.mark.parametrize("B,G,C,budget", [(1, 4, 37, "tie"), (2, 1, 130, "exact"), (2, 2, 61, 90),

@@ -16,7 +16,7 @@ from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.squeezed import SqueezedAttention
 from lmsqueeze.methods.squeezed import kernels as K
 from lmsqueeze.methods.squeezed import reference as R
-from lmsqueeze.methods.squeezed.index import SqueezedIndex
+from lmsqueeze.methods.squeezed.index import SqueezedIndex, row_clusters
 from lmsqueeze.methods.squeezed.lookup import group_log_scores
 from lmsqueeze.methods.squeezed.token_select import block_union, kept_rows, token_keep
 from lmsqueeze.models.tiny import tiny_model
@@ -38,8 +38,7 @@ def _rows(Hkv, C, W, gen):
     offs = torch.zeros(Hkv, C + 2, dtype=torch.int32)
     offs[:, 1:C + 1] = torch.cumsum(sizes, -1).to(torch.int32)
     offs[:, C + 1] = n
-    rc = torch.repeat_interleave(torch.arange(C + 1).repeat(Hkv), (offs[:, 1:] - offs[:, :-1]).long().flatten())
-    return offs, rc.reshape(Hkv, n), n
+    return offs, row_clusters(offs, n), n
 
 
 def _toy_index(Hkv, D, C, W, gen, tau: float) -> SqueezedIndex:

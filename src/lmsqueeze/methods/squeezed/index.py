@@ -36,6 +36,14 @@ def num_clusters(fraction: float, n: int) -> int:
     return max(1, min(n, round(fraction * n)))
 
 
+def row_clusters(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """The cluster of each sorted row: offsets [H, C + 2] (cluster c's rows are [offsets[c], offsets[c + 1]), the
+    last one the observation window), n rows per head -> [H, n] int64."""
+    H, C2 = offsets.shape
+    sizes = (offsets[:, 1:] - offsets[:, :-1]).long().flatten()
+    return torch.repeat_interleave(torch.arange(C2 - 1, device=offsets.device).repeat(H), sizes).reshape(H, n)
+
+
 def _offsets(sizes: torch.Tensor) -> torch.Tensor:
     """sizes: [H, C] -> [H, C + 1] exclusive-then-total cumulative sums (int64)."""
     return torch.cat([torch.zeros_like(sizes[:, :1]), torch.cumsum(sizes, -1)], -1)
@@ -157,11 +165,7 @@ class SqueezedIndex:
         """Move a layer's saved tensors to `device`; keys/values/centroids in `dtype`."""
         offsets = t["offsets"].to(device=device, dtype=torch.int32).contiguous()
         sizes = (offsets[:, 1:-1] - offsets[:, :-2]).long()
-        Hkv, N = t["positions"].shape
-        C = sizes.shape[1]
-        row_cluster = torch.repeat_interleave(
-            torch.arange(C + 1, device=device).repeat(Hkv), (offsets[:, 1:] - offsets[:, :-1]).long().flatten()
-        ).reshape(Hkv, N)
+        row_cluster = row_clusters(offsets, t["positions"].shape[1])
         idx = cls(
             keys=t["keys"].to(device=device, dtype=dtype).contiguous(),
             values=t["values"].to(device=device, dtype=dtype).contiguous(),
