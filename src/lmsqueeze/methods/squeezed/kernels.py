@@ -407,21 +407,6 @@ def prefill_scores(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tenso
 SELECT_MAX_CLUSTERS = 16383
 
 
-def chunk_rows_reference(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: torch.Tensor, T: int, budget: int,
-                         width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 'chunk' prefill selection in torch: lookup.budget_keep on the chunk's estimated weights, the
-    observation window appended, then lookup.rows_from_clusters. psum: [B, Hq, C] (prefill_scores);
-    offsets: [Hkv, C + 2] int32; row_cluster: [Hkv, N]; T: the chunk's queries; budget: fixed keys to read.
-    Returns (idx [B, Hkv, width] int32 ascending, padded with 0; counts [B, Hkv] int32)."""
-    from lmsqueeze.methods.squeezed.lookup import budget_keep, chunk_agg, rows_from_clusters
-
-    Hkv = offsets.shape[0]
-    sizes = (offsets[:, 1:-1] - offsets[:, :-2]).long()
-    keep = budget_keep(chunk_agg(psum, T, Hkv), sizes, budget)
-    keep = torch.cat([keep, torch.ones_like(keep[..., :1])], -1)
-    return rows_from_clusters(keep, offsets, row_cluster, width)
-
-
 def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: torch.Tensor, budget: int,
                       width: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel form of `chunk_rows_reference` (two launches, no host sync, graph-capturable; T is not needed:
@@ -433,7 +418,7 @@ def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: to
     if offsets.shape != (Hkv, C + 2) or Hq % Hkv:
         raise LmsqueezeError(f"chunk_rows: offsets {tuple(offsets.shape)} / row_cluster {tuple(row_cluster.shape)} "
                              f"do not match psum {tuple(psum.shape)}")
-    if C + 1 > SELECT_MAX_CLUSTERS + 1:
+    if C > SELECT_MAX_CLUSTERS:
         raise LmsqueezeError(f"chunk_rows_triton handles at most {SELECT_MAX_CLUSTERS} clusters, got {C}; use "
                              "chunk_rows_reference")
     width = N if width is None else width

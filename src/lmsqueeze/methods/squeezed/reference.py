@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lmsqueeze.kernels.merge import merge_attention_states
+from lmsqueeze.methods.squeezed.lookup import budget_keep, chunk_agg, rows_from_clusters
 
 NEG = float("-inf")
 
@@ -285,3 +286,16 @@ def token_select_attention_reference(q: torch.Tensor, keys: torch.Tensor, values
     out_l, lse_l = _local_part(qg, local_k, local_v, lengths, starts, local_valid, window, scaling)
     out, lse = merge_attention_states(out_f, lse_f, out_l, lse_l)
     return out.reshape(B, Hq, T, D).to(q.dtype), lse.reshape(B, Hq, T)
+
+
+def chunk_rows_reference(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: torch.Tensor, T: int, budget: int,
+                         width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 'chunk' prefill selection in torch: lookup.budget_keep on the chunk's estimated weights, the
+    observation window appended, then lookup.rows_from_clusters. psum: [B, Hq, C] (prefill_scores);
+    offsets: [Hkv, C + 2] int32; row_cluster: [Hkv, N]; T: the chunk's queries; budget: fixed keys to read.
+    Returns (idx [B, Hkv, width] int32 ascending, padded with 0; counts [B, Hkv] int32)."""
+    Hkv = offsets.shape[0]
+    sizes = (offsets[:, 1:-1] - offsets[:, :-2]).long()
+    keep = budget_keep(chunk_agg(psum, T, Hkv), sizes, budget)
+    keep = torch.cat([keep, torch.ones_like(keep[..., :1])], -1)
+    return rows_from_clusters(keep, offsets, row_cluster, width)
