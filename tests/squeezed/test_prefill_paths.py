@@ -107,7 +107,7 @@ def test_chunk_rows_kernel_matches_reference(B, G, C, budget, gen):
             cum = torch.cumsum(sizes[0][order], 0)
             budget = int(cum[len(cum) // 4])                     # exactly the keys of the first quarter
     n = rc.shape[1]
-    want = K.chunk_rows_reference(psum, offs, rc, T, budget, n)
+    want = R.chunk_rows_reference(psum, offs, rc, T, budget, n)
     got = K.chunk_rows_triton(psum, offs, rc, budget)
     assert torch.equal(got[1], want[1]), (got[1], want[1])
     assert torch.equal(got[0], want[0])

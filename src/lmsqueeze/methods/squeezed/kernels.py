@@ -409,7 +409,7 @@ SELECT_MAX_CLUSTERS = 16383
 
 def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: torch.Tensor, budget: int,
                       width: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel form of `chunk_rows_reference` (two launches, no host sync, graph-capturable; T is not needed:
+    """Kernel form of `reference.chunk_rows_reference` (two launches, no host sync, graph-capturable; T is not needed:
     the ranking by max psum equals the ranking by log(psum / T)); width None: N (every row fits)."""
     from lmsqueeze.methods.squeezed._triton_select import _budget_keep_kernel, _rows_from_keep_kernel
 
