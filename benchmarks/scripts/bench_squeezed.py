@@ -70,9 +70,7 @@ DECODE_PROBE = ((32, 32, 4, None, 2, 1, False), (128, 32, 4, 2, 3, 1, False),
 PREFILL_SCORES_SWEEP = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),
                         (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 4),
                         (128, 64, 4, 3, False), (128, 32, 4, 4, False), (128, 64, 4, 2), (128, 128, 4, 3),
-                        (64, 64, 4, 2), (256, 64, 8, 2), (128, 64, 8, 2),
-                        (128, 64, 4, 3, True, 2), (128, 64, 4, 3, True, 4), (128, 64, 4, 3, True, 8),
-                        (128, 64, 8, 3, True, 4))   # 6th: centroid ranges (two launches)
+                        (64, 64, 4, 2), (256, 64, 8, 2), (128, 64, 8, 2))
 # (5th: False = base-e exponentials with a select per score, the kernel before PREFILL_SCORES_EXP2)
 # prefill gather attention: (query rows per program, warps, stages, keys per tile)
 PREFILL_ATTN_SWEEP = ((128, 8, 3, 64), (128, 8, 4, 64), (128, 8, 2, 128), (64, 4, 3, 64), (64, 4, 4, 64),
@@ -719,16 +717,15 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
     ps_sweep, ps_best = [], None
     ps_flops = 4 * HQ * T * idx.num_clusters * D
     for cfg in PREFILL_SCORES_SWEEP:
-        bm_, bc_, w_, st_, *more = cfg
-        e2 = more[0] if more else K.PREFILL_SCORES_EXP2
-        sp = more[1] if len(more) > 1 else 1
-        r_ = {"block_m": bm_, "block_c": bc_, "num_warps": w_, "num_stages": st_, "exp2": e2, "splits": sp}
+        bm_, bc_, w_, st_, *e2 = cfg
+        e2 = e2[0] if e2 else K.PREFILL_SCORES_EXP2
+        r_ = {"block_m": bm_, "block_c": bc_, "num_warps": w_, "num_stages": st_, "exp2": e2}
         try:
-            p_ = K.prefill_scores_triton(q, idx.centroids, idx.log_sizes[None], sc, bm_, bc_, w_, st_, exp2=e2,
-                                         splits=sp)
+            p_ = K.prefill_scores_triton(q, idx.centroids, idx.log_sizes[None], sc, bm_, bc_, w_, st_, exp2=e2)
             r_["rel_err_vs_reference"] = rel(p_, p_ref)
-            t = time_cuda(lambda cfg=cfg, e2=e2, sp=sp: K.prefill_scores_triton(
-                q, idx.centroids, idx.log_sizes[None], sc, *cfg[:4], exp2=e2, splits=sp), iters=iters, use_graph=True)
+            t = time_cuda(lambda cfg=cfg, e2=e2: K.prefill_scores_triton(q, idx.centroids, idx.log_sizes[None], sc,
+                                                                         *cfg[:4], exp2=e2),
+                          iters=iters, use_graph=True)
         except Exception as ex:  # noqa: BLE001
             ps_sweep.append({**r_, "error": repr(ex)[:300]})
             continue
@@ -737,15 +734,12 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
         ps_sweep.append(r_)
         if (e2 == K.PREFILL_SCORES_EXP2 and r_["rel_err_vs_reference"] < 1e-2
                 and (ps_best is None or t.median_ms < ps_best[1].median_ms)):   # best among the library's variant
-            ps_best = (cfg[:4], t, sp)
+            ps_best = (cfg[:4], t)
     del p_ref
     extra["scores_sweep"] = ps_sweep
-    extra["scores_best_splits"] = ps_best[2]
-    prev_splits = K.PREFILL_SCORES_SPLITS
 
     def use_best_scores():   # the library's scoring config set to the sweep's best (restored by the callers)
         K.PREFILL_SCORES_CONFIG = tuple(ps_best[0])
-        K.PREFILL_SCORES_SPLITS = ps_best[2]
     prev_scores_cfg = K.PREFILL_SCORES_CONFIG
     extra["scores_prev_default"] = list(prev_scores_cfg)
     extra["scores_best_config"] = list(ps_best[0])
@@ -763,7 +757,7 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
         t_selc = time_cuda(lambda: select(True, True), iters=iters, use_graph=False)
         t_selcg = time_cuda(lambda: select(True, True), iters=iters, use_graph=True)
     finally:
-        K.PREFILL_SCORES_CONFIG, K.PREFILL_SCORES_SPLITS = prev_scores_cfg, prev_splits
+        K.PREFILL_SCORES_CONFIG = prev_scores_cfg
     rows.append(timing_row("prefill_squeezed_selection", t_sel, baseline="prefill_dense_sdpa_bf16",
                            baseline_timing=base, context=N, user_tokens=T, config=list(ps_best[0]),
                            note="host sync (rows list as wide as the largest count), eager"))
@@ -824,7 +818,7 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
         t_fc = time_cuda(full(True, True), iters=iters, use_graph=False)
         t_fcg = time_cuda(full(True, True), iters=iters, use_graph=True)
     finally:
-        K.PREFILL_SCORES_CONFIG, K.PREFILL_SCORES_SPLITS = prev_scores_cfg, prev_splits
+        K.PREFILL_SCORES_CONFIG = prev_scores_cfg
     cfg_new = {"scores": list(ps_best[0]), "attention": [bm, w, st, bn]}
     rows.append(timing_row("prefill_squeezed_sync", t_fs, baseline="prefill_dense_sdpa_bf16", baseline_timing=base,
                            context=N, user_tokens=T, sparsity=0.9, kept_fraction=extra["kept_fraction"],

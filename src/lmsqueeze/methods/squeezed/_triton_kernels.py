@@ -363,11 +363,8 @@ def _prefill_scores_kernel(
     T, C, NMB, scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
-    EXP2: tl.constexpr = False, PASS: tl.constexpr = 0, NSPLIT: tl.constexpr = 1, Stat=None, stat_off=0, cps=0,
+    EXP2: tl.constexpr = False,
 ):
-    # PASS 0: both passes over all centroids. Split over NSPLIT ranges of cps centroids (grid axis 2, EXP2 only):
-    # PASS 1 stores each range's (max, sum) per query row in Stat ([2, B*Hq, NSPLIT, T]: max at 0, sum at
-    # stat_off), PASS 2 combines them into log Z and sums its own range's columns.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -379,11 +376,6 @@ def _prefill_scores_kernel(
     t = pid_m * BLOCK_M + offs_m
     t_mask = t < T
     d_mask = offs_d < D
-    c_start = 0
-    c_end = C
-    if PASS != 0:
-        c_start = tl.program_id(2) * cps
-        c_end = tl.minimum(C, c_start + cps)
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + t[:, None] * stride_qt + offs_d[None, :],
                 mask=t_mask[:, None] & d_mask[None, :], other=0.0)
     c_base = Cent + hkv.to(tl.int64) * stride_ch
@@ -393,59 +385,44 @@ def _prefill_scores_kernel(
     # EXP2: both passes in base 2 with the scale (and log2 e) inside one FMA per score; pass 2's exclusions as
     # -inf biases (rows past T: +inf log Z; excluded clusters: -inf) instead of a select per score
     sc = scale * 1.4426950408889634 if EXP2 else scale
-    if PASS != 2:
-        for c0 in range(c_start, c_end, BLOCK_C):                       # pass 1: log Z per query row
-            cids = c0 + offs_c
-            c_mask = cids < c_end
-            cent = tl.load(c_base + cids[:, None] * stride_cc + offs_d[None, :],
-                           mask=c_mask[:, None] & d_mask[None, :], other=0.0)
-            ls = tl.load(l_base + cids, mask=c_mask, other=float("-inf"))
-            if EXP2:
-                x = _dot(q, tl.trans(cent), IEEE_DOT) * sc + (ls * 1.4426950408889634)[None, :]
-                m_new = tl.maximum(m_i, tl.max(x, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
-            else:
-                x = _dot(q, tl.trans(cent), IEEE_DOT) * sc + ls[None, :]
-                m_new = tl.maximum(m_i, tl.max(x, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
-            m_i = m_new
-    if PASS == 1:
-        srow = (pid_bh.to(tl.int64) * NSPLIT + tl.program_id(2)) * T + t
-        tl.store(Stat + srow, m_i, mask=t_mask)
-        tl.store(Stat + stat_off + srow, l_i, mask=t_mask)
-    else:
-        if PASS == 2:                                                   # the ranges' (max, sum) combined
-            for s2 in tl.static_range(NSPLIT):
-                srow = (pid_bh.to(tl.int64) * NSPLIT + s2) * T + t
-                ms = tl.load(Stat + srow, mask=t_mask, other=float("-inf"))
-                lsum = tl.load(Stat + stat_off + srow, mask=t_mask, other=0.0)
-                m_new = tl.maximum(m_i, ms)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp2(m_i - m_safe) + lsum * tl.exp2(ms - m_safe)
-                m_i = m_new
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    for c0 in range(0, C, BLOCK_C):                                     # pass 1: log Z per query row
+        cids = c0 + offs_c
+        c_mask = cids < C
+        cent = tl.load(c_base + cids[:, None] * stride_cc + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
+                       other=0.0)
+        ls = tl.load(l_base + cids, mask=c_mask, other=float("-inf"))
         if EXP2:
-            log_z = tl.where(l_i > 0, m_safe + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
-            rz = tl.where(t_mask, log_z, float("inf"))
+            x = _dot(q, tl.trans(cent), IEEE_DOT) * sc + (ls * 1.4426950408889634)[None, :]
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(x - m_safe[:, None]), 1)
         else:
-            log_z = tl.where(l_i > 0, m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
-        out_base = Psum + (pid_bh.to(tl.int64) * NMB + pid_m) * C
-        for c0 in range(c_start, c_end, BLOCK_C):                       # pass 2: sum_t exp(s - log Z)
-            cids = c0 + offs_c
-            c_mask = cids < c_end
-            cent = tl.load(c_base + cids[:, None] * stride_cc + offs_d[None, :],
-                           mask=c_mask[:, None] & d_mask[None, :], other=0.0)
-            ls = tl.load(l_base + cids, mask=c_mask, other=float("-inf"))
-            if EXP2:
-                cb = tl.where(ls > float("-inf"), 0.0, float("-inf"))
-                p = tl.exp2(_dot(q, tl.trans(cent), IEEE_DOT) * sc + cb[None, :] - rz[:, None])
-            else:
-                s = _dot(q, tl.trans(cent), IEEE_DOT) * sc
-                ok = t_mask[:, None] & (ls[None, :] > float("-inf"))
-                p = tl.where(ok, tl.exp(s - log_z[:, None]), 0.0)
-            tl.store(out_base + cids, tl.sum(p, 0), mask=c_mask)
+            x = _dot(q, tl.trans(cent), IEEE_DOT) * sc + ls[None, :]
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+        m_i = m_new
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    if EXP2:
+        log_z = tl.where(l_i > 0, m_safe + tl.log2(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+        rz = tl.where(t_mask, log_z, float("inf"))
+    else:
+        log_z = tl.where(l_i > 0, m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
+    out_base = Psum + (pid_bh.to(tl.int64) * NMB + pid_m) * C
+    for c0 in range(0, C, BLOCK_C):                                     # pass 2: sum_t exp(s - log Z)
+        cids = c0 + offs_c
+        c_mask = cids < C
+        cent = tl.load(c_base + cids[:, None] * stride_cc + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
+                       other=0.0)
+        ls = tl.load(l_base + cids, mask=c_mask, other=float("-inf"))
+        if EXP2:
+            cb = tl.where(ls > float("-inf"), 0.0, float("-inf"))
+            p = tl.exp2(_dot(q, tl.trans(cent), IEEE_DOT) * sc + cb[None, :] - rz[:, None])
+        else:
+            s = _dot(q, tl.trans(cent), IEEE_DOT) * sc
+            ok = t_mask[:, None] & (ls[None, :] > float("-inf"))
+            p = tl.where(ok, tl.exp(s - log_z[:, None]), 0.0)
+        tl.store(out_base + cids, tl.sum(p, 0), mask=c_mask)
 
 
 @triton.jit

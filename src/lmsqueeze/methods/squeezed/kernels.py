@@ -45,8 +45,6 @@ PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
 # prefill centroid scoring in base 2 with the scale inside one FMA per score (prefill_scores_triton's `exp2`):
 # 0.3204 vs 0.3727 ms at PREFILL_SCORES_CONFIG (H100, same run, squeezed_prefill_h100_v7.json, scores_sweep)
 PREFILL_SCORES_EXP2 = True
-# prefill centroid scoring split over this many centroid ranges (prefill_scores_triton's `splits`)
-PREFILL_SCORES_SPLITS = 1
 # prefill gather attention: whole tiles of listed rows without masks (indexed_attention_triton's `steady`), with
 # (query rows, warps, stages, keys per tile) = PREFILL_STEADY_TILES above 256 query rows. 1K tokens x 4 heads over
 # 13.1K listed rows, D=128 (H100, same run, squeezed_prefill_h100_v7.json, attention_sweep): 0.5965 ms at
@@ -56,7 +54,9 @@ PREFILL_STEADY = True
 PREFILL_STEADY_TILES = (128, 8, 2, 128)
 # Packing the G query heads of a KV head into one scoring tile's rows (centroid tiles read once per group) was
 # slower: 0.415 vs 0.373 ms at the best configs (H100, same run: squeezed_prefill_h100_v6.json, scores_sweep, commit
-# 38463c9); the scoring is not bound by its centroid reads, and the option was removed.
+# 38463c9); the scoring is not bound by its centroid reads, and the option was removed. So was splitting the
+# centroids over 2 / 4 / 8 ranges in two launches (each range's log Z statistics, then the sums): 0.353 / 0.362 /
+# 0.373 vs 0.328 ms for one launch (same run: squeezed_prefill_h100_v10.json, scores_sweep, commit 369e645).
 # fused merge: the last split program of each (sequence, KV head) merges the partials itself (atomic ticket):
 # one launch fewer, but measured slower on the H100 in every config (its one program reads all partials: at the
 # default tiles 26.4 vs 16.7 us at 32K, 56.6 vs 37.6 us at 128K; squeezed_decode_h100_v2.json, decode_sweep),
@@ -369,14 +369,11 @@ def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_
 
 def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
                           block_m: int | None = None, block_c: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, exp2: bool | None = None,
-                          splits: int | None = None) -> torch.Tensor:
+                          num_stages: int | None = None, exp2: bool | None = None) -> torch.Tensor:
     """Kernel form of `prefill_scores_reference`: psum [B, Hq, C]. block_m queries x block_c centroids per tile
     (both passes stream the centroids: num_stages pipelines those loads); None: PREFILL_SCORES_CONFIG (read at
     call time). exp2 (None: PREFILL_SCORES_EXP2): base-2 exponentials with the scale inside one FMA per score and
-    exclusions as -inf biases (no select per score). splits (None: PREFILL_SCORES_SPLITS; base 2 only): the
-    centroids in that many ranges, one program each, in two launches (each range's log Z statistics, then the
-    sums with the combined log Z): more programs per query block."""
+    exclusions as -inf biases (no select per score)."""
     cfg = PREFILL_SCORES_CONFIG
     block_m, block_c = block_m or cfg[0], block_c or cfg[1]
     num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
@@ -389,24 +386,14 @@ def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torc
         raise LmsqueezeError(f"prefill_scores: lsizes {tuple(lsizes.shape)} must be [1 or B, Hkv, C]")
     nmb = -(-T // block_m)
     part = torch.empty(B, Hq, nmb, C, device=q.device, dtype=torch.float32)
-    exp2 = PREFILL_SCORES_EXP2 if exp2 is None else exp2
-    splits = max(1, min(int(PREFILL_SCORES_SPLITS if splits is None else splits), -(-C // block_c)))
-    args = (q, centroids, lsizes, part,
-            q.stride(0), q.stride(1), q.stride(2), centroids.stride(0), centroids.stride(1),
-            lsizes.stride(0) if lsizes.shape[0] > 1 else 0, lsizes.stride(1),
-            T, C, nmb, float(scaling))
-    meta = {"HQ": Hq, "G": G, "D": D, "BLOCK_M": block_m, "BLOCK_C": block_c, "BLOCK_D": _pow2(D),
-            "IEEE_DOT": _ieee(q), "EXP2": exp2, "num_warps": num_warps, "num_stages": num_stages}
-    if splits == 1 or not exp2:
-        _prefill_scores_kernel[(nmb, B * Hq)](*args, **meta)
-    else:
-        per = -(-C // splits)
-        cps = -(-per // block_c) * block_c                                # centroids per range, whole tiles
-        splits = -(-C // cps)
-        stat = torch.empty(2, B * Hq, splits, T, device=q.device, dtype=torch.float32)
-        for ps in (1, 2):
-            _prefill_scores_kernel[(nmb, B * Hq, splits)](*args, **meta, PASS=ps, NSPLIT=splits, Stat=stat,
-                                                          stat_off=stat[0].numel(), cps=cps)
+    _prefill_scores_kernel[(nmb, B * Hq)](
+        q, centroids, lsizes, part,
+        q.stride(0), q.stride(1), q.stride(2), centroids.stride(0), centroids.stride(1),
+        lsizes.stride(0) if lsizes.shape[0] > 1 else 0, lsizes.stride(1),
+        T, C, nmb, float(scaling),
+        HQ=Hq, G=G, D=D, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=_pow2(D), IEEE_DOT=_ieee(q),
+        EXP2=PREFILL_SCORES_EXP2 if exp2 is None else exp2, num_warps=num_warps, num_stages=num_stages,
+    )
     return part.sum(2)
 
 
