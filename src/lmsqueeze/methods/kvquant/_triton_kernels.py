@@ -224,6 +224,19 @@ def _sincos_reduced(x, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _key_outlier(ow, HI: tl.constexpr, IMASK: tl.constexpr, HALF: tl.constexpr, pos, INV_FREQ, scale,
+                 USE_ASM: tl.constexpr):
+    """Entry HI of the key outlier words ow of tokens at positions pos ([BN] fp32) -> (channel, its RoPE partner
+    channel, cos, signed sin, value * scale): each query's score gains (q[channel] * cos + q[partner] * sin) *
+    value * scale (q . R(pos) (value e_channel), keys pre-RoPE)."""
+    oi, ov = _outlier(ow, HI, IMASK)
+    upper = oi >= HALF
+    of = tl.where(upper, oi - HALF, oi)
+    oc, os = _sincos_reduced(pos * tl.load(INV_FREQ + of), USE_ASM)
+    return oi, tl.where(upper, of, oi + HALF), oc, tl.where(upper, -os, os), ov * scale
+
+
+@triton.jit
 def _split_kernel(
     Q, O_part, L_part,
     KC, VC, KO, VO, VS, VZ, POS, KIND, SK, SV, SSLOT,
@@ -340,16 +353,11 @@ def _split_kernel(
             for w in tl.static_range(NOUT):
                 ow = tl.load(KOb + slots * NOUT + w)  # one load, two entries
                 for hi in tl.static_range(2):
-                    oi, ov = _outlier(ow, hi, IMASK)
-                    upper = oi >= HALF
-                    of = tl.where(upper, oi - HALF, oi)
-                    ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
-                    oc, os = _sincos_reduced(ang, USE_ASM)
+                    oi, op, oc, sgn, ovs = _key_outlier(ow, hi, IMASK, HALF, p_first + (slots - s_lo).to(tl.float32),
+                                                        INV_FREQ, qk_scale * rope_scale, USE_ASM)
                     qa = tl.load(Qb + oi[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-                    qb = tl.load(Qb + tl.where(upper, of, oi + HALF)[None, :], mask=gmask[:, None], other=0.0)
-                    sgn = tl.where(upper, -os, os)
-                    qk += ((qa * oc[None, :] + qb.to(tl.float32) * sgn[None, :])
-                           * (ov * (qk_scale * rope_scale))[None, :])
+                    qb = tl.load(Qb + op[None, :], mask=gmask[:, None], other=0.0)
+                    qk += (qa * oc[None, :] + qb.to(tl.float32) * sgn[None, :]) * ovs[None, :]
             kind = tl.load(KINDb + slots)
             ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
             qk = tl.where(ok[None, :], qk, float("-inf"))
@@ -418,16 +426,11 @@ def _split_kernel(
             for w in tl.static_range(NOUT):
                 ow = tl.load(KOb + slots * NOUT + w)  # one load, two entries
                 for hi in tl.static_range(2):
-                    oi, ov = _outlier(ow, hi, IMASK)
-                    upper = oi >= HALF
-                    of = tl.where(upper, oi - HALF, oi)
-                    ang = (p_first + (slots - s_lo).to(tl.float32)) * tl.load(INV_FREQ + of)
-                    oc, os = _sincos_reduced(ang, USE_ASM)
+                    oi, op, oc, sgn, ovs = _key_outlier(ow, hi, IMASK, HALF, p_first + (slots - s_lo).to(tl.float32),
+                                                        INV_FREQ, qk_scale * rope_scale, USE_ASM)
                     qa = tl.load(Qb_t + oi[:, None], mask=gmask[None, :], other=0.0).to(tl.float32)
-                    qb = tl.load(Qb_t + tl.where(upper, of, oi + HALF)[:, None], mask=gmask[None, :], other=0.0)
-                    sgn = tl.where(upper, -os, os)
-                    qk += ((qa * oc[:, None] + qb.to(tl.float32) * sgn[:, None])
-                           * (ov * (qk_scale * rope_scale))[:, None])
+                    qb = tl.load(Qb_t + op[:, None], mask=gmask[None, :], other=0.0)
+                    qk += (qa * oc[:, None] + qb.to(tl.float32) * sgn[:, None]) * ovs[:, None]
             kind = tl.load(KINDb + slots)
             ok = (slots >= lo) & (slots < s_hi) & (kind == 1)
             qk = tl.where(ok[:, None], qk, float("-inf"))
