@@ -121,9 +121,15 @@ def main() -> None:
                              "spill_stores": ops["STL"], "opcodes": dict(ops.most_common())})
                 print(f"{label:10s} bits {bits} maxnreg {cap or '-':>4}  loop {n:5d}  per token-head {n * 4 / 64:6.1f}"
                       f"  LDL {ops['LDL']:3d}  STL {ops['STL']:3d}", flush=True)
-    Path(args.out).write_text(json.dumps({"kind": "kvquant.sass_sm90", "triton": triton.__version__,
+    from lmsqueeze.bench.results import command_line, environment
+
+    env = environment("cpu")
+    env["device"] = {**env["device"], "note": "offline: Triton compiles for sm_90 (GPUTarget cuda 90) on this CPU"}
+    Path(args.out).write_text(json.dumps({"kind": "kvquant.sass_sm90", "command": command_line(), **env,
+                                          "triton": triton.__version__,
                                           "shape": "G=4, D=128, BLOCK_N=64, 4 warps, NOUT=1, VFOLD",
-                                          "rows": rows}, indent=1) + "\n")
+                                          "sources": {label: path for path, label in sources}, "rows": rows},
+                                         indent=1) + "\n")
 
 
 if __name__ == "__main__":

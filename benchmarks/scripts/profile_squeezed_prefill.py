@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_squeezed as bs
 
-from lmsqueeze.bench.results import command_line
+from lmsqueeze.bench.results import command_line, environment
 
 
 def main() -> None:
@@ -76,8 +76,7 @@ def main() -> None:
                              "equal_default": bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))})
         print(f"chunk_rows_triton num_warps={w}: {t.median_ms * 1e3:.1f} us", select_warps[-1]["equal_default"])
     Path(args.out).write_text(json.dumps({"kind": "squeezed.prefill_profile", "command": command_line(),
-                                          "context": N, "user_tokens": T, "reps": args.reps,
-                                          "device": torch.cuda.get_device_name(0),
+                                          **environment(dev), "context": N, "user_tokens": T, "reps": args.reps,
                                           "total_kernel_us_per_step": total, "kernels": rows,
                                           "chunk_rows_warps": select_warps}, indent=1) + "\n")
 
