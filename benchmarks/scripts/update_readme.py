@@ -95,7 +95,7 @@ def render() -> str:
     lines += ["### Decode attention kernel (32 query / 8 KV heads, D=128, bf16)", ""]
     lines += kernel_table("decode_kernel_h100.json")
     lines += rows_table(
-        "kvquant_decode_h100_v7c_sweep.json", "KVQuant decode attention vs fp16 SDPA (32/8 heads, D=128, H100)",
+        "kvquant_decode_h100_v7d.json", "KVQuant decode attention vs fp16 SDPA (32/8 heads, D=128, H100)",
         [("batch", "batch", "d"), ("context", "length", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
          ("SDPA ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f"), ("TB/s", "tb_per_s", ".2f"),
          ("bits/elt read", "bits_per_element_read", ".3f")])

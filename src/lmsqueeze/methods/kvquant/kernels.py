@@ -19,8 +19,8 @@ the per-token value metadata, and
 Softmax is online in base 2. GQA: all query heads of a KV head share each tile. Per-sequence lengths (and
 left-padding starts) are read from device tensors, and the grid depends only on shapes: CUDA-graph safe.
 
-Status (benchmarks/results/kvquant_decode_h100_v7c_sweep.json, H100, fp16 SDPA timed in the same run): correct,
-CUDA-graph safe, 0.60-0.81x of fp16 SDPA at the Llama-3-8B shape (0.24-0.60 TB/s of 3.0), far from the bytes
+Status (benchmarks/results/kvquant_decode_h100_v7d.json, H100, fp16 SDPA timed in the same run): correct,
+CUDA-graph safe, 0.59-0.80x of fp16 SDPA at the Llama-3-8B shape (0.24-0.60 TB/s of 3.0), far from the bytes
 floor (targets 2.5x / 3x at 128K missed). The kernel is latency-bound, not bound by its instruction count. The
 value outliers' fold went from an integer compare, a select and an add per element and entry to one packed
 f16x2 set / fma pair per two elements (`_fold`): the main loop fell from 1409 to 1153 SASS instructions per
