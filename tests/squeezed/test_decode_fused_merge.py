@@ -90,3 +90,17 @@ def test_blocks_per_program_decode_matches_reference(G, D, block_c, nsub, bpp, f
                                         blocks_per_program=bpp, partials_only=True)
     nsp = -(-(83 + 1) // block_c)
     assert mid_o.shape[2] == -(-nsp // min(bpp, nsp)) * nsub + 2      # fewer partials to merge
+
+
+@pytest.mark.parametrize("G,D,block_c,nsub,bpp,early,local_first,hoist_v",
+                         [(4, 128, 32, 2, 1, True, True, True), (1, 64, 16, 1, 2, True, False, False),
+                          (3, 64, 16, 2, 3, False, True, False), (4, 64, 32, 1, 1, False, False, True)])
+def test_decode_variants_match_reference(G, D, block_c, nsub, bpp, early, local_first, hoist_v, gen):
+    """Local-slot programs first or last, work before the dependency wait, V requested with K: same answer."""
+    args = _case(2, 2, G, D, 83, 5, 37, gen)
+    o_r, lse_r, kept_r = R.squeezed_decode_reference(*args)
+    o, lse, kept = K.squeezed_decode_triton(*args, local_splits=2, block_c=block_c, block_n=16, sub_splits=nsub,
+                                            blocks_per_program=bpp, early=early, local_first=local_first,
+                                            hoist_v=hoist_v)
+    assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
+    assert torch.equal(kept, kept_r) and (kept < args[1].shape[1]).all()

@@ -47,14 +47,18 @@ def _dot(a, b, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IEEE_DOT: tl.constexpr):
+def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IEEE_DOT: tl.constexpr,
+                  HOIST_V: tl.constexpr = False):
     """One online-softmax step (log2 domain) over a tile of keys and values.
 
     q: [BLOCK_M, BLOCK_D]; k_ptrs, v_ptrs, kv_mask: [BLOCK_N, BLOCK_D]; vis: which (query, key) pairs count,
     [BLOCK_M or 1, BLOCK_N]; m_i, l_i: [BLOCK_M]; acc: [BLOCK_M, BLOCK_D] fp32. Returns (m_i, l_i, acc);
-    a row with no visible key so far keeps m_i = -inf, l_i = 0, acc = 0.
+    a row with no visible key so far keeps m_i = -inf, l_i = 0, acc = 0. HOIST_V: the V tile is requested with
+    the K tile (both in flight at once) instead of after the scores.
     """
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    if HOIST_V:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     qk = _dot(q, tl.trans(k), IEEE_DOT)
     qk = tl.where(vis, qk * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -62,7 +66,8 @@ def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IE
     alpha = tl.exp2(m_i - m_safe)
     pr = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(pr, 1)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    if not HOIST_V:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     if IEEE_DOT:
         pv = tl.dot(pr, v, input_precision="ieee")
     else:
@@ -99,7 +104,7 @@ def _kept_rows(base, p, ends, us):
 def _attend_local(q, LK, LV, Lengths, Starts, b, hkv, loc, NLOC, l_max, offs_n, offs_d, d_mask,
                   stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs, scale_log2, m_i, l_i, acc,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_STARTS: tl.constexpr,
-                  IEEE_DOT: tl.constexpr):
+                  IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr = False):
     """Split `loc` of NLOC over the dense local slots [start, length) of sequence b, KV head hkv (the user and
     generated tokens): online softmax into (m_i, l_i, acc), returned."""
     loc_hi = tl.minimum(tl.load(Lengths + b), l_max)
@@ -122,7 +127,7 @@ def _attend_local(q, LK, LV, Lengths, Starts, b, hkv, loc, NLOC, l_max, offs_n, 
             lkv_mask = n_mask[:, None] & d_mask[None, :]
         m_i, l_i, acc = _softmax_tile(q, lk_base + slots[:, None] * stride_lks + offs_d[None, :],
                                       lv_base + slots[:, None] * stride_lvs + offs_d[None, :], lkv_mask,
-                                      n_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
+                                      n_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V)
     return m_i, l_i, acc
 
 
@@ -236,9 +241,18 @@ def _squeezed_decode_kernel(
     BLOCK_CH: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, NSUB: tl.constexpr = 1,
     Ticket=None, Out=None, OutLse=None, stride_outb=0, stride_outh=0,
     FUSE_MERGE: tl.constexpr = False, BLOCK_GM: tl.constexpr = 2, BLOCK_S: tl.constexpr = 8,
-    NSPP=0, BPP: tl.constexpr = 1, PDL: tl.constexpr = False,
+    NSPP=0, BPP: tl.constexpr = 1, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+    LOCAL_FIRST: tl.constexpr = False, HOIST_V: tl.constexpr = False, Trace=None, TRACE: tl.constexpr = False,
 ):
-    _pdl_prologue(PDL)
+    # EARLY (with PDL): everything that does not read the scores kernel's output (q, offsets, log tau, and the
+    # whole local-slot attention) runs before the grid-dependency wait, i.e. while the scores kernel finishes.
+    # LOCAL_FIRST: the local-slot programs are splits [0, NLOC) (scheduled first) instead of the last NLOC.
+    # TRACE: Trace [splits * B * Hkv, 4] int64 gets (start, after the wait, end in ns of %globaltimer, kept rows)
+    # per program (profiling only; CUDA).
+    if TRACE:
+        t_start = _globaltimer(NCH)
+    if not EARLY:
+        _pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -254,33 +268,47 @@ def _squeezed_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    if split < NSPP * NSUB:
-        sub = split % NSUB                                               # this program's tiles: sub, sub+NSUB, ..
-        z = _log_z(ChunkLse, b * stride_eb + heads * stride_eh, offs_g, g_mask, NCH, BLOCK_CH)
+    if LOCAL_FIRST:
+        bsplit = split - NLOC                                            # block split, < 0: local program
+        is_block = bsplit >= 0
+        loc = split
+    else:
+        bsplit = split
+        is_block = split < NSPP * NSUB
+        loc = split - NSPP * NSUB
+    total = 0
+    if is_block:
+        sub = bsplit % NSUB                                              # this program's tiles: sub, sub+NSUB, ..
         log_tau = tl.load(LogTau + hkv)
         offs_c = tl.arange(0, BLOCK_C)
         o_base = Offsets + hkv * stride_oh
         k_base = K + hkv.to(tl.int64) * stride_kh
         v_base = V + hkv.to(tl.int64) * stride_vh
-        for kb in range(BPP):                                            # cluster blocks split//NSUB + kb*NSPP
-            cb = split // NSUB + kb * NSPP
+        for kb in tl.static_range(BPP):                                  # cluster blocks bsplit//NSUB + kb*NSPP
+            cb = bsplit // NSUB + kb * NSPP
+            cids = cb * BLOCK_C + offs_c
+            real = cids < C
+            inr = cids < C + 1                      # cluster C: the observation window; false for all if cb >= NSP
+            lo = tl.load(o_base + cids, mask=inr, other=0)
+            hi = tl.load(o_base + cids + 1, mask=inr, other=0)
+            base = tl.load(o_base + tl.minimum(cb, NSP - 1) * BLOCK_C)      # (unused when cb >= NSP)
+            if kb == 0:
+                if EARLY:
+                    _pdl_prologue(PDL)
+                if TRACE:
+                    t_wait = _globaltimer(NCH)
+                z = _log_z(ChunkLse, b * stride_eb + heads * stride_eh, offs_g, g_mask, NCH, BLOCK_CH)
             if cb < NSP:
                 # which of this block's clusters to read
-                cids = cb * BLOCK_C + offs_c
-                real = cids < C
-                inr = cids < C + 1                                       # cluster C: the observation window
                 s = tl.load(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :],
                             mask=g_mask[:, None] & real[None, :], other=float("-inf"))
                 a = tl.max(s - z[:, None], 0)
                 keep = ((a > log_tau) | (cids == C)) & inr
-                lo = tl.load(o_base + cids, mask=inr, other=0)
-                hi = tl.load(o_base + cids + 1, mask=inr, other=0)
                 size = hi - lo
                 ks = tl.where(keep, size, 0)
                 us = size - ks
                 ends = tl.cumsum(ks, 0)                                  # kept keys up to and including j
                 total = tl.sum(ks, 0)
-                base = tl.load(o_base + cb * BLOCK_C)
                 for t0 in range(sub * BLOCK_N, total, NSUB * BLOCK_N):
                     p = t0 + offs_n
                     p_mask = p < total
@@ -291,13 +319,17 @@ def _squeezed_decode_kernel(
                         kv_mask = p_mask[:, None] & d_mask[None, :]
                     m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
                                                   v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
-                                                  p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT)
+                                                  p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V)
                 if sub == 0:
                     tl.store(Kept + pid_bh * NSP + cb, total)
     else:
-        m_i, l_i, acc = _attend_local(q, LK, LV, Lengths, Starts, b, hkv, split - NSPP * NSUB, NLOC, l_max, offs_n, offs_d,
+        m_i, l_i, acc = _attend_local(q, LK, LV, Lengths, Starts, b, hkv, loc, NLOC, l_max, offs_n, offs_d,
                                       d_mask, stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
-                                      scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, HAS_STARTS, IEEE_DOT)
+                                      scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, HAS_STARTS, IEEE_DOT, HOIST_V)
+        if EARLY:
+            _pdl_prologue(PDL)
+        if TRACE:
+            t_wait = _globaltimer(NCH)
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -305,6 +337,13 @@ def _squeezed_decode_kernel(
     row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
     tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(MidLse + row, lse, mask=g_mask)
+    if TRACE:
+        t_end = _globaltimer(NCH)
+        tp = Trace + (split * tl.num_programs(0) + pid_bh).to(tl.int64) * 4
+        tl.store(tp, t_start)
+        tl.store(tp + 1, t_wait)
+        tl.store(tp + 2, t_end)
+        tl.store(tp + 3, total.to(tl.int64))
     if FUSE_MERGE:
         tl.debug_barrier()  # every thread's partial is written before the ticket is taken
         ticket = tl.atomic_add(Ticket + pid_bh, 1, sem="acq_rel")
@@ -312,6 +351,13 @@ def _squeezed_decode_kernel(
             _merge_group(MidO, MidLse, Out, OutLse, b, hkv, num_splits, stride_outb, stride_outh, HKV, G, D,
                          BLOCK_GM, BLOCK_S, BLOCK_D)
             tl.atomic_xchg(Ticket + pid_bh, 0)
+
+
+@triton.jit
+def _globaltimer(x):
+    """%globaltimer in ns (CUDA only; profiling). x: any int32 scalar (inline asm needs an operand)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False,
+                                     pack=1)
 
 
 @triton.jit

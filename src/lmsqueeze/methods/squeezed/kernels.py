@@ -66,6 +66,12 @@ DECODE_FUSED_MERGE = False
 # `lmsqueeze.kernels.pdl`): each kernel's programs are scheduled while the previous one finishes. H100, same run,
 # graphed: 20.1 vs 21.3 us at 32K, 45.0 vs 46.0 us at 128K, outputs bit-identical (squeezed_decode_h100_v5.json).
 DECODE_PDL = True
+# decode kernel variants (`_squeezed_decode_kernel`): EARLY runs everything that does not read the scores (q,
+# offsets, the local-slot attention) before the PDL wait; LOCAL_FIRST gives the local-slot programs the first
+# split indices; HOIST_V requests each V tile with its K tile
+DECODE_EARLY = False
+DECODE_LOCAL_FIRST = False
+DECODE_HOIST_V = False
 _TICKETS: dict = {}
 # A decode tile loop that requested the next tile's K and V before this tile's math (two tiles in flight; the
 # kernels get no cp.async pipelining from Triton) was correct but slower on the H100 (32K: 19.1 vs 17.1 us, 128K:
@@ -193,7 +199,9 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
                            local_splits: int | None = None, num_warps: int = 4, num_stages: int = DECODE_STAGES,
                            count_kept: bool = True, sub_splits: int | None = None,
                            merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
-                           fused_merge: bool | None = None, blocks_per_program: int | None = None):
+                           fused_merge: bool | None = None, blocks_per_program: int | None = None,
+                           early: bool | None = None, local_first: bool | None = None, hoist_v: bool | None = None,
+                           trace: torch.Tensor | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
     None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
     of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`.
@@ -202,7 +210,9 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     (to time the parts). fused_merge (None: DECODE_FUSED_MERGE): the split kernel merges its own partials (the
     last program of each (sequence, KV head), by an atomic ticket): one launch. blocks_per_program: blocks of
     clusters one program reads in turn (strided: j, j + NSP/bpp, ..), one online softmax and one partial for all:
-    q and log Z loaded once, fewer partials to merge."""
+    q and log Z loaded once, fewer partials to merge. early / local_first / hoist_v (None: DECODE_EARLY /
+    DECODE_LOCAL_FIRST / DECODE_HOIST_V): see the kernel. trace: int64 [splits * B * Hkv, 4] or None, filled
+    with each program's (start, after the dependency wait, end) %globaltimer ns and kept rows (profiling)."""
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
     B, Hq, D = q.shape
@@ -246,6 +256,9 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         stride_outh=out.stride(1) if fuse else 0, HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q), NSUB=sub_splits,
         FUSE_MERGE=fuse, BLOCK_GM=max(2, _pow2(G)), BLOCK_S=8, NSPP=nspp, BPP=bpp,
+        EARLY=DECODE_EARLY if early is None else early,
+        LOCAL_FIRST=DECODE_LOCAL_FIRST if local_first is None else local_first,
+        HOIST_V=DECODE_HOIST_V if hoist_v is None else hoist_v, Trace=trace, TRACE=trace is not None,
         num_warps=num_warps, num_stages=num_stages, **pdl_options(DECODE_PDL, q.device),
     )
     if partials_only:

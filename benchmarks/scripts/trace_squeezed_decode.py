@@ -1,0 +1,174 @@
+"""Where the Squeezed decode step's time goes: per-program %globaltimer traces of the split kernel and graph timings
+of kernel variants (Llama-3-8B attention shape, batch 1, fixed context 32K / 128K + 256 local tokens, 90% sparsity,
+5% centroids; synthetic clustered keys as in bench_squeezed.py).
+
+For each variant of `_squeezed_decode_kernel` (EARLY: work before the PDL wait; LOCAL_FIRST: local-slot programs
+first; HOIST_V: V tiles requested with K tiles; plus tile/local-split options) it checks the output against the
+reference, times the whole step (centroid scores + split kernel + merge) in a CUDA graph with rotated index copies
+(so replays do not hit L2), against dense fp16 SDPA timed in the same run, and records one traced replay: when
+the split programs start, pass the dependency wait and end, and which programs are the last to finish.
+
+    python benchmarks/scripts/trace_squeezed_decode.py --out $OUT/squeezed_decode_trace_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_squeezed as bs
+
+from lmsqueeze.bench.results import command_line, environment
+from lmsqueeze.bench.timing import capture_graph, time_cuda
+
+# name -> squeezed_decode_triton keywords (on top of the v6 best tiles: 32 clusters, 32 keys, 4 warps, 2 stages)
+VARIANTS = {
+    "base": {},
+    "hoist_v": {"hoist_v": True},
+    "local_first": {"local_first": True},
+    "early": {"early": True},
+    "early_local_first": {"early": True, "local_first": True},
+    "early_local_first_hoist_v": {"early": True, "local_first": True, "hoist_v": True},
+    "early_local_first_ls8": {"early": True, "local_first": True, "local_splits": 8},
+    "early_local_first_hoist_v_ls8": {"early": True, "local_first": True, "hoist_v": True, "local_splits": 8},
+    "early_local_first_hoist_v_bn16": {"early": True, "local_first": True, "hoist_v": True, "block_n": 16},
+}
+
+
+def summarize(trace: torch.Tensor, n_bh: int, nloc: int, local_first: bool) -> dict:
+    """trace [splits * n_bh, 4] int64 (start, after wait, end ns, kept rows) -> a timeline summary (us)."""
+    t = trace.double().cpu()
+    t0 = t[:, 0].min()
+    start, wait, end, kept = (t[:, 0] - t0) / 1e3, (t[:, 1] - t0) / 1e3, (t[:, 2] - t0) / 1e3, t[:, 3]
+    splits = t.shape[0] // n_bh
+    split = torch.arange(t.shape[0]) // n_bh
+    local = split < nloc if local_first else split >= splits - nloc
+    dur = end - start
+    after = end - wait
+
+    def pct(x, p):
+        return round(float(torch.quantile(x, p)), 3) if x.numel() else None
+
+    last = torch.argsort(end, descending=True)[:12]
+    return {
+        "programs": int(t.shape[0]), "span_us": round(float(end.max()), 3),
+        "first_wait_us": round(float(wait.min()), 3), "last_start_us": round(float(start.max()), 3),
+        "block_after_wait_us": {"p50": pct(after[~local], 0.5), "p90": pct(after[~local], 0.9),
+                                "p99": pct(after[~local], 0.99), "max": pct(after[~local], 1.0)},
+        "block_duration_us": {"p50": pct(dur[~local], 0.5), "max": pct(dur[~local], 1.0)},
+        "local_duration_us": {"p50": pct(dur[local], 0.5), "max": pct(dur[local], 1.0)},
+        "local_end_us_max": pct(end[local], 1.0),
+        "kept_rows": {"p50": pct(kept[~local], 0.5), "p99": pct(kept[~local], 0.99), "max": pct(kept[~local], 1.0)},
+        "end_us": {"p50": pct(end, 0.5), "p90": pct(end, 0.9), "p99": pct(end, 0.99)},
+        "last_programs": [{"split": int(split[i]), "local": bool(local[i]), "start": round(float(start[i]), 3),
+                           "wait": round(float(wait[i]), 3), "end": round(float(end[i]), 3), "kept": int(kept[i])}
+                          for i in last],
+        "corr_after_wait_vs_kept": round(float(torch.corrcoef(torch.stack([after[~local], kept[~local]]))[0, 1]), 3),
+    }
+
+
+def run_context(N: int, dev, iters: int) -> dict:
+    from lmsqueeze.methods.squeezed import kernels as K
+    from lmsqueeze.methods.squeezed import reference as R
+
+    sc = 1 / math.sqrt(bs.D)
+    keys, values, queries = bs.synthetic_context(N, dev, seed=N)
+    idx, stats = bs.build_index(keys, values, queries(64))
+    q = queries(1).reshape(1, bs.HQ, bs.D).to(torch.bfloat16)
+    lk = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
+    lv = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
+    lengths = torch.tensor([bs.LOCAL], dtype=torch.int32, device=dev)
+    ncopy = 6 if N <= 40000 else 3
+    idxs = [idx] + [bs.clone_index(idx) for _ in range(ncopy - 1)]
+    chunk = 128 if N <= 40000 else 64               # the v6 selection sweep's best
+    sub = 2 if N <= 40000 else 1
+    s, e = K.centroid_scores_triton(q, idx.centroids, idx.log_sizes, sc, chunk=chunk)
+    o_r, _, kept_r = R.squeezed_decode_reference(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
+                                                 lv, lengths, sc)
+    kall = torch.cat([keys, lk[0, :, :bs.LOCAL]], 1)[None].half()
+    vall = torch.cat([values, lv[0, :, :bs.LOCAL]], 1)[None].half()
+    k16 = [kall] + [kall.clone()]
+    v16 = [vall] + [vall.clone()]
+    q16 = q[:, :, None].half()
+    t_dense = time_cuda(lambda: [F.scaled_dot_product_attention(q16, k, v, scale=sc, enable_gqa=True)
+                                 for k, v in zip(k16, v16)], iters=iters, calls_per_iter=len(k16))
+    out = {"context": N, "kept_fraction": float(((kept_r.float() - 64) / idx.clustered).mean()),
+           "clusters": idx.num_clusters, "dense_sdpa_fp16_ms": t_dense.median_ms, "variants": {}}
+    for name, kw in VARIANTS.items():
+        kw = {"block_c": 32, "block_n": 32, "num_warps": 4, "sub_splits": sub, "num_stages": 2, **kw}
+        row = {"kw": kw}
+        try:
+            o, _, kept = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
+                                                  lv, lengths, sc, **kw)
+            row["rel_err_vs_reference"] = bs.rel(o, o_r)
+            row["kept_equal_reference"] = bool(torch.equal(kept, kept_r))
+
+            def step(kw=kw):
+                for ix in idxs:
+                    s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk)
+                    K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
+                                             lengths, sc, count_kept=False, **kw)
+            t = time_cuda(step, iters=iters, calls_per_iter=ncopy)
+            row["step_ms"] = t.median_ms
+            row["step_p10_ms"], row["step_p90_ms"] = t.p10_ms, t.p90_ms
+            row["speedup_vs_sdpa"] = t_dense.median_ms / t.median_ms
+            # one traced step (graph replay of copy 0 after the others, so its reads come from HBM)
+            nsp = -(-(idx.num_clusters + 1) // kw["block_c"])
+            nloc = kw.get("local_splits") or K.default_local_splits(lk.shape[2])
+            splits = nsp * sub + nloc
+            trace = torch.zeros(splits * bs.HKV, 4, dtype=torch.int64, device=dev)
+
+            def traced(kw=kw, trace=trace):
+                for ix in idxs[1:] + idxs[:1]:
+                    s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk)
+                    K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
+                                             lengths, sc, count_kept=False, trace=trace if ix is idx else None, **kw)
+            traced()
+            g = capture_graph(traced)
+            sums = []
+            for _ in range(5):
+                g.replay()
+                torch.cuda.synchronize()
+                sums.append(summarize(trace, bs.HKV, nloc, bool(kw.get("local_first"))))
+            row["trace"] = sorted(sums, key=lambda r: r["span_us"])[2]     # the median replay by span
+        except Exception as ex:  # noqa: BLE001
+            row["error"] = repr(ex)[:400]
+        out["variants"][name] = row
+        bs.say(f"N={N} {name:34s} step {row.get('step_ms', float('nan')) * 1e3:6.2f} us "
+               f"x{row.get('speedup_vs_sdpa', float('nan')):.2f} span "
+               f"{row.get('trace', {}).get('span_us')} err {row.get('rel_err_vs_reference')} {row.get('error', '')}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    res = {"schema": "lmsqueeze.bench/1", "kind": "squeezed_decode_trace", "command": command_line(),
+           **environment(), "results": []}
+    for N in (int(x) for x in args.contexts.split(",")):
+        res["results"].append(run_context(N, dev, args.iters))
+    res["log"] = bs.LOG
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print("\ncontext variant                              step_us  x_sdpa  span_us  wait_us  blk_after_p50/max  local_end")
+    for r in res["results"]:
+        for name, v in r["variants"].items():
+            tr = v.get("trace", {})
+            print(f"{r['context']:7d} {name:36s} {v.get('step_ms', float('nan')) * 1e3:7.2f} "
+                  f"{v.get('speedup_vs_sdpa', float('nan')):6.2f} {tr.get('span_us')} {tr.get('first_wait_us')} "
+                  f"{tr.get('block_after_wait_us', {}).get('p50')}/{tr.get('block_after_wait_us', {}).get('max')} "
+                  f"{tr.get('local_end_us_max')}")
+
+
+if __name__ == "__main__":
+    main()
