@@ -80,7 +80,7 @@ def run_context(N: int, dev, iters: int) -> dict:
 
     sc = 1 / math.sqrt(bs.D)
     keys, values, queries = bs.synthetic_context(N, dev, seed=N)
-    idx, stats = bs.build_index(keys, values, queries(64))
+    idx, _ = bs.build_index(keys, values, queries(64))
     q = queries(1).reshape(1, bs.HQ, bs.D).to(torch.bfloat16)
     lk = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
     lv = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
