@@ -28,18 +28,31 @@ import bench_squeezed as bs
 from lmsqueeze.bench.results import command_line, environment
 from lmsqueeze.bench.timing import capture_graph, time_cuda
 
-# name -> squeezed_decode_triton keywords (on top of the v6 best tiles: 32 clusters, 32 keys, 4 warps, 2 stages)
+# name -> (implementation, keywords); "fused": squeezed_decode_triton on top of the v6 best tiles (32 clusters,
+# 32 keys, 4 warps, 2 stages); "balanced": squeezed_decode_balanced_triton (block counts, then equal shares)
 VARIANTS = {
-    "base": {},
-    "hoist_v": {"hoist_v": True},
-    "local_first": {"local_first": True},
-    "early": {"early": True},
-    "early_local_first": {"early": True, "local_first": True},
-    "early_local_first_hoist_v": {"early": True, "local_first": True, "hoist_v": True},
-    "early_local_first_ls8": {"early": True, "local_first": True, "local_splits": 8},
-    "early_local_first_hoist_v_ls8": {"early": True, "local_first": True, "hoist_v": True, "local_splits": 8},
-    "early_local_first_hoist_v_bn16": {"early": True, "local_first": True, "hoist_v": True, "block_n": 16},
+    "base": ("fused", {}),
+    "hoist_v": ("fused", {"hoist_v": True}),
+    "early_local_first": ("fused", {"early": True, "local_first": True}),
+    "early_local_first_hoist_v": ("fused", {"early": True, "local_first": True, "hoist_v": True}),
+    "balanced": ("balanced", {}),
+    "balanced_hoist_v": ("balanced", {"hoist_v": True}),
+    "balanced_c32": ("balanced", {"block_c": 32}),
+    "balanced_c128": ("balanced", {"block_c": 128}),
+    "balanced_p_half": ("balanced", {"programs": 0.5}),
+    "balanced_p_quarter": ("balanced", {"programs": 0.25}),
+    "balanced_p_double": ("balanced", {"programs": 2.0}),
+    "balanced_p_half_hoist_v": ("balanced", {"programs": 0.5, "hoist_v": True}),
+    "balanced_ls8": ("balanced", {"local_splits": 8}),
+    "balanced_bn64_w8": ("balanced", {"block_n": 64, "num_warps": 8}),
+    "balanced_stages1": ("balanced", {"num_stages": 1}),
 }
+# ("programs": a float scales kernels.default_balanced_programs of the index size)
+
+
+def _corr(x: torch.Tensor, y: torch.Tensor):
+    c = float(torch.corrcoef(torch.stack([x, y]))[0, 1]) if x.numel() > 1 else float("nan")
+    return round(c, 3) if math.isfinite(c) else None
 
 
 def summarize(trace: torch.Tensor, n_bh: int, nloc: int, local_first: bool) -> dict:
@@ -70,7 +83,7 @@ def summarize(trace: torch.Tensor, n_bh: int, nloc: int, local_first: bool) -> d
         "last_programs": [{"split": int(split[i]), "local": bool(local[i]), "start": round(float(start[i]), 3),
                            "wait": round(float(wait[i]), 3), "end": round(float(end[i]), 3), "kept": int(kept[i])}
                           for i in last],
-        "corr_after_wait_vs_kept": round(float(torch.corrcoef(torch.stack([after[~local], kept[~local]]))[0, 1]), 3),
+        "corr_after_wait_vs_kept": _corr(after[~local], kept[~local]),
     }
 
 
@@ -101,42 +114,50 @@ def run_context(N: int, dev, iters: int) -> dict:
                                  for k, v in zip(k16, v16)], iters=iters, calls_per_iter=len(k16))
     out = {"context": N, "kept_fraction": float(((kept_r.float() - 64) / idx.clustered).mean()),
            "clusters": idx.num_clusters, "dense_sdpa_fp16_ms": t_dense.median_ms, "variants": {}}
-    for name, kw in VARIANTS.items():
-        kw = {"block_c": 32, "block_n": 32, "num_warps": 4, "sub_splits": sub, "num_stages": 2, **kw}
-        row = {"kw": kw}
+    for name, (impl, kw) in VARIANTS.items():
+        if impl == "fused":
+            fn = K.squeezed_decode_triton
+            kw = {"block_c": 32, "block_n": 32, "num_warps": 4, "sub_splits": sub, "num_stages": 2, **kw}
+        else:
+            fn = K.squeezed_decode_balanced_triton
+            kw = dict(kw)
+            if isinstance(kw.get("programs"), float):
+                kw["programs"] = max(1, round(kw["programs"] * K.default_balanced_programs(idx.keys.shape[1])))
+        row = {"impl": impl, "kw": kw}
         try:
-            o, _, kept = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
-                                                  lv, lengths, sc, **kw)
+            o, _, kept = fn(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk, lv, lengths, sc, **kw)
             row["rel_err_vs_reference"] = bs.rel(o, o_r)
             row["kept_equal_reference"] = bool(torch.equal(kept, kept_r))
 
-            def step(kw=kw):
+            def step(kw=kw, fn=fn):
                 for ix in idxs:
                     s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk)
-                    K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
-                                             lengths, sc, count_kept=False, **kw)
+                    fn(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths, sc,
+                       count_kept=False, **kw)
             t = time_cuda(step, iters=iters, calls_per_iter=ncopy)
             row["step_ms"] = t.median_ms
             row["step_p10_ms"], row["step_p90_ms"] = t.p10_ms, t.p90_ms
             row["speedup_vs_sdpa"] = t_dense.median_ms / t.median_ms
             # one traced step (graph replay of copy 0 after the others, so its reads come from HBM)
-            nsp = -(-(idx.num_clusters + 1) // kw["block_c"])
             nloc = kw.get("local_splits") or K.default_local_splits(lk.shape[2])
-            splits = nsp * sub + nloc
+            if impl == "fused":
+                splits = -(-(idx.num_clusters + 1) // kw["block_c"]) * sub + nloc
+            else:
+                splits = (kw.get("programs") or K.default_balanced_programs(idx.keys.shape[1])) + nloc
             trace = torch.zeros(splits * bs.HKV, 4, dtype=torch.int64, device=dev)
 
-            def traced(kw=kw, trace=trace):
+            def traced(kw=kw, trace=trace, fn=fn):
                 for ix in idxs[1:] + idxs[:1]:
                     s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk)
-                    K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
-                                             lengths, sc, count_kept=False, trace=trace if ix is idx else None, **kw)
+                    fn(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths, sc,
+                       count_kept=False, trace=trace if ix is idx else None, **kw)
             traced()
             g = capture_graph(traced)
             sums = []
             for _ in range(5):
                 g.replay()
                 torch.cuda.synchronize()
-                sums.append(summarize(trace, bs.HKV, nloc, bool(kw.get("local_first"))))
+                sums.append(summarize(trace, bs.HKV, nloc, impl == "balanced" or bool(kw.get("local_first"))))
             row["trace"] = sorted(sums, key=lambda r: r["span_us"])[2]     # the median replay by span
         except Exception as ex:  # noqa: BLE001
             row["error"] = repr(ex)[:400]

@@ -118,11 +118,12 @@ def test_kernel_inputs_are_checked():
         K.centroid_scores_triton(q, torch.randn(2, 5, 64), torch.zeros(2, 5), 1.0)
 
 
-@pytest.mark.parametrize("G,D", CASES + [(3, 64)])
-def test_compacted_decode_matches_reference(G, D, gen):
-    """Select-and-pack + balanced split-K decode: same output, lse and kept count as the reference, and the
-    packed rows of every block of clusters are exactly its kept rows in order (odd sizes, batch 2)."""
-    B, Hkv, C, W, L, BC = 2, 2, 71, 5, 37, 16
+@pytest.mark.parametrize("G,D,programs,bc,bn", [(1, 64, 3, 16, 16), (4, 128, 5, 32, 16), (3, 64, 40, 16, 8),
+                                                  (4, 64, 1, 64, 16)])
+def test_balanced_decode_matches_reference(G, D, programs, bc, bn, gen):
+    """Block counts + equal shares of the kept rows: same output, lse and kept count as the reference, block counts
+    equal to the reference's (odd sizes, batch 2, shares crossing blocks, more programs than kept tiles)."""
+    B, Hkv, C, W, L = 2, 2, 71, 5, 37
     sizes, offs, keys, vals = _index(Hkv, D, C, W, gen)
     ls = log_sizes(sizes)
     cents = torch.randn(Hkv, C, D, generator=gen)
@@ -134,20 +135,23 @@ def test_compacted_decode_matches_reference(G, D, gen):
     lk, lv = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
     lengths = torch.tensor([L - 9, L], dtype=torch.int32)
     starts = torch.tensor([0, 4], dtype=torch.int32)
-    rows = torch.full((B, Hkv, keys.shape[1]), -7, dtype=torch.int32)  # poison: unwritten slots stay -7
-    o, lse, kept, (rows, cnt) = K.squeezed_decode_compact_triton(
-        q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts, local_splits=2, block_c=BC, block_n=16,
-        splits=3, return_rows=True)
+    o, lse, kept, cnt = K.squeezed_decode_balanced_triton(
+        q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts, local_splits=2, block_c=bc, block_n=bn,
+        programs=programs, return_counts=True)
     o_r, lse_r, kept_r = R.squeezed_decode_reference(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts)
     assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
     assert torch.equal(kept, kept_r) and (kept > W).all() and (kept < keys.shape[1]).all()
-    want, want_cnt = R.select_rows_reference(offs, s_r, e_r, tau, G, BC)
-    assert torch.equal(cnt.reshape(want_cnt.shape), want_cnt)
-    for b in range(B):
-        for h in range(Hkv):
-            for j in range(want_cnt.shape[-1]):
-                lo = int(offs[h, j * BC])
-                assert torch.equal(rows[b, h, lo:lo + int(want_cnt[b, h, j])].long(), want[b][h][j])
+    assert torch.equal(cnt.reshape(B, Hkv, -1), R.block_counts_reference(offs, s_r, e_r, tau, G, bc))
+    # sparsity 0 (every cluster kept) and nothing kept but the observation window
+    for t, want in ((torch.full((Hkv,), float("-inf")), offs[:, -1]), (torch.full((Hkv,), float("inf")), None)):
+        o, lse, kept = K.squeezed_decode_balanced_triton(q, keys, vals, offs, s_r, e_r, t, lk, lv, lengths, sc,
+                                                         starts, local_splits=1, block_c=bc, block_n=bn,
+                                                         programs=programs)
+        o_r, lse_r, kept_r = R.squeezed_decode_reference(q, keys, vals, offs, s_r, e_r, t, lk, lv, lengths, sc,
+                                                         starts)
+        assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5 and torch.equal(kept, kept_r)
+        if want is not None:
+            assert torch.equal(kept, want.expand(B, -1).to(kept.dtype))
 
 
 @pytest.mark.parametrize("D,block_d", [(64, 16), (128, 32), (128, None)])

@@ -30,9 +30,11 @@ BLOCK_N = 64          # keys per tile (prefill)
 DECODE_BLOCK_C = 32
 DECODE_BLOCK_N = 32
 LOG2E = 1.4426950408889634
-# CUDA decode: "compact" (select + pack the kept rows, then balanced split-K: _triton_compact.py) or "fused" (one
+# CUDA decode: "balanced" (count the kept rows per block of clusters, then equal shares of a head's kept rows per
+# program: _triton_balanced.py) or "fused" (one
 # pass, each program a fixed range of clusters: _triton_kernels.py); both measured by bench_squeezed.py.
 DECODE_IMPL = "fused"
+BALANCED_BLOCK_C = 64  # clusters per planning block of the balanced decode
 DECODE_STAGES = 2     # software-pipelining stages of the fused decode kernel
 # split-K merge: None = the shared kernel (a program per head); int = dims per program. 16: merge alone 3.3 / 3.8 us
 # at 32K / 128K vs 4.8 / 5.3 us for the shared kernel (H100, benchmarks/results/squeezed_decode_h100.json,
@@ -175,6 +177,16 @@ def fine_scores(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, c
 
 # --- sparse decode -------------------------------------------------------------------------------------------
 
+def _check_decode_inputs(q, keys, values, offsets, local_k, local_v, C: int, B: int, Hkv: int, D: int) -> None:
+    if offsets.shape != (Hkv, C + 2) or local_k.shape[:2] != (B, Hkv) or local_k.shape[-1] != D:
+        raise LmsqueezeError(f"squeezed_decode: offsets {tuple(offsets.shape)} / local cache "
+                             f"{tuple(local_k.shape)} do not match {C} clusters, batch {B}, {Hkv} KV heads")
+    for t in (keys, values, local_k, local_v):
+        if t.stride(-1) != 1 or t.dtype != q.dtype:
+            raise LmsqueezeError("squeezed_decode needs keys/values/local caches in q's dtype with a contiguous "
+                                 "last dim")
+
+
 def default_sub_splits(cluster_blocks: int) -> int:
     """Programs per block of clusters in the fused decode, from the shape only (graph-safe): 2 up to 64 blocks
     (18.7 vs 21.6 us at 32K, 1635 clusters), 1 beyond (38.7 vs 42.5 us at 128K, 6550 clusters): H100,
@@ -220,13 +232,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     G = _check_heads(q, Hkv, keys.shape[-1], "squeezed_decode")
     C = scores.shape[-1]
     nch = chunk_lse.shape[-1]
-    if offsets.shape != (Hkv, C + 2) or local_k.shape[:2] != (B, Hkv) or local_k.shape[-1] != D:
-        raise LmsqueezeError(f"squeezed_decode: offsets {tuple(offsets.shape)} / local cache "
-                             f"{tuple(local_k.shape)} do not match {C} clusters, batch {B}, {Hkv} KV heads")
-    for t in (keys, values, local_k, local_v):
-        if t.stride(-1) != 1 or t.dtype != q.dtype:
-            raise LmsqueezeError("squeezed_decode needs keys/values/local caches in q's dtype with a contiguous "
-                                 "last dim")
+    _check_decode_inputs(q, keys, values, offsets, local_k, local_v, C, B, Hkv, D)
     l_max = local_k.shape[2]
     nsp = -(-(C + 1) // block_c)
     nloc = local_splits or default_local_splits(l_max)
@@ -288,75 +294,76 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, dtype: torch.dtype,
     return out, lse
 
 
-def default_compact_splits(n_rows: int) -> int:
-    """Attention programs per (batch, KV head) over the kept fixed rows: from the index size only (graph-safe);
-    about one program per 1024 context rows (~100 kept rows at 90% sparsity), at most 64."""
-    return max(1, min(64, -(-n_rows // 1024)))
+def default_balanced_programs(n_rows: int) -> int:
+    """Attention programs per (batch, KV head) over the kept fixed rows of the balanced decode: from the index
+    size only (graph-safe); one per 1024 context rows (~100 kept rows at 90% sparsity), 4 to 128."""
+    return max(4, min(128, -(-n_rows // 1024)))
 
 
-def squeezed_decode_compact_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
-                                   scaling, starts=None, *, block_c: int = DECODE_BLOCK_C,
-                                   block_n: int = DECODE_BLOCK_N, splits: int | None = None,
-                                   local_splits: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                                   count_kept: bool = True, select_block_n: int = 128, return_rows: bool = False):
-    """`squeezed_decode_triton` in two steps (_triton_compact.py): select and pack the kept rows per block of
-    clusters, then split-K flash-decoding over equal shares of the kept rows (balanced whatever the
-    threshold keeps). Same arguments and returns (+ the packed (rows [B, Hkv, N] int32, counts [B*Hkv, NSP])
-    when `return_rows`); graph-capturable (fixed-size scratch, no host sync)."""
-    from lmsqueeze.kernels._triton_decode import _merge_splits_kernel
-    from lmsqueeze.methods.squeezed._triton_compact import _compact_decode_kernel, _select_rows_kernel
+def default_balanced_block_c(num_clusters: int) -> int:
+    """Clusters per planning block of the balanced decode: BALANCED_BLOCK_C, doubled until at most 2048 blocks."""
+    bc = BALANCED_BLOCK_C
+    while -(-(num_clusters + 1) // bc) > 2048:
+        bc *= 2
+    return bc
+
+
+def squeezed_decode_balanced_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
+                                    scaling, starts=None, *, block_c: int | None = None,
+                                    block_n: int = DECODE_BLOCK_N, programs: int | None = None,
+                                    local_splits: int | None = None, num_warps: int = 4,
+                                    num_stages: int = DECODE_STAGES, count_kept: bool = True,
+                                    merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
+                                    hoist_v: bool | None = None, trace: torch.Tensor | None = None,
+                                    return_counts: bool = False):
+    """`squeezed_decode_triton` with the kept rows of each head split evenly over `programs` attention programs
+    (_triton_balanced.py): a planning kernel counts the kept rows per block of `block_c` clusters, the attention
+    kernel gives each program an equal share. Same arguments and returns (+ the block counts
+    [B * Hkv, NSP] int32 when `return_counts`); graph-capturable (fixed-size scratch, no host sync).
+    trace: int64 [(local_splits + programs) * B * Hkv, 4] or None (see `squeezed_decode_triton`)."""
+    from lmsqueeze.methods.squeezed._triton_balanced import _balanced_decode_kernel, _block_counts_kernel
 
     B, Hq, D = q.shape
     Hkv, N, _ = keys.shape
     G = _check_heads(q, Hkv, keys.shape[-1], "squeezed_decode")
     C = scores.shape[-1]
     nch = chunk_lse.shape[-1]
-    if offsets.shape != (Hkv, C + 2) or local_k.shape[:2] != (B, Hkv) or local_k.shape[-1] != D:
-        raise LmsqueezeError(f"squeezed_decode: offsets {tuple(offsets.shape)} / local cache "
-                             f"{tuple(local_k.shape)} do not match {C} clusters, batch {B}, {Hkv} KV heads")
-    for t in (keys, values, local_k, local_v):
-        if t.stride(-1) != 1 or t.dtype != q.dtype:
-            raise LmsqueezeError("squeezed_decode needs keys/values/local caches in q's dtype with a contiguous "
-                                 "last dim")
+    _check_decode_inputs(q, keys, values, offsets, local_k, local_v, C, B, Hkv, D)
+    block_c = block_c or default_balanced_block_c(C)
     nsp = -(-(C + 1) // block_c)
-    rows = torch.empty(B, Hkv, N, device=q.device, dtype=torch.int32)
-    counts = torch.empty(B * Hkv, nsp, device=q.device, dtype=torch.int32)
     bg = max(16, _pow2(G))
-    _select_rows_kernel[(B * Hkv, nsp)](
-        offsets, scores, chunk_lse, log_tau, rows, counts,
+    bch = max(2, _pow2(nch))
+    counts = torch.empty(B * Hkv, nsp, device=q.device, dtype=torch.int32)
+    pdl = pdl_options(DECODE_PDL, q.device)
+    _block_counts_kernel[(B * Hkv, nsp)](
+        offsets, scores, chunk_lse, log_tau, counts,
         offsets.stride(0), scores.stride(0), scores.stride(1), chunk_lse.stride(0), chunk_lse.stride(1),
-        rows.stride(0), rows.stride(1),
         C, nch, nsp,
-        HKV=Hkv, G=G, BLOCK_G=bg, BLOCK_N=select_block_n, BLOCK_C=block_c, BLOCK_CH=max(2, _pow2(nch)),
-        num_warps=4,
+        HKV=Hkv, G=G, BLOCK_G=bg, BLOCK_C=block_c, BLOCK_CH=bch, num_warps=4, **pdl,
     )
     l_max = local_k.shape[2]
-    ns = splits or default_compact_splits(N)
+    n_p = programs or default_balanced_programs(N)
     nloc = local_splits or default_local_splits(l_max)
-    total_splits = ns + nloc
-    mid_o = torch.empty(B, Hq, total_splits, D, device=q.device, dtype=torch.float32)
-    mid_lse = torch.empty(B, Hq, total_splits, device=q.device, dtype=torch.float32)
-    _compact_decode_kernel[(B * Hkv, total_splits)](
-        q, keys, values, offsets, rows, counts, local_k, local_v, lengths,
+    mid_o = torch.empty(B, Hq, nloc + n_p, D, device=q.device, dtype=torch.float32)
+    mid_lse = torch.empty(B, Hq, nloc + n_p, device=q.device, dtype=torch.float32)
+    _balanced_decode_kernel[(B * Hkv, nloc + n_p)](
+        q, keys, values, offsets, scores, chunk_lse, log_tau, counts, local_k, local_v, lengths,
         starts if starts is not None else lengths, mid_o, mid_lse,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        offsets.stride(0), rows.stride(0), rows.stride(1),
+        offsets.stride(0), scores.stride(0), scores.stride(1), chunk_lse.stride(0), chunk_lse.stride(1),
         local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
         local_v.stride(2),
-        nsp, ns, nloc, l_max, float(scaling) * LOG2E,
-        HKV=Hkv, G=G, D=D, BLOCK_G=bg, BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
+        C, nch, nsp, n_p, nloc, l_max, float(scaling) * LOG2E,
+        HKV=Hkv, G=G, D=D, BLOCK_G=bg, BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_CH=bch,
         BLOCK_NSP=max(2, _pow2(nsp)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q),
-        num_warps=num_warps, num_stages=num_stages,
+        HOIST_V=DECODE_HOIST_V if hoist_v is None else hoist_v, Trace=trace, TRACE=trace is not None,
+        num_warps=num_warps, num_stages=num_stages, **pdl,
     )
-    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
-    _merge_splits_kernel[(B * Hq,)](
-        mid_o, mid_lse, out, lse, out.stride(0), out.stride(1), total_splits,
-        HQ=Hq, D=D, BLOCK_S=max(2, _pow2(total_splits)), BLOCK_D=_pow2(D), WRITE_LSE=True,
-        num_warps=4 if total_splits * D <= 8192 else 8,
-    )
+    if partials_only:
+        return mid_o, mid_lse
+    out, lse = merge_splits(mid_o, mid_lse, q.dtype, merge_block_d)
     kept = counts.reshape(B, Hkv, nsp).sum(-1, dtype=torch.int32) if count_kept else None
-    return (out, lse, kept, (rows, counts)) if return_rows else (out, lse, kept)
+    return (out, lse, kept, counts) if return_counts else (out, lse, kept)
 
 
 def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths, scaling,
@@ -371,7 +378,7 @@ def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_
     Sliding windows and arbitrary padding masks run the reference. count_kept=False skips the count on CUDA.
     """
     if q.is_cuda and window is None and local_valid is None:
-        fn = squeezed_decode_compact_triton if DECODE_IMPL == "compact" else squeezed_decode_triton
+        fn = squeezed_decode_balanced_triton if DECODE_IMPL == "balanced" else squeezed_decode_triton
         return fn(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths, scaling, starts,
                   count_kept=count_kept)
     return squeezed_decode_reference(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,

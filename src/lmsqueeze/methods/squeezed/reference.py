@@ -213,30 +213,20 @@ def _mask_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(live, order, torch.zeros_like(order)), counts
 
 
-def select_rows_reference(offsets: torch.Tensor, scores: torch.Tensor, chunk_lse: torch.Tensor,
-                          log_tau: torch.Tensor, G: int, block_c: int) -> tuple[list, torch.Tensor]:
-    """What the compacted decode's selection writes: per block j of `block_c` clusters (cluster C = the
-    observation window, always kept) the ascending row ids of its kept keys, and their counts.
+def block_counts_reference(offsets: torch.Tensor, scores: torch.Tensor, chunk_lse: torch.Tensor,
+                           log_tau: torch.Tensor, G: int, block_c: int) -> torch.Tensor:
+    """What the balanced decode's planning kernel writes: the kept row count of every block j of `block_c`
+    clusters (cluster C = the observation window, always kept).
 
-    offsets: [Hkv, C + 2]; scores: [B, Hq, C]; chunk_lse: [B, Hq, NCH]; log_tau: [Hkv].
-    Returns (rows[b][h][j]: int64 tensor of kept rows of block j, counts [B, Hkv, NSP] int32).
+    offsets: [Hkv, C + 2]; scores: [B, Hq, C]; chunk_lse: [B, Hq, NCH]; log_tau: [Hkv] -> [B, Hkv, NSP] int32.
     """
     B, _, C = scores.shape
-    Hkv = offsets.shape[0]
     keep = cluster_keep(scores, chunk_lse, log_tau, G)
     keep = torch.cat([keep, torch.ones_like(keep[..., :1])], -1)                          # [B, Hkv, C + 1]
+    sizes = (offsets[:, 1:] - offsets[:, :-1]).long()[None]                                # [1, Hkv, C + 1]
     nsp = -(-(C + 1) // block_c)
-    rows = [[[] for _ in range(Hkv)] for _ in range(B)]
-    counts = torch.zeros(B, Hkv, nsp, dtype=torch.int32)
-    for b in range(B):
-        for h in range(Hkv):
-            for j in range(nsp):
-                kept = [torch.arange(int(offsets[h, c]), int(offsets[h, c + 1]))
-                        for c in range(j * block_c, min((j + 1) * block_c, C + 1)) if keep[b, h, c]]
-                r = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
-                rows[b][h].append(r)
-                counts[b, h, j] = r.numel()
-    return rows, counts
+    kept = torch.nn.functional.pad(keep * sizes, (0, nsp * block_c - (C + 1)))
+    return kept.reshape(B, -1, nsp, block_c).sum(-1).to(torch.int32)
 
 
 def prefill_scores_reference(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor,
