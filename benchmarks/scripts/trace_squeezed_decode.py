@@ -6,7 +6,8 @@ For each variant of `_squeezed_decode_kernel` (EARLY: work before the PDL wait; 
 first; HOIST_V: V tiles requested with K tiles; plus tile/local-split options) it checks the output against the
 reference, times the whole step (centroid scores + split kernel + merge) in a CUDA graph with rotated index copies
 (so replays do not hit L2), against dense fp16 SDPA timed in the same run, and records one traced replay: when
-the split programs start, pass the dependency wait and end, and which programs are the last to finish.
+the split programs start, pass the dependency wait and end, and which programs are the last to finish
+("kept_rows" in the trace: the program's kept rows for the fused kernel, its tiles for the balanced one).
 
     python benchmarks/scripts/trace_squeezed_decode.py --out $OUT/squeezed_decode_trace_h100.json
 """
@@ -32,20 +33,18 @@ from lmsqueeze.bench.timing import capture_graph, time_cuda
 # 32 keys, 4 warps, 2 stages); "balanced": squeezed_decode_balanced_triton (block counts, then equal shares)
 VARIANTS = {
     "base": ("fused", {}),
-    "hoist_v": ("fused", {"hoist_v": True}),
     "early_local_first": ("fused", {"early": True, "local_first": True}),
-    "early_local_first_hoist_v": ("fused", {"early": True, "local_first": True, "hoist_v": True}),
     "balanced": ("balanced", {}),
     "balanced_hoist_v": ("balanced", {"hoist_v": True}),
     "balanced_c32": ("balanced", {"block_c": 32}),
     "balanced_c128": ("balanced", {"block_c": 128}),
     "balanced_p_half": ("balanced", {"programs": 0.5}),
-    "balanced_p_quarter": ("balanced", {"programs": 0.25}),
     "balanced_p_double": ("balanced", {"programs": 2.0}),
-    "balanced_p_half_hoist_v": ("balanced", {"programs": 0.5, "hoist_v": True}),
-    "balanced_ls8": ("balanced", {"local_splits": 8}),
-    "balanced_bn64_w8": ("balanced", {"block_n": 64, "num_warps": 8}),
     "balanced_stages1": ("balanced", {"num_stages": 1}),
+    "balanced_stages3": ("balanced", {"num_stages": 3}),
+    "balanced_stages3_c32": ("balanced", {"num_stages": 3, "block_c": 32}),
+    "balanced_p_half_stages3": ("balanced", {"programs": 0.5, "num_stages": 3}),
+    "balanced_ls8": ("balanced", {"local_splits": 8}),
 }
 # ("programs": a float scales kernels.default_balanced_programs of the index size)
 
