@@ -34,17 +34,20 @@ from lmsqueeze.bench.timing import capture_graph, time_cuda
 VARIANTS = {
     "base": ("fused", {}),
     "early_local_first": ("fused", {"early": True, "local_first": True}),
-    "balanced": ("balanced", {}),
-    "balanced_hoist_v": ("balanced", {"hoist_v": True}),
+    "regs64": ("fused", {"maxnreg": 64}),
+    "regs80": ("fused", {"maxnreg": 80}),
+    "regs96": ("fused", {"maxnreg": 96}),
+    "regs112": ("fused", {"maxnreg": 112}),
+    "regs128": ("fused", {"maxnreg": 128}),
+    "early_local_first_regs80": ("fused", {"early": True, "local_first": True, "maxnreg": 80}),
+    "early_local_first_regs96": ("fused", {"early": True, "local_first": True, "maxnreg": 96}),
+    "hoist_v_regs96": ("fused", {"hoist_v": True, "maxnreg": 96}),
+    "nsub2_regs80": ("fused", {"sub_splits": 2, "maxnreg": 80}),
+    "nsub2_regs96": ("fused", {"sub_splits": 2, "maxnreg": 96}),
+    "c16_regs80": ("fused", {"block_c": 16, "maxnreg": 80}),
+    "stages1_regs80": ("fused", {"num_stages": 1, "maxnreg": 80}),
     "balanced_c32": ("balanced", {"block_c": 32}),
-    "balanced_c128": ("balanced", {"block_c": 128}),
-    "balanced_p_half": ("balanced", {"programs": 0.5}),
-    "balanced_p_double": ("balanced", {"programs": 2.0}),
-    "balanced_stages1": ("balanced", {"num_stages": 1}),
-    "balanced_stages3": ("balanced", {"num_stages": 3}),
-    "balanced_stages3_c32": ("balanced", {"num_stages": 3, "block_c": 32}),
-    "balanced_p_half_stages3": ("balanced", {"programs": 0.5, "num_stages": 3}),
-    "balanced_ls8": ("balanced", {"local_splits": 8}),
+    "balanced_c32_regs80": ("balanced", {"block_c": 32, "maxnreg": 80}),
 }
 # ("programs": a float scales kernels.default_balanced_programs of the index size)
 
@@ -117,6 +120,7 @@ def run_context(N: int, dev, iters: int) -> dict:
         if impl == "fused":
             fn = K.squeezed_decode_triton
             kw = {"block_c": 32, "block_n": 32, "num_warps": 4, "sub_splits": sub, "num_stages": 2, **kw}
+            sub_v = kw["sub_splits"]
         else:
             fn = K.squeezed_decode_balanced_triton
             kw = dict(kw)
@@ -127,6 +131,8 @@ def run_context(N: int, dev, iters: int) -> dict:
             o, _, kept = fn(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk, lv, lengths, sc, **kw)
             row["rel_err_vs_reference"] = bs.rel(o, o_r)
             row["kept_equal_reference"] = bool(torch.equal(kept, kept_r))
+            kern = K._LAST_KERNEL.get("decode")
+            row["n_regs"], row["n_spills"] = getattr(kern, "n_regs", None), getattr(kern, "n_spills", None)
 
             def step(kw=kw, fn=fn):
                 for ix in idxs:
@@ -140,7 +146,7 @@ def run_context(N: int, dev, iters: int) -> dict:
             # one traced step (graph replay of copy 0 after the others, so its reads come from HBM)
             nloc = kw.get("local_splits") or K.default_local_splits(lk.shape[2])
             if impl == "fused":
-                splits = -(-(idx.num_clusters + 1) // kw["block_c"]) * sub + nloc
+                splits = -(-(idx.num_clusters + 1) // kw["block_c"]) * sub_v + nloc
             else:
                 splits = (kw.get("programs") or K.default_balanced_programs(idx.keys.shape[1])) + nloc
             trace = torch.zeros(splits * bs.HKV, 4, dtype=torch.int64, device=dev)
@@ -180,14 +186,14 @@ def main() -> None:
         res["results"].append(run_context(N, dev, args.iters))
     res["log"] = bs.LOG
     Path(args.out).write_text(json.dumps(res, indent=1))
-    print("\ncontext variant                              step_us  x_sdpa  span_us  wait_us  blk_after_p50/max  local_end")
+    print("\ncontext variant                         step_us x_sdpa span_us wait_us blk_after_p50/max last_start regs spills")
     for r in res["results"]:
         for name, v in r["variants"].items():
             tr = v.get("trace", {})
             print(f"{r['context']:7d} {name:36s} {v.get('step_ms', float('nan')) * 1e3:7.2f} "
                   f"{v.get('speedup_vs_sdpa', float('nan')):6.2f} {tr.get('span_us')} {tr.get('first_wait_us')} "
                   f"{tr.get('block_after_wait_us', {}).get('p50')}/{tr.get('block_after_wait_us', {}).get('max')} "
-                  f"{tr.get('local_end_us_max')}")
+                  f"{tr.get('last_start_us')} {v.get('n_regs')} {v.get('n_spills')}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ DECODE_PDL = True
 DECODE_EARLY = False
 DECODE_LOCAL_FIRST = False
 DECODE_HOIST_V = False
+DECODE_MAXNREG = None  # register cap per thread of the decode attention kernels (None: the compiler's choice)
+_LAST_KERNEL: dict = {}  # the last compiled decode attention kernel (profiling: registers, spills)
 _TICKETS: dict = {}
 # A decode tile loop that requested the next tile's K and V before this tile's math (two tiles in flight; the
 # kernels get no cp.async pipelining from Triton) was correct but slower on the H100 (32K: 19.1 vs 17.1 us, 128K:
@@ -177,6 +179,11 @@ def fine_scores(q, fine, fine_lsizes, parent, coarse_scores, coarse_chunk_lse, c
 
 # --- sparse decode -------------------------------------------------------------------------------------------
 
+def _regs(maxnreg: int | None, q: torch.Tensor) -> dict:
+    """Launch keyword capping registers per thread (CUDA only; the interpreter takes none)."""
+    return {"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}
+
+
 def _check_decode_inputs(q, keys, values, offsets, local_k, local_v, C: int, B: int, Hkv: int, D: int) -> None:
     if offsets.shape != (Hkv, C + 2) or local_k.shape[:2] != (B, Hkv) or local_k.shape[-1] != D:
         raise LmsqueezeError(f"squeezed_decode: offsets {tuple(offsets.shape)} / local cache "
@@ -213,7 +220,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
                            merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
                            fused_merge: bool | None = None, blocks_per_program: int | None = None,
                            early: bool | None = None, local_first: bool | None = None, hoist_v: bool | None = None,
-                           trace: torch.Tensor | None = None):
+                           trace: torch.Tensor | None = None, maxnreg: int | None = DECODE_MAXNREG):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
     None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
     of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`.
@@ -224,7 +231,8 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     clusters one program reads in turn (strided: j, j + NSP/bpp, ..), one online softmax and one partial for all:
     q and log Z loaded once, fewer partials to merge. early / local_first / hoist_v (None: DECODE_EARLY /
     DECODE_LOCAL_FIRST / DECODE_HOIST_V): see the kernel. trace: int64 [splits * B * Hkv, 4] or None, filled
-    with each program's (start, after the dependency wait, end) %globaltimer ns and kept rows (profiling)."""
+    with each program's (start, after the dependency wait, end) %globaltimer ns and kept rows (profiling).
+    maxnreg: register cap per thread (CUDA; None: the compiler's choice)."""
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
     B, Hq, D = q.shape
@@ -250,7 +258,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         ticket = _tickets(q.device, B * Hkv)
     else:
         out, lse, ticket = mid_o, mid_lse, kept          # unused placeholders
-    _squeezed_decode_kernel[(B * Hkv, splits)](
+    kernel = _squeezed_decode_kernel[(B * Hkv, splits)](
         q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
         starts if starts is not None else lengths, mid_o, mid_lse, kept,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
@@ -265,8 +273,9 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         EARLY=DECODE_EARLY if early is None else early,
         LOCAL_FIRST=DECODE_LOCAL_FIRST if local_first is None else local_first,
         HOIST_V=DECODE_HOIST_V if hoist_v is None else hoist_v, Trace=trace, TRACE=trace is not None,
-        num_warps=num_warps, num_stages=num_stages, **pdl_options(DECODE_PDL, q.device),
+        num_warps=num_warps, num_stages=num_stages, **pdl_options(DECODE_PDL, q.device), **_regs(maxnreg, q),
     )
+    _LAST_KERNEL["decode"] = kernel
     if partials_only:
         return mid_o, mid_lse
     if not fuse:
@@ -315,7 +324,7 @@ def squeezed_decode_balanced_triton(q, keys, values, offsets, scores, chunk_lse,
                                     num_stages: int = DECODE_STAGES, count_kept: bool = True,
                                     merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
                                     hoist_v: bool | None = None, trace: torch.Tensor | None = None,
-                                    return_counts: bool = False):
+                                    return_counts: bool = False, maxnreg: int | None = DECODE_MAXNREG):
     """`squeezed_decode_triton` with the kept rows of each head split evenly over `programs` attention programs
     (_triton_balanced.py): a planning kernel counts the kept rows per block of `block_c` clusters, the attention
     kernel gives each program an equal share. Same arguments and returns (+ the block counts
@@ -346,7 +355,7 @@ def squeezed_decode_balanced_triton(q, keys, values, offsets, scores, chunk_lse,
     nloc = local_splits or default_local_splits(l_max)
     mid_o = torch.empty(B, Hq, nloc + n_p, D, device=q.device, dtype=torch.float32)
     mid_lse = torch.empty(B, Hq, nloc + n_p, device=q.device, dtype=torch.float32)
-    _balanced_decode_kernel[(B * Hkv, nloc + n_p)](
+    kernel = _balanced_decode_kernel[(B * Hkv, nloc + n_p)](
         q, keys, values, offsets, scores, chunk_lse, log_tau, counts, local_k, local_v, lengths,
         starts if starts is not None else lengths, mid_o, mid_lse,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
@@ -357,8 +366,9 @@ def squeezed_decode_balanced_triton(q, keys, values, offsets, scores, chunk_lse,
         HKV=Hkv, G=G, D=D, BLOCK_G=bg, BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_CH=bch,
         BLOCK_NSP=max(2, _pow2(nsp)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q),
         HOIST_V=DECODE_HOIST_V if hoist_v is None else hoist_v, Trace=trace, TRACE=trace is not None,
-        num_warps=num_warps, num_stages=num_stages, **pdl,
+        num_warps=num_warps, num_stages=num_stages, **pdl, **_regs(maxnreg, q),
     )
+    _LAST_KERNEL["decode"] = kernel
     if partials_only:
         return mid_o, mid_lse
     out, lse = merge_splits(mid_o, mid_lse, q.dtype, merge_block_d)
