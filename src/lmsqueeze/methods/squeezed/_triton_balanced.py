@@ -19,6 +19,8 @@ head into equal shares:
                             positions to rows in registers (`_kept_rows`), then runs flash-decoding over them.
                             (A first version walked blocks in a `while` loop around the tile loop: 2x slower per
                             program, squeezed_decode_trace_h100_v2.json.) Partials go to the shared split merge.
+On the H100 this evens out the programs but is slower than the one-pass kernel in every config measured (each tile
+waits for its block's keep decision, a dependent L2 round trip): kernels.DECODE_IMPL stays "fused".
 Both are deterministic and graph-capturable (grids from shapes only, fixed-size scratch). References:
 reference.block_counts_reference (the counts) and squeezed_decode_reference (the output).
 """

@@ -30,11 +30,13 @@ BLOCK_N = 64          # keys per tile (prefill)
 DECODE_BLOCK_C = 32
 DECODE_BLOCK_N = 32
 LOG2E = 1.4426950408889634
-# CUDA decode: "balanced" (count the kept rows per block of clusters, then equal shares of a head's kept rows per
-# program: _triton_balanced.py) or "fused" (one
-# pass, each program a fixed range of clusters: _triton_kernels.py); both measured by bench_squeezed.py.
+# CUDA decode: "fused" (one pass, each program a fixed range of clusters: _triton_kernels.py) or "balanced" (count
+# the kept rows per block of clusters, then equal shares of a head's kept tiles per program: _triton_balanced.py).
+# Balanced evens out the work (max/median program time 1.4-1.9x vs 2.2-3.9x) but each tile costs a dependent L2 round
+# trip more, so it was slower in every config: 26.9 vs 19.7 us at 32K, 60.9 vs 44.0 us at 128K (H100, same run,
+# squeezed_decode_trace_h100_v4.json; more configs in _v2, _v3).
 DECODE_IMPL = "fused"
-BALANCED_BLOCK_C = 64  # clusters per planning block of the balanced decode
+BALANCED_BLOCK_C = 32  # clusters per planning block of the balanced decode (32 beat 64 and 128: _v3)
 DECODE_STAGES = 2     # software-pipelining stages of the fused decode kernel
 # split-K merge: None = the shared kernel (a program per head); int = dims per program. 16: merge alone 3.3 / 3.8 us
 # at 32K / 128K vs 4.8 / 5.3 us for the shared kernel (H100, benchmarks/results/squeezed_decode_h100.json,
@@ -70,11 +72,17 @@ DECODE_FUSED_MERGE = False
 DECODE_PDL = True
 # decode kernel variants (`_squeezed_decode_kernel`): EARLY runs everything that does not read the scores (q,
 # offsets, the local-slot attention) before the PDL wait; LOCAL_FIRST gives the local-slot programs the first
-# split indices; HOIST_V requests each V tile with its K tile
-DECODE_EARLY = False
-DECODE_LOCAL_FIRST = False
+# split indices; HOIST_V requests each V tile with its K tile; MAXNREG caps registers per thread (None: the
+# compiler's choice, 93 at the default tiles). Whole step, CUDA graph, same run (H100,
+# benchmarks/results/squeezed_decode_trace_h100_v4.json): 32K 19.30 us with EARLY + LOCAL_FIRST + 96 registers vs
+# 19.69 us for none of them, 128K 42.34 vs 44.04 us; EARLY + LOCAL_FIRST alone: 20.51 / 43.63 us, 96 registers
+# alone 19.53 / 42.82 us; HOIST_V with 96 registers 19.45 / 43.06 us; caps of 64 (spills), 80, 112, 128 no better.
+# Per-program traces (same file): the step is bound by the few programs whose block keeps many rows (p50 7 us,
+# max 27 us after the scores are ready at 128K), not by occupancy.
+DECODE_EARLY = True
+DECODE_LOCAL_FIRST = True
 DECODE_HOIST_V = False
-DECODE_MAXNREG = None  # register cap per thread of the decode attention kernels (None: the compiler's choice)
+DECODE_MAXNREG = 96
 _LAST_KERNEL: dict = {}  # the last compiled decode attention kernel (profiling: registers, spills)
 _TICKETS: dict = {}
 # A decode tile loop that requested the next tile's K and V before this tile's math (two tiles in flight; the
