@@ -41,16 +41,24 @@ from lmsqueeze.methods.squeezed._triton_kernels import (
 
 
 @triton.jit
-def _block_keep(Offsets, Scores, heads, g_mask, z, log_tau, blk, stride_sh, C, BLOCK_C: tl.constexpr):
-    """Kept and unkept sizes [BLOCK_C] of the clusters of block `blk` (cluster C: the observation window, always
-    kept; clusters past C: size 0). Offsets: this head's [C + 2] row offsets; Scores: this sequence's scores."""
+def _block_loads(Offsets, Scores, heads, g_mask, blk, stride_sh, C, BLOCK_C: tl.constexpr):
+    """What the keep decision of block `blk` reads: its clusters' scores [BLOCK_G, BLOCK_C] (-inf where absent),
+    sizes [BLOCK_C] and first row. Offsets: this head's [C + 2] row offsets; Scores: this sequence's scores."""
     cids = blk * BLOCK_C + tl.arange(0, BLOCK_C)
     real = cids < C
     inr = cids < C + 1
     s = tl.load(Scores + heads[:, None] * stride_sh + cids[None, :], mask=g_mask[:, None] & real[None, :],
                 other=float("-inf"))
-    keep = ((tl.max(s - z[:, None], 0) > log_tau) | (cids == C)) & inr
     size = tl.load(Offsets + cids + 1, mask=inr, other=0) - tl.load(Offsets + cids, mask=inr, other=0)
+    return s, size, tl.load(Offsets + tl.minimum(blk * BLOCK_C, C + 1))       # (a block past the last: unused)
+
+
+@triton.jit
+def _block_keep(s, size, blk, z, log_tau, C, BLOCK_C: tl.constexpr):
+    """Kept and unkept sizes [BLOCK_C] of block `blk` from `_block_loads` (cluster C: the observation window,
+    always kept; clusters past C have size 0)."""
+    cids = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = (tl.max(s - z[:, None], 0) > log_tau) | (cids == C)
     ks = tl.where(keep, size, 0)
     return ks, size - ks
 
@@ -72,8 +80,9 @@ def _block_counts_kernel(
     g_mask = offs_g < G
     heads = hkv * G + offs_g
     z = _log_z(ChunkLse, b * stride_eb + heads * stride_eh, offs_g, g_mask, NCH, BLOCK_CH)
-    ks, _ = _block_keep(Offsets + hkv * stride_oh, Scores + b * stride_sb, heads, g_mask, z,
-                        tl.load(LogTau + hkv), blk, stride_sh, C, BLOCK_C)
+    s, size, _ = _block_loads(Offsets + hkv * stride_oh, Scores + b * stride_sb, heads, g_mask, blk, stride_sh, C,
+                              BLOCK_C)
+    ks, _ = _block_keep(s, size, blk, z, tl.load(LogTau + hkv), C, BLOCK_C)
     tl.store(Cnt + pid_bh * NSP + blk, tl.sum(ks, 0))
 
 
@@ -126,16 +135,19 @@ def _balanced_decode_kernel(
         i_lo = p * share
         i_hi = tl.minimum(i_lo + share, ntiles)
         mine = tl.maximum(i_hi - i_lo, 0)
+        # tile i's block and first kept position; its block's scores and sizes are requested one tile ahead
+        # (software pipelining: they arrive while the previous tile's keys and values load)
+        j = tl.sum((tends <= i_lo).to(tl.int32), 0)
+        k0 = (i_lo - tl.sum(tl.where(offs_j == j, tends - nt, 0), 0)) * BLOCK_N
+        s_n, size_n, base_n = _block_loads(o_base, Scores + b * stride_sb, heads, g_mask, j, stride_sh, C, BLOCK_C)
         for i in range(i_lo, i_hi):                                       # block-aligned tiles of kept rows
-            j = tl.sum((tends <= i).to(tl.int32), 0)                      # the block of tile i
-            sel = offs_j == j
-            k0 = (i - tl.sum(tl.where(sel, tends - nt, 0), 0)) * BLOCK_N   # first kept position of the tile
-            ks, us = _block_keep(o_base, Scores + b * stride_sb, heads, g_mask, z, log_tau, j, stride_sh, C,
-                                 BLOCK_C)
-            base = tl.load(o_base + j * BLOCK_C)
-            pos = k0 + offs_n
-            p_mask = pos < tl.sum(ks, 0)
-            rows = _kept_rows(base, pos, tl.cumsum(ks, 0), us)
+            ks, us = _block_keep(s_n, size_n, j, z, log_tau, C, BLOCK_C)
+            rows = _kept_rows(base_n, k0 + offs_n, tl.cumsum(ks, 0), us)
+            p_mask = k0 + offs_n < tl.sum(ks, 0)
+            j = tl.sum((tends <= i + 1).to(tl.int32), 0)                  # the next tile (past the last: unused)
+            k0 = (i + 1 - tl.sum(tl.where(offs_j == j, tends - nt, 0), 0)) * BLOCK_N
+            s_n, size_n, base_n = _block_loads(o_base, Scores + b * stride_sb, heads, g_mask, j, stride_sh, C,
+                                               BLOCK_C)
             if BLOCK_D == D:
                 kv_mask = p_mask[:, None]
             else:
