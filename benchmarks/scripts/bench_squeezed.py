@@ -143,9 +143,6 @@ def check_kernels(dev) -> list[dict]:
             out.append({**case, "kernel": "squeezed_decode", "rel_err": rel(o, o_r), "lse_err": rel(lse, lse_r),
                         "kept_equal": bool(torch.equal(kept, kept_r)), "tol": tol})
             for name, impl, kw in (("fused_decode", K.squeezed_decode_triton, {}),
-                                   ("balanced_decode", K.squeezed_decode_balanced_triton, {}),
-                                   ("balanced_decode_p7_c32_hoist", K.squeezed_decode_balanced_triton,
-                                    {"programs": 7, "block_c": 32, "hoist_v": True}),
                                    ("fused_decode_early_local_first_hoist", K.squeezed_decode_triton,
                                     {"early": True, "local_first": True, "hoist_v": True}),
                                    ("fused_decode_merge_in_kernel", K.squeezed_decode_triton,

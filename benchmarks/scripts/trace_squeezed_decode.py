@@ -7,7 +7,7 @@ first; HOIST_V: V tiles requested with K tiles; plus tile/local-split options) i
 reference, times the whole step (centroid scores + split kernel + merge) in a CUDA graph with rotated index copies
 (so replays do not hit L2), against dense fp16 SDPA timed in the same run, and records one traced replay: when
 the split programs start, pass the dependency wait and end, and which programs are the last to finish
-("kept_rows" in the trace: the program's kept rows for the fused kernel, its tiles for the balanced one).
+("kept_rows" in the trace: the program's kept rows; its tiles for v2-v5's balanced variant).
 
     python benchmarks/scripts/trace_squeezed_decode.py --out $OUT/squeezed_decode_trace_h100.json
 """
@@ -29,25 +29,13 @@ import bench_squeezed as bs
 from lmsqueeze.bench.results import command_line, environment
 from lmsqueeze.bench.timing import capture_graph, time_cuda
 
-# name -> (implementation, keywords); "fused": squeezed_decode_triton on top of the v6 best tiles (32 clusters,
-# 32 keys, 4 warps, 2 stages); "balanced": squeezed_decode_balanced_triton (block counts, then equal shares)
+# name -> squeezed_decode_triton keywords on top of the v6 best tiles (32 clusters, 32 keys, 4 warps, 2 stages).
+# v1-v5 also timed the kernel variants of their commits (see each file's command/commit), v2-v5 a balanced
+# variant (squeezed_decode_balanced_triton at commit 8afcd0c: slower, removed)
 VARIANTS = {
-    "fused": ("fused", {}),
-    "fused_v6_defaults": ("fused", {"early": False, "local_first": False, "maxnreg": None}),
-    "balanced": ("balanced", {}),
-    "balanced_regs96": ("balanced", {"maxnreg": 96}),
-    "balanced_p_half": ("balanced", {"programs": 0.5}),
-    "balanced_p_half_regs96": ("balanced", {"programs": 0.5, "maxnreg": 96}),
-    "balanced_p_3_8": ("balanced", {"programs": 0.375}),
-    "balanced_p_double": ("balanced", {"programs": 2.0}),
-    "balanced_p_double_regs96": ("balanced", {"programs": 2.0, "maxnreg": 96}),
-    "balanced_stages1": ("balanced", {"num_stages": 1}),
-    "balanced_stages3": ("balanced", {"num_stages": 3}),
-    "balanced_c64": ("balanced", {"block_c": 64}),
-    "balanced_hoist_v": ("balanced", {"hoist_v": True}),
-    "balanced_bn16": ("balanced", {"block_n": 16}),
+    "fused": {},
+    "fused_v6_defaults": {"early": False, "local_first": False, "maxnreg": None},
 }
-# ("programs": a float scales kernels.default_balanced_programs of the index size)
 
 
 def _corr(x: torch.Tensor, y: torch.Tensor):
@@ -114,17 +102,10 @@ def run_context(N: int, dev, iters: int) -> dict:
                                  for k, v in zip(k16, v16)], iters=iters, calls_per_iter=len(k16))
     out = {"context": N, "kept_fraction": float(((kept_r.float() - 64) / idx.clustered).mean()),
            "clusters": idx.num_clusters, "dense_sdpa_fp16_ms": t_dense.median_ms, "variants": {}}
-    for name, (impl, kw) in VARIANTS.items():
-        if impl == "fused":
-            fn = K.squeezed_decode_triton
-            kw = {"block_c": 32, "block_n": 32, "num_warps": 4, "sub_splits": sub, "num_stages": 2, **kw}
-            sub_v = kw["sub_splits"]
-        else:
-            fn = K.squeezed_decode_balanced_triton
-            kw = dict(kw)
-            if isinstance(kw.get("programs"), float):
-                kw["programs"] = max(1, round(kw["programs"] * K.default_balanced_programs(idx.keys.shape[1])))
-        row = {"impl": impl, "kw": kw}
+    fn = K.squeezed_decode_triton
+    for name, kw in VARIANTS.items():
+        kw = {"block_c": 32, "block_n": 32, "num_warps": 4, "sub_splits": sub, "num_stages": 2, **kw}
+        row = {"kw": kw}
         try:
             o, _, kept = fn(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk, lv, lengths, sc, **kw)
             row["rel_err_vs_reference"] = bs.rel(o, o_r)
@@ -132,7 +113,7 @@ def run_context(N: int, dev, iters: int) -> dict:
             kern = K._LAST_KERNEL.get("decode")
             row["n_regs"], row["n_spills"] = getattr(kern, "n_regs", None), getattr(kern, "n_spills", None)
 
-            def step(kw=kw, fn=fn):
+            def step(kw=kw):
                 for ix in idxs:
                     s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk)
                     fn(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths, sc,
@@ -143,13 +124,10 @@ def run_context(N: int, dev, iters: int) -> dict:
             row["speedup_vs_sdpa"] = t_dense.median_ms / t.median_ms
             # one traced step (graph replay of copy 0 after the others, so its reads come from HBM)
             nloc = kw.get("local_splits") or K.default_local_splits(lk.shape[2])
-            if impl == "fused":
-                splits = -(-(idx.num_clusters + 1) // kw["block_c"]) * sub_v + nloc
-            else:
-                splits = (kw.get("programs") or K.default_balanced_programs(idx.keys.shape[1])) + nloc
+            splits = -(-(idx.num_clusters + 1) // kw["block_c"]) * kw["sub_splits"] + nloc
             trace = torch.zeros(splits * bs.HKV, 4, dtype=torch.int64, device=dev)
 
-            def traced(kw=kw, trace=trace, fn=fn):
+            def traced(kw=kw, trace=trace):
                 for ix in idxs[1:] + idxs[:1]:
                     s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk)
                     fn(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths, sc,
@@ -160,7 +138,8 @@ def run_context(N: int, dev, iters: int) -> dict:
             for _ in range(5):
                 g.replay()
                 torch.cuda.synchronize()
-                sums.append(summarize(trace, bs.HKV, nloc, impl == "balanced" or bool(kw.get("local_first"))))
+                local_first = K.DECODE_LOCAL_FIRST if kw.get("local_first") is None else kw["local_first"]
+                sums.append(summarize(trace, bs.HKV, nloc, local_first))
             row["trace"] = sorted(sums, key=lambda r: r["span_us"])[2]     # the median replay by span
         except Exception as ex:  # noqa: BLE001
             row["error"] = repr(ex)[:400]

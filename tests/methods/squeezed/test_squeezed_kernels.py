@@ -118,42 +118,6 @@ def test_kernel_inputs_are_checked():
         K.centroid_scores_triton(q, torch.randn(2, 5, 64), torch.zeros(2, 5), 1.0)
 
 
-@pytest.mark.parametrize("G,D,programs,bc,bn", [(1, 64, 3, 16, 16), (4, 128, 5, 32, 16), (3, 64, 40, 16, 8),
-                                                  (4, 64, 1, 64, 16)])
-def test_balanced_decode_matches_reference(G, D, programs, bc, bn, gen):
-    """Block counts + equal shares of the kept rows: same output, lse and kept count as the reference, block counts
-    equal to the reference's (odd sizes, batch 2, shares crossing blocks, more programs than kept tiles)."""
-    B, Hkv, C, W, L = 2, 2, 71, 5, 37
-    sizes, offs, keys, vals = _index(Hkv, D, C, W, gen)
-    ls = log_sizes(sizes)
-    cents = torch.randn(Hkv, C, D, generator=gen)
-    q = torch.randn(B, Hkv * G, D, generator=gen)
-    sc = D ** -0.5
-    s_r, e_r = R.centroid_scores_reference(q, cents, ls, sc, K.BLOCK_C)
-    a = (s_r - torch.logsumexp(e_r, -1, keepdim=True)).reshape(B, Hkv, G, C).amax(2)
-    tau = torch.nan_to_num(a, neginf=-1e30).flatten(0).median().repeat(Hkv)
-    lk, lv = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
-    lengths = torch.tensor([L - 9, L], dtype=torch.int32)
-    starts = torch.tensor([0, 4], dtype=torch.int32)
-    o, lse, kept, cnt = K.squeezed_decode_balanced_triton(
-        q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts, local_splits=2, block_c=bc, block_n=bn,
-        programs=programs, return_counts=True)
-    o_r, lse_r, kept_r = R.squeezed_decode_reference(q, keys, vals, offs, s_r, e_r, tau, lk, lv, lengths, sc, starts)
-    assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
-    assert torch.equal(kept, kept_r) and (kept > W).all() and (kept < keys.shape[1]).all()
-    assert torch.equal(cnt.reshape(B, Hkv, -1), R.block_counts_reference(offs, s_r, e_r, tau, G, bc))
-    # sparsity 0 (every cluster kept) and nothing kept but the observation window
-    for t, want in ((torch.full((Hkv,), float("-inf")), offs[:, -1]), (torch.full((Hkv,), float("inf")), None)):
-        o, lse, kept = K.squeezed_decode_balanced_triton(q, keys, vals, offs, s_r, e_r, t, lk, lv, lengths, sc,
-                                                         starts, local_splits=1, block_c=bc, block_n=bn,
-                                                         programs=programs)
-        o_r, lse_r, kept_r = R.squeezed_decode_reference(q, keys, vals, offs, s_r, e_r, t, lk, lv, lengths, sc,
-                                                         starts)
-        assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5 and torch.equal(kept, kept_r)
-        if want is not None:
-            assert torch.equal(kept, want.expand(B, -1).to(kept.dtype))
-
-
 @pytest.mark.parametrize("D,block_d", [(64, 16), (128, 32), (128, None)])
 def test_merge_splits_matches_softmax_of_partials(D, block_d, gen):
     B, Hq, S = 2, 4, 37

@@ -30,13 +30,12 @@ BLOCK_N = 64          # keys per tile (prefill)
 DECODE_BLOCK_C = 32
 DECODE_BLOCK_N = 32
 LOG2E = 1.4426950408889634
-# CUDA decode: "fused" (one pass, each program a fixed range of clusters: _triton_kernels.py) or "balanced" (count
-# the kept rows per block of clusters, then equal shares of a head's kept tiles per program: _triton_balanced.py).
-# Balanced evens out the work (max/median program time 1.4-1.9x vs 2.2-3.9x) but each tile costs a dependent L2 round
-# trip more, so it was slower in every config: 26.9 vs 19.7 us at 32K, 60.9 vs 44.0 us at 128K (H100, same run,
-# squeezed_decode_trace_h100_v4.json; more configs in _v2, _v3).
-DECODE_IMPL = "fused"
-BALANCED_BLOCK_C = 32  # clusters per planning block of the balanced decode (32 beat 64 and 128: _v3)
+# The decode runs one pass, each program a fixed range of clusters (_triton_kernels.py). A balanced variant (a
+# planning kernel counting the kept rows per block of clusters, then equal shares of each head's kept tiles per
+# program) evened out the programs but each tile waited on its block's keep decision (a dependent L2 round trip),
+# and it was slower in every config tried: whole step 23.3-43.9 vs 19.1 us at 32K, 59.6-72.9 vs 42.7 us at 128K (H100, same
+# run, benchmarks/results/squeezed_decode_trace_h100_v5.json; earlier forms in _v2-_v4); so was the older
+# select-and-pack ("compact") path (attention 112.8 vs 40.5 us at 128K, squeezed_decode_h100.json). Both were removed.
 DECODE_STAGES = 2     # software-pipelining stages of the fused decode kernel
 # split-K merge: None = the shared kernel (a program per head); int = dims per program. 16: merge alone 3.3 / 3.8 us
 # at 32K / 128K vs 4.8 / 5.3 us for the shared kernel (H100, benchmarks/results/squeezed_decode_h100.json,
@@ -311,79 +310,6 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, dtype: torch.dtype,
     return out, lse
 
 
-def default_balanced_programs(n_rows: int) -> int:
-    """Attention programs per (batch, KV head) over the kept fixed rows of the balanced decode: from the index
-    size only (graph-safe); one per 1024 context rows (~100 kept rows at 90% sparsity), 4 to 128."""
-    return max(4, min(128, -(-n_rows // 1024)))
-
-
-def default_balanced_block_c(num_clusters: int) -> int:
-    """Clusters per planning block of the balanced decode: BALANCED_BLOCK_C, doubled until at most 2048 blocks."""
-    bc = BALANCED_BLOCK_C
-    while -(-(num_clusters + 1) // bc) > 2048:
-        bc *= 2
-    return bc
-
-
-def squeezed_decode_balanced_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
-                                    scaling, starts=None, *, block_c: int | None = None,
-                                    block_n: int = DECODE_BLOCK_N, programs: int | None = None,
-                                    local_splits: int | None = None, num_warps: int = 4,
-                                    num_stages: int = DECODE_STAGES, count_kept: bool = True,
-                                    merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
-                                    hoist_v: bool | None = None, trace: torch.Tensor | None = None,
-                                    return_counts: bool = False, maxnreg: int | None = DECODE_MAXNREG):
-    """`squeezed_decode_triton` with the kept rows of each head split evenly over `programs` attention programs
-    (_triton_balanced.py): a planning kernel counts the kept rows per block of `block_c` clusters, the attention
-    kernel gives each program an equal share. Same arguments and returns (+ the block counts
-    [B * Hkv, NSP] int32 when `return_counts`); graph-capturable (fixed-size scratch, no host sync).
-    trace: int64 [(local_splits + programs) * B * Hkv, 4] or None (see `squeezed_decode_triton`)."""
-    from lmsqueeze.methods.squeezed._triton_balanced import _balanced_decode_kernel, _block_counts_kernel
-
-    B, Hq, D = q.shape
-    Hkv, N, _ = keys.shape
-    G = _check_heads(q, Hkv, keys.shape[-1], "squeezed_decode")
-    C = scores.shape[-1]
-    nch = chunk_lse.shape[-1]
-    _check_decode_inputs(q, keys, values, offsets, local_k, local_v, C, B, Hkv, D)
-    block_c = block_c or default_balanced_block_c(C)
-    nsp = -(-(C + 1) // block_c)
-    bg = max(16, _pow2(G))
-    bch = max(2, _pow2(nch))
-    counts = torch.empty(B * Hkv, nsp, device=q.device, dtype=torch.int32)
-    pdl = pdl_options(DECODE_PDL, q.device)
-    _block_counts_kernel[(B * Hkv, nsp)](
-        offsets, scores, chunk_lse, log_tau, counts,
-        offsets.stride(0), scores.stride(0), scores.stride(1), chunk_lse.stride(0), chunk_lse.stride(1),
-        C, nch, nsp,
-        HKV=Hkv, G=G, BLOCK_G=bg, BLOCK_C=block_c, BLOCK_CH=bch, num_warps=4, **pdl,
-    )
-    l_max = local_k.shape[2]
-    n_p = programs or default_balanced_programs(N)
-    nloc = local_splits or default_local_splits(l_max)
-    mid_o = torch.empty(B, Hq, nloc + n_p, D, device=q.device, dtype=torch.float32)
-    mid_lse = torch.empty(B, Hq, nloc + n_p, device=q.device, dtype=torch.float32)
-    kernel = _balanced_decode_kernel[(B * Hkv, nloc + n_p)](
-        q, keys, values, offsets, scores, chunk_lse, log_tau, counts, local_k, local_v, lengths,
-        starts if starts is not None else lengths, mid_o, mid_lse,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        offsets.stride(0), scores.stride(0), scores.stride(1), chunk_lse.stride(0), chunk_lse.stride(1),
-        local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
-        local_v.stride(2),
-        C, nch, nsp, n_p, nloc, l_max, float(scaling) * LOG2E,
-        HKV=Hkv, G=G, D=D, BLOCK_G=bg, BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_CH=bch,
-        BLOCK_NSP=max(2, _pow2(nsp)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q),
-        HOIST_V=DECODE_HOIST_V if hoist_v is None else hoist_v, Trace=trace, TRACE=trace is not None,
-        num_warps=num_warps, num_stages=num_stages, **pdl, **_regs(maxnreg, q),
-    )
-    _LAST_KERNEL["decode"] = kernel
-    if partials_only:
-        return mid_o, mid_lse
-    out, lse = merge_splits(mid_o, mid_lse, q.dtype, merge_block_d)
-    kept = counts.reshape(B, Hkv, nsp).sum(-1, dtype=torch.int32) if count_kept else None
-    return (out, lse, kept, counts) if return_counts else (out, lse, kept)
-
-
 def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths, scaling,
                     starts=None, local_valid=None, window=None, q_pos=None, key_pos=None, count_kept: bool = True,
                     row_cluster=None):
@@ -396,9 +322,8 @@ def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_
     Sliding windows and arbitrary padding masks run the reference. count_kept=False skips the count on CUDA.
     """
     if q.is_cuda and window is None and local_valid is None:
-        fn = squeezed_decode_balanced_triton if DECODE_IMPL == "balanced" else squeezed_decode_triton
-        return fn(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths, scaling, starts,
-                  count_kept=count_kept)
+        return squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
+                                      lengths, scaling, starts, count_kept=count_kept)
     return squeezed_decode_reference(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
                                      lengths, scaling, starts, local_valid, window, q_pos, key_pos, row_cluster)
 

@@ -213,22 +213,6 @@ def _mask_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(live, order, torch.zeros_like(order)), counts
 
 
-def block_counts_reference(offsets: torch.Tensor, scores: torch.Tensor, chunk_lse: torch.Tensor,
-                           log_tau: torch.Tensor, G: int, block_c: int) -> torch.Tensor:
-    """What the balanced decode's planning kernel writes: the kept row count of every block j of `block_c`
-    clusters (cluster C = the observation window, always kept).
-
-    offsets: [Hkv, C + 2]; scores: [B, Hq, C]; chunk_lse: [B, Hq, NCH]; log_tau: [Hkv] -> [B, Hkv, NSP] int32.
-    """
-    B, _, C = scores.shape
-    keep = cluster_keep(scores, chunk_lse, log_tau, G)
-    keep = torch.cat([keep, torch.ones_like(keep[..., :1])], -1)                          # [B, Hkv, C + 1]
-    sizes = (offsets[:, 1:] - offsets[:, :-1]).long()[None]                                # [1, Hkv, C + 1]
-    nsp = -(-(C + 1) // block_c)
-    kept = torch.nn.functional.pad(keep * sizes, (0, nsp * block_c - (C + 1)))
-    return kept.reshape(B, -1, nsp, block_c).sum(-1).to(torch.int32)
-
-
 def prefill_scores_reference(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor,
                              scaling: float) -> torch.Tensor:
     """Sum over a chunk's queries of the estimated per-key attention weight of each cluster.
