@@ -269,14 +269,12 @@ def synthetic_context(N: int, dev, seed: int, dtype=torch.bfloat16):
     return keys.to(dtype), values.to(dtype), queries
 
 
-def build_index(keys, values, q_obs, hierarchical=None, **kw):
-    """kw: more build_layer_index options (e.g. spread=None: K-means' cluster numbering)."""
+def build_index(keys, values, q_obs, hierarchical=None):
     from lmsqueeze.methods.squeezed.index import SqueezedIndex, build_layer_index
 
     N = keys.shape[1]
     t, stats = build_layer_index(keys, values, torch.arange(N, device=keys.device) - N, q_obs, 1 / math.sqrt(D),
-                                 centroids=0.05, sparsity=0.9, observation=64, hierarchical=hierarchical, iters=8,
-                                 **kw)
+                                 centroids=0.05, sparsity=0.9, observation=64, hierarchical=hierarchical, iters=8)
     return SqueezedIndex.from_tensors(t, keys.device, keys.dtype), stats
 
 

@@ -29,21 +29,12 @@ import bench_squeezed as bs
 from lmsqueeze.bench.results import command_line, environment
 from lmsqueeze.bench.timing import capture_graph, time_cuda
 
-# name -> (index, squeezed_decode_triton keywords on top of the v6 best tiles: 32 clusters, 32 keys, 4 warps,
-# 2 stages); index "spread": clusters numbered by index.spread_order (the default), "plain": K-means' numbering
-# (the index before spread_order). v1-v5 timed the kernel variants of their commits (see each file's commit), v2-v5
-# a balanced variant (squeezed_decode_balanced_triton at commit 8afcd0c: slower, removed).
+# name -> squeezed_decode_triton keywords on top of the v6 best tiles (32 clusters, 32 keys, 4 warps, 2 stages).
+# v1-v5 also timed the kernel variants of their commits (see each file's command/commit), v2-v5 a balanced
+# variant (squeezed_decode_balanced_triton at commit 8afcd0c: slower, removed)
 VARIANTS = {
-    "spread": ("spread", {}),
-    "plain": ("plain", {}),
-    "plain_v6_defaults": ("plain", {"early": False, "local_first": False, "maxnreg": None}),
-    "spread_nsub1": ("spread", {"sub_splits": 1}),
-    "spread_nsub2": ("spread", {"sub_splits": 2}),
-    "spread_c64": ("spread", {"block_c": 64, "sub_splits": 1}),
-    "spread_c64_nsub2": ("spread", {"block_c": 64, "sub_splits": 2}),
-    "spread_c16": ("spread", {"block_c": 16, "sub_splits": 1}),
-    "spread_ls8": ("spread", {"local_splits": 8}),
-    "spread_regs_none": ("spread", {"maxnreg": None}),
+    "fused": {},
+    "fused_v6_defaults": {"early": False, "local_first": False, "maxnreg": None},
 }
 
 
@@ -90,23 +81,18 @@ def run_context(N: int, dev, iters: int) -> dict:
 
     sc = 1 / math.sqrt(bs.D)
     keys, values, queries = bs.synthetic_context(N, dev, seed=N)
-    q_obs = queries(64)
-    indexes = {"spread": bs.build_index(keys, values, q_obs)[0], "plain": bs.build_index(keys, values, q_obs,
-                                                                                         spread=None)[0]}
+    idx, _ = bs.build_index(keys, values, queries(64))
     q = queries(1).reshape(1, bs.HQ, bs.D).to(torch.bfloat16)
     lk = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
     lv = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
     lengths = torch.tensor([bs.LOCAL], dtype=torch.int32, device=dev)
     ncopy = 6 if N <= 40000 else 3
-    copies = {n: [ix] + [bs.clone_index(ix) for _ in range(ncopy - 1)] for n, ix in indexes.items()}
+    idxs = [idx] + [bs.clone_index(idx) for _ in range(ncopy - 1)]
     chunk = 128 if N <= 40000 else 64               # the v6 selection sweep's best
     sub = 2 if N <= 40000 else 1
-    refs = {}
-    for n, ix in indexes.items():
-        s, e = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk)
-        o_r, _, kept_r = R.squeezed_decode_reference(q, ix.keys, ix.values, ix.offsets, s, e, ix.log_threshold, lk,
-                                                     lv, lengths, sc)
-        refs[n] = (s, e, o_r, kept_r)
+    s, e = K.centroid_scores_triton(q, idx.centroids, idx.log_sizes, sc, chunk=chunk)
+    o_r, _, kept_r = R.squeezed_decode_reference(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
+                                                 lv, lengths, sc)
     kall = torch.cat([keys, lk[0, :, :bs.LOCAL]], 1)[None].half()
     vall = torch.cat([values, lv[0, :, :bs.LOCAL]], 1)[None].half()
     k16 = [kall] + [kall.clone()]
@@ -114,15 +100,12 @@ def run_context(N: int, dev, iters: int) -> dict:
     q16 = q[:, :, None].half()
     t_dense = time_cuda(lambda: [F.scaled_dot_product_attention(q16, k, v, scale=sc, enable_gqa=True)
                                  for k, v in zip(k16, v16)], iters=iters, calls_per_iter=len(k16))
-    out = {"context": N, "clusters": indexes["spread"].num_clusters, "dense_sdpa_fp16_ms": t_dense.median_ms,
-           "kept_fraction": {n: float(((r[3].float() - 64) / indexes[n].clustered).mean()) for n, r in refs.items()},
-           "variants": {}}
+    out = {"context": N, "kept_fraction": float(((kept_r.float() - 64) / idx.clustered).mean()),
+           "clusters": idx.num_clusters, "dense_sdpa_fp16_ms": t_dense.median_ms, "variants": {}}
     fn = K.squeezed_decode_triton
-    for name, (which, kw) in VARIANTS.items():
-        idx, idxs = indexes[which], copies[which]
-        s, e, o_r, kept_r = refs[which]
+    for name, kw in VARIANTS.items():
         kw = {"block_c": 32, "block_n": 32, "num_warps": 4, "sub_splits": sub, "num_stages": 2, **kw}
-        row = {"index": which, "kw": kw}
+        row = {"kw": kw}
         try:
             o, _, kept = fn(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk, lv, lengths, sc, **kw)
             row["rel_err_vs_reference"] = bs.rel(o, o_r)
@@ -130,7 +113,7 @@ def run_context(N: int, dev, iters: int) -> dict:
             kern = K._LAST_KERNEL.get("decode")
             row["n_regs"], row["n_spills"] = getattr(kern, "n_regs", None), getattr(kern, "n_spills", None)
 
-            def step(kw=kw, idxs=idxs):
+            def step(kw=kw):
                 for ix in idxs:
                     s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk)
                     fn(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths, sc,
@@ -144,7 +127,7 @@ def run_context(N: int, dev, iters: int) -> dict:
             splits = -(-(idx.num_clusters + 1) // kw["block_c"]) * kw["sub_splits"] + nloc
             trace = torch.zeros(splits * bs.HKV, 4, dtype=torch.int64, device=dev)
 
-            def traced(kw=kw, trace=trace, idxs=idxs, idx=idx):
+            def traced(kw=kw, trace=trace):
                 for ix in idxs[1:] + idxs[:1]:
                     s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk)
                     fn(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths, sc,

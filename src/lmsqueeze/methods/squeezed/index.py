@@ -10,9 +10,6 @@ Layout (per layer, per KV head; N = Nc + A fixed-context tokens, Nc clustered, A
   offsets:      [Hkv, C + 2] int32; "cluster" C is the sinks + observation window (always attended).
   centroids:    [Hkv, C, D] float32 mean of the raw keys of each cluster (0 for an empty one).
   labels:       [Hkv, Nc] int32 cluster of each clustered key (context tokens sinks .. S - W - 1) in order.
-Flat mode numbers the clusters so that similar ones fall in different blocks of `spread` consecutive clusters
-(`spread_order`): a query keeps similar clusters together, so the decode kernel's programs, one per block, get
-about equal shares of the kept rows.
   log_threshold:[Hkv] float32 (decode keeps cluster j iff its score > this).
 Hierarchical mode adds coarse_centroids [Hkv, C1, D], coarse_offsets [Hkv, C1 + 1] (fine clusters are sorted
 by coarse cluster: a coarse cluster owns fine clusters coarse_offsets[c]:coarse_offsets[c+1]), parent
@@ -27,7 +24,6 @@ import torch
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.squeezed.cluster import cluster_means, spherical_kmeans
-from lmsqueeze.methods.squeezed.kernels import DECODE_BLOCK_C
 from lmsqueeze.methods.squeezed.lookup import log_sizes
 from lmsqueeze.methods.squeezed.thresholds import flat_threshold, hierarchical_thresholds
 
@@ -48,33 +44,6 @@ def row_clusters(offsets: torch.Tensor, n: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(C2 - 1, device=offsets.device).repeat(H), sizes).reshape(H, n)
 
 
-def spread_order(cents: torch.Tensor, block: int, group: int = 8, seed: int = 0) -> torch.Tensor:
-    """A cluster order that deals similar clusters into different blocks. cents: [H, C, D] -> perm [H, C] (new
-    cluster i is old cluster perm[:, i]).
-
-    The centroids are grouped by spherical K-means into ~C / `group` groups and listed group by group (similar
-    clusters adjacent), then dealt over the nb = ceil(C / block) blocks like cards: each block of `block`
-    consecutive new clusters takes list items nb apart. A query keeps groups of similar clusters, which thus
-    spread evenly over the blocks.
-    """
-    H, C, _ = cents.shape
-    nb = -(-C // block)
-    if nb <= 1:
-        return torch.arange(C, device=cents.device).expand(H, C).clone()
-    dev = cents.device
-    groups = spherical_kmeans(cents, max(1, -(-C // group)), iters=8, seed=seed)
-    listed = torch.argsort(groups * C + torch.arange(C, device=dev), dim=-1)   # [H, C] group by group
-    # new position i = j * block + t (block j, slot t) takes list slot t * nb + j; the nb * block - C list slots
-    # that would land at the end of the last block are left empty, so every block is `block` whole clusters
-    total = nb * block
-    slot = torch.arange(total, device=dev)
-    empty = (slot % nb == nb - 1) & (slot // nb >= block - (total - C))
-    item = torch.full((total,), -1, dtype=torch.int64, device=dev)
-    item[~empty] = torch.arange(C, device=dev)
-    order = item[(slot % block) * nb + slot // block]
-    return listed[:, order[order >= 0]]
-
-
 def _offsets(sizes: torch.Tensor) -> torch.Tensor:
     """sizes: [H, C] -> [H, C + 1] exclusive-then-total cumulative sums (int64)."""
     return torch.cat([torch.zeros_like(sizes[:, :1]), torch.cumsum(sizes, -1)], -1)
@@ -84,17 +53,15 @@ def build_layer_index(keys: torch.Tensor, values: torch.Tensor, positions: torch
                       scaling: float, *, centroids: float, sparsity: float, observation: int,
                       hierarchical: tuple[float, float] | None = None, coarse_sparsity: float = 0.5,
                       iters: int = 16, seed: int = 0, sinks: int = 0, threshold: str = "head",
-                      labels: torch.Tensor | None = None,
-                      spread: int | None = DECODE_BLOCK_C) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                      labels: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Cluster one layer's fixed-context keys and calibrate its thresholds.
 
     keys, values: [Hkv, S, D] (RoPE at relative positions); positions: [S] int relative positions;
     q_obs: [Hq, W, D] the queries of the last W = `observation` tokens (same RoPE convention); sinks: first
     tokens always attended (never clustered); threshold: 'head' (one calibrated threshold per KV head) or
     'layer' (one per layer: heads with peaked attention keep fewer keys, flat ones more); labels: [Hkv, Nc]
-    cluster labels to reuse (another index of this context with the same clusters: skips K-means; flat only);
-    spread: flat mode numbers clusters by `spread_order` over blocks of this many (the decode kernel's
-    DECODE_BLOCK_C); None keeps K-means' numbering. Returns (tensors named as in the module docstring, calibration statistics).
+    cluster labels to reuse (another index of this context with the same clusters: skips K-means; flat only).
+    Returns (tensors named as in the module docstring, calibration statistics).
     """
     Hkv, S, D = keys.shape
     W = observation
@@ -115,11 +82,6 @@ def build_layer_index(keys: torch.Tensor, values: torch.Tensor, positions: torch
     else:
         labels = spherical_kmeans(clustered, C, iters, seed)
     cents, sizes = cluster_means(clustered, labels, C)
-    if spread and not hierarchical:
-        perm = spread_order(cents, spread, seed=seed + 2)
-        labels = torch.argsort(perm, dim=-1).gather(-1, labels)
-        cents = cents.gather(1, perm[..., None].expand(-1, -1, D))
-        sizes = sizes.gather(-1, perm)
     out: dict[str, torch.Tensor] = {}
     stats: dict[str, float] = {"clusters": C, "clustered": Nc, "observation": W, "sinks": sinks,
                                "empty_clusters": float((sizes == 0).float().mean())}
