@@ -35,6 +35,16 @@ from lmsqueeze.bench.timing import capture_graph, time_cuda
 VARIANTS = {
     "fused": {},
     "fused_v6_defaults": {"early": False, "local_first": False, "maxnreg": None},
+    "nsub1": {"sub_splits": 1},
+    "nsub2": {"sub_splits": 2},
+    "nsub3": {"sub_splits": 3},
+    "nsub4": {"sub_splits": 4},
+    "c16_nsub2": {"block_c": 16, "sub_splits": 2},
+    "c16_nsub3": {"block_c": 16, "sub_splits": 3},
+    "c64_nsub4": {"block_c": 64, "sub_splits": 4},
+    "ls1": {"local_splits": 1},
+    "nsub3_regs80": {"sub_splits": 3, "maxnreg": 80},
+    "bn16_nsub2": {"block_n": 16, "sub_splits": 2},
 }
 
 
