@@ -48,6 +48,10 @@ PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
 # prefill centroid scoring in base 2 with the scale inside one FMA per score (prefill_scores_triton's `exp2`):
 # 0.3204 vs 0.3727 ms at PREFILL_SCORES_CONFIG (H100, same run, squeezed_prefill_h100_v7.json, scores_sweep)
 PREFILL_SCORES_EXP2 = True
+# (Packed f16 exponentials (ex2.approx.f16x2) with the sums as tensor-core products against ones were tried and
+# not kept: on sm_90 ex2.approx.f16x2 compiles to two MUFU.EX2.F16, so the MUFU issues do not halve, and the kernel
+# grew from 3648 to 4008 SASS instructions (fewer FADD/SHFL, more STS/LDS/F2FP); offline compile for
+# sm_90 with Triton 3.9 (this machine) at (128, 64, 4 warps, 3 stages), D=128; never timed.)
 # prefill gather attention: whole tiles of listed rows without masks (indexed_attention_triton's `steady`), with
 # (query rows, warps, stages, keys per tile) = PREFILL_STEADY_TILES above 256 query rows. 1K tokens x 4 heads over
 # 13.1K listed rows, D=128 (H100, same run, squeezed_prefill_h100_v7.json, attention_sweep): 0.5965 ms at
