@@ -70,8 +70,10 @@ DECODE_PROBE = ((32, 32, 4, None, 2, 1, False), (128, 32, 4, 2, 3, 1, False),
 PREFILL_SCORES_SWEEP = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3),
                         (128, 128, 8, 2), (128, 32, 4, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 4),
                         (128, 64, 4, 3, False), (128, 32, 4, 4, False), (128, 64, 4, 2), (128, 128, 4, 3),
-                        (64, 64, 4, 2), (256, 64, 8, 2), (128, 64, 8, 2))
-# (5th: False = base-e exponentials with a select per score, the kernel before PREFILL_SCORES_EXP2)
+                        (64, 64, 4, 2), (256, 64, 8, 2), (128, 64, 8, 2), (128, 64, 4, 3, "rows"),
+                        (128, 128, 4, 3, "rows"), (128, 32, 4, 3, "rows"), (64, 64, 4, 3, "rows"))
+# (5th: False = base-e exponentials with a select per score, the kernel before PREFILL_SCORES_EXP2; "rows": pass 2
+# on the untransposed tile, the kernel before its PASS2_T)
 # prefill gather attention: (query rows per program, warps, stages, keys per tile)
 PREFILL_ATTN_SWEEP = ((128, 8, 3, 64), (128, 8, 4, 64), (128, 8, 2, 128), (64, 4, 3, 64), (64, 4, 4, 64),
                       (64, 4, 3, 32), (64, 4, 2, 128), (32, 4, 3, 64), (128, 4, 3, 64), (128, 4, 2, 32),

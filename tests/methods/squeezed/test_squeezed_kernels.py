@@ -105,8 +105,10 @@ def test_indexed_attention_and_prefill_scores_match_reference(G, D, gen):
         assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
     cents = torch.randn(Hkv, C, D, generator=gen)
     ls = log_sizes(torch.randint(0, 4, (B, Hkv, C), generator=gen))       # per-sequence exclusions
-    p = K.prefill_scores_triton(q, cents, ls, sc, block_m=16, block_c=16)
-    assert _rel(p, R.prefill_scores_reference(q, cents, ls, sc)) < 1e-5
+    p_r = R.prefill_scores_reference(q, cents, ls, sc)
+    for e2 in (True, "rows", False):            # transposed pass 2 (default), row-major pass 2, base e
+        p = K.prefill_scores_triton(q, cents, ls, sc, block_m=16, block_c=16, exp2=e2)
+        assert _rel(p, p_r) < 1e-5
 
 
 def test_kernel_inputs_are_checked():

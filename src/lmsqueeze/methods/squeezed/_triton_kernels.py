@@ -409,7 +409,7 @@ def _prefill_scores_kernel(
     T, C, NMB, scale,
     HQ: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr,
-    EXP2: tl.constexpr = False,
+    EXP2: tl.constexpr = False, PASS2_T: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -461,7 +461,10 @@ def _prefill_scores_kernel(
         cent = tl.load(c_base + cids[:, None] * stride_cc + offs_d[None, :], mask=c_mask[:, None] & d_mask[None, :],
                        other=0.0)
         ls = tl.load(l_base + cids, mask=c_mask, other=float("-inf"))
-        if EXP2:
+        if EXP2 and not PASS2_T:        # (the untransposed form, for comparison)
+            cb = tl.where(ls > float("-inf"), 0.0, float("-inf"))
+            col = tl.sum(tl.exp2(_dot(q, tl.trans(cent), IEEE_DOT) * sc + cb[None, :] - rz[:, None]), 0)
+        elif EXP2:
             # the tile transposed, [BLOCK_C, BLOCK_M]: the sums over query rows stay within quads of threads
             # instead of crossing warps through shared memory (loop body 442 vs 697 SASS instructions, offline
             # sm_90 compile at (128, 64, 4 warps, 3 stages))

@@ -336,11 +336,12 @@ def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_
 
 def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
                           block_m: int | None = None, block_c: int | None = None, num_warps: int | None = None,
-                          num_stages: int | None = None, exp2: bool | None = None) -> torch.Tensor:
+                          num_stages: int | None = None, exp2: bool | str | None = None) -> torch.Tensor:
     """Kernel form of `prefill_scores_reference`: psum [B, Hq, C]. block_m queries x block_c centroids per tile
     (both passes stream the centroids: num_stages pipelines those loads); None: PREFILL_SCORES_CONFIG (read at
     call time). exp2 (None: PREFILL_SCORES_EXP2): base-2 exponentials with the scale inside one FMA per score and
-    exclusions as -inf biases (no select per score)."""
+    exclusions as -inf biases (no select per score); "rows": that with pass 2 on the untransposed tile (the kernel
+    before PASS2_T, for comparison)."""
     cfg = PREFILL_SCORES_CONFIG
     block_m, block_c = block_m or cfg[0], block_c or cfg[1]
     num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
@@ -351,6 +352,7 @@ def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torc
     G = _check_heads(q, Hkv, centroids.shape[-1], "prefill_scores")
     if lsizes.dim() != 3 or lsizes.shape[1:] != (Hkv, C) or lsizes.shape[0] not in (1, B):
         raise LmsqueezeError(f"prefill_scores: lsizes {tuple(lsizes.shape)} must be [1 or B, Hkv, C]")
+    e2 = PREFILL_SCORES_EXP2 if exp2 is None else exp2
     nmb = -(-T // block_m)
     part = torch.empty(B, Hq, nmb, C, device=q.device, dtype=torch.float32)
     _prefill_scores_kernel[(nmb, B * Hq)](
@@ -359,7 +361,7 @@ def prefill_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torc
         lsizes.stride(0) if lsizes.shape[0] > 1 else 0, lsizes.stride(1),
         T, C, nmb, float(scaling),
         HQ=Hq, G=G, D=D, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_D=_pow2(D), IEEE_DOT=_ieee(q),
-        EXP2=PREFILL_SCORES_EXP2 if exp2 is None else exp2, num_warps=num_warps, num_stages=num_stages,
+        EXP2=bool(e2), PASS2_T=e2 != "rows", num_warps=num_warps, num_stages=num_stages,
     )
     return part.sum(2)
 
