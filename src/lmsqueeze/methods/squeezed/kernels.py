@@ -58,6 +58,8 @@ PREFILL_SCORES_EXP2 = True
 # (128, 8, 2, 128) vs 0.6532 ms for the earlier default (64, 4, 3, 64) with every tile masked; (64, 4, 3, 64)
 # unmasked took 0.7230 ms, so the tiles change with it
 PREFILL_STEADY = True
+# (Triton's warp specialization, tl.range(..., warp_specialize=True) on the steady loop, left the sm_90 code
+# unchanged (offline compile, Triton 3.9): not applied on Hopper to this loop, so not used.)
 PREFILL_STEADY_TILES = (128, 8, 2, 128)
 # Packing the G query heads of a KV head into one scoring tile's rows (centroid tiles read once per group) was
 # slower: 0.415 vs 0.373 ms at the best configs (H100, same run: squeezed_prefill_h100_v6.json, scores_sweep, commit
