@@ -111,12 +111,12 @@ def render() -> str:
          ("ms", "ms", ".4f"), ("dense ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: r.get("batch") == 1)
     lines += rows_table(
-        "squeezed_decode_h100_v6.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
+        "squeezed_decode_h100_v7.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
         [("context", "context", "d"), ("batch", "batch", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
          ("baseline ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: "ms" in r and not r["method"].startswith("prefill"))
     lines += rows_table(
-        "squeezed_prefill_h100_v9.json",
+        "squeezed_prefill_h100_v12.json",
         "Squeezed Attention prefill: 1K user tokens vs a 128K fixed context, 90% sparsity (H100; `_graph` rows and "
         "their baseline are CUDA graphs)",
         [("method", "method", ""), ("ms", "ms", ".3f"), ("dense ms", "baseline_ms", ".3f"), ("speedup", "speedup", ".2f"),
