@@ -33,9 +33,10 @@ LOG2E = 1.4426950408889634
 # The decode runs one pass, each program a fixed range of clusters (_triton_kernels.py). A balanced variant (a
 # planning kernel counting the kept rows per block of clusters, then equal shares of each head's kept tiles per
 # program) evened out the programs but each tile waited on its block's keep decision (a dependent L2 round trip),
-# and it was slower in every config tried: whole step 23.3-43.9 vs 19.1 us at 32K, 59.6-72.9 vs 42.7 us at 128K (H100, same
-# run, benchmarks/results/squeezed_decode_trace_h100_v5.json; earlier forms in _v2-_v4); so was the older
-# select-and-pack ("compact") path (attention 112.8 vs 40.5 us at 128K, squeezed_decode_h100.json). Both were removed.
+# and it was slower in every config tried: whole step 23.3-43.9 vs 19.1 us at 32K, 59.6-72.9 vs 42.7 us at 128K
+# (H100, same run, benchmarks/results/squeezed_decode_trace_h100_v5.json; earlier forms in _v2-_v4); so was the
+# older select-and-pack ("compact") path (attention 112.8 vs 40.5 us at 128K, squeezed_decode_h100.json). Both were
+# removed.
 DECODE_STAGES = 2     # software-pipelining stages of the fused decode kernel
 # split-K merge: None = the shared kernel (a program per head); int = dims per program. 16: merge alone 3.3 / 3.8 us
 # at 32K / 128K vs 4.8 / 5.3 us for the shared kernel (H100, benchmarks/results/squeezed_decode_h100.json,
@@ -48,10 +49,8 @@ PREFILL_SCORES_CONFIG = (128, 64, 4, 3)
 # prefill centroid scoring in base 2 with the scale inside one FMA per score (prefill_scores_triton's `exp2`):
 # 0.3204 vs 0.3727 ms at PREFILL_SCORES_CONFIG (H100, same run, squeezed_prefill_h100_v7.json, scores_sweep)
 PREFILL_SCORES_EXP2 = True
-# (Packed f16 exponentials (ex2.approx.f16x2) with the sums as tensor-core products against ones were tried and
-# not kept: on sm_90 ex2.approx.f16x2 compiles to two MUFU.EX2.F16, so the MUFU issues do not halve, and the kernel
-# grew from 3648 to 4008 SASS instructions (fewer FADD/SHFL, more STS/LDS/F2FP); offline compile for
-# sm_90 with Triton 3.9 (this machine) at (128, 64, 4 warps, 3 stages), D=128; never timed.)
+# (Packed f16 exponentials (ex2.approx.f16x2) were tried and not kept: on sm_90 they compile to two MUFU.EX2.F16 per
+# pair (offline SASS, Triton 3.9), so the MUFU issues do not halve; never timed.)
 # prefill gather attention: whole tiles of listed rows without masks (indexed_attention_triton's `steady`), with
 # (query rows, warps, stages, keys per tile) = PREFILL_STEADY_TILES above 256 query rows. 1K tokens x 4 heads over
 # 13.1K listed rows, D=128 (H100, same run, squeezed_prefill_h100_v7.json, attention_sweep): 0.5965 ms at
