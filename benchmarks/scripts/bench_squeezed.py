@@ -78,7 +78,8 @@ PREFILL_SCORES_SWEEP = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 
 PREFILL_ATTN_SWEEP = ((128, 8, 3, 64), (128, 8, 4, 64), (128, 8, 2, 128), (64, 4, 3, 64), (64, 4, 4, 64),
                       (64, 4, 3, 32), (64, 4, 2, 128), (32, 4, 3, 64), (128, 4, 3, 64), (128, 4, 2, 32),
                       (128, 8, 3, 32), (256, 8, 2, 32), (64, 4, 3, 64, False), (128, 8, 3, 32, False),
-                      (128, 8, 3, 128), (128, 8, 2, 64), (256, 8, 2, 64), (128, 4, 2, 128), (256, 16, 2, 64))
+                      (128, 8, 3, 128), (128, 8, 2, 64), (256, 8, 2, 64), (128, 4, 2, 128), (256, 16, 2, 64),
+                      (256, 16, 2, 128), (256, 16, 3, 64), (256, 16, 2, 32), (256, 16, 3, 32), (256, 16, 4, 32))
 # (5th: False = every tile masked, the kernel before PREFILL_STEADY; default: kernels.PREFILL_STEADY)
 CHECK_KERNELS = None    # --check-kernels: only the kernel checks whose name starts with one of these
 MODEL_CHECKS = "all"    # --model-checks graph: only graph decode == eager decode
