@@ -30,8 +30,9 @@ from lmsqueeze.bench.results import command_line, environment
 from lmsqueeze.bench.timing import capture_graph, time_cuda
 
 # name -> squeezed_decode_triton keywords on top of the v6 best tiles (32 clusters, 32 keys, 4 warps, 2 stages).
-# v1-v5 also timed the kernel variants of their commits (see each file's command/commit), v2-v5 a balanced
-# variant (squeezed_decode_balanced_triton at commit 8afcd0c: slower, removed)
+# v1-v6 timed the variants of their commits (see each file's commit): v2-v5 a balanced variant
+# (squeezed_decode_balanced_triton at commit 8afcd0c: slower, removed), v6 a cluster numbering that spreads similar
+# clusters over blocks (index.spread_order at commit 7563fbd: no change, reverted); v7 is this list
 VARIANTS = {
     "fused": {},
     "fused_v6_defaults": {"early": False, "local_first": False, "maxnreg": None},
