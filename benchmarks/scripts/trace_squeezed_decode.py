@@ -32,20 +32,19 @@ from lmsqueeze.bench.timing import capture_graph, time_cuda
 # name -> squeezed_decode_triton keywords on top of the v6 best tiles (32 clusters, 32 keys, 4 warps, 2 stages).
 # v1-v6 timed the variants of their commits (see each file's commit): v2-v5 a balanced variant
 # (squeezed_decode_balanced_triton at commit 8afcd0c: slower, removed), v6 a cluster numbering that spreads similar
-# clusters over blocks (index.spread_order at commit 7563fbd: no change, reverted); v7 is this list
+# clusters over blocks (index.spread_order at commit 7563fbd: no change, reverted), v7 programs per block and
+# block sizes; v8 is this list
 VARIANTS = {
     "fused": {},
     "fused_v6_defaults": {"early": False, "local_first": False, "maxnreg": None},
-    "nsub1": {"sub_splits": 1},
-    "nsub2": {"sub_splits": 2},
-    "nsub3": {"sub_splits": 3},
-    "nsub4": {"sub_splits": 4},
-    "c16_nsub2": {"block_c": 16, "sub_splits": 2},
-    "c16_nsub3": {"block_c": 16, "sub_splits": 3},
-    "c64_nsub4": {"block_c": 64, "sub_splits": 4},
-    "ls1": {"local_splits": 1},
-    "nsub3_regs80": {"sub_splits": 3, "maxnreg": 80},
-    "bn16_nsub2": {"block_n": 16, "sub_splits": 2},
+    "w2": {"num_warps": 2},
+    "w2_regs128": {"num_warps": 2, "maxnreg": 128},
+    "w2_nsub1": {"num_warps": 2, "sub_splits": 1},
+    "w2_nsub3": {"num_warps": 2, "sub_splits": 3},
+    "w2_bn16": {"num_warps": 2, "block_n": 16},
+    "w2_stages3": {"num_warps": 2, "num_stages": 3},
+    "w1": {"num_warps": 1},
+    "w1_bn16": {"num_warps": 1, "block_n": 16},
 }
 
 
