@@ -40,10 +40,6 @@ def load_kernels(path: str):
 
 
 def compile_sass(fn, bits: int, maxnreg: int | None, D: int = 128, G: int = 4, block_n: int = 64) -> str:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     W = {4: D // 8, 3: D * 3 // 32, 2: D // 16}[bits]
     cons = {"D": D, "BITS": bits, "W": W, "G": G, "BLOCK_G": G, "BLOCK_N": block_n, "NOUT": 1, "IMASK": D - 1,
             "NSIDE": 1, "NSIDE_P2": 16, "HAS_STARTS": False, "USE_ASM": True, "QROWS": False, "KROT": False,
@@ -62,9 +58,21 @@ def compile_sass(fn, bits: int, maxnreg: int | None, D: int = 128, G: int = 4, b
             cons[n] = fn.params[names.index(n)].default
         else:
             sig[n] = "i32"
-    src = ASTSource(fn, sig, {(names.index(k),): v for k, v in cons.items() if k in names})
     opts = {"num_warps": 4, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return disassemble(fn, sig, {k: v for k, v in cons.items() if k in names}, opts)
+
+
+def disassemble(fn, sig: dict, constexprs: dict, options: dict, attrs: dict | None = None) -> str:
+    """Compile the Triton kernel `fn` for sm_90 on this machine (no GPU) and return nvdisasm's SASS.
+    sig: argument name -> Triton type ("constexpr", "*fp16", "i32", ...); constexprs: name -> value; attrs:
+    argument index tuple -> attributes (e.g. [["tt.divisibility", 16]], as the JIT gives multiples of 16)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    src = ASTSource(fn, sig, {(names.index(k),): v for k, v in constexprs.items()}, attrs or {})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -72,8 +80,8 @@ def compile_sass(fn, bits: int, maxnreg: int | None, D: int = 128, G: int = 4, b
         return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def main_loop(sass: str) -> collections.Counter:
-    """Opcode counts of the largest loop (a label and the furthest backward branch to it)."""
+def loops(sass: str) -> list[collections.Counter]:
+    """Opcode counts of every loop (a label and a backward branch to it), largest first."""
     code, labels = [], {}
     for line in sass.splitlines():
         s = line.strip()
@@ -84,17 +92,23 @@ def main_loop(sass: str) -> collections.Counter:
         m = re.match(r"/\*([0-9a-f]{4,})\*/\s+(.*)", s)
         if m:
             code.append(m.group(2))
-    best = (0, 0, -1)
+    found = []
     for i, t in enumerate(code):
         m = re.search(r"BRA\s+`?\(?(\.L\w+)", t)
-        if m and m.group(1) in labels and labels[m.group(1)] <= i and i - labels[m.group(1)] + 1 > best[0]:
-            best = (i - labels[m.group(1)] + 1, labels[m.group(1)], i)
-    ops = collections.Counter()
-    for t in code[best[1]:best[2] + 1]:
-        m = re.match(r"(@!?U?P\w+\s+)?([A-Z0-9_]+)", t)
-        if m:
-            ops[m.group(2)] += 1
-    return ops
+        if m and m.group(1) in labels and labels[m.group(1)] <= i:
+            ops = collections.Counter()
+            for u in code[labels[m.group(1)]:i + 1]:
+                mm = re.match(r"(@!?U?P\w+\s+)?([A-Z0-9_]+)", u)
+                if mm:
+                    ops[mm.group(2)] += 1
+            found.append(ops)
+    return sorted(found, key=lambda o: -sum(o.values()))
+
+
+def main_loop(sass: str) -> collections.Counter:
+    """Opcode counts of the largest loop (a label and the furthest backward branch to it)."""
+    found = loops(sass)
+    return found[0] if found else collections.Counter()
 
 
 def main() -> None:
