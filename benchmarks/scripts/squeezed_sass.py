@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kvquant_sass import disassemble, loops  # noqa: E402
+from kvquant_sass import disassemble, loops
 
 OPS = ("MUFU", "FADD", "FFMA", "FMUL", "FMNMX", "SHFL", "STS", "LDS", "HGMMA", "BAR", "LDGSTS", "F2FP")
 
