@@ -131,3 +131,15 @@ def test_merge_splits_matches_softmax_of_partials(D, block_d, gen):
     ref = (torch.softmax(mid_lse[ok], -1)[..., None] * mid_o[ok]).sum(-2)
     assert _rel(out[ok], ref) < 1e-5 and _rel(lse[ok], torch.logsumexp(mid_lse[ok], -1)) < 1e-6
     assert (out[~ok] == 0).all() and (lse[~ok] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_gather_rows_matches_torch_gather(D, gen):
+    B, Hkv, N, W = 2, 3, 53, 29                                  # odd sizes, a partial last block
+    keys, vals = torch.randn(Hkv, N, D, generator=gen), torch.randn(Hkv, N, D, generator=gen)
+    idx = torch.randint(0, N, (B, Hkv, W), generator=gen).to(torch.int32)
+    kg, vg = torch.full((B, Hkv, W, D), float("nan")), torch.full((B, Hkv, W, D), float("nan"))
+    K.gather_rows_triton(keys, vals, idx, kg, vg, block_r=16)
+    ii = idx.long()[..., None].expand(-1, -1, -1, D)
+    assert torch.equal(kg, keys[None].expand(B, -1, -1, -1).gather(2, ii))
+    assert torch.equal(vg, vals[None].expand(B, -1, -1, -1).gather(2, ii))

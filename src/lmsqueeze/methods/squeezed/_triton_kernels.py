@@ -562,3 +562,28 @@ def _indexed_attention_kernel(
     if WRITE_LSE:
         lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(Lse + (b * HKV * G + h).to(tl.int64) * T + t, lse, mask=r_mask)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    K, V, Idx, KG, VG,
+    stride_kh, stride_kn, stride_vh, stride_vn, stride_ib, stride_ih,
+    stride_gb, stride_gh, stride_gn, stride_wb, stride_wh, stride_wn,
+    W,
+    HKV: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """KG[b, h, r] = K[h, Idx[b, h, r]] and VG likewise, r < W: grid (ceil(W / BLOCK_R), B * HKV)."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    m = (r < W)[:, None] & (d < D)[None, :]
+    rows = tl.load(Idx + b.to(tl.int64) * stride_ib + h * stride_ih + r, mask=r < W, other=0).to(tl.int64)
+    k = tl.load(K + h.to(tl.int64) * stride_kh + rows[:, None] * stride_kn + d[None, :], mask=m)
+    v = tl.load(V + h.to(tl.int64) * stride_vh + rows[:, None] * stride_vn + d[None, :], mask=m)
+    tl.store(KG + b.to(tl.int64) * stride_gb + h * stride_gh + r[:, None].to(tl.int64) * stride_gn + d[None, :], k,
+             mask=m)
+    tl.store(VG + b.to(tl.int64) * stride_wb + h * stride_wh + r[:, None].to(tl.int64) * stride_wn + d[None, :], v,
+             mask=m)

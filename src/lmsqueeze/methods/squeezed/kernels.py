@@ -415,6 +415,24 @@ def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: to
     return idx, counts
 
 
+def gather_rows_triton(keys: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, kg: torch.Tensor,
+                       vg: torch.Tensor, block_r: int = 64) -> None:
+    """kg[b, h, r] = keys[h, idx[b, h, r]], vg likewise, for r < W. keys, values: [Hkv, N, D]; idx: [B, Hkv, W]
+    int32 (valid rows); kg, vg: [B, Hkv, W, D] written in place (last dim contiguous). Reference: `torch.gather`."""
+    from lmsqueeze.methods.squeezed._triton_kernels import _gather_rows_kernel
+
+    B, Hkv, W = idx.shape
+    D = keys.shape[-1]
+    if kg.shape != (B, Hkv, W, D) or vg.shape != kg.shape or keys.shape[0] != Hkv or idx.stride(-1) != 1:
+        raise LmsqueezeError(f"gather_rows: idx {tuple(idx.shape)}, keys {tuple(keys.shape)} and outputs "
+                             f"{tuple(kg.shape)} do not match")
+    _gather_rows_kernel[(-(-W // block_r), B * Hkv)](
+        keys, values, idx, kg, vg, keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        idx.stride(0), idx.stride(1), kg.stride(0), kg.stride(1), kg.stride(2), vg.stride(0), vg.stride(1),
+        vg.stride(2), W, HKV=Hkv, D=D, BLOCK_R=block_r, BLOCK_D=_pow2(D), num_warps=4,
+    )
+
+
 def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, lengths, scaling, starts=None,
                              return_lse: bool = False, *, block_m: int | None = None, block_n: int | None = None,
                              num_warps: int | None = None, num_stages: int | None = None,
