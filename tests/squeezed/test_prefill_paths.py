@@ -113,3 +113,13 @@ def test_chunk_rows_kernel_matches_reference(B, G, C, budget, gen):
     assert torch.equal(got[0], want[0])
     if 0 < budget < 10**6:
         assert (want[1] < n).all()                               # the budget binds
+    # exact budget: the crossing cluster gives only the keys that fill it, so every head reads budget + W rows
+    want_x = R.chunk_rows_reference(psum, offs, rc, T, budget, n, exact=True)
+    got_x = K.chunk_rows_triton(psum, offs, rc, budget, exact=True)
+    assert torch.equal(got_x[1], want_x[1]) and torch.equal(got_x[0], want_x[0])
+    held = sizes.sum(-1)                                         # clustered keys per head; the rest is the window
+    assert torch.equal(want_x[1], (held.clamp(max=budget) + n - held).to(torch.int32)[None].expand(B, -1))
+    for b in range(B):                                           # a subset of the full rule's rows
+        for h in range(H):
+            full = set(want[0][b, h, :int(want[1][b, h])].tolist())
+            assert set(want_x[0][b, h, :int(want_x[1][b, h])].tolist()) <= full

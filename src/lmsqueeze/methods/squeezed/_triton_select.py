@@ -10,10 +10,11 @@ lookup.rows_from_clusters (kernels.chunk_rows_triton documents the contract).
                          31 masked sums in int32 (as an int64 bisection: 69.8 us, now 32.7 us, H100,
                          squeezed_prefill_profile_h100_v2/_v3.json); clusters
                          above theta are kept, those at theta in index order while the keys before them stay
-                         under the budget. Writes keep, the kept keys before each cluster (index order,
-                         observation window C last and always kept) and the count.
+                         under the budget. Writes the kept keys of each cluster (EXACT: the crossing one only
+                         those that fill the budget), the kept keys before it (index order, observation window C
+                         last and always kept) and the count.
   `_rows_from_keep_kernel` grid (ceil(N/BLOCK), B*Hkv): row r of cluster c (keys sorted by cluster) goes to
-                         position before[c] + r - offsets[c] of the row list when c is kept.
+                         position before[c] + r - offsets[c] of the row list when r - offsets[c] < kept[c].
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import triton.language as tl
 
 @triton.jit
 def _budget_keep_kernel(
-    Psum, Offsets, Keep, Before, Counts,
+    Psum, Offsets, KSz, Before, Counts,
     stride_pb, stride_ph, stride_oh, stride_kb, stride_kh,
     C, budget,
-    HKV: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_C: tl.constexpr, EXACT: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     b = pid // HKV
@@ -55,18 +56,21 @@ def _budget_keep_kernel(
     s_gt = tl.sum(tl.where(gt, sz, 0), 0)
     tsz = tl.where(elig & (key == theta), sz, 0)
     tie_before = tl.cumsum(tsz, 0) - tsz
-    keep = gt | ((tsz > 0) & (s_gt + tie_before < budget)) | (c == C)
+    tie_keep = (tsz > 0) & (s_gt + tie_before < budget)
+    keep = gt | tie_keep | (c == C)
     ks = tl.where(keep, sz, 0)
+    if EXACT:   # the crossing cluster gives only the keys that fill the budget
+        ks = tl.where(tie_keep, tl.minimum(sz, budget - s_gt - tie_before), ks)
     before = tl.cumsum(ks, 0) - ks
     base = b.to(tl.int64) * stride_kb + h * stride_kh
-    tl.store(Keep + base + c, keep.to(tl.int8), mask=c <= C)
+    tl.store(KSz + base + c, ks, mask=c <= C)
     tl.store(Before + base + c, before, mask=c <= C)
     tl.store(Counts + pid, tl.sum(ks, 0))
 
 
 @triton.jit
 def _rows_from_keep_kernel(
-    Keep, Before, Offsets, RowCluster, Idx,
+    KSz, Before, Offsets, RowCluster, Idx,
     stride_kb, stride_kh, stride_oh, stride_rh, stride_ib, stride_ih,
     N,
     HKV: tl.constexpr, BLOCK: tl.constexpr,
@@ -79,6 +83,7 @@ def _rows_from_keep_kernel(
     rm = r < N
     rc = tl.load(RowCluster + h.to(tl.int64) * stride_rh + r, mask=rm, other=0)
     base = b.to(tl.int64) * stride_kb + h * stride_kh
-    k = tl.load(Keep + base + rc, mask=rm, other=0)
-    pos = tl.load(Before + base + rc, mask=rm, other=0) + r - tl.load(Offsets + h * stride_oh + rc, mask=rm, other=0)
-    tl.store(Idx + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + pos, r, mask=rm & (k != 0))
+    rank = r - tl.load(Offsets + h * stride_oh + rc, mask=rm, other=0)         # row within its cluster
+    pos = tl.load(Before + base + rc, mask=rm, other=0) + rank
+    tl.store(Idx + b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + pos, r,
+             mask=rm & (rank < tl.load(KSz + base + rc, mask=rm, other=0)))

@@ -380,9 +380,11 @@ SELECT_MAX_CLUSTERS = 16383
 
 
 def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: torch.Tensor, budget: int,
-                      width: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      width: int | None = None, num_warps: int | None = None,
+                      exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel form of `reference.chunk_rows_reference` (two launches, no host sync, graph-capturable; T is not needed:
-    the ranking by max psum equals the ranking by log(psum / T)); width None: N (every row fits)."""
+    the ranking by max psum equals the ranking by log(psum / T)); width None: N (every row fits); exact: the
+    crossing cluster gives only the keys that fill the budget."""
     from lmsqueeze.methods.squeezed._triton_select import _budget_keep_kernel, _rows_from_keep_kernel
 
     B, Hq, C = psum.shape
@@ -397,19 +399,19 @@ def chunk_rows_triton(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: to
     if width < N:
         raise LmsqueezeError("chunk_rows_triton needs width >= N (no host sync for the largest count)")
     psum = psum.contiguous()
-    keep = torch.empty(B, Hkv, C + 1, device=psum.device, dtype=torch.int8)
+    ksz = torch.empty(B, Hkv, C + 1, device=psum.device, dtype=torch.int32)
     before = torch.empty(B, Hkv, C + 1, device=psum.device, dtype=torch.int32)
     counts = torch.empty(B, Hkv, device=psum.device, dtype=torch.int32)
     idx = torch.zeros(B, Hkv, width, device=psum.device, dtype=torch.int32)
     bc = _pow2(C + 1)
     _budget_keep_kernel[(B * Hkv,)](
-        psum, offsets, keep, before, counts, psum.stride(0), psum.stride(1), offsets.stride(0),
-        keep.stride(0), keep.stride(1), C, int(budget),
-        HKV=Hkv, G=Hq // Hkv, BLOCK_C=bc, num_warps=num_warps or (8 if bc >= 4096 else 4),
+        psum, offsets, ksz, before, counts, psum.stride(0), psum.stride(1), offsets.stride(0),
+        ksz.stride(0), ksz.stride(1), C, int(budget),
+        HKV=Hkv, G=Hq // Hkv, BLOCK_C=bc, EXACT=exact, num_warps=num_warps or (8 if bc >= 4096 else 4),
     )
     block = 1024
     _rows_from_keep_kernel[(-(-N // block), B * Hkv)](
-        keep, before, offsets, row_cluster, idx, keep.stride(0), keep.stride(1), offsets.stride(0),
+        ksz, before, offsets, row_cluster, idx, ksz.stride(0), ksz.stride(1), offsets.stride(0),
         row_cluster.stride(0), idx.stride(0), idx.stride(1), N, HKV=Hkv, BLOCK=block, num_warps=4,
     )
     return idx, counts

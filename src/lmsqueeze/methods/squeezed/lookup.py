@@ -73,6 +73,14 @@ def budget_keep(agg: torch.Tensor, sizes: torch.Tensor, budget: int, allowed: to
     agg: [B, H, C] float32; sizes: [H, C] int; allowed: [B, H, C] bool or None. Non-empty allowed clusters
     are eligible even at agg = -inf (an underflowed estimate), ranked last. Returns bool [B, H, C].
     """
+    return budget_sizes(agg, sizes, budget, allowed) > 0
+
+
+def budget_sizes(agg: torch.Tensor, sizes: torch.Tensor, budget: int,
+                 allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """`budget_keep` as kept keys per cluster, exactly `budget` in all: the crossing cluster gives only its first
+    (budget - keys of the clusters ranked above it) keys. Returns int64 [B, H, C] (fewer than `budget` in all
+    only when the eligible clusters hold fewer keys)."""
     B, H, C = agg.shape
     sz = sizes.to(agg.device).long()[None].expand(B, H, C)
     eligible = sz > 0
@@ -81,10 +89,10 @@ def budget_keep(agg: torch.Tensor, sizes: torch.Tensor, budget: int, allowed: to
     key = torch.where(torch.isfinite(agg), agg, torch.full_like(agg, -3.0e38))
     key = torch.where(eligible, key, torch.full_like(agg, float("-inf")))
     order = torch.argsort(key, dim=-1, descending=True, stable=True)
-    sz_sorted = sz.gather(-1, order)
+    sz_sorted = torch.where(eligible, sz, 0).gather(-1, order)
     before = torch.cumsum(sz_sorted, -1) - sz_sorted
-    keep_sorted = (before < budget) & eligible.gather(-1, order)
-    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    ks_sorted = (budget - before).clamp(0).minimum(sz_sorted)
+    return torch.zeros_like(ks_sorted).scatter_(-1, order, ks_sorted)
 
 
 def keys_from_clusters(keep: torch.Tensor, row_cluster: torch.Tensor) -> torch.Tensor:
@@ -112,20 +120,24 @@ def rows_from_clusters(keep: torch.Tensor, offsets: torch.Tensor, row_cluster: t
                        width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`mask_to_index(keys_from_clusters(keep, row_cluster), width)` without a cumulative sum over the N rows:
     keys are sorted by cluster, so the p-th kept row of cluster c lands at (kept keys of clusters before c) + p;
-    the cumulative sum runs over the C + 1 clusters, then each row is placed by one gather and one scatter. keep: [B, H, C + 1] bool; offsets: [H, C + 2] int (cluster c's rows
+    the cumulative sum runs over the C + 1 clusters, then each row is placed by one gather and one scatter. keep:
+    [B, H, C + 1] bool, or int kept keys per cluster (the first ones of the cluster); offsets: [H, C + 2] int (cluster c's rows
     are [offsets[c], offsets[c + 1])); row_cluster: [H, N]. Returns (idx [B, H, M] int32 ascending, padded
     with 0; counts [B, H] int32); M = `width` or the largest count (a host sync)."""
     B, H, _ = keep.shape
     N = row_cluster.shape[-1]
     offs = offsets.long()
-    ks = torch.where(keep, (offs[:, 1:] - offs[:, :-1])[None], 0)                # [B, H, C + 1] kept sizes
+    if keep.dtype == torch.bool:
+        ks = torch.where(keep, (offs[:, 1:] - offs[:, :-1])[None], 0)            # [B, H, C + 1] kept sizes
+    else:
+        ks = keep.long()
     before = torch.cumsum(ks, -1) - ks                                            # kept keys of earlier clusters
     counts = ks.sum(-1)
     M = max(int(counts.max()) if width is None else width, 1)
     rc = row_cluster.long()
     rank = torch.arange(N, device=keep.device)[None] - offs.gather(1, rc)         # [H, N] row within its cluster
     rcb = rc[None].expand(B, -1, -1)
-    pos = torch.where(keep.gather(-1, rcb), before.gather(-1, rcb) + rank[None], M)
+    pos = torch.where(rank[None] < ks.gather(-1, rcb), before.gather(-1, rcb) + rank[None], M)
     idx = torch.zeros(B, H, M + 1, dtype=torch.int32, device=keep.device)
     idx.scatter_(-1, pos.clamp_max(M), torch.arange(N, dtype=torch.int32, device=keep.device).expand(B, H, -1))
     return idx[..., :M].contiguous(), counts.clamp_max(M).to(torch.int32)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lmsqueeze.kernels.merge import merge_attention_states
-from lmsqueeze.methods.squeezed.lookup import budget_keep, chunk_agg, rows_from_clusters
+from lmsqueeze.methods.squeezed.lookup import budget_keep, budget_sizes, chunk_agg, rows_from_clusters
 
 NEG = float("-inf")
 
@@ -263,13 +263,19 @@ def token_select_attention_reference(q: torch.Tensor, keys: torch.Tensor, values
 
 
 def chunk_rows_reference(psum: torch.Tensor, offsets: torch.Tensor, row_cluster: torch.Tensor, T: int, budget: int,
-                         width: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         width: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The 'chunk' prefill selection in torch: lookup.budget_keep on the chunk's estimated weights, the
     observation window appended, then lookup.rows_from_clusters. psum: [B, Hq, C] (prefill_scores);
-    offsets: [Hkv, C + 2] int32; row_cluster: [Hkv, N]; T: the chunk's queries; budget: fixed keys to read.
-    Returns (idx [B, Hkv, width] int32 ascending, padded with 0; counts [B, Hkv] int32)."""
+    offsets: [Hkv, C + 2] int32; row_cluster: [Hkv, N]; T: the chunk's queries; budget: fixed keys to read;
+    exact: the crossing cluster gives only the keys that fill the budget (lookup.budget_sizes), so every head
+    reads budget + window rows. Returns (idx [B, Hkv, width] int32 ascending, padded with 0; counts [B, Hkv])."""
     Hkv = offsets.shape[0]
     sizes = (offsets[:, 1:-1] - offsets[:, :-2]).long()
-    keep = budget_keep(chunk_agg(psum, T, Hkv), sizes, budget)
+    agg = chunk_agg(psum, T, Hkv)
+    if exact:
+        ks = budget_sizes(agg, sizes, budget)
+        window = (offsets[:, -1] - offsets[:, -2]).long()[None, :, None].expand(ks.shape[0], -1, 1)
+        return rows_from_clusters(torch.cat([ks, window], -1), offsets, row_cluster, width)
+    keep = budget_keep(agg, sizes, budget)
     keep = torch.cat([keep, torch.ones_like(keep[..., :1])], -1)
     return rows_from_clusters(keep, offsets, row_cluster, width)
