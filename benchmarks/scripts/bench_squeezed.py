@@ -842,6 +842,37 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
                            baseline_timing=base_g, context=N, user_tokens=T, sparsity=0.9,
                            kept_fraction=extra["kept_fraction"], prefill="chunk", config=cfg_new,
                            note="CUDA graph, rows_from_clusters"))
+    # the exact-budget path (attention.prefill_gathered: gathered rows through torch's cuDNN attention), eager
+    # and as a CUDA graph, checked against the reference over its own rows
+    try:
+        from lmsqueeze.methods.squeezed.attention import gather_sdpa_ok, prefill_gathered
+        extra["gathered_path_available"] = gather_sdpa_ok(q, idx, None, None)
+
+        def gathered():
+            return prefill_gathered(q, idx, sc, 0.9, lk, lv, lengths, None)[0]
+        o_g = gathered()
+        budget = math.ceil(0.1 * idx.clustered)
+        psum = K.prefill_scores(q, idx.centroids, idx.log_sizes[None], sc)
+        ix_x, cnt_x = K.chunk_rows_triton(psum, idx.offsets, idx.row_cluster, budget, idx.keys.shape[1], exact=True)
+        o_gr, _ = R.indexed_attention_reference(q[:, :, -128:], idx.keys, idx.values, ix_x, cnt_x, lk, lv, lengths,
+                                                sc)
+        extra["gathered_rel_err_vs_reference_last128"] = rel(o_g[:, :, -128:], o_gr)
+        extra["gathered_rows_per_head"] = cnt_x[0].tolist()
+        extra["gathered_kept_fraction"] = ((cnt_x.float() - 64) / idx.clustered).mean().item()
+        t_g = time_cuda(gathered, iters=iters, use_graph=False)
+        t_gg = time_cuda(gathered, iters=iters, use_graph=True)
+        rows.append(timing_row("prefill_squeezed_gathered", t_g, baseline="prefill_dense_sdpa_bf16",
+                               baseline_timing=base, context=N, user_tokens=T, sparsity=0.9,
+                               kept_fraction=extra["gathered_kept_fraction"], prefill="chunk",
+                               note="eager, exact budget, gathered rows through torch's cuDNN attention "
+                                    "(attention.prefill_gathered)"))
+        rows.append(timing_row("prefill_squeezed_gathered_graph", t_gg, baseline="prefill_dense_sdpa_bf16_graph",
+                               baseline_timing=base_g, context=N, user_tokens=T, sparsity=0.9,
+                               kept_fraction=extra["gathered_kept_fraction"], prefill="chunk",
+                               note="CUDA graph, exact budget, gathered rows through torch's cuDNN attention"))
+    except Exception:  # noqa: BLE001
+        extra["gathered_error"] = traceback.format_exc()[-2000:]
+        say(f"gathered prefill raised:\n{traceback.format_exc()[-1500:]}")
     if checkpoint is not None:
         checkpoint(rows, extra)
     if PER_TOKEN:

@@ -143,3 +143,28 @@ def test_gather_rows_matches_torch_gather(D, gen):
     ii = idx.long()[..., None].expand(-1, -1, -1, D)
     assert torch.equal(kg, keys[None].expand(B, -1, -1, -1).gather(2, ii))
     assert torch.equal(vg, vals[None].expand(B, -1, -1, -1).gather(2, ii))
+
+
+def _dense_lse(q, k, v, scaling):
+    """Plain-torch stand-in for cudnn_attention_lse: q [B, H, M, D], k, v [B, H, N, D]."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scaling
+    return (torch.softmax(s, -1) @ v.float()).to(q.dtype), torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("G,D", CASES)
+def test_gathered_attention_matches_reference(G, D, gen):
+    """Gather the listed rows + dense attention with lse over them (query heads packed as rows) + the causal
+    local slots + the log-sum-exp merge = indexed attention over the same rows (batch 2, left padding)."""
+    B, Hkv, T, L, N, W = 2, 2, 7, 29, 53, 19
+    keys, vals = torch.randn(Hkv, N, D, generator=gen), torch.randn(Hkv, N, D, generator=gen)
+    q = torch.randn(B, Hkv * G, T, D, generator=gen)
+    idx = torch.stack([torch.stack([torch.randperm(N, generator=gen)[:W] for _ in range(Hkv)]) for _ in range(B)])
+    idx = torch.cat([idx, torch.zeros(B, Hkv, 5, dtype=idx.dtype)], -1).to(torch.int32)   # wider than W
+    lk, lv = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
+    lengths = torch.tensor([T + 2, L], dtype=torch.int32)
+    starts = torch.tensor([1, 0], dtype=torch.int32)
+    sc = D ** -0.5
+    got = K.gathered_attention(q, keys, vals, idx, W, lk, lv, lengths, sc, starts, fixed_attn=_dense_lse)
+    counts = torch.full((B, Hkv), W, dtype=torch.int32)
+    want, _ = R.indexed_attention_reference(q, keys, vals, idx, counts, lk, lv, lengths, sc, starts)
+    assert _rel(got, want) < 1e-5

@@ -435,6 +435,39 @@ def gather_rows_triton(keys: torch.Tensor, values: torch.Tensor, idx: torch.Tens
     )
 
 
+def cudnn_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
+    """Dense attention with its log-sum-exp through torch's cuDNN kernel (private op; CUDA, fp16/bf16).
+    q: [B, H, M, D], k, v: [B, H, N, D] -> (out [B, H, M, D], lse [B, H, M] float32, natural log)."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                    scale=scaling)[:2]
+    return out, lse.reshape(q.shape[:3]).float()
+
+
+def gathered_attention(q, keys, values, idx, width: int, local_k, local_v, lengths, scaling, starts=None,
+                       fixed_attn=None):
+    """Prefill attention over the same number (`width`) of listed fixed rows for every (sequence, KV head) and
+    the causal local slots: the listed rows copied into a compact buffer (`gather_rows_triton`), the G query
+    heads of a KV head packed as the rows of one dense attention with log-sum-exp over them (`fixed_attn`, None:
+    `cudnn_attention_lse`), the local slots by `indexed_attention_triton` with no listed rows, the two merged by
+    log-sum-exp (one Triton kernel). q: [B, Hq, T, D] rotated; idx: [B, Hkv, >= width] int32 (the first `width`
+    used); others as `indexed_attention`. Returns [B, Hq, T, D]."""
+    from lmsqueeze.kernels.merge import merge_attention_outputs_triton
+
+    B, Hq, T, D = q.shape
+    Hkv = keys.shape[0]
+    G = _check_heads(q, Hkv, keys.shape[-1], "gathered_attention")
+    kg = torch.empty(B, Hkv, width, D, device=q.device, dtype=keys.dtype)
+    vg = torch.empty_like(kg)
+    gather_rows_triton(keys, values, idx[..., :width], kg, vg)
+    q = q.contiguous()
+    o_f, lse_f = (fixed_attn or cudnn_attention_lse)(q.view(B, Hkv, G * T, D), kg, vg, scaling)
+    none = torch.zeros(B, Hkv, device=q.device, dtype=torch.int32)
+    o_l, lse_l = indexed_attention_triton(q, keys, values, idx, none, local_k, local_v, lengths, scaling, starts,
+                                          return_lse=True)
+    return merge_attention_outputs_triton(o_f.reshape(B, Hq, T, D).to(q.dtype), lse_f.reshape(B, Hq, T), o_l,
+                                          lse_l)
+
+
 def indexed_attention_triton(q, keys, values, idx, counts, local_k, local_v, lengths, scaling, starts=None,
                              return_lse: bool = False, *, block_m: int | None = None, block_n: int | None = None,
                              num_warps: int | None = None, num_stages: int | None = None,
