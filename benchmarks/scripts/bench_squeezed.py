@@ -237,6 +237,25 @@ def check_model(dev) -> list[dict]:
         err = (torch.cat(logits) - ref).abs().max().item()
         out.append({"check": f"sparsity0_equals_dense{'_hier' if hier else ''}_{mode}", "max_abs_logit_err": err,
                     "ok": err < 1e-3})
+    # bf16: the 'chunk' prefill takes attention.prefill_gathered (cuDNN over the gathered rows) when available;
+    # at sparsity 0 it must match dense bf16 logits
+    if MODEL_CHECKS == "all":
+        import copy
+
+        from lmsqueeze.methods.squeezed import attention as A
+        mb = copy.deepcopy(m).to(torch.bfloat16)
+        with torch.no_grad():
+            ref_b = mb(ids).logits[0, S:].float()
+        art_b = SqueezedAttention(centroids=0.1, sparsity=0.0, observation=16, prefill="chunk").prepare(mb, ids[:, :S])
+        with lmsqueeze.apply(mb, art_b) as sess, torch.no_grad():
+            c = sess.new_cache()
+            logits = [mb(ids[:, S:S + 6], past_key_values=c).logits[0]]
+            logits += [mb(ids[:, i:i + 1], past_key_values=c).logits[0] for i in range(S + 6, S + T)]
+        err = (torch.cat(logits).float() - ref_b).abs().max().item() / ref_b.abs().max().item()
+        used = A.gather_sdpa_ok(torch.empty(1, device=dev, dtype=torch.bfloat16), art_b_index(art_b, dev), None, None)
+        out.append({"check": "sparsity0_equals_dense_chunk_bf16", "gathered_path": used, "rel_max_logit_err": err,
+                    "ok": err < 2e-2})
+        del mb
     dense_tok = generate(m, ids, max_new_tokens=12, use_graph=True).new_tokens
     for sp, hier in ((0.0, None), (0.9, None), (0.9, (0.02, 0.1))):
         art = SqueezedAttention(centroids=0.1, sparsity=sp, coarse_sparsity=0.0 if sp == 0 else 0.5,
@@ -253,6 +272,13 @@ def check_model(dev) -> list[dict]:
             row["ok"] = row["ok"] and row["equals_dense_tokens"]
         out.append(row)
     return out
+
+
+def art_b_index(art, dev):
+    """Layer 0's index of a prepared artifact (for gather_sdpa_ok's shape conditions)."""
+    from lmsqueeze.methods.squeezed.index import SqueezedIndex
+    from lmsqueeze.methods.squeezed.state import cached_layer
+    return cached_layer(art, 0, dev, torch.bfloat16, SqueezedIndex.from_tensors)
 
 
 # --- 2. decode --------------------------------------------------------------------------------------------------
@@ -854,8 +880,9 @@ def bench_prefill(N: int, T: int, dev, iters: int, checkpoint=None) -> tuple[lis
         budget = math.ceil(0.1 * idx.clustered)
         psum = K.prefill_scores(q, idx.centroids, idx.log_sizes[None], sc)
         ix_x, cnt_x = K.chunk_rows_triton(psum, idx.offsets, idx.row_cluster, budget, idx.keys.shape[1], exact=True)
-        o_gr, _ = R.indexed_attention_reference(q[:, :, -128:], idx.keys, idx.values, ix_x, cnt_x, lk, lv, lengths,
-                                                sc)
+        width = int(cnt_x.max())
+        o_gr, _ = R.indexed_attention_reference(q[:, :, -128:], idx.keys, idx.values, ix_x[..., :width].contiguous(),
+                                                cnt_x, lk, lv, lengths, sc)
         extra["gathered_rel_err_vs_reference_last128"] = rel(o_g[:, :, -128:], o_gr)
         extra["gathered_rows_per_head"] = cnt_x[0].tolist()
         extra["gathered_kept_fraction"] = ((cnt_x.float() - 64) / idx.clustered).mean().item()
