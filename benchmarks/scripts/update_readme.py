@@ -116,7 +116,7 @@ def render() -> str:
          ("baseline ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: "ms" in r and not r["method"].startswith("prefill"))
     lines += rows_table(
-        "squeezed_prefill_h100_v12.json",
+        "squeezed_prefill_h100_v14.json",
         "Squeezed Attention prefill: 1K user tokens vs a 128K fixed context, 90% sparsity (H100; `_graph` rows and "
         "their baseline are CUDA graphs)",
         [("method", "method", ""), ("ms", "ms", ".3f"), ("dense ms", "baseline_ms", ".3f"), ("speedup", "speedup", ".2f"),
