@@ -150,3 +150,25 @@ def test_answer_many_and_cli(zoo, tmp_path):
     assert main(["squeezed", "ask", str(out), "--questions", str(qfile), "--max-new-tokens", "3",
                  "--device", "cpu"]) == 0
     assert main(["squeezed", "ask", str(out), "--device", "cpu"]) == 2                 # no question: user error
+
+
+def test_gathered_prefill_failure_falls_back_to_the_triton_path(monkeypatch):
+    """If torch's cuDNN attention refuses a shape, the 'chunk' prefill logs it, takes the gather-attention path
+    with the same answer, and does not try cuDNN again."""
+    from lmsqueeze.methods.squeezed import attention as A
+
+    model = tiny_model("llama")
+    ids = _ids(5, S + 6)
+    art = SqueezedAttention(centroids=0.2, sparsity=0.7, observation=8, prefill="chunk").prepare(model, ids[:, :S])
+    want = _logits(model, art, ids[:, S:], 4)
+    calls = []
+
+    def refuse(*a, **k):
+        calls.append(1)
+        raise RuntimeError("cuDNN: no engine for this shape")
+    failed: list = []
+    monkeypatch.setattr(A, "_GATHER_SDPA_FAILED", failed)
+    monkeypatch.setattr(A, "prefill_gathered", refuse)
+    monkeypatch.setattr(A, "gather_sdpa_ok", lambda *a: not failed)    # as on CUDA, until the first failure
+    torch.testing.assert_close(_logits(model, art, ids[:, S:], 4), want)
+    assert len(calls) == 1 and failed and "no engine" in failed[0]

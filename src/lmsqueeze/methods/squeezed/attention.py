@@ -19,6 +19,7 @@ Prefill (a chunk of T > 1 queries), `prefill` mode (SqueezedAttention's default:
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -44,6 +45,8 @@ from lmsqueeze.methods.squeezed.lookup import (
 )
 from lmsqueeze.methods.squeezed.state import FixedContextState, cached_layer
 from lmsqueeze.methods.squeezed.token_select import kept_rows, token_keep
+
+log = logging.getLogger(__name__)
 
 
 def decode_scores(q: torch.Tensor, idx: SqueezedIndex, scaling: float, count: bool | None = None):
@@ -104,7 +107,8 @@ def prefill_rows(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: 
 def gather_sdpa_ok(q: torch.Tensor, idx: SqueezedIndex, window, local_valid) -> bool:
     """Whether a 'chunk' prefill takes `prefill_gathered` (PREFILL_GATHER_SDPA, CUDA, fp16/bf16, flat index, no
     sliding window or padding mask, torch's cuDNN attention present)."""
-    return (PREFILL_GATHER_SDPA and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and window is None
+    return (PREFILL_GATHER_SDPA and not _GATHER_SDPA_FAILED and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and window is None
             and local_valid is None and not idx.hierarchical and idx.num_clusters <= SELECT_MAX_CLUSTERS
             and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
             and torch.backends.cudnn.is_available())
@@ -126,8 +130,10 @@ def prefill_gathered(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsi
 
 
 # 'chunk' prefill on CUDA through `prefill_gathered` (exact budget, cuDNN attention over the gathered rows) instead
-# of prefill_rows + the Triton gather attention
+# of prefill_rows + the Triton gather attention: 0.771 vs 0.894-0.904 ms for a 1K-token chunk against 128K, eager (H100,
+# same run, benchmarks/results/squeezed_prefill_h100_v14.json)
 PREFILL_GATHER_SDPA = True
+_GATHER_SDPA_FAILED: list = []   # why the cuDNN path failed in this process, if it did (then it is not tried again)
 # 'chunk' prefill selection without a host sync (prefill_rows): 1.49 ms vs 1.69 ms with the sync for a 1K-token
 # chunk against 128K (eager, same scoring and attention configs, same rows; H100, squeezed_decode_h100_v3.json)
 PREFILL_SYNC_FREE = True
@@ -166,10 +172,16 @@ class SqueezedState(FixedContextState):
     def attend_fixed(self, q_rot, idx: SqueezedIndex, step: Step, lengths, starts, local_valid, n):
         if q_rot.shape[2] != 1:
             if self.prefill == "chunk" and gather_sdpa_ok(q_rot, idx, step.window, local_valid):
-                out, counts = prefill_gathered(q_rot, idx, step.scaling, self.sparsity, self.k[:, :, :n],
-                                               self.v[:, :, :n], lengths, starts)
-                self.note_rows(counts)
-                return out
+                try:
+                    out, counts = prefill_gathered(q_rot, idx, step.scaling, self.sparsity, self.k[:, :, :n],
+                                                   self.v[:, :, :n], lengths, starts)
+                except RuntimeError as e:   # cuDNN refused this shape or build: the Triton path from now on
+                    _GATHER_SDPA_FAILED.append(repr(e)[:300])
+                    log.warning("Squeezed prefill: torch's cuDNN attention failed (%s); using the Triton gather "
+                                "attention from now on", repr(e)[:200])
+                else:
+                    self.note_rows(counts)
+                    return out
             if self.prefill == "chunk":
                 return super().attend_fixed(q_rot, idx, step, lengths, starts, local_valid, n)
             return self.prefill_per_token(q_rot, idx, step, lengths, starts, local_valid, n)
