@@ -10,8 +10,8 @@ import lmsqueeze
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.methods.squeezed import SqueezedAttention
 from lmsqueeze.methods.squeezed.context import capture_context
-from lmsqueeze.models.tiny import tiny_model
 from lmsqueeze.models.compat import cache_kw
+from lmsqueeze.models.tiny import tiny_model
 
 S = 80
 
