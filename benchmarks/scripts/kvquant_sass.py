@@ -44,22 +44,34 @@ def compile_sass(fn, bits: int, maxnreg: int | None, D: int = 128, G: int = 4, b
     cons = {"D": D, "BITS": bits, "W": W, "G": G, "BLOCK_G": G, "BLOCK_N": block_n, "NOUT": 1, "IMASK": D - 1,
             "NSIDE": 1, "NSIDE_P2": 16, "HAS_STARTS": False, "USE_ASM": True, "QROWS": False, "KROT": False,
             "VFOLD": True, "HAS_TSCALE": False}
+    sig, cons, _ = signature(fn, cons, PTRS, ("qk_scale", "rope_scale"))
+    opts = {"num_warps": 4, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return disassemble(fn, sig, cons, opts)
+
+
+def signature(fn, cons: dict, ptrs: dict, floats: tuple) -> tuple[dict, dict, dict]:
+    """(argument types, constexpr values, divisibility attributes) of a Triton kernel for `disassemble`: the
+    names in `cons` are constexprs with those values, `ptrs` maps pointer names to types, `floats` are fp32, other
+    constexpr parameters take their defaults, the rest are i32; the attributes mark pointers and stride_* ints
+    multiples of 16 (as the JIT does for such values)."""
     names = fn.arg_names
+    cons = {k: v for k, v in cons.items() if k in names}
     sig = {}
     for n in names:
         if n in cons:
             sig[n] = "constexpr"
-        elif n in PTRS:
-            sig[n] = PTRS[n]
-        elif n in ("qk_scale", "rope_scale"):
+        elif n in ptrs:
+            sig[n] = ptrs[n]
+        elif n in floats:
             sig[n] = "fp32"
-        elif n.isupper():  # a constexpr flag this source has and the list above does not: its default
+        elif fn.params[names.index(n)].is_constexpr:  # a constexpr flag the caller does not name: its default
             sig[n] = "constexpr"
             cons[n] = fn.params[names.index(n)].default
         else:
             sig[n] = "i32"
-    opts = {"num_warps": 4, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
-    return disassemble(fn, sig, {k: v for k, v in cons.items() if k in names}, opts)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or (n.startswith("stride") and sig[n] == "i32")}
+    return sig, cons, attrs
 
 
 def disassemble(fn, sig: dict, constexprs: dict, options: dict, attrs: dict | None = None) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kvquant_sass import disassemble, loops
+from kvquant_sass import disassemble, loops, signature
 
 OPS = ("MUFU", "FADD", "FFMA", "FMUL", "FMNMX", "SHFL", "STS", "LDS", "HGMMA", "BAR", "LDGSTS", "F2FP")
 
@@ -37,32 +37,11 @@ def _load(path: str):
     return mod
 
 
-def _sig(fn, cons: dict, ptrs: dict, floats: tuple) -> tuple[dict, dict, dict]:
-    names = fn.arg_names
-    cons = {k: v for k, v in cons.items() if k in names}
-    sig = {}
-    for n in names:
-        if n in cons:
-            sig[n] = "constexpr"
-        elif n in ptrs:
-            sig[n] = ptrs[n]
-        elif n in floats:
-            sig[n] = "fp32"
-        elif fn.params[names.index(n)].is_constexpr:  # a constexpr flag this list does not name: its default
-            sig[n] = "constexpr"
-            cons[n] = fn.params[names.index(n)].default
-        else:
-            sig[n] = "i32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if sig[n].startswith("*") or (n.startswith("stride") and sig[n] == "i32")}
-    return sig, cons, attrs
-
-
 def scores_loops(mod, pass2_t: bool) -> list:
     fn = mod._prefill_scores_kernel
     cons = {"HQ": 32, "G": 4, "D": 128, "BLOCK_M": 128, "BLOCK_C": 64, "BLOCK_D": 128, "IEEE_DOT": False,
             "EXP2": True, "PASS2_T": pass2_t}
-    sig, cons, attrs = _sig(fn, cons, {"Q": "*bf16", "Cent": "*bf16", "LSz": "*fp32", "Psum": "*fp32"}, ("scale",))
+    sig, cons, attrs = signature(fn, cons, {"Q": "*bf16", "Cent": "*bf16", "LSz": "*fp32", "Psum": "*fp32"}, ("scale",))
     return loops(disassemble(fn, sig, cons, {"num_warps": 4, "num_stages": 3}, attrs))
 
 
@@ -72,7 +51,7 @@ def attention_loops(mod) -> list:
             "WRITE_LSE": False, "IEEE_DOT": False, "TOKEN_MASK": False, "STEADY": True}
     ptrs = {n: "*bf16" for n in ("Q", "K", "V", "LK", "LV", "Out")}
     ptrs.update({n: "*i32" for n in ("Idx", "Counts", "Lengths", "Starts", "Keep", "RowCluster")}, Lse="*fp32")
-    sig, cons, attrs = _sig(fn, cons, ptrs, ("scale_log2",))
+    sig, cons, attrs = signature(fn, cons, ptrs, ("scale_log2",))
     return loops(disassemble(fn, sig, cons, {"num_warps": 8, "num_stages": 2}, attrs))
 
 
