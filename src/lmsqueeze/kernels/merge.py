@@ -41,7 +41,7 @@ def merge_attention_outputs_triton(out_a: torch.Tensor, lse_a: torch.Tensor, out
     R = out_a.numel() // D
     if out_b.shape != out_a.shape or lse_a.numel() != R or lse_b.numel() != R:
         raise LmsqueezeError(f"merge: outputs {tuple(out_a.shape)} / {tuple(out_b.shape)} and lse "
-                         f"{tuple(lse_a.shape)} / {tuple(lse_b.shape)} do not match")
+                             f"{tuple(lse_a.shape)} / {tuple(lse_b.shape)} do not match")
     out = torch.empty_like(out_a)
     _merge_pair_kernel[(-(-R // block_r),)](
         out_a.contiguous(), lse_a.float().contiguous(), out_b.contiguous(), lse_b.float().contiguous(), out, R,

@@ -107,9 +107,9 @@ def prefill_rows(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsity: 
 def gather_sdpa_ok(q: torch.Tensor, idx: SqueezedIndex, window, local_valid) -> bool:
     """Whether a 'chunk' prefill takes `prefill_gathered` (PREFILL_GATHER_SDPA, CUDA, fp16/bf16, flat index, no
     sliding window or padding mask, torch's cuDNN attention present)."""
-    return (PREFILL_GATHER_SDPA and not _GATHER_SDPA_FAILED and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and window is None
-            and local_valid is None and not idx.hierarchical and idx.num_clusters <= SELECT_MAX_CLUSTERS
+    return (PREFILL_GATHER_SDPA and not _GATHER_SDPA_FAILED and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16) and window is None and local_valid is None
+            and not idx.hierarchical and idx.num_clusters <= SELECT_MAX_CLUSTERS
             and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
             and torch.backends.cudnn.is_available())
 
@@ -130,8 +130,8 @@ def prefill_gathered(q: torch.Tensor, idx: SqueezedIndex, scaling: float, sparsi
 
 
 # 'chunk' prefill on CUDA through `prefill_gathered` (exact budget, cuDNN attention over the gathered rows) instead
-# of prefill_rows + the Triton gather attention: 0.771 vs 0.894-0.904 ms for a 1K-token chunk against 128K, eager (H100,
-# same run, benchmarks/results/squeezed_prefill_h100_v14.json)
+# of prefill_rows + the Triton gather attention: 0.771 vs 0.894-0.904 ms for a 1K-token chunk against 128K, eager
+# (H100, same run, benchmarks/results/squeezed_prefill_h100_v14.json)
 PREFILL_GATHER_SDPA = True
 _GATHER_SDPA_FAILED: list = []   # why the cuDNN path failed in this process, if it did (then it is not tried again)
 # 'chunk' prefill selection without a host sync (prefill_rows): 1.49 ms vs 1.69 ms with the sync for a 1K-token

@@ -120,10 +120,10 @@ def rows_from_clusters(keep: torch.Tensor, offsets: torch.Tensor, row_cluster: t
                        width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`mask_to_index(keys_from_clusters(keep, row_cluster), width)` without a cumulative sum over the N rows:
     keys are sorted by cluster, so the p-th kept row of cluster c lands at (kept keys of clusters before c) + p;
-    the cumulative sum runs over the C + 1 clusters, then each row is placed by one gather and one scatter. keep:
-    [B, H, C + 1] bool, or int kept keys per cluster (the first ones of the cluster); offsets: [H, C + 2] int (cluster c's rows
-    are [offsets[c], offsets[c + 1])); row_cluster: [H, N]. Returns (idx [B, H, M] int32 ascending, padded
-    with 0; counts [B, H] int32); M = `width` or the largest count (a host sync)."""
+    the cumulative sum runs over the C + 1 clusters, then each row is placed by one gather and one scatter.
+    keep: [B, H, C + 1] bool, or int kept keys per cluster (its first ones); offsets: [H, C + 2] int (cluster
+    c's rows are [offsets[c], offsets[c + 1])); row_cluster: [H, N]. Returns (idx [B, H, M] int32 ascending,
+    padded with 0; counts [B, H] int32); M = `width` or the largest count (a host sync)."""
     B, H, _ = keep.shape
     N = row_cluster.shape[-1]
     offs = offsets.long()
