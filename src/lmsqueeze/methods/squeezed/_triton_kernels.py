@@ -47,6 +47,16 @@ def _dot(a, b, IEEE_DOT: tl.constexpr):
 
 
 @triton.jit
+def _add_pv(acc, alpha, pr, v, IEEE_DOT: tl.constexpr):
+    """acc rescaled by alpha [BLOCK_M] plus the tile's probabilities pr [BLOCK_M, BLOCK_N] times its values v."""
+    if IEEE_DOT:
+        pv = tl.dot(pr, v, input_precision="ieee")
+    else:
+        pv = tl.dot(pr.to(v.dtype), v)
+    return acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IEEE_DOT: tl.constexpr,
                   HOIST_V: tl.constexpr = False):
     """One online-softmax step (log2 domain) over a tile of keys and values.
@@ -68,11 +78,7 @@ def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IE
     l_i = l_i * alpha + tl.sum(pr, 1)
     if not HOIST_V:
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    if IEEE_DOT:
-        pv = tl.dot(pr, v, input_precision="ieee")
-    else:
-        pv = tl.dot(pr.to(v.dtype), v)
-    return m_new, l_i, acc * alpha[:, None] + pv
+    return m_new, l_i, _add_pv(acc, alpha, pr, v, IEEE_DOT)
 
 
 @triton.jit
@@ -86,11 +92,7 @@ def _softmax_tile_full(q, k_ptrs, v_ptrs, scale_log2, m_i, l_i, acc, IEEE_DOT: t
     pr = tl.exp2(qk * scale_log2 - m_new[:, None])
     l_i = l_i * alpha + tl.sum(pr, 1)
     v = tl.load(v_ptrs)
-    if IEEE_DOT:
-        pv = tl.dot(pr, v, input_precision="ieee")
-    else:
-        pv = tl.dot(pr.to(v.dtype), v)
-    return m_new, l_i, acc * alpha[:, None] + pv
+    return m_new, l_i, _add_pv(acc, alpha, pr, v, IEEE_DOT)
 
 
 @triton.jit
