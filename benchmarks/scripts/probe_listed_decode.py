@@ -1,0 +1,141 @@
+"""The listed Squeezed decode (kept clusters listed on the GPU and dealt out evenly: listed.py) against the block
+decode (the default before it) and dense fp16 SDPA, all in one run: Llama-3-8B attention shape, batch 1, fixed
+context 32K / 128K + 256 local tokens, 90% sparsity, 5% centroids, synthetic clustered keys as in
+bench_squeezed.py. Each variant is checked against the reference (output, kept rows), then the whole step
+(centroid scores + selection + attention + merge) is timed in a CUDA graph with rotated index copies.
+
+    python benchmarks/scripts/probe_listed_decode.py --out $OUT/squeezed_probe_listed_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_squeezed as bs
+
+from lmsqueeze.bench.results import command_line, timing_row, write_result
+from lmsqueeze.bench.timing import time_cuda
+
+# name -> squeezed_decode_listed_triton keywords; select = (clusters per selection program, warps)
+LISTED = {
+    "listed_p16": {"programs": 16}, "listed_p32": {"programs": 32}, "listed_p48": {"programs": 48},
+    "listed_p64": {"programs": 64}, "listed_p96": {"programs": 96}, "listed_p128": {"programs": 128},
+    "listed_p64_sel512": {"programs": 64, "select_block": 512},
+    "listed_p64_sel2048w8": {"programs": 64, "select_block": 2048, "select_warps": 8},
+    "listed_p64_hoist": {"programs": 64, "hoist_v": True},
+    "listed_p64_regs0": {"programs": 64, "maxnreg": 0},
+    "listed_p32_bn64w8": {"programs": 32, "block_n": 64, "num_warps": 8},
+}
+
+
+def probe(N: int, dev, iters: int, log: list) -> tuple[list[dict], dict]:
+    from lmsqueeze.methods.squeezed import kernels as K
+    from lmsqueeze.methods.squeezed import reference as R
+    from lmsqueeze.methods.squeezed.listed import select_list_triton, squeezed_decode_listed_triton
+
+    rows, extra = [], {}
+    sc = 1 / bs.math.sqrt(bs.D)
+    keys, values, queries = bs.synthetic_context(N, dev, seed=N)
+    idx, stats = bs.build_index(keys, values, queries(64))
+    extra["index_stats"] = stats
+    q = queries(1).reshape(1, bs.HQ, bs.D).to(torch.bfloat16)
+    lk = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
+    lv = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
+    lengths = torch.tensor([bs.LOCAL], dtype=torch.int32, device=dev)
+    ncopy = 6 if N <= 40000 else 3
+    idxs = [idx] + [bs.clone_index(idx) for _ in range(ncopy - 1)]
+    sel = (64, 4) if N <= 40000 else (256, 8)            # the decode defaults' selection (bench_squeezed _v7)
+
+    def scores(ix):
+        return K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=sel[0], num_warps=sel[1])
+    s, e = scores(idx)
+    o_r, _, kept_r = R.squeezed_decode_reference(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
+                                                 lv, lengths, sc)
+    kept_rows = int(kept_r.sum())
+    C = idx.num_clusters
+    extra["kept_fraction"] = ((kept_r.float() - 64) / idx.clustered).mean().item()
+    kall = torch.cat([keys, lk[0, :, :bs.LOCAL]], 1)[None].half()
+    vall = torch.cat([values, lv[0, :, :bs.LOCAL]], 1)[None].half()
+    kalls, valls = [kall, kall.clone()], [vall, vall.clone()]
+    q16 = q[:, :, None].half()
+    base = time_cuda(lambda: [F.scaled_dot_product_attention(q16, k, v, scale=sc, enable_gqa=True)
+                              for k, v in zip(kalls, valls)], iters=iters, calls_per_iter=2)
+    dense_bytes = 2 * bs.HKV * (N + bs.LOCAL) * bs.D * 2
+    step_bytes = (bs.HKV * C * bs.D * 2 + bs.HQ * C * 4 + kept_rows * bs.D * 4 + bs.HKV * bs.LOCAL * bs.D * 4)
+    common = {"baseline": "dense_sdpa_fp16", "baseline_timing": base, "peak_tb_per_s": bs.PEAK_TB_S, "context": N,
+              "batch": 1}
+    rows.append(timing_row("dense_sdpa_fp16", base, bytes_moved=dense_bytes, **common))
+
+    def step(fn_decode):
+        def fn():
+            for ix in idxs:
+                s_, e_ = scores(ix)
+                fn_decode(ix, s_, e_)
+        return fn
+
+    def block(ix, s_, e_):
+        return K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths,
+                                        sc, count_kept=False)
+    variants = [("block_default", None, block)]
+    for name, kw in LISTED.items():
+        def fn(ix, s_, e_, kw=kw):
+            return squeezed_decode_listed_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
+                                                 lengths, sc, count_kept=False, **kw)
+        variants.append((name, kw, fn))
+    for name, kw, fn in variants:
+        try:
+            if kw is None:
+                o, _, kk = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold,
+                                                    lk, lv, lengths, sc)
+            else:
+                o, _, kk = squeezed_decode_listed_triton(q, idx.keys, idx.values, idx.offsets, s, e,
+                                                         idx.log_threshold, lk, lv, lengths, sc, **kw)
+            err, same = bs.rel(o, o_r), bool(torch.equal(kk, kept_r))
+            t = time_cuda(step(fn), iters=iters, calls_per_iter=ncopy)
+        except Exception as ex:  # noqa: BLE001
+            log.append(f"N={N} {name} raised {repr(ex)[:400]}")
+            rows.append({"method": f"squeezed_decode_{name}", "context": N, "error": repr(ex)[:400]})
+            continue
+        rows.append(timing_row(f"squeezed_decode_{name}", t, bytes_moved=step_bytes, config=kw or {},
+                               rel_err_vs_reference=err, kept_equal_reference=same, kept_fraction=extra["kept_fraction"],
+                               **common))
+    # parts of the listed default: selection alone
+    P = 64
+    t_sel = time_cuda(lambda: [select_list_triton(*scores(ix), ix.log_threshold, ix.offsets, P) for ix in idxs],
+                      iters=iters, calls_per_iter=ncopy)
+    t_sc = time_cuda(lambda: [scores(ix) for ix in idxs], iters=iters, calls_per_iter=ncopy)
+    rows.append(timing_row("centroid_scores_only", t_sc, bytes_moved=bs.HKV * C * bs.D * 2, **common))
+    rows.append(timing_row("centroid_scores_plus_list_p64", t_sel, bytes_moved=bs.HKV * C * bs.D * 2, **common))
+    for r in rows:
+        if "ms" in r:
+            log.append(f"N={N} {r['method']:40s} {r['ms'] * 1e3:8.2f} us x{r['speedup']:5.2f} "
+                       f"err {r.get('rel_err_vs_reference', 0):.1e} kept_eq {r.get('kept_equal_reference')}")
+            print(log[-1], flush=True)
+    return rows, extra
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    rows, extra, log = [], {}, []
+    for N in (int(x) for x in args.contexts.split(",")):
+        r, x = probe(N, dev, args.iters, log)
+        rows += r
+        extra[f"decode_{N}"] = x
+        extra["log"] = log
+        write_result(args.out, "squeezed_probe_listed", command_line(), rows, extra, device=dev)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
