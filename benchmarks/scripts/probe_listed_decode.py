@@ -24,13 +24,15 @@ from lmsqueeze.bench.timing import time_cuda
 
 # name -> squeezed_decode_listed_triton keywords; select = (clusters per selection program, warps)
 LISTED = {
-    "listed_p16": {"programs": 16}, "listed_p32": {"programs": 32}, "listed_p48": {"programs": 48},
-    "listed_p64": {"programs": 64}, "listed_p96": {"programs": 96}, "listed_p128": {"programs": 128},
-    "listed_p64_sel512": {"programs": 64, "select_block": 512},
-    "listed_p64_sel2048w8": {"programs": 64, "select_block": 2048, "select_warps": 8},
-    "listed_p64_hoist": {"programs": 64, "hoist_v": True},
-    "listed_p64_regs0": {"programs": 64, "maxnreg": 0},
-    "listed_p32_bn64w8": {"programs": 32, "block_n": 64, "num_warps": 8},
+    "listed_p32": {"programs": 32}, "listed_p64": {"programs": 64}, "listed_p96": {"programs": 96},
+    "listed_p128": {"programs": 128}, "listed_p192": {"programs": 192}, "listed_p256": {"programs": 256},
+    "listed_p128_e16": {"programs": 128, "block_e": 16},
+    "listed_p128_sel1024w4": {"programs": 128, "select_block": 1024, "select_warps": 4},
+    "listed_p128_sel8192w16": {"programs": 128, "select_block": 8192, "select_warps": 16},
+    "listed_p128_hoist": {"programs": 128, "hoist_v": True},
+    "listed_p128_regs0": {"programs": 128, "maxnreg": 0},
+    "listed_p64_bn64w8": {"programs": 64, "block_n": 64, "num_warps": 8},
+    "listed_p128_w2": {"programs": 128, "num_warps": 2},
 }
 
 
@@ -106,12 +108,12 @@ def probe(N: int, dev, iters: int, log: list) -> tuple[list[dict], dict]:
                                rel_err_vs_reference=err, kept_equal_reference=same, kept_fraction=extra["kept_fraction"],
                                **common))
     # parts of the listed default: selection alone
-    P = 64
+    P = 128
     t_sel = time_cuda(lambda: [select_list_triton(*scores(ix), ix.log_threshold, ix.offsets, P) for ix in idxs],
                       iters=iters, calls_per_iter=ncopy)
     t_sc = time_cuda(lambda: [scores(ix) for ix in idxs], iters=iters, calls_per_iter=ncopy)
     rows.append(timing_row("centroid_scores_only", t_sc, bytes_moved=bs.HKV * C * bs.D * 2, **common))
-    rows.append(timing_row("centroid_scores_plus_list_p64", t_sel, bytes_moved=bs.HKV * C * bs.D * 2, **common))
+    rows.append(timing_row("centroid_scores_plus_list_p128", t_sel, bytes_moved=bs.HKV * C * bs.D * 2, **common))
     for r in rows:
         if "ms" in r:
             log.append(f"N={N} {r['method']:40s} {r['ms'] * 1e3:8.2f} us x{r['speedup']:5.2f} "
