@@ -24,15 +24,12 @@ from lmsqueeze.bench.timing import time_cuda
 
 # name -> squeezed_decode_listed_triton keywords; select = (clusters per selection program, warps)
 LISTED = {
-    "listed_p32": {"programs": 32}, "listed_p64": {"programs": 64}, "listed_p96": {"programs": 96},
-    "listed_p128": {"programs": 128}, "listed_p192": {"programs": 192}, "listed_p256": {"programs": 256},
-    "listed_p128_e16": {"programs": 128, "block_e": 16},
-    "listed_p128_sel1024w4": {"programs": 128, "select_block": 1024, "select_warps": 4},
+    "listed_p32": {"programs": 32}, "listed_p128": {"programs": 128},
     "listed_p128_sel8192w16": {"programs": 128, "select_block": 8192, "select_warps": 16},
-    "listed_p128_hoist": {"programs": 128, "hoist_v": True},
-    "listed_p128_regs0": {"programs": 128, "maxnreg": 0},
-    "listed_p64_bn64w8": {"programs": 64, "block_n": 64, "num_warps": 8},
-    "listed_p128_w2": {"programs": 128, "num_warps": 2},
+    "listed_p32_s4": {"programs": 32, "num_stages": 4}, "listed_p64_s3": {"programs": 64, "num_stages": 3},
+    "listed_p128_s3": {"programs": 128, "num_stages": 3}, "listed_p16_s4": {"programs": 16, "num_stages": 4},
+    "listed_p32_bn64w8s3": {"programs": 32, "block_n": 64, "num_warps": 8, "num_stages": 3},
+    "listed_p32_bn16s4": {"programs": 32, "block_n": 16, "num_stages": 4},
 }
 
 
@@ -107,13 +104,33 @@ def probe(N: int, dev, iters: int, log: list) -> tuple[list[dict], dict]:
         rows.append(timing_row(f"squeezed_decode_{name}", t, bytes_moved=step_bytes, config=kw or {},
                                rel_err_vs_reference=err, kept_equal_reference=same, kept_fraction=extra["kept_fraction"],
                                **common))
-    # parts of the listed default: selection alone
-    P = 128
-    t_sel = time_cuda(lambda: [select_list_triton(*scores(ix), ix.log_threshold, ix.offsets, P) for ix in idxs],
-                      iters=iters, calls_per_iter=ncopy)
+    # the parts: selection alone, each attention alone (no selection launch), and the dense Triton decode kernel
+    from lmsqueeze.kernels.decode_attention import decode_attention
+    sl = [scores(ix) for ix in idxs]
     t_sc = time_cuda(lambda: [scores(ix) for ix in idxs], iters=iters, calls_per_iter=ncopy)
     rows.append(timing_row("centroid_scores_only", t_sc, bytes_moved=bs.HKV * C * bs.D * 2, **common))
-    rows.append(timing_row("centroid_scores_plus_list_p128", t_sel, bytes_moved=bs.HKV * C * bs.D * 2, **common))
+    attn_bytes = kept_rows * bs.D * 4 + bs.HKV * bs.LOCAL * bs.D * 4
+    for P, kw in ((128, {"select_block": 8192, "select_warps": 16}), (32, {})):
+        t_sel = time_cuda(lambda P=P, kw=kw: [select_list_triton(s_, e_, ix.log_threshold, ix.offsets, P,
+                                                                 kw.get("select_block"), kw.get("select_warps"))
+                                              for ix, (s_, e_) in zip(idxs, sl)], iters=iters, calls_per_iter=ncopy)
+        rows.append(timing_row(f"list_select_only_p{P}", t_sel, config=kw, **common))
+        lists = [select_list_triton(s_, e_, ix.log_threshold, ix.offsets, P, kw.get("select_block"),
+                                    kw.get("select_warps")) for ix, (s_, e_) in zip(idxs, sl)]
+        for st in (2, 3):
+            t_at = time_cuda(lambda P=P, st=st, lists=lists: [
+                squeezed_decode_listed_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
+                                              lengths, sc, programs=P, num_stages=st, listed=li, partials_only=True)
+                for ix, (s_, e_), li in zip(idxs, sl, lists)], iters=iters, calls_per_iter=ncopy)
+            rows.append(timing_row(f"listed_attention_only_p{P}_s{st}", t_at, bytes_moved=attn_bytes, **common))
+    t_blk = time_cuda(lambda: [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold,
+                                                        lk, lv, lengths, sc, count_kept=False, partials_only=True)
+                               for ix, (s_, e_) in zip(idxs, sl)], iters=iters, calls_per_iter=ncopy)
+    rows.append(timing_row("block_attention_only", t_blk, bytes_moved=attn_bytes, **common))
+    kb, vb = kall.bfloat16(), vall.bfloat16()
+    lens_all = torch.tensor([kb.shape[2]], dtype=torch.int32, device=dev)
+    t_tri = time_cuda(lambda: decode_attention(q, kb, vb, lens_all, sc), iters=iters)
+    rows.append(timing_row("dense_triton_decode", t_tri, bytes_moved=dense_bytes, **common))
     for r in rows:
         if "ms" in r:
             log.append(f"N={N} {r['method']:40s} {r['ms'] * 1e3:8.2f} us x{r['speedup']:5.2f} "

@@ -67,11 +67,12 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
                                   num_warps: int = 4, num_stages: int | None = None, local_splits: int | None = None,
                                   select_block: int | None = None, select_warps: int | None = None, block_e: int | None = None,
                                   count_kept: bool = True, partials_only: bool = False, hoist_v: bool | None = None,
-                                  maxnreg: int | None = None):
+                                  maxnreg: int | None = None, listed: tuple | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid), same contract as
     `kernels.squeezed_decode_triton`: returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 or None
     unless `count_kept`). programs: programs per (sequence, KV head) over the listed clusters (None:
-    `default_list_programs`); partials_only: (mid_o, mid_lse) unmerged."""
+    `default_list_programs`); partials_only: (mid_o, mid_lse) unmerged; listed: `select_list_triton`'s output
+    for these scores and `programs` (skips the selection launch; profiling)."""
     from lmsqueeze.methods.squeezed import kernels as K
     from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel
 
@@ -83,8 +84,8 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     P = int(programs or default_list_programs(C))
     if P < 1:
         raise LmsqueezeError(f"squeezed_decode_listed: programs must be >= 1, got {P}")
-    start, size, count, kept_rows = select_list_triton(scores, chunk_lse, log_tau, offsets, P, select_block,
-                                                       select_warps)
+    start, size, count, kept_rows = listed or select_list_triton(scores, chunk_lse, log_tau, offsets, P,
+                                                                 select_block, select_warps)
     kpc = start.shape[2]
     l_max = local_k.shape[2]
     nloc = local_splits or K.default_local_splits(l_max)
