@@ -22,15 +22,26 @@ import bench_squeezed as bs
 from lmsqueeze.bench.results import command_line, timing_row, write_result
 from lmsqueeze.bench.timing import time_cuda
 
-# name -> squeezed_decode_listed_triton keywords; select = (clusters per selection program, warps)
-LISTED = {
-    "listed_p32": {"programs": 32}, "listed_p128": {"programs": 128},
-    "listed_p128_sel8192w16": {"programs": 128, "select_block": 8192, "select_warps": 16},
-    "listed_p32_s4": {"programs": 32, "num_stages": 4}, "listed_p64_s3": {"programs": 64, "num_stages": 3},
-    "listed_p128_s3": {"programs": 128, "num_stages": 3}, "listed_p16_s4": {"programs": 16, "num_stages": 4},
-    "listed_p32_bn64w8s3": {"programs": 32, "block_n": 64, "num_warps": 8, "num_stages": 3},
-    "listed_p32_bn16s4": {"programs": 32, "block_n": 16, "num_stages": 4},
+# scoring variants: centroid_scores_triton keywords (None: the decode defaults' selection of bench_squeezed _v7)
+SCORES = {
+    "tile": None,
+    "loop33c64s3": {"programs": 33, "chunk": 64, "num_warps": 4, "num_stages": 3},
+    "loop16c128s3": {"programs": 16, "chunk": 128, "num_warps": 4, "num_stages": 3},
+    "loop66c64s3": {"programs": 66, "chunk": 64, "num_warps": 4, "num_stages": 3},
+    "loop33c128s2w8": {"programs": 33, "chunk": 128, "num_warps": 8, "num_stages": 2},
 }
+# decode variants: (name, scoring variant, "block" | "listed", squeezed_decode_listed_triton keywords)
+VARIANTS = [
+    ("block_default", "tile", "block", {}),
+    ("listed_p128", "tile", "listed", {"programs": 128}),
+    ("listed_p128_sel512", "tile", "listed", {"programs": 128, "select_block": 512}),
+    ("listed_p128_sel256", "tile", "listed", {"programs": 128, "select_block": 256}),
+    ("listed_p64_sel512", "tile", "listed", {"programs": 64, "select_block": 512}),
+    ("listed_p256_sel512", "tile", "listed", {"programs": 256, "select_block": 512}),
+    ("listed_p128_sel512_s3", "tile", "listed", {"programs": 128, "select_block": 512, "num_stages": 3}),
+] + [(f"block_scores_{k}", k, "block", {}) for k in SCORES if k != "tile"] + [
+    (f"listed_p128_sel512_scores_{k}", k, "listed", {"programs": 128, "select_block": 512}) for k in SCORES
+    if k != "tile"]
 
 
 def probe(N: int, dev, iters: int, log: list) -> tuple[list[dict], dict]:
@@ -51,8 +62,9 @@ def probe(N: int, dev, iters: int, log: list) -> tuple[list[dict], dict]:
     idxs = [idx] + [bs.clone_index(idx) for _ in range(ncopy - 1)]
     sel = (64, 4) if N <= 40000 else (256, 8)            # the decode defaults' selection (bench_squeezed _v7)
 
-    def scores(ix):
-        return K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=sel[0], num_warps=sel[1])
+    def scores(ix, variant="tile"):
+        kw = SCORES[variant] or {"chunk": sel[0], "num_warps": sel[1]}
+        return K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, **kw)
     s, e = scores(idx)
     o_r, _, kept_r = R.squeezed_decode_reference(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
                                                  lv, lengths, sc)
@@ -71,58 +83,61 @@ def probe(N: int, dev, iters: int, log: list) -> tuple[list[dict], dict]:
               "batch": 1}
     rows.append(timing_row("dense_sdpa_fp16", base, bytes_moved=dense_bytes, **common))
 
-    def step(fn_decode):
+    def step(fn_decode, variant):
         def fn():
             for ix in idxs:
-                s_, e_ = scores(ix)
+                s_, e_ = scores(ix, variant)
                 fn_decode(ix, s_, e_)
         return fn
 
     def block(ix, s_, e_):
         return K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths,
                                         sc, count_kept=False)
-    variants = [("block_default", None, block)]
-    for name, kw in LISTED.items():
-        def fn(ix, s_, e_, kw=kw):
+
+    def listed(kw):
+        def fn(ix, s_, e_):
             return squeezed_decode_listed_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
                                                  lengths, sc, count_kept=False, **kw)
-        variants.append((name, kw, fn))
-    for name, kw, fn in variants:
+        return fn
+    for name, variant, kind, kw in VARIANTS:
         try:
-            if kw is None:
-                o, _, kk = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold,
-                                                    lk, lv, lengths, sc)
+            s_v, e_v = scores(idx, variant)
+            if kind == "block":
+                o, _, kk = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s_v, e_v,
+                                                    idx.log_threshold, lk, lv, lengths, sc)
             else:
-                o, _, kk = squeezed_decode_listed_triton(q, idx.keys, idx.values, idx.offsets, s, e,
+                o, _, kk = squeezed_decode_listed_triton(q, idx.keys, idx.values, idx.offsets, s_v, e_v,
                                                          idx.log_threshold, lk, lv, lengths, sc, **kw)
             err, same = bs.rel(o, o_r), bool(torch.equal(kk, kept_r))
-            t = time_cuda(step(fn), iters=iters, calls_per_iter=ncopy)
+            t = time_cuda(step(block if kind == "block" else listed(kw), variant), iters=iters, calls_per_iter=ncopy)
         except Exception as ex:  # noqa: BLE001
             log.append(f"N={N} {name} raised {repr(ex)[:400]}")
             rows.append({"method": f"squeezed_decode_{name}", "context": N, "error": repr(ex)[:400]})
             continue
-        rows.append(timing_row(f"squeezed_decode_{name}", t, bytes_moved=step_bytes, config=kw or {},
+        rows.append(timing_row(f"squeezed_decode_{name}", t, bytes_moved=step_bytes,
+                               config={"scores": SCORES[variant] or {"chunk": sel[0], "num_warps": sel[1]}, **kw},
                                rel_err_vs_reference=err, kept_equal_reference=same, kept_fraction=extra["kept_fraction"],
                                **common))
-    # the parts: selection alone, each attention alone (no selection launch), and the dense Triton decode kernel
+    # the parts: each scoring alone, selection alone, each attention alone (no selection launch), and the dense
+    # Triton decode kernel
     from lmsqueeze.kernels.decode_attention import decode_attention
+    for variant, skw in SCORES.items():
+        t_sc = time_cuda(lambda v=variant: [scores(ix, v) for ix in idxs], iters=iters, calls_per_iter=ncopy)
+        rows.append(timing_row(f"centroid_scores_only_{variant}", t_sc, bytes_moved=bs.HKV * C * bs.D * 2,
+                               config=skw, **common))
     sl = [scores(ix) for ix in idxs]
-    t_sc = time_cuda(lambda: [scores(ix) for ix in idxs], iters=iters, calls_per_iter=ncopy)
-    rows.append(timing_row("centroid_scores_only", t_sc, bytes_moved=bs.HKV * C * bs.D * 2, **common))
     attn_bytes = kept_rows * bs.D * 4 + bs.HKV * bs.LOCAL * bs.D * 4
-    for P, kw in ((128, {"select_block": 8192, "select_warps": 16}), (32, {})):
-        t_sel = time_cuda(lambda P=P, kw=kw: [select_list_triton(s_, e_, ix.log_threshold, ix.offsets, P,
-                                                                 kw.get("select_block"), kw.get("select_warps"))
-                                              for ix, (s_, e_) in zip(idxs, sl)], iters=iters, calls_per_iter=ncopy)
-        rows.append(timing_row(f"list_select_only_p{P}", t_sel, config=kw, **common))
-        lists = [select_list_triton(s_, e_, ix.log_threshold, ix.offsets, P, kw.get("select_block"),
-                                    kw.get("select_warps")) for ix, (s_, e_) in zip(idxs, sl)]
-        for st in (2, 3):
-            t_at = time_cuda(lambda P=P, st=st, lists=lists: [
-                squeezed_decode_listed_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
-                                              lengths, sc, programs=P, num_stages=st, listed=li, partials_only=True)
-                for ix, (s_, e_), li in zip(idxs, sl, lists)], iters=iters, calls_per_iter=ncopy)
-            rows.append(timing_row(f"listed_attention_only_p{P}_s{st}", t_at, bytes_moved=attn_bytes, **common))
+    for sb in (256, 512, 1024):
+        t_sel = time_cuda(lambda sb=sb: [select_list_triton(s_, e_, ix.log_threshold, ix.offsets, sb)
+                                         for ix, (s_, e_) in zip(idxs, sl)], iters=iters, calls_per_iter=ncopy)
+        rows.append(timing_row(f"list_select_only_{sb}", t_sel, **common))
+    lists = [select_list_triton(s_, e_, ix.log_threshold, ix.offsets, 512) for ix, (s_, e_) in zip(idxs, sl)]
+    for P, st in ((128, 2), (128, 3), (256, 2)):
+        t_at = time_cuda(lambda P=P, st=st: [
+            squeezed_decode_listed_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv,
+                                          lengths, sc, programs=P, num_stages=st, listed=li, partials_only=True)
+            for ix, (s_, e_), li in zip(idxs, sl, lists)], iters=iters, calls_per_iter=ncopy)
+        rows.append(timing_row(f"listed_attention_only_p{P}_s{st}", t_at, bytes_moved=attn_bytes, **common))
     t_blk = time_cuda(lambda: [K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold,
                                                         lk, lv, lengths, sc, count_kept=False, partials_only=True)
                                for ix, (s_, e_) in zip(idxs, sl)], iters=iters, calls_per_iter=ncopy)

@@ -160,8 +160,10 @@ def _centroid_scores_kernel(
     C, scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE_DOT: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, LOOP: tl.constexpr = False,
 ):
+    # LOOP: program `chunk` of NP (= grid dim 1) scores the tiles chunk, chunk + NP, .. (pipelined) and writes the
+    # logsumexp of all of them; else one tile per program
     _pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -175,16 +177,39 @@ def _centroid_scores_kernel(
     heads = hkv * G + offs_g
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    cids = chunk * BLOCK_C + offs_c
+    if LOOP:
+        step = tl.num_programs(1) * BLOCK_C
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        den = tl.zeros([BLOCK_G], tl.float32)
+        for c0 in range(chunk * BLOCK_C, C, step):
+            x = _score_tile(q, Cent, LSz, Scores, b, hkv, heads, g_mask, d_mask, c0 + offs_c, offs_d, C, scale,
+                            stride_ch, stride_cc, stride_lh, stride_sb, stride_sh, IEEE_DOT)
+            m_new = tl.maximum(m, tl.max(x, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            den = den * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+            m = m_new
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        lse = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
+    else:
+        x = _score_tile(q, Cent, LSz, Scores, b, hkv, heads, g_mask, d_mask, chunk * BLOCK_C + offs_c, offs_d, C,
+                        scale, stride_ch, stride_cc, stride_lh, stride_sb, stride_sh, IEEE_DOT)
+        lse = _lse_rows(x)
+    tl.store(ChunkLse + b * stride_eb + heads * stride_eh + chunk, lse, mask=g_mask)
+
+
+@triton.jit
+def _score_tile(q, Cent, LSz, Scores, b, hkv, heads, g_mask, d_mask, cids, offs_d, C, scale,
+                stride_ch, stride_cc, stride_lh, stride_sb, stride_sh, IEEE_DOT: tl.constexpr):
+    """Scores of the G query heads q [BLOCK_G, BLOCK_D] against centroids cids [BLOCK_C] of KV head hkv, stored
+    (natural-log units); returns score + log size [BLOCK_G, BLOCK_C] (-inf past C)."""
     c_mask = cids < C
     cent = tl.load(Cent + hkv.to(tl.int64) * stride_ch + cids[:, None] * stride_cc + offs_d[None, :],
                    mask=c_mask[:, None] & d_mask[None, :], other=0.0)
-    s = _dot(q, tl.trans(cent), IEEE_DOT) * scale                      # [BLOCK_G, BLOCK_C] natural-log units
+    s = _dot(q, tl.trans(cent), IEEE_DOT) * scale
     tl.store(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :], s,
              mask=g_mask[:, None] & c_mask[None, :])
     ls = tl.load(LSz + hkv * stride_lh + cids, mask=c_mask, other=float("-inf"))
-    lse = _lse_rows(s + ls[None, :])
-    tl.store(ChunkLse + b * stride_eb + heads * stride_eh + chunk, lse, mask=g_mask)
+    return s + ls[None, :]
 
 
 @triton.jit

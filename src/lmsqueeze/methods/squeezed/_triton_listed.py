@@ -5,17 +5,17 @@ The block decode (`_triton_kernels._squeezed_decode_kernel`) gives each program 
 program's work is the kept rows of its range: binomial, and the step waits for the few ranges that keep many.
 Here the kept clusters are first listed, then dealt out in turn, so every program gets the same number of them:
 
-  `_select_list_kernel`   grid (B*Hkv,): one (sequence, KV head): log Z from the chunk logsumexps, the keep
-                          decision of every cluster (BLOCK_S at a time; cluster C is the observation window,
-                          always kept), and the i-th kept non-empty cluster written as (first row, size) to slot
-                          i // P of program i % P: Start / Size [B*Hkv, P, KPC]; Count [B*Hkv] = kept clusters,
-                          KeptRows [B*Hkv] = their rows.
+  `_select_list_kernel`   grid (B*Hkv, NS): chunk j of clusters [j*BLOCK_S, (j+1)*BLOCK_S) of one (sequence, KV
+                          head) (cluster C is the observation window, always kept): log Z from the chunk
+                          logsumexps, the keep decision of every cluster, and the kept non-empty ones written in
+                          order as (first row, size) to Start / Size [B*Hkv, NS, BLOCK_S]; Count [B*Hkv, NS] =
+                          kept clusters of the chunk, KeptRows [B*Hkv, NS] = their rows.
   `_listed_decode_kernel` grid (B*Hkv, NLOC + P): programs s < NLOC attend the local (user + generated) slots
                           (before the dependency wait, as they need nothing from the selection); program NLOC + s
-                          requests its first BLOCK_E slots with the count (no second round trip in the common
-                          case) and runs flash-decoding over their rows packed in full BLOCK_N tiles: position p
-                          of the concatenated clusters is row start_e + p - excl_e for the entry e with
-                          excl_e <= p < excl_e + size_e (computed in registers).
+                          takes the kept clusters of global index i = s, s + P, s + 2P, .. (the chunk of each from
+                          the counts' prefix sums) and runs flash-decoding over their rows packed in full BLOCK_N
+                          tiles: position p of the concatenated clusters is row start_e + p - excl_e for the entry
+                          e with excl_e <= p < excl_e + size_e (computed in registers).
 Partials (normalised out, lse) are merged by the shared split-merge kernel.
 """
 
@@ -32,40 +32,34 @@ from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _log_z, _s
 def _select_list_kernel(
     Scores, ChunkLse, LogTau, Offsets, Start, Size, Count, KeptRows,
     stride_sb, stride_sh, stride_eb, stride_eh, stride_oh,
-    C, NCH, P, KPC,
+    C, NCH,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CH: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     _pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
+    j = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
     offs_g = tl.arange(0, BLOCK_G)
     g_mask = offs_g < G
     heads = hkv * G + offs_g
+    cids = j * BLOCK_S + tl.arange(0, BLOCK_S)
+    real = cids < C
+    inr = cids < C + 1
+    lo = tl.load(Offsets + hkv * stride_oh + cids, mask=inr, other=0)
+    hi = tl.load(Offsets + hkv * stride_oh + cids + 1, mask=inr, other=0)
     z = _log_z(ChunkLse, b * stride_eb + heads * stride_eh, offs_g, g_mask, NCH, BLOCK_CH)
-    log_tau = tl.load(LogTau + hkv)
-    n = 0
-    rows = 0
-    for c0 in range(0, C + 1, BLOCK_S):
-        cids = c0 + tl.arange(0, BLOCK_S)
-        real = cids < C
-        inr = cids < C + 1
-        lo = tl.load(Offsets + hkv * stride_oh + cids, mask=inr, other=0)
-        hi = tl.load(Offsets + hkv * stride_oh + cids + 1, mask=inr, other=0)
-        s = tl.load(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :],
-                    mask=g_mask[:, None] & real[None, :], other=float("-inf"))
-        a = tl.max(s - z[:, None], 0)
-        keep = ((a > log_tau) | (cids == C)) & inr & (hi > lo)
-        ki = keep.to(tl.int32)
-        i = n + tl.cumsum(ki, 0) - 1                                     # index among the kept clusters
-        dst = (pid_bh * P + i % P).to(tl.int64) * KPC + i // P
-        tl.store(Start + dst, lo, mask=keep)
-        tl.store(Size + dst, hi - lo, mask=keep)
-        n += tl.sum(ki, 0)
-        rows += tl.sum(tl.where(keep, hi - lo, 0), 0)
-    tl.store(Count + pid_bh, n)
-    tl.store(KeptRows + pid_bh, rows)
+    s = tl.load(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :],
+                mask=g_mask[:, None] & real[None, :], other=float("-inf"))
+    a = tl.max(s - z[:, None], 0)
+    keep = ((a > tl.load(LogTau + hkv)) | (cids == C)) & inr & (hi > lo)
+    ki = keep.to(tl.int32)
+    dst = (pid_bh * tl.num_programs(1) + j).to(tl.int64) * BLOCK_S + tl.cumsum(ki, 0) - 1
+    tl.store(Start + dst, lo, mask=keep)
+    tl.store(Size + dst, hi - lo, mask=keep)
+    tl.store(Count + pid_bh * tl.num_programs(1) + j, tl.sum(ki, 0))
+    tl.store(KeptRows + pid_bh * tl.num_programs(1) + j, tl.sum(tl.where(keep, hi - lo, 0), 0))
 
 
 @triton.jit
@@ -73,10 +67,10 @@ def _listed_decode_kernel(
     Q, K, V, Start, Size, Count, LK, LV, Lengths, Starts, MidO, MidLse,
     stride_qb, stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
     stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
-    P, KPC, NLOC, l_max, scale_log2,
+    NS, P, NLOC, l_max, scale_log2,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, PDL: tl.constexpr = False,
     HOIST_V: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
@@ -104,18 +98,21 @@ def _listed_decode_kernel(
         k_base = K + hkv.to(tl.int64) * stride_kh
         v_base = V + hkv.to(tl.int64) * stride_vh
         offs_e = tl.arange(0, BLOCK_E)
-        ebase = (pid_bh * P + sp).to(tl.int64) * KPC
+        offs_j = tl.arange(0, BLOCK_NS)
         _pdl_prologue(PDL)
-        n = tl.load(Count + pid_bh)
-        # the first BLOCK_E slots are requested with the count (slots past the share hold stale data: masked after)
-        st = tl.load(Start + ebase + offs_e, mask=offs_e < KPC, other=0)
-        sz = tl.load(Size + ebase + offs_e, mask=offs_e < KPC, other=0)
+        n_j = tl.load(Count + pid_bh * NS + offs_j, mask=offs_j < NS, other=0)
+        incl = tl.cumsum(n_j, 0)
+        n = tl.sum(n_j, 0)
         used = tl.where(n > sp, (n - sp + P - 1) // P, 0)               # clusters dealt to this program
         for e0 in range(0, used, BLOCK_E):
-            if e0 > 0:
-                st = tl.load(Start + ebase + e0 + offs_e, mask=e0 + offs_e < used, other=0)
-                sz = tl.load(Size + ebase + e0 + offs_e, mask=e0 + offs_e < used, other=0)
-            sz = tl.where(e0 + offs_e < used, sz, 0)
+            i = sp + (e0 + offs_e) * P                                    # their global kept indices
+            past = incl[None, :] <= i[:, None]                           # [BLOCK_E, BLOCK_NS]: chunks before i's
+            jj = tl.sum(past.to(tl.int32), 1)
+            local = i - tl.sum(tl.where(past, n_j[None, :], 0), 1)
+            slot = (pid_bh * NS + jj).to(tl.int64) * BLOCK_S + local
+            e_mask = e0 + offs_e < used
+            st = tl.load(Start + slot, mask=e_mask, other=0)
+            sz = tl.load(Size + slot, mask=e_mask, other=0)
             ends = tl.cumsum(sz, 0)
             excl = ends - sz
             delta = st - excl

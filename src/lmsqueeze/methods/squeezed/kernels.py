@@ -120,14 +120,20 @@ def _ieee(t: torch.Tensor) -> bool:
 # --- centroid scoring ---------------------------------------------------------------------------------------
 
 def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
-                           chunk: int = BLOCK_C, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel form of `centroid_scores_reference`: q [B, Hq, D], centroids [Hkv, C, D], lsizes [Hkv, C]."""
+                           chunk: int = BLOCK_C, num_warps: int = 4, programs: int | None = None,
+                           num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel form of `centroid_scores_reference`: q [B, Hq, D], centroids [Hkv, C, D], lsizes [Hkv, C].
+    programs: None, one program per chunk of `chunk` centroids (chunk_lse per chunk); an int P, P programs per
+    KV head each looping over chunks j = p, p + P, .. (chunk_lse [B, Hq, P]: per program, the same total)."""
     from lmsqueeze.methods.squeezed._triton_kernels import _centroid_scores_kernel
 
     B, Hq, D = q.shape
     Hkv, C, _ = centroids.shape
     G = _check_heads(q, Hkv, centroids.shape[-1], "centroid_scores")
     nch = -(-C // chunk)
+    loop = programs is not None
+    if loop:
+        nch = max(1, min(int(programs), nch))
     scores = torch.empty(B, Hq, C, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, nch, device=q.device, dtype=torch.float32)
     _centroid_scores_kernel[(B * Hkv, nch)](
@@ -136,7 +142,8 @@ def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: tor
         scores.stride(0), scores.stride(1), lse.stride(0), lse.stride(1),
         C, float(scaling),
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_C=chunk, IEEE_DOT=_ieee(q),
-        num_warps=num_warps, **pdl_options(DECODE_PDL, q.device),
+        LOOP=loop, num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
+        **pdl_options(DECODE_PDL, q.device),
     )
     return scores, lse
 

@@ -11,8 +11,8 @@ from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.pdl import pdl_options
 
 # clusters per selection program and its warps
-LIST_SELECT_BLOCK = 2048
-LIST_SELECT_WARPS = 8
+LIST_SELECT_BLOCK = 1024
+LIST_SELECT_WARPS = 4
 # listed clusters one decode program requests at once (more: several requests)
 LIST_BLOCK_E = 32
 
@@ -26,31 +26,31 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def select_list_triton(scores, chunk_lse, log_tau, offsets, programs: int, block_s: int | None = None,
+def select_list_triton(scores, chunk_lse, log_tau, offsets, block_s: int | None = None,
                        num_warps: int | None = None):
-    """The kept clusters of each (sequence, KV head) dealt out over `programs` programs.
+    """The kept clusters of each (sequence, KV head), listed per chunk of `block_s` clusters.
 
     scores: [B, Hq, C] float32, chunk_lse: [B, Hq, NCH] (from `centroid_scores`), log_tau: [Hkv], offsets:
-    [Hkv, C + 2] int32. Returns (start, size [B*Hkv, P, KPC] int32, count [B*Hkv] int32, kept_rows [B*Hkv]
-    int32), KPC = ceil((C + 1) / P): the i-th kept non-empty cluster (its first row and size; cluster C, the
-    observation window, always kept) is slot i // P of program i % P; slots past a program's share are not
-    written."""
+    [Hkv, C + 2] int32. Returns (start, size [B*Hkv, NS, block_s] int32, count [B*Hkv, NS] int32, kept_rows
+    [B*Hkv, NS] int32), NS = ceil((C + 1) / block_s): the kept non-empty clusters of chunk j (cluster C, the
+    observation window, always kept), in order, as (first row, size) in slots [0, count[:, j]); later slots are
+    not written."""
     from lmsqueeze.methods.squeezed._triton_listed import _select_list_kernel
 
     B, Hq, C = scores.shape
     Hkv = offsets.shape[0]
     block_s = _pow2(block_s or min(LIST_SELECT_BLOCK, _pow2(C + 1)))
-    kpc = -(-(C + 1) // programs)
+    ns = -(-(C + 1) // block_s)
     dev = scores.device
-    start = torch.empty(B * Hkv, programs, kpc, device=dev, dtype=torch.int32)
+    start = torch.empty(B * Hkv, ns, block_s, device=dev, dtype=torch.int32)
     size = torch.empty_like(start)
-    count = torch.empty(B * Hkv, device=dev, dtype=torch.int32)
+    count = torch.empty(B * Hkv, ns, device=dev, dtype=torch.int32)
     kept_rows = torch.empty_like(count)
     nch = chunk_lse.shape[-1]
-    _select_list_kernel[(B * Hkv,)](
+    _select_list_kernel[(B * Hkv, ns)](
         scores, chunk_lse, log_tau, offsets, start, size, count, kept_rows,
         scores.stride(0), scores.stride(1), chunk_lse.stride(0), chunk_lse.stride(1), offsets.stride(0),
-        C, nch, programs, kpc,
+        C, nch,
         HKV=Hkv, G=Hq // Hkv, BLOCK_G=_pow2(Hq // Hkv), BLOCK_S=block_s, BLOCK_CH=max(2, _pow2(nch)),
         num_warps=num_warps or LIST_SELECT_WARPS, **pdl_options(_pdl(), dev),
     )
@@ -72,7 +72,7 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     `kernels.squeezed_decode_triton`: returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 or None
     unless `count_kept`). programs: programs per (sequence, KV head) over the listed clusters (None:
     `default_list_programs`); partials_only: (mid_o, mid_lse) unmerged; listed: `select_list_triton`'s output
-    for these scores and `programs` (skips the selection launch; profiling)."""
+    for these scores (skips the selection launch; profiling)."""
     from lmsqueeze.methods.squeezed import kernels as K
     from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel
 
@@ -84,9 +84,9 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     P = int(programs or default_list_programs(C))
     if P < 1:
         raise LmsqueezeError(f"squeezed_decode_listed: programs must be >= 1, got {P}")
-    start, size, count, kept_rows = listed or select_list_triton(scores, chunk_lse, log_tau, offsets, P,
-                                                                 select_block, select_warps)
-    kpc = start.shape[2]
+    start, size, count, kept_rows = listed or select_list_triton(scores, chunk_lse, log_tau, offsets, select_block,
+                                                                 select_warps)
+    ns, block_s = start.shape[1], start.shape[2]
     l_max = local_k.shape[2]
     nloc = local_splits or K.default_local_splits(l_max)
     splits = nloc + P
@@ -98,9 +98,10 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
         local_v.stride(2),
-        P, kpc, nloc, l_max, float(scaling) * K.LOG2E,
+        ns, P, nloc, l_max, float(scaling) * K.LOG2E,
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n or K.DECODE_BLOCK_N,
-        BLOCK_E=block_e or LIST_BLOCK_E, HAS_STARTS=starts is not None, IEEE_DOT=K._ieee(q),
+        BLOCK_E=block_e or LIST_BLOCK_E, BLOCK_S=block_s,
+        BLOCK_NS=max(2, _pow2(ns)), HAS_STARTS=starts is not None, IEEE_DOT=K._ieee(q),
         HOIST_V=K.DECODE_HOIST_V if hoist_v is None else hoist_v,
         num_warps=num_warps, num_stages=num_stages or K.DECODE_STAGES, **pdl_options(_pdl(), q.device),
         **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q),
@@ -108,5 +109,5 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     if partials_only:
         return mid_o, mid_lse
     out, lse = K.merge_splits(mid_o, mid_lse, q.dtype, K.MERGE_BLOCK_D)
-    kept = kept_rows.reshape(B, Hkv) if count_kept else None
+    kept = kept_rows.reshape(B, Hkv, ns).sum(-1, dtype=torch.int32) if count_kept else None
     return out, lse, kept
