@@ -145,7 +145,11 @@ def check_kernels(dev) -> list[dict]:
                                                              starts)
             out.append({**case, "kernel": "squeezed_decode", "rel_err": rel(o, o_r), "lse_err": rel(lse, lse_r),
                         "kept_equal": bool(torch.equal(kept, kept_r)), "tol": tol})
+            from lmsqueeze.methods.squeezed.listed import squeezed_decode_listed_triton
             for name, impl, kw in (("fused_decode", K.squeezed_decode_triton, {}),
+                                   ("listed_decode", squeezed_decode_listed_triton, {}),
+                                   ("listed_decode_p5_sel64_e4", squeezed_decode_listed_triton,
+                                    {"programs": 5, "select_block": 64, "block_e": 4}),
                                    ("fused_decode_early_local_first_hoist", K.squeezed_decode_triton,
                                     {"early": True, "local_first": True, "hoist_v": True}),
                                    ("fused_decode_merge_in_kernel", K.squeezed_decode_triton,
@@ -315,6 +319,7 @@ def clone_index(idx):
 def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     from lmsqueeze.kernels.decode_attention import decode_attention
     from lmsqueeze.methods.squeezed import kernels as K
+    from lmsqueeze.methods.squeezed import listed as LS
     from lmsqueeze.methods.squeezed import reference as R
     from lmsqueeze.methods.squeezed.attention import decode_scores
 
@@ -501,7 +506,17 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
                            baseline_timing=base, bytes_moved=mid_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
                            splits=n_splits))
 
-    def full(ixs, taus=None, kw=None, chunk=None, warps=None):
+    # the listed decode (listed.py) at this shape: same answer as the reference?
+    o_l, _, kept_l = LS.squeezed_decode_listed_triton(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold,
+                                                      lk, lv, lengths, sc)
+    extra["listed_rel_err_vs_reference"] = rel(o_l, o_r)
+    extra["listed_kept_equal_reference"] = bool(torch.equal(kept_l, kept_r))
+    extra["default_path"] = "listed" if LS.use_listed(C) else "block"
+
+    def full(ixs, taus=None, kw=None, chunk=None, warps=None, path="default"):
+        """The whole step; path: 'default' (the library's rule: listed from LS.LIST_MIN_CLUSTERS clusters, with
+        its defaults), 'block' (the block decode with `kw`, default the sweep's best) or 'listed'."""
+        listed = path == "listed" or (path == "default" and kw is None and LS.use_listed(C))
         kw = kw or decode_kw(cfg_best)
         chunk, warps = chunk or sel_chunk, warps or sel_warps
 
@@ -511,16 +526,29 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
                     s_, e_, _ = decode_scores(q, ix, sc)
                 else:
                     s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, chunk=chunk, num_warps=warps)
-                K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_,
-                                         ix.log_threshold if taus is None else taus, lk, lv, lengths, sc,
-                                         count_kept=False, **kw)
+                tau = ix.log_threshold if taus is None else taus
+                if listed:
+                    LS.squeezed_decode_listed_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, tau, lk, lv, lengths,
+                                                     sc, count_kept=False)
+                else:
+                    K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, tau, lk, lv, lengths, sc,
+                                             count_kept=False, **kw)
         return fn
     t_full = time_cuda(full(idxs), iters=iters, calls_per_iter=ncopy)
     rows.append(timing_row("squeezed_decode_flat", t_full, baseline="dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=sel_bytes + attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
                            sparsity=0.9, centroids=0.05, kept_fraction=kept_frac, threshold="calibrated",
+                           path=extra["default_path"],
                            config={**extra["decode_best_config"], "selection_chunk": sel_chunk,
                                    "selection_warps": sel_warps}))
+    for path in ("block", "listed"):   # both decodes at every size, same run
+        t_p = time_cuda(full(idxs, path=path), iters=iters, calls_per_iter=ncopy)
+        rows.append(timing_row(f"squeezed_decode_flat_{path}", t_p, baseline="dense_sdpa_fp16", baseline_timing=base,
+                               bytes_moved=sel_bytes + attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
+                               sparsity=0.9, centroids=0.05, kept_fraction=kept_frac, threshold="calibrated",
+                               config=({"programs": LS.LIST_PROGRAMS, "stages": LS.LIST_STAGES,
+                                        "select_block": LS.LIST_SELECT_BLOCK} if path == "listed"
+                                       else extra["decode_best_config"])))
     if torch.cuda.get_device_capability()[0] >= 9:   # the same step with programmatic dependent launch
         K.DECODE_PDL = True
         try:

@@ -22,14 +22,10 @@ import bench_squeezed as bs
 from lmsqueeze.bench.results import command_line, timing_row, write_result
 from lmsqueeze.bench.timing import time_cuda
 
-# scoring variants: centroid_scores_triton keywords (None: the decode defaults' selection of bench_squeezed _v7)
-SCORES = {
-    "tile": None,
-    "loop33c64s3": {"programs": 33, "chunk": 64, "num_warps": 4, "num_stages": 3},
-    "loop16c128s3": {"programs": 16, "chunk": 128, "num_warps": 4, "num_stages": 3},
-    "loop66c64s3": {"programs": 66, "chunk": 64, "num_warps": 4, "num_stages": 3},
-    "loop33c128s2w8": {"programs": 33, "chunk": 128, "num_warps": 8, "num_stages": 2},
-}
+# scoring variants: centroid_scores_triton keywords (None: the decode defaults' selection of bench_squeezed _v7).
+# _v4 (commit d9b82aa) also timed a looping form (P programs per KV head, each over every P-th chunk, pipelined):
+# whole step no faster (32K 19.45-19.79 vs 19.11 us, 128K 44.10-46.65 vs 43.10 us, block decode), removed.
+SCORES = {"tile": None}
 # decode variants: (name, scoring variant, "block" | "listed", squeezed_decode_listed_triton keywords)
 VARIANTS = [
     ("block_default", "tile", "block", {}),

@@ -160,10 +160,8 @@ def _centroid_scores_kernel(
     C, scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE_DOT: tl.constexpr,
-    PDL: tl.constexpr = False, LOOP: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
-    # LOOP: program `chunk` of NP (= grid dim 1) scores the tiles chunk, chunk + NP, .. (pipelined) and writes the
-    # logsumexp of all of them; else one tile per program
     _pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -177,39 +175,16 @@ def _centroid_scores_kernel(
     heads = hkv * G + offs_g
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    if LOOP:
-        step = tl.num_programs(1) * BLOCK_C
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        den = tl.zeros([BLOCK_G], tl.float32)
-        for c0 in range(chunk * BLOCK_C, C, step):
-            x = _score_tile(q, Cent, LSz, Scores, b, hkv, heads, g_mask, d_mask, c0 + offs_c, offs_d, C, scale,
-                            stride_ch, stride_cc, stride_lh, stride_sb, stride_sh, IEEE_DOT)
-            m_new = tl.maximum(m, tl.max(x, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            den = den * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
-            m = m_new
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        lse = tl.where(den > 0, m_safe + tl.log(tl.where(den > 0, den, 1.0)), float("-inf"))
-    else:
-        x = _score_tile(q, Cent, LSz, Scores, b, hkv, heads, g_mask, d_mask, chunk * BLOCK_C + offs_c, offs_d, C,
-                        scale, stride_ch, stride_cc, stride_lh, stride_sb, stride_sh, IEEE_DOT)
-        lse = _lse_rows(x)
-    tl.store(ChunkLse + b * stride_eb + heads * stride_eh + chunk, lse, mask=g_mask)
-
-
-@triton.jit
-def _score_tile(q, Cent, LSz, Scores, b, hkv, heads, g_mask, d_mask, cids, offs_d, C, scale,
-                stride_ch, stride_cc, stride_lh, stride_sb, stride_sh, IEEE_DOT: tl.constexpr):
-    """Scores of the G query heads q [BLOCK_G, BLOCK_D] against centroids cids [BLOCK_C] of KV head hkv, stored
-    (natural-log units); returns score + log size [BLOCK_G, BLOCK_C] (-inf past C)."""
+    cids = chunk * BLOCK_C + offs_c
     c_mask = cids < C
     cent = tl.load(Cent + hkv.to(tl.int64) * stride_ch + cids[:, None] * stride_cc + offs_d[None, :],
                    mask=c_mask[:, None] & d_mask[None, :], other=0.0)
-    s = _dot(q, tl.trans(cent), IEEE_DOT) * scale
+    s = _dot(q, tl.trans(cent), IEEE_DOT) * scale                      # [BLOCK_G, BLOCK_C] natural-log units
     tl.store(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :], s,
              mask=g_mask[:, None] & c_mask[None, :])
     ls = tl.load(LSz + hkv * stride_lh + cids, mask=c_mask, other=float("-inf"))
-    return s + ls[None, :]
+    lse = _lse_rows(s + ls[None, :])
+    tl.store(ChunkLse + b * stride_eb + heads * stride_eh + chunk, lse, mask=g_mask)
 
 
 @triton.jit
@@ -254,6 +229,20 @@ def _fine_scores_kernel(
     lse = _lse_rows(tl.where(alive[None, :], s + ls[None, :], float("-inf")))
     tl.store(Lse2 + b * stride_e2b + heads * stride_e2h + chunk, lse, mask=g_mask)
     tl.store(Scored + pid_bh * NCH2 + chunk, n_alive)
+
+
+@triton.jit
+def _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, num_splits, g_mask, d_mask, offs_d,
+                   HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """Split `split` of num_splits: the normalised output and log-sum-exp (natural log; -inf where no key was seen)
+    of query heads `heads` of sequence b from the online-softmax state (m_i, l_i in log2 units, acc) into MidO
+    [B, Hq, S, D] / MidLse [B, Hq, S]."""
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
+    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(MidLse + row, lse, mask=g_mask)
 
 
 @triton.jit
@@ -357,13 +346,8 @@ def _squeezed_decode_kernel(
             _pdl_prologue(PDL)
         if TRACE:
             t_wait = _globaltimer(NCH)
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     num_splits = NSPP * NSUB + NLOC
-    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
-    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(MidLse + row, lse, mask=g_mask)
+    _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, num_splits, g_mask, d_mask, offs_d, HKV, G, D)
     if TRACE:
         t_end = _globaltimer(NCH)
         tp = Trace + (split * tl.num_programs(0) + pid_bh).to(tl.int64) * 4

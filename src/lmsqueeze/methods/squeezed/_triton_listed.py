@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from lmsqueeze.kernels._triton_decode import _pdl_prologue
-from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _log_z, _softmax_tile
+from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _log_z, _softmax_tile, _store_partial
 
 
 @triton.jit
@@ -129,10 +129,4 @@ def _listed_decode_kernel(
                 m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
                                               v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
                                               p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V)
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    num_splits = NLOC + P
-    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
-    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(MidLse + row, lse, mask=g_mask)
+    _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, NLOC + P, g_mask, d_mask, offs_d, HKV, G, D)

@@ -120,20 +120,14 @@ def _ieee(t: torch.Tensor) -> bool:
 # --- centroid scoring ---------------------------------------------------------------------------------------
 
 def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
-                           chunk: int = BLOCK_C, num_warps: int = 4, programs: int | None = None,
-                           num_stages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel form of `centroid_scores_reference`: q [B, Hq, D], centroids [Hkv, C, D], lsizes [Hkv, C].
-    programs: None, one program per chunk of `chunk` centroids (chunk_lse per chunk); an int P, P programs per
-    KV head each looping over chunks j = p, p + P, .. (chunk_lse [B, Hq, P]: per program, the same total)."""
+                           chunk: int = BLOCK_C, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel form of `centroid_scores_reference`: q [B, Hq, D], centroids [Hkv, C, D], lsizes [Hkv, C]."""
     from lmsqueeze.methods.squeezed._triton_kernels import _centroid_scores_kernel
 
     B, Hq, D = q.shape
     Hkv, C, _ = centroids.shape
     G = _check_heads(q, Hkv, centroids.shape[-1], "centroid_scores")
     nch = -(-C // chunk)
-    loop = programs is not None
-    if loop:
-        nch = max(1, min(int(programs), nch))
     scores = torch.empty(B, Hq, C, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, Hq, nch, device=q.device, dtype=torch.float32)
     _centroid_scores_kernel[(B * Hkv, nch)](
@@ -142,8 +136,7 @@ def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: tor
         scores.stride(0), scores.stride(1), lse.stride(0), lse.stride(1),
         C, float(scaling),
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_C=chunk, IEEE_DOT=_ieee(q),
-        LOOP=loop, num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
-        **pdl_options(DECODE_PDL, q.device),
+        num_warps=num_warps, **pdl_options(DECODE_PDL, q.device),
     )
     return scores, lse
 
@@ -331,11 +324,16 @@ def squeezed_decode(q, keys, values, offsets, scores, chunk_lse, log_tau, local_
     scores, chunk_lse: from `centroid_scores` / `fine_scores`; log_tau: [Hkv]; local_k, local_v:
     [B, Hkv, L, D] (new token already written); lengths: [B] int32 filled local slots; starts: [B] int32 first
     valid slot. Returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 fixed rows read).
-    Sliding windows and arbitrary padding masks run the reference. count_kept=False skips the count on CUDA.
+    Sliding windows and arbitrary padding masks run the reference. count_kept=False skips the count on CUDA. On
+    CUDA, indexes of listed.LIST_MIN_CLUSTERS clusters or more run the listed decode (listed.py), others the block
+    decode (`squeezed_decode_triton`).
     """
     if q.is_cuda and window is None and local_valid is None:
-        return squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
-                                      lengths, scaling, starts, count_kept=count_kept)
+        from lmsqueeze.methods.squeezed import listed
+
+        fn = listed.squeezed_decode_listed_triton if listed.use_listed(scores.shape[-1]) else squeezed_decode_triton
+        return fn(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths, scaling, starts,
+                  count_kept=count_kept)
     return squeezed_decode_reference(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v,
                                      lengths, scaling, starts, local_valid, window, q_pos, key_pos, row_cluster)
 

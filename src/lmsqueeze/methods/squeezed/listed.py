@@ -9,21 +9,31 @@ import torch
 
 from lmsqueeze.errors import LmsqueezeError
 from lmsqueeze.kernels.pdl import pdl_options
+from lmsqueeze.methods.squeezed import kernels as K
+from lmsqueeze.methods.squeezed.kernels import _pow2
 
-# clusters per selection program and its warps
-LIST_SELECT_BLOCK = 1024
+# Where the listed decode is the default (kernels.squeezed_decode): from LIST_MIN_CLUSTERS clusters per KV head. Whole
+# step in a CUDA graph, same run (H100, Llama-3-8B attention shape, 90%, benchmarks/results/
+# squeezed_probe_listed_h100_v4.json): 128K (6550 clusters) 39.89 us vs 43.10 us for the block decode; 32K (1635)
+# 21.29-24.82 us vs 19.11 us. Parts at 128K: list selection 3.8 us, listed attention 25.95 us vs 31.81 us for the
+# block decode's attention (the per-program rows even out). The crossover between 1635 and 6550 clusters was not
+# measured; 4096 sits between them.
+LIST_MIN_CLUSTERS = 4096
+# programs per (sequence, KV head) over the listed clusters: 128 (64: 48.03, 256: 43.60 us at 128K, same run), and
+# software-pipelining stages 3 (2: 42.05 us)
+LIST_PROGRAMS = 128
+LIST_STAGES = 3
+# clusters per selection program and its warps (256 / 512 / 1024: 3.89 / 3.83 / 3.87 us at 128K, same run)
+LIST_SELECT_BLOCK = 512
 LIST_SELECT_WARPS = 4
 # listed clusters one decode program requests at once (more: several requests)
 LIST_BLOCK_E = 32
 
 
-def default_list_programs(clusters: int) -> int:
-    """Programs per (sequence, KV head) over the listed clusters, from the shape only (graph-safe)."""
-    return max(4, min(64, (clusters + 1) // 16))
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+def use_listed(clusters: int) -> bool:
+    """Whether the decode of an index with this many clusters per KV head runs the listed kernels (from the shape
+    only: graph-safe)."""
+    return clusters >= LIST_MIN_CLUSTERS
 
 
 def select_list_triton(scores, chunk_lse, log_tau, offsets, block_s: int | None = None,
@@ -52,14 +62,9 @@ def select_list_triton(scores, chunk_lse, log_tau, offsets, block_s: int | None 
         scores.stride(0), scores.stride(1), chunk_lse.stride(0), chunk_lse.stride(1), offsets.stride(0),
         C, nch,
         HKV=Hkv, G=Hq // Hkv, BLOCK_G=_pow2(Hq // Hkv), BLOCK_S=block_s, BLOCK_CH=max(2, _pow2(nch)),
-        num_warps=num_warps or LIST_SELECT_WARPS, **pdl_options(_pdl(), dev),
+        num_warps=num_warps or LIST_SELECT_WARPS, **pdl_options(K.DECODE_PDL, dev),
     )
     return start, size, count, kept_rows
-
-
-def _pdl() -> bool:
-    from lmsqueeze.methods.squeezed import kernels as K
-    return K.DECODE_PDL
 
 
 def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, log_tau, local_k, local_v, lengths,
@@ -71,9 +76,8 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     """Kernel form of `squeezed_decode_reference` (no window / local_valid), same contract as
     `kernels.squeezed_decode_triton`: returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 or None
     unless `count_kept`). programs: programs per (sequence, KV head) over the listed clusters (None:
-    `default_list_programs`); partials_only: (mid_o, mid_lse) unmerged; listed: `select_list_triton`'s output
+    LIST_PROGRAMS); partials_only: (mid_o, mid_lse) unmerged; listed: `select_list_triton`'s output
     for these scores (skips the selection launch; profiling)."""
-    from lmsqueeze.methods.squeezed import kernels as K
     from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel
 
     B, Hq, D = q.shape
@@ -81,7 +85,7 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     G = K._check_heads(q, Hkv, keys.shape[-1], "squeezed_decode")
     C = scores.shape[-1]
     K._check_decode_inputs(q, keys, values, offsets, local_k, local_v, C, B, Hkv, D)
-    P = int(programs or default_list_programs(C))
+    P = int(programs or LIST_PROGRAMS)
     if P < 1:
         raise LmsqueezeError(f"squeezed_decode_listed: programs must be >= 1, got {P}")
     start, size, count, kept_rows = listed or select_list_triton(scores, chunk_lse, log_tau, offsets, select_block,
@@ -103,7 +107,7 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
         BLOCK_E=block_e or LIST_BLOCK_E, BLOCK_S=block_s,
         BLOCK_NS=max(2, _pow2(ns)), HAS_STARTS=starts is not None, IEEE_DOT=K._ieee(q),
         HOIST_V=K.DECODE_HOIST_V if hoist_v is None else hoist_v,
-        num_warps=num_warps, num_stages=num_stages or K.DECODE_STAGES, **pdl_options(_pdl(), q.device),
+        num_warps=num_warps, num_stages=num_stages or LIST_STAGES, **pdl_options(K.DECODE_PDL, q.device),
         **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q),
     )
     if partials_only:
