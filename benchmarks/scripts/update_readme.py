@@ -111,7 +111,7 @@ def render() -> str:
          ("ms", "ms", ".4f"), ("dense ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: r.get("batch") == 1)
     lines += rows_table(
-        "squeezed_decode_h100_v7.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
+        "squeezed_decode_h100_v8.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
         [("context", "context", "d"), ("batch", "batch", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
          ("baseline ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: "ms" in r and not r["method"].startswith("prefill"))
@@ -129,7 +129,7 @@ def render() -> str:
         keep=lambda r: r.get("part") == "serving")
     lines += ["### Quality plots", "",
               "![A²ATS recall vs budget](benchmarks/plots/a2ats_recall.png) "
-              "![Squeezed Attention accuracy vs budget](benchmarks/plots/squeezed_quality_8k_v2.png) "
+              "![Squeezed Attention accuracy vs budget](benchmarks/plots/squeezed_quality_8k_v4.png) "
               "![CHESS perplexity vs sparsity](benchmarks/plots/chess_quality_zoo.png)", ""]
     lines += generic_sections()
     return "\n".join(lines).rstrip() + "\n"
