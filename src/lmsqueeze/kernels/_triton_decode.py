@@ -17,6 +17,39 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _group_query(Q, b, hkv, stride_qb, stride_qh, G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """The G query heads of KV head hkv, sequence b, and a fresh online-softmax state: (offs_g, heads [BLOCK_G],
+    g_mask, offs_d [BLOCK_D], d_mask, q [BLOCK_G, BLOCK_D], m_i = -inf, l_i = 0 [BLOCK_G], acc = 0 [BLOCK_G,
+    BLOCK_D] float32). Q: [B, Hq, D] with a contiguous last dim."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < G
+    d_mask = offs_d < D
+    heads = hkv * G + offs_g  # query heads of this KV group
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    return offs_g, heads, g_mask, offs_d, d_mask, q, m_i, l_i, acc
+
+
+@triton.jit
+def _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, num_splits, g_mask, d_mask, offs_d,
+                   HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
+    """Split `split` of num_splits: the normalised output and log-sum-exp (natural log; -inf where no key was seen)
+    of query heads `heads` of sequence b from the online-softmax state (m_i, l_i in log2 units, acc) into MidO
+    [B, Hq, num_splits, D] float32 contiguous / MidLse [B, Hq, num_splits]."""
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
+    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(MidLse + row, lse, mask=g_mask)
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, Lengths, Starts, MidO, MidLse,
     stride_qb, stride_qh,
@@ -45,21 +78,11 @@ def _decode_split_kernel(
     c_lo = lo + split * chunk
     c_hi = tl.minimum(c_lo + chunk, hi)
 
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < G
-    d_mask = offs_d < D
-    heads = hkv * G + offs_g  # query heads of this KV group
-
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    _offs_g, heads, g_mask, offs_d, d_mask, q, m_i, l_i, acc = _group_query(Q, b, hkv, stride_qb, stride_qh, G, D,
+                                                                             BLOCK_G, BLOCK_D)
     k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
-
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for start_n in range(c_lo, c_hi, BLOCK_N):
         slots = start_n + offs_n
         n_mask = slots < c_hi
@@ -85,13 +108,7 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    # MidO: [B, Hq, num_splits, D] fp32 contiguous; MidLse: [B, Hq, num_splits].
-    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
-    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(MidLse + row, lse, mask=g_mask)
+    _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, num_splits, g_mask, d_mask, offs_d, HKV, G, D)
 
 
 @triton.jit

@@ -34,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lmsqueeze.kernels._triton_decode import _pdl_prologue
+from lmsqueeze.kernels._triton_decode import _group_query, _pdl_prologue, _store_partial
 
 LN2 = 0.6931471805599453
 
@@ -232,20 +232,6 @@ def _fine_scores_kernel(
 
 
 @triton.jit
-def _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, num_splits, g_mask, d_mask, offs_d,
-                   HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr):
-    """Split `split` of num_splits: the normalised output and log-sum-exp (natural log; -inf where no key was seen)
-    of query heads `heads` of sequence b from the online-softmax state (m_i, l_i in log2 units, acc) into MidO
-    [B, Hq, S, D] / MidLse [B, Hq, S]."""
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
-    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(MidLse + row, lse, mask=g_mask)
-
-
-@triton.jit
 def _squeezed_decode_kernel(
     Q, K, V, Offsets, Scores, ChunkLse, LogTau, LK, LV, Lengths, Starts, MidO, MidLse, Kept,
     stride_qb, stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh,
@@ -273,17 +259,9 @@ def _squeezed_decode_kernel(
     split = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < G
-    d_mask = offs_d < D
-    heads = hkv * G + offs_g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    offs_g, heads, g_mask, offs_d, d_mask, q, m_i, l_i, acc = _group_query(Q, b, hkv, stride_qb, stride_qh, G, D,
+                                                                            BLOCK_G, BLOCK_D)
     if LOCAL_FIRST:
         bsplit = split - NLOC                                            # block split, < 0: local program
         is_block = bsplit >= 0

@@ -24,8 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lmsqueeze.kernels._triton_decode import _pdl_prologue
-from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _log_z, _softmax_tile, _store_partial
+from lmsqueeze.kernels._triton_decode import _group_query, _pdl_prologue, _store_partial
+from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _log_z, _softmax_tile
 
 
 @triton.jit
@@ -77,17 +77,9 @@ def _listed_decode_kernel(
     split = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    g_mask = offs_g < G
-    d_mask = offs_d < D
-    heads = hkv * G + offs_g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    _offs_g, heads, g_mask, offs_d, d_mask, q, m_i, l_i, acc = _group_query(Q, b, hkv, stride_qb, stride_qh, G, D,
+                                                                             BLOCK_G, BLOCK_D)
     if split < NLOC:
         m_i, l_i, acc = _attend_local(q, LK, LV, Lengths, Starts, b, hkv, split, NLOC, l_max, offs_n, offs_d,
                                       d_mask, stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
