@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmsqueeze.kernels._triton_decode import _store_partial
 from lmsqueeze.methods.a2ats._triton_fast import _radix_union_kernel
 from lmsqueeze.methods.a2ats.retrieval import MAX_REWIND
 
@@ -220,12 +221,7 @@ def _sparse_split_kernel(
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
-    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(MidLse + row, lse, mask=g_mask)
+    _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, num_splits, g_mask, d_mask, offs_d, HKV, G, D)
 
 
 @triton.jit
@@ -320,12 +316,7 @@ def _sparse_compact_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    row = (b * HKV * G + heads).to(tl.int64) * num_splits + split
-    tl.store(MidO + row[:, None] * D + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(MidLse + row, lse, mask=g_mask)
+    _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, num_splits, g_mask, d_mask, offs_d, HKV, G, D)
 
 
 @triton.jit
