@@ -153,6 +153,17 @@ def _log_z(ChunkLse, row_off, offs_g, g_mask, nch, BLOCK_CH: tl.constexpr):
 
 
 @triton.jit
+def _kv_heads(HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The (sequence, KV head) of a program with program_id(0) = b * HKV + hkv, and its query heads:
+    (b, hkv, offs_g [BLOCK_G], g_mask (offs_g < G), heads = hkv * G + offs_g)."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    return b, hkv, offs_g, offs_g < G, hkv * G + offs_g
+
+
+@triton.jit
 def _centroid_scores_kernel(
     Q, Cent, LSz, Scores, ChunkLse,
     stride_qb, stride_qh, stride_ch, stride_cc, stride_lh,
@@ -163,16 +174,11 @@ def _centroid_scores_kernel(
     PDL: tl.constexpr = False,
 ):
     _pdl_prologue(PDL)
-    pid_bh = tl.program_id(0)
     chunk = tl.program_id(1)
-    b = pid_bh // HKV
-    hkv = pid_bh % HKV
-    offs_g = tl.arange(0, BLOCK_G)
+    b, hkv, _offs_g, g_mask, heads = _kv_heads(HKV, G, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_C)
-    g_mask = offs_g < G
     d_mask = offs_d < D
-    heads = hkv * G + offs_g
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     cids = chunk * BLOCK_C + offs_c
@@ -197,16 +203,11 @@ def _fine_scores_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CH1: tl.constexpr,
     IEEE_DOT: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
     chunk = tl.program_id(1)
-    b = pid_bh // HKV
-    hkv = pid_bh % HKV
-    offs_g = tl.arange(0, BLOCK_G)
+    b, hkv, offs_g, g_mask, heads = _kv_heads(HKV, G, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_C)
-    g_mask = offs_g < G
     d_mask = offs_d < D
-    heads = hkv * G + offs_g
     z1 = _log_z(Lse1, b * stride_e1b + heads * stride_e1h, offs_g, g_mask, NCH1, BLOCK_CH1)
     fids = chunk * BLOCK_C + offs_c
     f_mask = fids < C2
@@ -228,7 +229,7 @@ def _fine_scores_kernel(
     ls = tl.load(LSz + hkv * stride_lh + fids, mask=f_mask, other=float("-inf"))
     lse = _lse_rows(tl.where(alive[None, :], s + ls[None, :], float("-inf")))
     tl.store(Lse2 + b * stride_e2b + heads * stride_e2h + chunk, lse, mask=g_mask)
-    tl.store(Scored + pid_bh * NCH2 + chunk, n_alive)
+    tl.store(Scored + tl.program_id(0) * NCH2 + chunk, n_alive)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from lmsqueeze.kernels._triton_decode import _group_query, _pdl_prologue, _store_partial
-from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _log_z, _softmax_tile
+from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _kv_heads, _log_z, _softmax_tile
 
 
 @triton.jit
@@ -39,11 +39,7 @@ def _select_list_kernel(
     _pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
     j = tl.program_id(1)
-    b = pid_bh // HKV
-    hkv = pid_bh % HKV
-    offs_g = tl.arange(0, BLOCK_G)
-    g_mask = offs_g < G
-    heads = hkv * G + offs_g
+    b, hkv, offs_g, g_mask, heads = _kv_heads(HKV, G, BLOCK_G)
     cids = j * BLOCK_S + tl.arange(0, BLOCK_S)
     real = cids < C
     inr = cids < C + 1
