@@ -37,6 +37,7 @@ import math
 import sys
 import time
 import traceback
+import types
 
 import torch
 import torch.nn.functional as F
@@ -314,6 +315,30 @@ def build_index(keys, values, q_obs, hierarchical=None):
 def clone_index(idx):
     return dataclasses.replace(idx, **{f.name: getattr(idx, f.name).clone() for f in dataclasses.fields(idx)
                                        if isinstance(getattr(idx, f.name), torch.Tensor)})
+
+
+def decode_case(N: int, dev) -> types.SimpleNamespace:
+    """The decode probes' inputs at context N (trace_squeezed_decode.py, probe_listed_decode.py): the synthetic
+    context (keys, values), its flat index (stats) and rotation copies (idxs, ncopy of them, so graph replays do not
+    read from L2), one bf16 query q [1, HQ, D], a 1024-slot local cache (lk, lv) holding LOCAL tokens (lengths),
+    and time_sdpa(iters): dense fp16 SDPA over context + local tokens (two copies), the baseline."""
+    keys, values, queries = synthetic_context(N, dev, seed=N)
+    idx, stats = build_index(keys, values, queries(64))
+    q = queries(1).reshape(1, HQ, D).to(torch.bfloat16)
+    lk = torch.randn(1, HKV, 1024, D, device=dev, dtype=torch.bfloat16)
+    lv = torch.randn(1, HKV, 1024, D, device=dev, dtype=torch.bfloat16)
+    lengths = torch.tensor([LOCAL], dtype=torch.int32, device=dev)
+    ncopy = 6 if N <= 40000 else 3
+    idxs = [idx] + [clone_index(idx) for _ in range(ncopy - 1)]
+    kall = torch.cat([keys, lk[0, :, :LOCAL]], 1)[None].half()
+    vall = torch.cat([values, lv[0, :, :LOCAL]], 1)[None].half()
+    k16, v16, q16 = [kall, kall.clone()], [vall, vall.clone()], q[:, :, None].half()
+
+    def time_sdpa(iters: int):
+        return time_cuda(lambda: [F.scaled_dot_product_attention(q16, k, v, scale=1 / math.sqrt(D), enable_gqa=True)
+                                  for k, v in zip(k16, v16)], iters=iters, calls_per_iter=len(k16))
+    return types.SimpleNamespace(keys=keys, values=values, idx=idx, stats=stats, idxs=idxs, ncopy=ncopy, q=q, lk=lk,
+                                 lv=lv, lengths=lengths, time_sdpa=time_sdpa)
 
 
 def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_squeezed as bs
@@ -47,15 +46,9 @@ def probe(N: int, dev, iters: int, log: list) -> tuple[list[dict], dict]:
 
     rows, extra = [], {}
     sc = 1 / bs.math.sqrt(bs.D)
-    keys, values, queries = bs.synthetic_context(N, dev, seed=N)
-    idx, stats = bs.build_index(keys, values, queries(64))
-    extra["index_stats"] = stats
-    q = queries(1).reshape(1, bs.HQ, bs.D).to(torch.bfloat16)
-    lk = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
-    lv = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
-    lengths = torch.tensor([bs.LOCAL], dtype=torch.int32, device=dev)
-    ncopy = 6 if N <= 40000 else 3
-    idxs = [idx] + [bs.clone_index(idx) for _ in range(ncopy - 1)]
+    case = bs.decode_case(N, dev)
+    idx, idxs, ncopy, q, lk, lv, lengths = case.idx, case.idxs, case.ncopy, case.q, case.lk, case.lv, case.lengths
+    extra["index_stats"] = case.stats
     sel = (64, 4) if N <= 40000 else (256, 8)            # the decode defaults' selection (bench_squeezed _v7)
 
     def scores(ix, variant="tile"):
@@ -67,12 +60,7 @@ def probe(N: int, dev, iters: int, log: list) -> tuple[list[dict], dict]:
     kept_rows = int(kept_r.sum())
     C = idx.num_clusters
     extra["kept_fraction"] = ((kept_r.float() - 64) / idx.clustered).mean().item()
-    kall = torch.cat([keys, lk[0, :, :bs.LOCAL]], 1)[None].half()
-    vall = torch.cat([values, lv[0, :, :bs.LOCAL]], 1)[None].half()
-    kalls, valls = [kall, kall.clone()], [vall, vall.clone()]
-    q16 = q[:, :, None].half()
-    base = time_cuda(lambda: [F.scaled_dot_product_attention(q16, k, v, scale=sc, enable_gqa=True)
-                              for k, v in zip(kalls, valls)], iters=iters, calls_per_iter=2)
+    base = case.time_sdpa(iters)
     dense_bytes = 2 * bs.HKV * (N + bs.LOCAL) * bs.D * 2
     step_bytes = (bs.HKV * C * bs.D * 2 + bs.HQ * C * 4 + kept_rows * bs.D * 4 + bs.HKV * bs.LOCAL * bs.D * 4)
     common = {"baseline": "dense_sdpa_fp16", "baseline_timing": base, "peak_tb_per_s": bs.PEAK_TB_S, "context": N,
@@ -138,7 +126,8 @@ def probe(N: int, dev, iters: int, log: list) -> tuple[list[dict], dict]:
                                                         lk, lv, lengths, sc, count_kept=False, partials_only=True)
                                for ix, (s_, e_) in zip(idxs, sl)], iters=iters, calls_per_iter=ncopy)
     rows.append(timing_row("block_attention_only", t_blk, bytes_moved=attn_bytes, **common))
-    kb, vb = kall.bfloat16(), vall.bfloat16()
+    kb = torch.cat([case.keys, lk[0, :, :bs.LOCAL]], 1)[None]
+    vb = torch.cat([case.values, lv[0, :, :bs.LOCAL]], 1)[None]
     lens_all = torch.tensor([kb.shape[2]], dtype=torch.int32, device=dev)
     t_tri = time_cuda(lambda: decode_attention(q, kb, vb, lens_all, sc), iters=iters)
     rows.append(timing_row("dense_triton_decode", t_tri, bytes_moved=dense_bytes, **common))

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_squeezed as bs
@@ -90,26 +89,14 @@ def run_context(N: int, dev, iters: int) -> dict:
     from lmsqueeze.methods.squeezed import reference as R
 
     sc = 1 / math.sqrt(bs.D)
-    keys, values, queries = bs.synthetic_context(N, dev, seed=N)
-    idx, _ = bs.build_index(keys, values, queries(64))
-    q = queries(1).reshape(1, bs.HQ, bs.D).to(torch.bfloat16)
-    lk = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
-    lv = torch.randn(1, bs.HKV, 1024, bs.D, device=dev, dtype=torch.bfloat16)
-    lengths = torch.tensor([bs.LOCAL], dtype=torch.int32, device=dev)
-    ncopy = 6 if N <= 40000 else 3
-    idxs = [idx] + [bs.clone_index(idx) for _ in range(ncopy - 1)]
+    case = bs.decode_case(N, dev)
+    idx, idxs, ncopy, q, lk, lv, lengths = case.idx, case.idxs, case.ncopy, case.q, case.lk, case.lv, case.lengths
     chunk = 128 if N <= 40000 else 64               # the v6 selection sweep's best
     sub = 2 if N <= 40000 else 1
     s, e = K.centroid_scores_triton(q, idx.centroids, idx.log_sizes, sc, chunk=chunk)
     o_r, _, kept_r = R.squeezed_decode_reference(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
                                                  lv, lengths, sc)
-    kall = torch.cat([keys, lk[0, :, :bs.LOCAL]], 1)[None].half()
-    vall = torch.cat([values, lv[0, :, :bs.LOCAL]], 1)[None].half()
-    k16 = [kall] + [kall.clone()]
-    v16 = [vall] + [vall.clone()]
-    q16 = q[:, :, None].half()
-    t_dense = time_cuda(lambda: [F.scaled_dot_product_attention(q16, k, v, scale=sc, enable_gqa=True)
-                                 for k, v in zip(k16, v16)], iters=iters, calls_per_iter=len(k16))
+    t_dense = case.time_sdpa(iters)
     out = {"context": N, "kept_fraction": float(((kept_r.float() - 64) / idx.clustered).mean()),
            "clusters": idx.num_clusters, "dense_sdpa_fp16_ms": t_dense.median_ms, "variants": {}}
     fn = K.squeezed_decode_triton
