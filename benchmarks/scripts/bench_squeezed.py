@@ -650,14 +650,8 @@ def bench_decode_probe(N: int, dev, iters: int) -> tuple[list[dict], dict]:
 
     rows, extra = [], {}
     sc = 1 / math.sqrt(D)
-    keys, values, queries = synthetic_context(N, dev, seed=N)
-    idx, _ = build_index(keys, values, queries(64))
-    q = queries(1).reshape(1, HQ, D).to(torch.bfloat16)
-    lk = torch.randn(1, HKV, 1024, D, device=dev, dtype=torch.bfloat16)
-    lv = torch.randn(1, HKV, 1024, D, device=dev, dtype=torch.bfloat16)
-    lengths = torch.tensor([LOCAL], dtype=torch.int32, device=dev)
-    ncopy = 6 if N <= 40000 else 3
-    idxs = [idx] + [clone_index(idx) for _ in range(ncopy - 1)]
+    case = decode_case(N, dev)
+    idx, idxs, ncopy, q, lk, lv, lengths = case.idx, case.idxs, case.ncopy, case.q, case.lk, case.lv, case.lengths
     scores = [K.centroid_scores(q, ix.centroids, ix.log_sizes, sc) for ix in idxs]
     s, e = scores[0]
     o_r, _, kept_r = R.squeezed_decode_reference(q, idx.keys, idx.values, idx.offsets, s, e, idx.log_threshold, lk,
@@ -665,12 +659,7 @@ def bench_decode_probe(N: int, dev, iters: int) -> tuple[list[dict], dict]:
     kept_rows = int(kept_r.sum())
     extra["kept_fraction"] = ((kept_r.float() - 64) / idx.clustered).mean().item()
     C = idx.num_clusters
-    kall = torch.cat([keys, lk[0, :, :LOCAL]], 1)[None].half()
-    vall = torch.cat([values, lv[0, :, :LOCAL]], 1)[None].half()
-    kalls, valls = [kall, kall.clone()], [vall, vall.clone()]
-    q16 = q[:, :, None].half()
-    base = time_cuda(lambda: [F.scaled_dot_product_attention(q16, k_, v_, scale=sc, enable_gqa=True)
-                              for k_, v_ in zip(kalls, valls)], iters=iters, calls_per_iter=2)
+    base = case.time_sdpa(iters)
     rows.append(timing_row("probe_dense_sdpa_fp16", base, baseline="probe_dense_sdpa_fp16", baseline_timing=base,
                            bytes_moved=2 * HKV * (N + LOCAL) * D * 2, peak_tb_per_s=PEAK_TB_S, context=N, batch=1))
     attn_bytes = kept_rows * D * 2 * 2 + HKV * LOCAL * D * 4 + HQ * C * 4 + HKV * (C + 2) * 4
