@@ -171,7 +171,7 @@ def _centroid_scores_kernel(
     C, scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE_DOT: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, CScale=None, HAS_CSCALE: tl.constexpr = False,
 ):
     _pdl_prologue(PDL)
     chunk = tl.program_id(1)
@@ -184,8 +184,12 @@ def _centroid_scores_kernel(
     cids = chunk * BLOCK_C + offs_c
     c_mask = cids < C
     cent = tl.load(Cent + hkv.to(tl.int64) * stride_ch + cids[:, None] * stride_cc + offs_d[None, :],
-                   mask=c_mask[:, None] & d_mask[None, :], other=0.0)
-    s = _dot(q, tl.trans(cent), IEEE_DOT) * scale                      # [BLOCK_G, BLOCK_C] natural-log units
+                   mask=c_mask[:, None] & d_mask[None, :], other=0)
+    if HAS_CSCALE:  # int8 centroids, one float32 scale per centroid
+        s = _dot(q, tl.trans(cent.to(q.dtype)), IEEE_DOT)
+        s = s * (tl.load(CScale + hkv * stride_lh + cids, mask=c_mask, other=0.0) * scale)[None, :]
+    else:
+        s = _dot(q, tl.trans(cent), IEEE_DOT) * scale                  # [BLOCK_G, BLOCK_C] natural-log units
     tl.store(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :], s,
              mask=g_mask[:, None] & c_mask[None, :])
     ls = tl.load(LSz + hkv * stride_lh + cids, mask=c_mask, other=float("-inf"))

@@ -120,7 +120,8 @@ def _ieee(t: torch.Tensor) -> bool:
 # --- centroid scoring ---------------------------------------------------------------------------------------
 
 def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
-                           chunk: int = BLOCK_C, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+                           chunk: int = BLOCK_C, num_warps: int = 4,
+                           cscale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel form of `centroid_scores_reference`: q [B, Hq, D], centroids [Hkv, C, D], lsizes [Hkv, C]."""
     from lmsqueeze.methods.squeezed._triton_kernels import _centroid_scores_kernel
 
@@ -137,6 +138,7 @@ def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: tor
         C, float(scaling),
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_C=chunk, IEEE_DOT=_ieee(q),
         num_warps=num_warps, **pdl_options(DECODE_PDL, q.device),
+        **({"CScale": cscale, "HAS_CSCALE": True} if cscale is not None else {}),
     )
     return scores, lse
 
