@@ -143,11 +143,12 @@ def _lse_rows(x):
 
 
 @triton.jit
-def _log_z(ChunkLse, row_off, offs_g, g_mask, nch, BLOCK_CH: tl.constexpr):
-    """log Z per query head from the chunk logsumexps: [BLOCK_G]; 0 where nothing was counted."""
+def _log_z(ChunkLse, row_off, offs_g, g_mask, nch, BLOCK_CH: tl.constexpr, CACHE: tl.constexpr = ""):
+    """log Z per query head from the chunk logsumexps: [BLOCK_G]; 0 where nothing was counted. CACHE: the load's
+    cache modifier."""
     offs = tl.arange(0, BLOCK_CH)
     e = tl.load(ChunkLse + row_off[:, None] + offs[None, :], mask=g_mask[:, None] & (offs[None, :] < nch),
-                other=float("-inf"))
+                other=float("-inf"), cache_modifier=CACHE)
     z = _lse_rows(e)
     return tl.where(z == float("-inf"), 0.0, z)
 

@@ -82,39 +82,53 @@ def _listed_decode_kernel(
                                       scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, HAS_STARTS, IEEE_DOT, HOIST_V)
         _pdl_prologue(PDL)
     else:
-        sp = split - NLOC
-        k_base = K + hkv.to(tl.int64) * stride_kh
-        v_base = V + hkv.to(tl.int64) * stride_vh
-        offs_e = tl.arange(0, BLOCK_E)
-        offs_j = tl.arange(0, BLOCK_NS)
         _pdl_prologue(PDL)
-        n_j = tl.load(Count + pid_bh * NS + offs_j, mask=offs_j < NS, other=0)
-        incl = tl.cumsum(n_j, 0)
-        n = tl.sum(n_j, 0)
-        used = tl.where(n > sp, (n - sp + P - 1) // P, 0)               # clusters dealt to this program
-        for e0 in range(0, used, BLOCK_E):
-            i = sp + (e0 + offs_e) * P                                    # their global kept indices
-            past = incl[None, :] <= i[:, None]                           # [BLOCK_E, BLOCK_NS]: chunks before i's
-            jj = tl.sum(past.to(tl.int32), 1)
-            local = i - tl.sum(tl.where(past, n_j[None, :], 0), 1)
-            slot = (pid_bh * NS + jj).to(tl.int64) * BLOCK_S + local
-            e_mask = e0 + offs_e < used
-            st = tl.load(Start + slot, mask=e_mask, other=0)
-            sz = tl.load(Size + slot, mask=e_mask, other=0)
-            ends = tl.cumsum(sz, 0)
-            excl = ends - sz
-            delta = st - excl
-            total = tl.sum(sz, 0)
-            for t0 in range(0, total, BLOCK_N):
-                p = t0 + offs_n
-                p_mask = p < total
-                hit = (excl[None, :] <= p[:, None]) & (p[:, None] < ends[None, :])
-                rows = p + tl.sum(tl.where(hit, delta[None, :], 0), 1)   # int32: N * D < 2**31
-                if BLOCK_D == D:
-                    kv_mask = p_mask[:, None]
-                else:
-                    kv_mask = p_mask[:, None] & d_mask[None, :]
-                m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
-                                              v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
-                                              p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V)
+        m_i, l_i, acc = _attend_listed(q, K + hkv.to(tl.int64) * stride_kh, V + hkv.to(tl.int64) * stride_vh, Start,
+                                       Size, Count, pid_bh * NS, split - NLOC, NS, P, offs_n, offs_d, d_mask,
+                                       stride_kn, stride_vn, scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, BLOCK_E,
+                                       BLOCK_S, BLOCK_NS, IEEE_DOT, HOIST_V)
     _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, NLOC + P, g_mask, d_mask, offs_d, HKV, G, D)
+
+
+@triton.jit
+def _attend_listed(q, k_base, v_base, Start, Size, Count, cnt_base, sp, NS, P, offs_n, offs_d, d_mask, stride_kn,
+                   stride_vn, scale_log2, m_i, l_i, acc, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr,
+                   IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr, CACHE: tl.constexpr = ""):
+    """Program sp of P over the listed kept clusters of one (sequence, KV head): NS lists, list j's Count[cnt_base
+    + j] entries at Start / Size [(cnt_base + j) * BLOCK_S + i]; the program takes the kept clusters of global
+    index sp, sp + P, .. and runs the online softmax (m_i, l_i, acc) over their rows in full BLOCK_N tiles.
+    k_base / v_base: this KV head's keys / values. CACHE: load cache modifier of the lists ('.cg' where other
+    programs of the same grid wrote them)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_j = tl.arange(0, BLOCK_NS)
+    n_j = tl.load(Count + cnt_base + offs_j, mask=offs_j < NS, other=0, cache_modifier=CACHE)
+    incl = tl.cumsum(n_j, 0)
+    n = tl.sum(n_j, 0)
+    used = tl.where(n > sp, (n - sp + P - 1) // P, 0)               # clusters dealt to this program
+    for e0 in range(0, used, BLOCK_E):
+        i = sp + (e0 + offs_e) * P                                    # their global kept indices
+        past = incl[None, :] <= i[:, None]                           # [BLOCK_E, BLOCK_NS]: lists before i's
+        jj = tl.sum(past.to(tl.int32), 1)
+        local = i - tl.sum(tl.where(past, n_j[None, :], 0), 1)
+        slot = (cnt_base + jj).to(tl.int64) * BLOCK_S + local
+        e_mask = e0 + offs_e < used
+        st = tl.load(Start + slot, mask=e_mask, other=0, cache_modifier=CACHE)
+        sz = tl.load(Size + slot, mask=e_mask, other=0, cache_modifier=CACHE)
+        ends = tl.cumsum(sz, 0)
+        excl = ends - sz
+        delta = st - excl
+        total = tl.sum(sz, 0)
+        for t0 in range(0, total, BLOCK_N):
+            p = t0 + offs_n
+            p_mask = p < total
+            hit = (excl[None, :] <= p[:, None]) & (p[:, None] < ends[None, :])
+            rows = p + tl.sum(tl.where(hit, delta[None, :], 0), 1)   # int32: N * D < 2**31
+            if BLOCK_D == D:
+                kv_mask = p_mask[:, None]
+            else:
+                kv_mask = p_mask[:, None] & d_mask[None, :]
+            m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
+                                          v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
+                                          p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V)
+    return m_i, l_i, acc
