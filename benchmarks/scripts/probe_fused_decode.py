@@ -23,7 +23,8 @@ from lmsqueeze.bench.results import command_line, timing_row, write_result
 from lmsqueeze.bench.timing import capture_graph, time_cuda
 
 FUSED = [{"programs": p, "num_stages": s, "block_n": n} for p, s, n in
-         ((128, 3, 32), (128, 2, 32), (96, 3, 32), (64, 3, 32), (128, 3, 16), (128, 2, 64))]
+         ((64, 3, 32), (48, 3, 32), (32, 3, 32), (80, 3, 32), (64, 2, 32), (128, 3, 32))]
+THREE = [{"programs": p, "one_launch": False} for p in (64, 128)]
 
 
 def probe(N: int, dev, iters: int, log: list) -> list[dict]:
@@ -68,8 +69,7 @@ def probe(N: int, dev, iters: int, log: list) -> list[dict]:
 
     variants = [("block_default", block, {}), ("listed_default", listed, {})]
     variants += [("fused_" + "_".join(f"{k}{v}" for k, v in kw.items()), fused(kw), kw) for kw in FUSED]
-    variants += [("fused_three_launches_programs128", fused({"programs": 128, "one_launch": False}),
-                  {"programs": 128, "one_launch": False})]
+    variants += [(f"fused_three_launches_programs{kw['programs']}", fused(kw), kw) for kw in THREE]
     for name, fn, kw in variants:
         try:
             o, _, kk = fn(idx, True)
@@ -89,6 +89,17 @@ def probe(N: int, dev, iters: int, log: list) -> list[dict]:
             continue
         rows.append(timing_row(f"squeezed_decode_{name}", t, config=kw, **extra, **common))
         say(rows[-1])
+    # the phases of the three-launch form, each alone (inputs of the later ones left by a full call)
+    for kw in THREE:
+        f = fused(kw)
+        for ix in idxs:
+            f(ix)
+        for ph in ((1,), (2,), (3,)):
+            t = time_cuda(lambda kw=kw, ph=ph: [squeezed_decode_fused_triton(
+                q, ix.centroids, ix.log_sizes, ix.keys, ix.values, ix.offsets, ix.log_threshold, lk, lv, lengths, sc,
+                partials_only=True, phases=ph, **kw) for ix in idxs], iters=iters, calls_per_iter=ncopy)
+            rows.append(timing_row(f"fused_programs{kw['programs']}_phase{ph[0]}_only", t, **common))
+            say(rows[-1])
     return rows
 
 

@@ -15,8 +15,8 @@ and the attention over the fixed context; programs PG.. attend the local slots. 
            split merge).
 
 PHASE 0 runs the three phases in one launch, the PG programs of a group meeting at a barrier between phases
-(two int32 words per group in Bar [B*Hkv, 2]: an arrival count the last arrival resets, and a generation it
-advances, which the others wait on; nothing to reset between calls or graph replays). That needs the PG programs of a
+(an arrival count the last arrival resets and a generation it advances, which the others wait on, on separate
+128-byte lines of Bar [B*Hkv, 64] int32; nothing to reset between calls or graph replays). That needs the PG programs of a
 group resident together: the wrapper keeps PG + NLOC <= the SM count, and the grid's groups are consecutive
 block indices, so earlier groups (fully resident) finish and free room for a later group's programs. PHASE 1 / 2
 / 3 run one phase per launch (no barrier): the Triton interpreter, which runs programs one after another, and
@@ -34,20 +34,29 @@ from lmsqueeze.methods.squeezed._triton_listed import _attend_listed
 
 
 @triton.jit
+def _nanosleep(x):
+    """Sleep ~64 ns (a spin-wait backoff); returns x."""
+    return tl.inline_asm_elementwise("nanosleep.u32 64;\n mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _group_barrier(Bar, n):
-    """Wait until all n programs of this group have called it. Bar: the group's two int32 words (arrivals this
-    round, left at 0 by the last arrival; generation, advanced by the last arrival). Earlier writes of every
-    program are visible after it (release / acquire at GPU scope)."""
+    """Wait until all n programs of this group have called it. Bar: the group's arrival count (left at 0 by the
+    last arrival) and, 32 words on (its own 128-byte line), its generation (advanced by the last arrival; the
+    others poll it with volatile loads, backing off). Earlier writes of every program are visible after it
+    (release / acquire at GPU scope)."""
     tl.debug_barrier()
-    gen = tl.atomic_add(Bar + 1, 0, sem="acquire", scope="gpu")
+    gen = tl.atomic_add(Bar + 32, 0, sem="acquire", scope="gpu")
     old = tl.atomic_add(Bar, 1, sem="acq_rel", scope="gpu")
     if old == n - 1:
         tl.atomic_xchg(Bar, 0, sem="relaxed", scope="gpu")
-        tl.atomic_add(Bar + 1, 1, sem="release", scope="gpu")
+        tl.atomic_add(Bar + 32, 1, sem="release", scope="gpu")
     else:
         cur = gen
         while cur == gen:
-            cur = tl.atomic_add(Bar + 1, 0, sem="acquire", scope="gpu")
+            cur = _nanosleep(tl.load(Bar + 32, volatile=True))
+        tl.atomic_add(Bar + 32, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -110,9 +119,9 @@ def _fused_decode_kernel(
                 lse = _lse_rows(tl.join(lse, lse_t))
             tl.store(PartLse + e_row + p, lse, mask=g_mask)
         if PHASE == 0:
-            _group_barrier(Bar + 2 * pid_bh, PG)
+            _group_barrier(Bar + 64 * pid_bh, PG)
         if PHASE == 0 or PHASE == 2:
-            z = _log_z(PartLse, e_row, offs_g, g_mask, PG, BLOCK_PG, ".cg")
+            z = _log_z(PartLse, e_row, offs_g, g_mask, PG, BLOCK_PG, True)
             tau = tl.load(LogTau + hkv)
             n_p = tl.full([], 0, tl.int32)
             rows_p = tl.full([], 0, tl.int32)
@@ -138,10 +147,10 @@ def _fused_decode_kernel(
             tl.store(Count + pid_bh * PG + p, n_p)
             tl.store(KeptRows + pid_bh * PG + p, rows_p)
         if PHASE == 0:
-            _group_barrier(Bar + 2 * pid_bh, PG)
+            _group_barrier(Bar + 64 * pid_bh, PG)
         if PHASE == 0 or PHASE == 3:
             m_i, l_i, acc = _attend_listed(q, K + hkv.to(tl.int64) * stride_kh, V + hkv.to(tl.int64) * stride_vh,
                                            Start, Size, Count, pid_bh * PG, p, PG, PG, offs_n, offs_d, d_mask,
                                            stride_kn, stride_vn, scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N,
-                                           BLOCK_E, NT * BLOCK_C, BLOCK_PG, IEEE_DOT, False, ".cg")
+                                           BLOCK_E, NT * BLOCK_C, BLOCK_PG, IEEE_DOT, False, True)
             _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, p, PG + NLOC, g_mask, d_mask, offs_d, HKV, G, D)

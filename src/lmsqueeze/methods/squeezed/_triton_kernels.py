@@ -143,12 +143,20 @@ def _lse_rows(x):
 
 
 @triton.jit
-def _log_z(ChunkLse, row_off, offs_g, g_mask, nch, BLOCK_CH: tl.constexpr, CACHE: tl.constexpr = ""):
-    """log Z per query head from the chunk logsumexps: [BLOCK_G]; 0 where nothing was counted. CACHE: the load's
-    cache modifier."""
+def _load_cg(ptrs, mask, other, CG: tl.constexpr):
+    """tl.load, through L2 only (cache modifier .cg) when CG."""
+    if CG:
+        return tl.load(ptrs, mask=mask, other=other, cache_modifier=".cg")
+    return tl.load(ptrs, mask=mask, other=other)
+
+
+@triton.jit
+def _log_z(ChunkLse, row_off, offs_g, g_mask, nch, BLOCK_CH: tl.constexpr, CG: tl.constexpr = False):
+    """log Z per query head from the chunk logsumexps: [BLOCK_G]; 0 where nothing was counted. CG: load through L2
+    only (the logsumexps were written by other programs of the same grid)."""
     offs = tl.arange(0, BLOCK_CH)
-    e = tl.load(ChunkLse + row_off[:, None] + offs[None, :], mask=g_mask[:, None] & (offs[None, :] < nch),
-                other=float("-inf"), cache_modifier=CACHE)
+    e = _load_cg(ChunkLse + row_off[:, None] + offs[None, :], g_mask[:, None] & (offs[None, :] < nch),
+                 float("-inf"), CG)
     z = _lse_rows(e)
     return tl.where(z == float("-inf"), 0.0, z)
 

@@ -40,14 +40,16 @@ def squeezed_decode_fused_triton(q, centroids, lsizes, keys, values, offsets, lo
                                  scaling, starts=None, *, programs: int | None = None, one_launch: bool | None = None,
                                  count_kept: bool = True, partials_only: bool = False, block_n: int | None = None,
                                  block_e: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-                                 local_splits: int | None = None, maxnreg: int | None = None):
+                                 local_splits: int | None = None, maxnreg: int | None = None,
+                                 phases: tuple | None = None):
     """Flat-index decode in one launch (+ merge): same result as `kernels.centroid_scores` followed by
     `kernels.squeezed_decode` (no window / local_valid). q: [B, Hq, D] rotated; centroids: [Hkv, C, D]; lsizes:
     [Hkv, C] float32; keys, values: [Hkv, N, D] sorted by cluster; offsets: [Hkv, C + 2] int32; log_tau: [Hkv];
     local_k, local_v: [B, Hkv, L, D]; lengths / starts: [B] int32. Returns (out [B, Hq, D], lse [B, Hq] float32,
     kept [B, Hkv] int32 fixed rows read, or None unless `count_kept`); partials_only: (mid_o, mid_lse).
     one_launch (None: on CUDA outside the interpreter): the three phases in one launch with barriers; False:
-    three launches of the same kernel, one phase each."""
+    three launches of the same kernel, one phase each. phases: with one_launch=False, run only these of (1, 2, 3)
+    (profiling)."""
     from lmsqueeze.methods.squeezed._triton_fused import _fused_decode_kernel
 
     B, Hq, D = q.shape
@@ -76,7 +78,7 @@ def squeezed_decode_fused_triton(q, centroids, lsizes, keys, values, offsets, lo
     size = torch.empty_like(start)
     count = torch.empty(B * Hkv, pg, device=dev, dtype=torch.int32)
     kept_rows = torch.empty_like(count)
-    bar = ticket_buffer(_BARRIERS, dev, 2 * B * Hkv)
+    bar = ticket_buffer(_BARRIERS, dev, 64 * B * Hkv)
     splits = pg + nloc
     mid_o = torch.empty(B, Hq, splits, D, device=dev, dtype=torch.float32)
     mid_lse = torch.empty(B, Hq, splits, device=dev, dtype=torch.float32)
@@ -93,7 +95,7 @@ def squeezed_decode_fused_triton(q, centroids, lsizes, keys, values, offsets, lo
                 BLOCK_PG=max(2, _pow2(pg)), BLOCK_N=block_n or K.DECODE_BLOCK_N, BLOCK_E=block_e or 32,
                 HAS_STARTS=starts is not None, IEEE_DOT=K._ieee(q), num_warps=num_warps,
                 num_stages=num_stages or FUSED_STAGES, **pdl_options(K.DECODE_PDL, dev), **K._regs(maxnreg, q))
-    for phase in ((0,) if one_launch else (1, 2, 3)):
+    for phase in ((0,) if one_launch else (phases or (1, 2, 3))):
         _fused_decode_kernel[(splits, B * Hkv)](*args, PHASE=phase, **meta)
     if partials_only:
         return mid_o, mid_lse
