@@ -27,10 +27,12 @@ import bench_squeezed as bs
 from lmsqueeze.bench.results import command_line, timing_row, write_result
 from lmsqueeze.bench.timing import time_cuda
 
-BLOCK_GRID = [dict(num_warps=w, num_stages=s, sub_splits=u, block_n=n)
-              for w, s, u, n in itertools.product((2, 4), (1, 2, 3), (1, 2), (16, 32))]
-LISTED_GRID = [dict(programs=p, num_warps=w, num_stages=s, block_n=n)
-               for p, w, s, n in itertools.product((64, 96, 128), (2, 4), (2, 3), (16, 32, 64))]
+# _v1 (commit 57d107c) swept warps 2/4, stages 1-3, sub-splits 1/2, tile rows 16/32 (block) and programs 64/96/128,
+# warps 2/4, stages 2/3, tile rows 16/32/64 (listed); this grid adds 8 warps and the list entries per request
+BLOCK_GRID = [dict(num_warps=w, num_stages=s, sub_splits=u, block_n=32, block_c=c)
+              for w, s, u, c in itertools.product((4, 8), (2, 3), (1, 2), (16, 32))]
+LISTED_GRID = [dict(programs=p, num_warps=w, num_stages=3, block_n=n, block_e=e)
+               for p, w, n, e in itertools.product((96, 128), (4, 8), (32, 64), (4, 8, 16, 32))]
 SCORE_GRID = [(64, 4), (128, 4), (256, 4), (256, 8), (512, 8)]
 
 
@@ -40,7 +42,7 @@ def int8_centroids(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(c.float() / s[..., None]).to(torch.int8), s.contiguous()
 
 
-def sweep(N: int, dev, iters: int, deadline: float, log: list) -> list[dict]:
+def sweep(N: int, dev, iters: int, deadline: float, log: list, scores: bool = True) -> list[dict]:
     from lmsqueeze.methods.squeezed import kernels as K
     from lmsqueeze.methods.squeezed import reference as R
     from lmsqueeze.methods.squeezed.listed import select_list_triton, squeezed_decode_listed_triton
@@ -64,7 +66,7 @@ def sweep(N: int, dev, iters: int, deadline: float, log: list) -> list[dict]:
 
     # scoring alone
     q8 = [int8_centroids(ix.centroids) for ix in idxs]
-    for (ch, w), i8 in itertools.product(SCORE_GRID, (False, True)):
+    for (ch, w), i8 in itertools.product(SCORE_GRID if scores else [], (False, True)):
         def fn(ch=ch, w=w, i8=i8):
             for ix, (c8, cs) in zip(idxs, q8):
                 if i8:
@@ -158,6 +160,7 @@ def main() -> int:
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--max-seconds", type=float, default=480)
+    ap.add_argument("--no-scores", action="store_true", help="skip the scoring sweep")
     args = ap.parse_args()
     dev = torch.device("cuda")
     t0 = time.time()
@@ -165,7 +168,7 @@ def main() -> int:
     ctxs = [int(x) for x in args.contexts.split(",")]
     for i, N in enumerate(ctxs):
         share = (args.max_seconds - (time.time() - t0)) / (len(ctxs) - i)
-        rows += sweep(N, dev, args.iters, time.time() + share * 0.8, log)
+        rows += sweep(N, dev, args.iters, time.time() + share * 0.8, log, not args.no_scores)
         write_result(args.out, "squeezed_decode_sweep", command_line(), rows, {"log": log}, device=dev)
     return 0
 
