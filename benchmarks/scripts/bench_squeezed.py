@@ -574,8 +574,9 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
                                config=({"programs": LS.LIST_PROGRAMS, "stages": LS.LIST_STAGES,
                                         "select_block": LS.LIST_SELECT_BLOCK} if path == "listed"
                                        else extra["decode_best_config"])))
-    if torch.cuda.get_device_capability()[0] >= 9:   # the same step with programmatic dependent launch
-        K.DECODE_PDL = True
+    if torch.cuda.get_device_capability()[0] >= 9:   # the same step with the other programmatic-launch setting
+        pdl_default = K.DECODE_PDL
+        K.DECODE_PDL = not pdl_default
         try:
             t_pdl = time_cuda(full(idxs), iters=iters, calls_per_iter=ncopy)
             s_p, e_p = K.centroid_scores_triton(q, idx.centroids, idx.log_sizes, sc, chunk=sel_chunk,
@@ -583,15 +584,18 @@ def bench_decode(N: int, dev, iters: int) -> tuple[list[dict], dict]:
             out_p = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s_p, e_p, idx.log_threshold, lk,
                                              lv, lengths, sc, **decode_kw(cfg_best))[0]
         finally:
-            K.DECODE_PDL = False
+            K.DECODE_PDL = pdl_default                 # later rows and contexts run the default again
         s_n, e_n = K.centroid_scores_triton(q, idx.centroids, idx.log_sizes, sc, chunk=sel_chunk, num_warps=sel_warps)
         out_n = K.squeezed_decode_triton(q, idx.keys, idx.values, idx.offsets, s_n, e_n, idx.log_threshold, lk, lv,
                                          lengths, sc, **decode_kw(cfg_best))[0]
-        rows.append(timing_row("squeezed_decode_flat_pdl", t_pdl, baseline="dense_sdpa_fp16", baseline_timing=base,
-                               bytes_moved=sel_bytes + attn_bytes, peak_tb_per_s=PEAK_TB_S, context=N, batch=1,
-                               sparsity=0.9, centroids=0.05, kept_fraction=kept_frac, threshold="calibrated",
-                               equal_to_without_pdl=bool(torch.equal(out_p, out_n)),
-                               note="squeezed_decode_flat with programmatic dependent launch, same run"))
+        other = "no_pdl" if pdl_default else "pdl"
+        rows.append(timing_row(f"squeezed_decode_flat_{other}", t_pdl, baseline="dense_sdpa_fp16",
+                               baseline_timing=base, bytes_moved=sel_bytes + attn_bytes, peak_tb_per_s=PEAK_TB_S,
+                               context=N, batch=1, sparsity=0.9, centroids=0.05, kept_fraction=kept_frac,
+                               threshold="calibrated", equal_to_default=bool(torch.equal(out_p, out_n)),
+                               note=f"squeezed_decode_flat with programmatic dependent launch "
+                                    f"{'off' if pdl_default else 'on'} (default: {'on' if pdl_default else 'off'}), "
+                                    "same run"))
     prev_sel = 32 if N <= 40000 else 128          # the previous run's selection chunk at this size
     t_prev = time_cuda(full(idxs, kw=decode_kw(prev_default), chunk=prev_sel, warps=4), iters=iters,
                        calls_per_iter=ncopy)

@@ -19,12 +19,6 @@ def _rel(a, b):
 
 
 def _case(B, Hkv, G, D, C, W, L, gen, keep_all=False):
-    return _case_with_centroids(B, Hkv, G, D, C, W, L, gen, keep_all)[0]
-
-
-def _case_with_centroids(B, Hkv, G, D, C, W, L, gen, keep_all=False, quantile=0.7):
-    """(reference decode arguments, centroids [Hkv, C, D], log sizes [Hkv, C]): C clusters of 0-5 keys, W
-    observation rows, L local slots."""
     sizes = torch.randint(0, 6, (Hkv, C), generator=gen)
     n = int(sizes.sum(-1).max()) + W
     offs = torch.zeros(Hkv, C + 2, dtype=torch.int32)
@@ -37,11 +31,11 @@ def _case_with_centroids(B, Hkv, G, D, C, W, L, gen, keep_all=False, quantile=0.
     s, e = R.centroid_scores_reference(q, cents, log_sizes(sizes), sc, K.BLOCK_C)
     a = (s - torch.logsumexp(e, -1, keepdim=True)).reshape(B, Hkv, G, C).amax(2)
     tau = (torch.full((Hkv,), float("-inf")) if keep_all
-           else torch.nan_to_num(a, neginf=-1e30).flatten(0).quantile(quantile).repeat(Hkv))
+           else torch.nan_to_num(a, neginf=-1e30).flatten(0).quantile(0.7).repeat(Hkv))
     lk, lv = torch.randn(B, Hkv, L, D, generator=gen), torch.randn(B, Hkv, L, D, generator=gen)
     lengths = torch.tensor([L - 9] + [L] * (B - 1), dtype=torch.int32)
     starts = torch.tensor([0] + [4] * (B - 1), dtype=torch.int32)
-    return (q, keys, vals, offs, s, e, tau, lk, lv, lengths, sc, starts), cents, log_sizes(sizes)
+    return q, keys, vals, offs, s, e, tau, lk, lv, lengths, sc, starts
 
 
 @pytest.mark.parametrize("G,D,block_c,nsub", [(1, 64, 16, 1), (4, 128, 64, 1), (3, 64, 32, 2), (4, 64, 128, 1)])

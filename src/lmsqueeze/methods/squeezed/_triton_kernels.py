@@ -143,20 +143,11 @@ def _lse_rows(x):
 
 
 @triton.jit
-def _load_cg(ptrs, mask, other, CG: tl.constexpr):
-    """tl.load, through L2 only (cache modifier .cg) when CG."""
-    if CG:
-        return tl.load(ptrs, mask=mask, other=other, cache_modifier=".cg")
-    return tl.load(ptrs, mask=mask, other=other)
-
-
-@triton.jit
-def _log_z(ChunkLse, row_off, offs_g, g_mask, nch, BLOCK_CH: tl.constexpr, CG: tl.constexpr = False):
-    """log Z per query head from the chunk logsumexps: [BLOCK_G]; 0 where nothing was counted. CG: load through L2
-    only (the logsumexps were written by other programs of the same grid)."""
+def _log_z(ChunkLse, row_off, offs_g, g_mask, nch, BLOCK_CH: tl.constexpr):
+    """log Z per query head from the chunk logsumexps: [BLOCK_G]; 0 where nothing was counted."""
     offs = tl.arange(0, BLOCK_CH)
-    e = _load_cg(ChunkLse + row_off[:, None] + offs[None, :], g_mask[:, None] & (offs[None, :] < nch),
-                 float("-inf"), CG)
+    e = tl.load(ChunkLse + row_off[:, None] + offs[None, :], mask=g_mask[:, None] & (offs[None, :] < nch),
+                other=float("-inf"))
     z = _lse_rows(e)
     return tl.where(z == float("-inf"), 0.0, z)
 
@@ -180,7 +171,7 @@ def _centroid_scores_kernel(
     C, scale,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE_DOT: tl.constexpr,
-    PDL: tl.constexpr = False, CScale=None, HAS_CSCALE: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     _pdl_prologue(PDL)
     chunk = tl.program_id(1)
@@ -193,12 +184,8 @@ def _centroid_scores_kernel(
     cids = chunk * BLOCK_C + offs_c
     c_mask = cids < C
     cent = tl.load(Cent + hkv.to(tl.int64) * stride_ch + cids[:, None] * stride_cc + offs_d[None, :],
-                   mask=c_mask[:, None] & d_mask[None, :], other=0)
-    if HAS_CSCALE:  # int8 centroids, one float32 scale per centroid
-        s = _dot(q, tl.trans(cent.to(q.dtype)), IEEE_DOT)
-        s = s * (tl.load(CScale + hkv * stride_lh + cids, mask=c_mask, other=0.0) * scale)[None, :]
-    else:
-        s = _dot(q, tl.trans(cent), IEEE_DOT) * scale                  # [BLOCK_G, BLOCK_C] natural-log units
+                   mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+    s = _dot(q, tl.trans(cent), IEEE_DOT) * scale                      # [BLOCK_G, BLOCK_C] natural-log units
     tl.store(Scores + b * stride_sb + heads[:, None] * stride_sh + cids[None, :], s,
              mask=g_mask[:, None] & c_mask[None, :])
     ls = tl.load(LSz + hkv * stride_lh + cids, mask=c_mask, other=float("-inf"))

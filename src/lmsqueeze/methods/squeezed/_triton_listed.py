@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from lmsqueeze.kernels._triton_decode import _group_query, _pdl_prologue, _store_partial
-from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _kv_heads, _load_cg, _log_z, _softmax_tile
+from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _kv_heads, _log_z, _softmax_tile
 
 
 @triton.jit
@@ -94,15 +94,14 @@ def _listed_decode_kernel(
 def _attend_listed(q, k_base, v_base, Start, Size, Count, cnt_base, sp, NS, P, offs_n, offs_d, d_mask, stride_kn,
                    stride_vn, scale_log2, m_i, l_i, acc, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr,
-                   IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr, CG: tl.constexpr = False):
+                   IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr):
     """Program sp of P over the listed kept clusters of one (sequence, KV head): NS lists, list j's Count[cnt_base
     + j] entries at Start / Size [(cnt_base + j) * BLOCK_S + i]; the program takes the kept clusters of global
     index sp, sp + P, .. and runs the online softmax (m_i, l_i, acc) over their rows in full BLOCK_N tiles.
-    k_base / v_base: this KV head's keys / values. CG: the lists are read through L2 only (other programs of the
-    same grid wrote them)."""
+    k_base / v_base: this KV head's keys / values."""
     offs_e = tl.arange(0, BLOCK_E)
     offs_j = tl.arange(0, BLOCK_NS)
-    n_j = _load_cg(Count + cnt_base + offs_j, offs_j < NS, 0, CG)
+    n_j = tl.load(Count + cnt_base + offs_j, mask=offs_j < NS, other=0)
     incl = tl.cumsum(n_j, 0)
     n = tl.sum(n_j, 0)
     used = tl.where(n > sp, (n - sp + P - 1) // P, 0)               # clusters dealt to this program
@@ -113,8 +112,8 @@ def _attend_listed(q, k_base, v_base, Start, Size, Count, cnt_base, sp, NS, P, o
         local = i - tl.sum(tl.where(past, n_j[None, :], 0), 1)
         slot = (cnt_base + jj).to(tl.int64) * BLOCK_S + local
         e_mask = e0 + offs_e < used
-        st = _load_cg(Start + slot, e_mask, 0, CG)
-        sz = _load_cg(Size + slot, e_mask, 0, CG)
+        st = tl.load(Start + slot, mask=e_mask, other=0)
+        sz = tl.load(Size + slot, mask=e_mask, other=0)
         ends = tl.cumsum(sz, 0)
         excl = ends - sz
         delta = st - excl

@@ -118,10 +118,13 @@ def _ieee(t: torch.Tensor) -> bool:
 
 
 # --- centroid scoring ---------------------------------------------------------------------------------------
+# int8 centroids (one float32 scale per centroid) in the decode scoring kernel were timed and not adopted: scoring
+# alone 6.4-6.9 vs 8.0-9.1 us at 128K, whole step 38.60 vs 39.73 us (listed) and 18.92 vs 19.33 us at 32K (block),
+# H100, same run (benchmarks/results/squeezed_sweep_h100_v1.json, commit 57d107c); the scores move by up to 0.046
+# (log units) and the kept clusters change, so the quality runs would have to be redone for a 3% step gain.
 
 def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: torch.Tensor, scaling: float,
-                           chunk: int = BLOCK_C, num_warps: int = 4,
-                           cscale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           chunk: int = BLOCK_C, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Kernel form of `centroid_scores_reference`: q [B, Hq, D], centroids [Hkv, C, D], lsizes [Hkv, C]."""
     from lmsqueeze.methods.squeezed._triton_kernels import _centroid_scores_kernel
 
@@ -138,7 +141,6 @@ def centroid_scores_triton(q: torch.Tensor, centroids: torch.Tensor, lsizes: tor
         C, float(scaling),
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_C=chunk, IEEE_DOT=_ieee(q),
         num_warps=num_warps, **pdl_options(DECODE_PDL, q.device),
-        **({"CScale": cscale, "HAS_CSCALE": True} if cscale is not None else {}),
     )
     return scores, lse
 

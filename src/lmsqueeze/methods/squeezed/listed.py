@@ -19,6 +19,16 @@ from lmsqueeze.methods.squeezed.kernels import _pow2
 # block decode's attention (the per-program rows even out). The crossover between 1635 and 6550 clusters was not
 # measured; 4096 sits between them.
 LIST_MIN_CLUSTERS = 4096
+# Where the listed decode's time goes (128K, H100, Nsight Compute: benchmarks/results/squeezed_ncu_h100_v1.txt, ncu
+# driver benchmarks/scripts/ncu_squeezed_decode.py): the attention kernel alone 27.7 us at 1.69 TB/s, 1040 programs
+# in 1.58 waves (5 per SM: 96 registers and 37.9 KB of shared memory both limit), SMs active 70% of the elapsed
+# cycles, 11.1 cycles per issued instruction of which 4.1 wait on memory; its tile loop is 683 SASS instructions per
+# warp (16 HMMA, 15 BAR; offline compile). Fewer list entries per request (8: 510 instructions) was not faster
+# (27.32 vs 26.17 us), nor were 2 or 8 warps, other tiles, stages or program counts (squeezed_sweep_h100_v1.json,
+# _v2.json). A one-launch form (scores, keep decision, listing and attention in one kernel, the programs of a KV head
+# meeting at two atomic barriers) was correct (kept rows equal, graph = eager) but slower: 50.2-56.1 vs 40.28 us at
+# 128K, 22.1-38.5 vs 18.96 us (block) at 32K; its three phases as three launches 47.2 / 22.5 us
+# (squeezed_probe_fused_h100_v2.json, commit 5576d24; _v1 at 0207afa has the one-launch rows only): removed.
 # programs per (sequence, KV head) over the listed clusters: 128 (64: 48.03, 256: 43.60 us at 128K, same run), and
 # software-pipelining stages 3 (2: 42.05 us)
 LIST_PROGRAMS = 128
