@@ -31,7 +31,8 @@ from lmsqueeze.bench.timing import time_cuda
 # warps 2/4, stages 2/3, tile rows 16/32/64 (listed), and timed int8 centroids (one float32 scale each) in the
 # scoring kernel; _v2 (commit bec4d37) added 8 warps, list entries per request and cluster block sizes: no config
 # beat the defaults by more than noise (int8 centroids: see kernels.py). This grid (_v3) caps the registers so that
-# more programs fit on an SM (96 now: 5 per SM; 80: 6, 64: 8; 2 stages keep shared memory from limiting first)
+# more programs fit on an SM (96 now: 5 per SM; 80: 6, 64: 8; 2 stages keep shared memory from limiting first):
+# no faster either (128K listed attention 26.58-27.42 vs 26.17 us in _v2; whole step 40.25 vs 40.26 us at defaults)
 BLOCK_GRID = [{"num_warps": 4, "num_stages": s, "sub_splits": u, "block_n": 32, "maxnreg": r}
               for s, u, r in itertools.product((2, 3), (1, 2), (64, 72, 80, 88))]
 LISTED_GRID = [{"programs": p, "num_warps": 4, "num_stages": s, "block_n": 32, "maxnreg": r}

@@ -24,8 +24,10 @@ LIST_MIN_CLUSTERS = 4096
 # in 1.58 waves (5 per SM: 96 registers and 37.9 KB of shared memory both limit), SMs active 70% of the elapsed
 # cycles, 11.1 cycles per issued instruction of which 4.1 wait on memory; its tile loop is 683 SASS instructions per
 # warp (16 HMMA, 15 BAR; offline compile). Fewer list entries per request (8: 510 instructions) was not faster
-# (27.32 vs 26.17 us), nor were 2 or 8 warps, other tiles, stages or program counts (squeezed_sweep_h100_v1.json,
-# _v2.json). A one-launch form (scores, keep decision, listing and attention in one kernel, the programs of a KV head
+# (27.32 vs 26.17 us), nor were 2 or 8 warps, other tiles, stages, program counts or register caps that fit 6-8
+# programs per SM (squeezed_sweep_h100_v1.json, _v2.json, _v3.json). Stall sampling (squeezed_ncu_listed_stalls_h100_v1
+# .txt): of 11.4 cycles per issued instruction, 4.1 wait on global memory, 2.1 on shared memory, 1.4 on fixed
+# latencies, 1.1 on barriers; 0.63 of 4.36 resident warps per scheduler are eligible. A one-launch form (scores, keep decision, listing and attention in one kernel, the programs of a KV head
 # meeting at two atomic barriers) was correct (kept rows equal, graph = eager) but slower: 50.2-56.1 vs 40.28 us at
 # 128K, 22.1-38.5 vs 18.96 us (block) at 32K; its three phases as three launches 47.2 / 22.5 us
 # (squeezed_probe_fused_h100_v2.json, commit 5576d24; _v1 at 0207afa has the one-launch rows only): removed.
