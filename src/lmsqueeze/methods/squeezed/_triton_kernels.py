@@ -96,6 +96,21 @@ def _softmax_tile_full(q, k_ptrs, v_ptrs, scale_log2, m_i, l_i, acc, IEEE_DOT: t
 
 
 @triton.jit
+def _softmax_rows(q, k_base, v_base, rows, r_mask, stride_kn, stride_vn, offs_d, d_mask, scale_log2, m_i, l_i, acc,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr = False):
+    """`_softmax_tile` over the key / value rows `rows` [BLOCK_N] (r_mask: which exist) of k_base / v_base, every
+    existing row visible to every query row; no head-dim mask when BLOCK_D == D (keeps the loads 16-byte
+    vectorised)."""
+    if BLOCK_D == D:
+        kv_mask = r_mask[:, None]
+    else:
+        kv_mask = r_mask[:, None] & d_mask[None, :]
+    return _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
+                         v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask, r_mask[None, :],
+                         scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V)
+
+
+@triton.jit
 def _kept_rows(base, p, ends, us):
     """Rows of the kept positions p of a block: base + p + (unkept keys of the clusters whose kept prefix ends at
     or before p). ends: inclusive cumsum of the kept sizes, us: unkept sizes, both [BLOCK_C]."""
@@ -122,14 +137,8 @@ def _attend_local(q, LK, LV, Lengths, Starts, b, hkv, loc, NLOC, l_max, offs_n, 
     lv_base = LV + b.to(tl.int64) * stride_lvb + hkv.to(tl.int64) * stride_lvh
     for start_n in range(c_lo, c_hi, BLOCK_N):
         slots = start_n + offs_n
-        n_mask = slots < c_hi
-        if BLOCK_D == D:
-            lkv_mask = n_mask[:, None]
-        else:
-            lkv_mask = n_mask[:, None] & d_mask[None, :]
-        m_i, l_i, acc = _softmax_tile(q, lk_base + slots[:, None] * stride_lks + offs_d[None, :],
-                                      lv_base + slots[:, None] * stride_lvs + offs_d[None, :], lkv_mask,
-                                      n_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V)
+        m_i, l_i, acc = _softmax_rows(q, lk_base, lv_base, slots, slots < c_hi, stride_lks, stride_lvs, offs_d,
+                                      d_mask, scale_log2, m_i, l_i, acc, D, BLOCK_D, IEEE_DOT, HOIST_V)
     return m_i, l_i, acc
 
 
@@ -308,13 +317,8 @@ def _squeezed_decode_kernel(
                     p = t0 + offs_n
                     p_mask = p < total
                     rows = _kept_rows(base, p, ends, us)                 # int32: N * D < 2**31
-                    if BLOCK_D == D:
-                        kv_mask = p_mask[:, None]
-                    else:
-                        kv_mask = p_mask[:, None] & d_mask[None, :]
-                    m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
-                                                  v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
-                                                  p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V)
+                    m_i, l_i, acc = _softmax_rows(q, k_base, v_base, rows, p_mask, stride_kn, stride_vn, offs_d,
+                                                  d_mask, scale_log2, m_i, l_i, acc, D, BLOCK_D, IEEE_DOT, HOIST_V)
                 if sub == 0:
                     tl.store(Kept + pid_bh * NSP + cb, total)
     else:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from lmsqueeze.kernels._triton_decode import _group_query, _pdl_prologue, _store_partial
-from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _kv_heads, _log_z, _softmax_tile
+from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _kv_heads, _log_z, _softmax_rows
 
 
 @triton.jit
@@ -123,11 +123,6 @@ def _attend_listed(q, k_base, v_base, Start, Size, Count, cnt_base, sp, NS, P, o
             p_mask = p < total
             hit = (excl[None, :] <= p[:, None]) & (p[:, None] < ends[None, :])
             rows = p + tl.sum(tl.where(hit, delta[None, :], 0), 1)   # int32: N * D < 2**31
-            if BLOCK_D == D:
-                kv_mask = p_mask[:, None]
-            else:
-                kv_mask = p_mask[:, None] & d_mask[None, :]
-            m_i, l_i, acc = _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
-                                          v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask,
-                                          p_mask[None, :], scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V)
+            m_i, l_i, acc = _softmax_rows(q, k_base, v_base, rows, p_mask, stride_kn, stride_vn, offs_d, d_mask,
+                                          scale_log2, m_i, l_i, acc, D, BLOCK_D, IEEE_DOT, HOIST_V)
     return m_i, l_i, acc
