@@ -14,7 +14,6 @@ pytest.importorskip("triton")
 
 from test_decode_fused_merge import _case, _rel
 
-from lmsqueeze.methods.squeezed import kernels as K
 from lmsqueeze.methods.squeezed.listed import select_list_triton, squeezed_decode_listed_triton
 
 
@@ -70,20 +69,3 @@ def test_list_selection_contents_and_stale_slots(gen):
         o, lse, _ = squeezed_decode_listed_triton(*args, programs=4, block_e=4, block_n=16, local_splits=2,
                                                   listed=(st2, sz2, count, kept_rows))
         assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
-
-
-@pytest.mark.parametrize("G,D,P", [(4, 128, 5), (3, 64, 16)])
-def test_listed_in_kernel_merge(G, D, P, gen):
-    """The partials merged inside the attention kernel (the last program to finish, here: the interpreter runs one
-    program at a time, so the sliced merge of several programs is checked on the GPU) equal the reference and the
-    merge launch; the tickets are left at 0, so a second call gives the same answer."""
-    args = _case(2, 2, G, D, 83, 5, 37, gen)
-    o_r, lse_r, kept_r = R.squeezed_decode_reference(*args)
-    kw = {"programs": P, "block_e": 4, "block_n": 16, "local_splits": 2}
-    o, lse, kept = squeezed_decode_listed_triton(*args, fused_merge=True, **kw)
-    assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5 and torch.equal(kept, kept_r)
-    assert int(K._tickets(o.device, 4)[:8].abs().sum()) == 0
-    o2, lse2, _ = squeezed_decode_listed_triton(*args, fused_merge=True, **kw)
-    o3, lse3, _ = squeezed_decode_listed_triton(*args, fused_merge=False, **kw)
-    assert torch.equal(o2, o) and torch.equal(lse2, lse)
-    assert _rel(o3, o) < 1e-6 and _rel(lse3, lse) < 1e-6

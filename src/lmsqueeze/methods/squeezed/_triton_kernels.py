@@ -17,9 +17,8 @@ Decode (one query per sequence), all without host synchronisation (CUDA-graph ca
                              or before p), computed in registers (no index buffer, no compaction pass).
                              Programs s >= NSP attend the local (user + generated) slots [starts, lengths).
                              Partials (out, lse) go to the shared split-merge kernel of kernels/_triton_decode,
-                             or (FUSE_MERGE) the last MERGE_M programs of each (sequence, KV head) to finish,
-                             found by an atomic ticket, merge them themselves, a slice of the head dim each
-                             (`_merge_tail`): no merge launch.
+                             or (FUSE_MERGE) the last program of each (sequence, KV head) to finish, found by an
+                             atomic ticket it resets to 0, merges them itself (`_merge_group`): no merge launch.
 Prefill (a chunk of T queries):
   `_prefill_scores_kernel`   grid (ceil(T/BLOCK_M), B*Hq): per query row log Z over all centroids (online), then
                              the per-cluster sum over rows of exp(score - log Z).
@@ -253,9 +252,8 @@ def _squeezed_decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_CH: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, NSUB: tl.constexpr = 1,
     Ticket=None, Out=None, OutLse=None, stride_outb=0, stride_outh=0,
-    FUSE_MERGE: tl.constexpr = False, BLOCK_GM: tl.constexpr = 2, MERGE_BS: tl.constexpr = 8,
-    BLOCK_DM: tl.constexpr = 8, MERGE_M: tl.constexpr = 1, MERGE_DS: tl.constexpr = 1, NSPP=0,
-    BPP: tl.constexpr = 1, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
+    FUSE_MERGE: tl.constexpr = False, BLOCK_GM: tl.constexpr = 2, BLOCK_S: tl.constexpr = 8,
+    NSPP=0, BPP: tl.constexpr = 1, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
     LOCAL_FIRST: tl.constexpr = False, HOIST_V: tl.constexpr = False, Trace=None, TRACE: tl.constexpr = False,
 ):
     # EARLY (with PDL): everything that does not read the scores kernel's output (q, offsets, log tau, and the
@@ -341,8 +339,12 @@ def _squeezed_decode_kernel(
         tl.store(tp + 2, t_end)
         tl.store(tp + 3, total.to(tl.int64))
     if FUSE_MERGE:
-        _merge_tail(MidO, MidLse, Out, OutLse, Ticket, b, hkv, num_splits, stride_outb, stride_outh, HKV, G, D,
-                    BLOCK_GM, MERGE_BS, BLOCK_DM, MERGE_M, MERGE_DS)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken
+        ticket = tl.atomic_add(Ticket + pid_bh, 1, sem="acq_rel")
+        if ticket == num_splits - 1:  # the last program of this (sequence, KV head) merges its G heads
+            _merge_group(MidO, MidLse, Out, OutLse, b, hkv, num_splits, stride_outb, stride_outh, HKV, G, D,
+                         BLOCK_GM, BLOCK_S, BLOCK_D)
+            tl.atomic_xchg(Ticket + pid_bh, 0)
 
 
 @triton.jit
@@ -353,50 +355,17 @@ def _globaltimer(x):
 
 
 @triton.jit
-def _merge_tail(MidO, MidLse, Out, OutLse, Ticket, b, hkv, num_splits, stride_outb, stride_outh,
-                HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_GM: tl.constexpr, BLOCK_S: tl.constexpr,
-                BLOCK_DM: tl.constexpr, M: tl.constexpr, DS: tl.constexpr):
-    """The split merge inside the split kernel, after this program stored its partial. Ticket: two int32 words per
-    (sequence, KV head) (arrivals, mergers done), left at 0. Each program takes an arrival ticket; the last M to
-    arrive merge D / M dims each (MidO [B, Hq, S, D] float32 normalised partials, MidLse [B, Hq, S] -> Out [B, Hq,
-    D], OutLse [B, Hq]), the first of them also the log-sum-exp. With M > 1 they wait until every program of the
-    group has arrived (the wrapper keeps M * groups below the SM count, so the programs they wait for can always be
-    scheduled); M = 1 is the last arrival alone (no wait). DS = ceil(D / M). The last merger to finish resets both
-    words."""
-    tl.debug_barrier()  # every thread's partial is written before the ticket is taken
-    grp = Ticket + 2 * (b * HKV + hkv)
-    t = tl.atomic_add(grp, 1, sem="acq_rel", scope="gpu")
-    first = num_splits - M
-    if t >= first:
-        if M > 1:
-            cur = t + 1
-            while cur < num_splits:
-                cur = tl.load(grp, volatile=True)
-            tl.atomic_add(grp, 0, sem="acquire", scope="gpu")
-        part = t - first
-        _merge_dims(MidO, MidLse, Out, OutLse, b, hkv, num_splits, part * DS, stride_outb, stride_outh, part == 0,
-                    HKV, G, D, DS, BLOCK_GM, BLOCK_S, BLOCK_DM)
-        if M > 1:
-            done = tl.atomic_add(grp + 1, 1, sem="acq_rel", scope="gpu")
-            if done == M - 1:
-                tl.atomic_xchg(grp + 1, 0, sem="relaxed", scope="gpu")
-                tl.atomic_xchg(grp, 0, sem="relaxed", scope="gpu")
-        else:
-            tl.atomic_xchg(grp, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _merge_dims(MidO, MidLse, Out, OutLse, b, hkv, num_splits, d0, stride_outb, stride_outh, write_lse,
-                HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DS: tl.constexpr, BLOCK_GM: tl.constexpr,
-                BLOCK_S: tl.constexpr, BLOCK_DM: tl.constexpr):
-    """Log-sum-exp merge of dims [d0, d0 + DS) of the num_splits partials of the G query heads of KV head hkv,
-    sequence b (MidO [B, Hq, S, D], MidLse [B, Hq, S] float32, read through L2) into Out [B, Hq, D] (and OutLse
-    [B, Hq] where `write_lse`): the weights' max and sum, then the weighted outputs, BLOCK_S splits and BLOCK_DM
-    dims at a time."""
+def _merge_group(MidO, MidLse, Out, OutLse, b, hkv, num_splits, stride_outb, stride_outh,
+                 HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_GM: tl.constexpr,
+                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Log-sum-exp merge of the num_splits partials of the G query heads of KV head hkv, sequence b:
+    MidO [B, Hq, S, D] float32 (each split normalised), MidLse [B, Hq, S] -> Out [B, Hq, D], OutLse [B, Hq].
+    Two passes over the (L2-resident) partials: the max and sum of the weights, then the weighted outputs."""
     offs_g = tl.arange(0, BLOCK_GM)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_DM)
+    offs_d = tl.arange(0, BLOCK_D)
     g_mask = offs_g < G
+    d_mask = offs_d < D
     heads = hkv * G + offs_g
     rbase = (b * HKV * G + heads).to(tl.int64) * num_splits                   # [BLOCK_GM]
     m = tl.full([BLOCK_GM], float("-inf"), tl.float32)
@@ -410,25 +379,21 @@ def _merge_dims(MidO, MidLse, Out, OutLse, b, hkv, num_splits, d0, stride_outb, 
         den = den * tl.exp(m - m_safe) + tl.sum(tl.exp(e - m_safe[:, None]), 1)
         m = m_new
     m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_GM, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        sp = s0 + offs_s
+        msk = g_mask[:, None] & (sp < num_splits)[None, :]
+        e = tl.load(MidLse + rbase[:, None] + sp[None, :], mask=msk, other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp(e - m_safe[:, None])                                          # [BLOCK_GM, BLOCK_S]
+        o = tl.load(MidO + (rbase[:, None, None] + sp[None, :, None]) * D + offs_d[None, None, :],
+                    mask=msk[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(o * w[:, :, None], 1)
     has = den > 0
-    d_hi = tl.minimum(d0 + DS, D)
-    for dd in range(d0, d_hi, BLOCK_DM):
-        dims = dd + offs_d
-        acc = tl.zeros([BLOCK_GM, BLOCK_DM], tl.float32)
-        for s0 in range(0, num_splits, BLOCK_S):
-            sp = s0 + offs_s
-            msk = g_mask[:, None] & (sp < num_splits)[None, :]
-            e = tl.load(MidLse + rbase[:, None] + sp[None, :], mask=msk, other=float("-inf"), cache_modifier=".cg")
-            w = tl.exp(e - m_safe[:, None])                                      # [BLOCK_GM, BLOCK_S]
-            o = tl.load(MidO + (rbase[:, None, None] + sp[None, :, None]) * D + dims[None, None, :],
-                        mask=msk[:, :, None] & (dims < d_hi)[None, None, :], other=0.0, cache_modifier=".cg")
-            acc += tl.sum(o * w[:, :, None], 1)
-        out = acc / tl.where(has, den, 1.0)[:, None]
-        tl.store(Out + b.to(tl.int64) * stride_outb + heads[:, None] * stride_outh + dims[None, :],
-                 out.to(Out.dtype.element_ty), mask=g_mask[:, None] & (dims < d_hi)[None, :])
-    if write_lse:
-        tl.store(OutLse + b * HKV * G + heads, tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)),
-                                                         float("-inf")), mask=g_mask)
+    out = acc / tl.where(has, den, 1.0)[:, None]
+    tl.store(Out + b.to(tl.int64) * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(OutLse + b * HKV * G + heads, tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf")),
+             mask=g_mask)
 
 
 @triton.jit

@@ -16,8 +16,7 @@ Here the kept clusters are first listed, then dealt out in turn, so every progra
                           the counts' prefix sums) and runs flash-decoding over their rows packed in full BLOCK_N
                           tiles: position p of the concatenated clusters is row start_e + p - excl_e for the entry
                           e with excl_e <= p < excl_e + size_e (computed in registers).
-Partials (normalised out, lse) are merged by the shared split-merge kernel, or (FUSE_MERGE) inside this kernel by
-the last MERGE_M programs of each (sequence, KV head) to finish (`_triton_kernels._merge_tail`).
+Partials (normalised out, lse) are merged by the shared split-merge kernel.
 """
 
 from __future__ import annotations
@@ -26,13 +25,7 @@ import triton
 import triton.language as tl
 
 from lmsqueeze.kernels._triton_decode import _group_query, _pdl_prologue, _store_partial
-from lmsqueeze.methods.squeezed._triton_kernels import (
-    _attend_local,
-    _kv_heads,
-    _log_z,
-    _merge_tail,
-    _softmax_rows,
-)
+from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _kv_heads, _log_z, _softmax_rows
 
 
 @triton.jit
@@ -74,9 +67,7 @@ def _listed_decode_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, PDL: tl.constexpr = False,
-    HOIST_V: tl.constexpr = False, Ticket=None, Out=None, OutLse=None, stride_outb=0, stride_outh=0,
-    FUSE_MERGE: tl.constexpr = False, BLOCK_GM: tl.constexpr = 2, MERGE_BS: tl.constexpr = 8,
-    BLOCK_DM: tl.constexpr = 8, MERGE_M: tl.constexpr = 1, MERGE_DS: tl.constexpr = 1,
+    HOIST_V: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -97,9 +88,6 @@ def _listed_decode_kernel(
                                        stride_kn, stride_vn, scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, BLOCK_E,
                                        BLOCK_S, BLOCK_NS, IEEE_DOT, HOIST_V)
     _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, NLOC + P, g_mask, d_mask, offs_d, HKV, G, D)
-    if FUSE_MERGE:
-        _merge_tail(MidO, MidLse, Out, OutLse, Ticket, b, hkv, NLOC + P, stride_outb, stride_outh, HKV, G, D,
-                    BLOCK_GM, MERGE_BS, BLOCK_DM, MERGE_M, MERGE_DS)
 
 
 @triton.jit

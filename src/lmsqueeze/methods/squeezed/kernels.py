@@ -8,8 +8,6 @@ captured in a CUDA graph; its launch grids depend on shapes only.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
@@ -72,10 +70,6 @@ PREFILL_STEADY_TILES = (128, 8, 2, 128)
 # default tiles 26.4 vs 16.7 us at 32K, 56.6 vs 37.6 us at 128K; squeezed_decode_h100_v2.json, decode_sweep),
 # so off. Wider cluster ranges per program (64-256) and several blocks per program were slower too (v2, v3).
 DECODE_FUSED_MERGE = False
-# in-kernel merge: programs per (sequence, KV head) that merge (each a slice of the head dim) and dims per step
-# (4: no register spills in the listed kernel at 96 registers, offline compile; 8 spills)
-MERGE_PROGRAMS = 16
-MERGE_BLOCK_DIMS = 4
 # Programmatic dependent launch for the decode path's kernels (centroid scores, split attention, merge: Hopper+,
 # `lmsqueeze.kernels.pdl`): each kernel's programs are scheduled while the previous one finishes. H100, same run,
 # graphed: 20.1 vs 21.3 us at 32K, 45.0 vs 46.0 us at 128K, outputs bit-identical (squeezed_decode_h100_v5.json).
@@ -101,31 +95,8 @@ _TICKETS: dict = {}
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """Two ticket words per (sequence, KV head) for the fused-merge decode (`lmsqueeze.kernels.tickets`): n groups."""
-    return ticket_buffer(_TICKETS, device, 2 * n)
-
-
-def merge_programs(groups: int, d: int, device: torch.device) -> int:
-    """Programs per (sequence, KV head) that merge the split partials inside the split kernel (`_merge_tail`): up
-    to MERGE_PROGRAMS on CUDA, fewer where all groups' mergers would not stay below the SM count (they wait for
-    the rest of their group; with fewer waiting programs than SMs, at least one SM always has room for the
-    programs they wait for), 1 in the interpreter (it runs programs one at a time: the last one merges)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return 1
-    room = torch.cuda.get_device_properties(device).multi_processor_count - 1
-    m = 1
-    while m * 2 <= MERGE_PROGRAMS and m * 2 * groups <= room and m * 2 <= d:
-        m *= 2
-    return m
-
-
-def fused_merge_meta(groups: int, G: int, d: int, splits: int, device: torch.device,
-                     merge_m: int | None = None) -> dict:
-    """Constexprs of `_merge_tail` for a split kernel with `splits` partials per (sequence, KV head)."""
-    m = int(merge_m or merge_programs(groups, d, device))
-    ds = -(-d // m)
-    return {"BLOCK_GM": max(2, _pow2(G)), "MERGE_BS": min(256, max(2, _pow2(splits))),
-            "BLOCK_DM": min(MERGE_BLOCK_DIMS, _pow2(ds)), "MERGE_M": m, "MERGE_DS": ds}
+    """One ticket per (sequence, KV head) for the fused-merge decode (`lmsqueeze.kernels.tickets`)."""
+    return ticket_buffer(_TICKETS, device, n)
 
 
 def _pow2(n: int) -> int:
@@ -265,16 +236,14 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
                            merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
                            fused_merge: bool | None = None, blocks_per_program: int | None = None,
                            early: bool | None = None, local_first: bool | None = None, hoist_v: bool | None = None,
-                           trace: torch.Tensor | None = None, maxnreg: int | None = DECODE_MAXNREG,
-                           merge_m: int | None = None):
+                           trace: torch.Tensor | None = None, maxnreg: int | None = DECODE_MAXNREG):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
     None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
     of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`.
     merge_block_d: None merges the split partials with the shared kernel (one program per query head), an int
     with `merge_splits` (D / merge_block_d programs per head). partials_only: return (mid_o, mid_lse) unmerged
     (to time the parts). fused_merge (None: DECODE_FUSED_MERGE): the split kernel merges its own partials (the
-    last `merge_m` programs of each (sequence, KV head) to finish, by an atomic ticket, a slice of the head dim each;
-    None: `merge_programs`): one launch. blocks_per_program: blocks of
+    last program of each (sequence, KV head), by an atomic ticket): one launch. blocks_per_program: blocks of
     clusters one program reads in turn (strided: j, j + NSP/bpp, ..), one online softmax and one partial for all:
     q and log Z loaded once, fewer partials to merge. early / local_first / hoist_v (None: DECODE_EARLY /
     DECODE_LOCAL_FIRST / DECODE_HOIST_V): see the kernel. trace: int64 [splits * B * Hkv, 4] or None, filled
@@ -316,7 +285,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         Ticket=ticket, Out=out, OutLse=lse, stride_outb=out.stride(0) if fuse else 0,
         stride_outh=out.stride(1) if fuse else 0, HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_CH=max(2, _pow2(nch)), HAS_STARTS=starts is not None, IEEE_DOT=_ieee(q), NSUB=sub_splits,
-        FUSE_MERGE=fuse, **fused_merge_meta(B * Hkv, G, D, splits, q.device, merge_m), NSPP=nspp, BPP=bpp,
+        FUSE_MERGE=fuse, BLOCK_GM=max(2, _pow2(G)), BLOCK_S=8, NSPP=nspp, BPP=bpp,
         EARLY=DECODE_EARLY if early is None else early,
         LOCAL_FIRST=DECODE_LOCAL_FIRST if local_first is None else local_first,
         HOIST_V=DECODE_HOIST_V if hoist_v is None else hoist_v, Trace=trace, TRACE=trace is not None,

@@ -40,9 +40,6 @@ LIST_SELECT_BLOCK = 512
 LIST_SELECT_WARPS = 4
 # listed clusters one decode program requests at once (more: several requests)
 LIST_BLOCK_E = 32
-# the partials merged inside the attention kernel (kernels.merge_programs programs per KV head) instead of by a
-# merge launch: off until timed
-LIST_FUSED_MERGE = False
 
 
 def use_listed(clusters: int) -> bool:
@@ -87,15 +84,12 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
                                   num_warps: int = 4, num_stages: int | None = None, local_splits: int | None = None,
                                   select_block: int | None = None, select_warps: int | None = None, block_e: int | None = None,
                                   count_kept: bool = True, partials_only: bool = False, hoist_v: bool | None = None,
-                                  maxnreg: int | None = None, listed: tuple | None = None,
-                                  fused_merge: bool | None = None, merge_m: int | None = None):
+                                  maxnreg: int | None = None, listed: tuple | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid), same contract as
     `kernels.squeezed_decode_triton`: returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 or None
     unless `count_kept`). programs: programs per (sequence, KV head) over the listed clusters (None:
     LIST_PROGRAMS); partials_only: (mid_o, mid_lse) unmerged; listed: `select_list_triton`'s output
-    for these scores (skips the selection launch; profiling). fused_merge (None: LIST_FUSED_MERGE): the partials
-    are merged inside the attention kernel (`merge_m` programs per (sequence, KV head), a slice of the head dim
-    each; None: `kernels.merge_programs`) instead of by the merge launch."""
+    for these scores (skips the selection launch; profiling)."""
     from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel
 
     B, Hq, D = q.shape
@@ -114,14 +108,6 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     splits = nloc + P
     mid_o = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
     mid_lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
-    fuse = (LIST_FUSED_MERGE if fused_merge is None else fused_merge) and not partials_only
-    merge = {}
-    if fuse:
-        out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-        lse = torch.empty(B, Hq, device=q.device, dtype=torch.float32)
-        merge = dict(Ticket=K._tickets(q.device, B * Hkv), Out=out, OutLse=lse, stride_outb=out.stride(0),
-                     stride_outh=out.stride(1), FUSE_MERGE=True,
-                     **K.fused_merge_meta(B * Hkv, G, D, splits, q.device, merge_m))
     _listed_decode_kernel[(B * Hkv, splits)](
         q, keys, values, start, size, count, local_k, local_v, lengths,
         starts if starts is not None else lengths, mid_o, mid_lse,
@@ -134,11 +120,10 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
         BLOCK_NS=max(2, _pow2(ns)), HAS_STARTS=starts is not None, IEEE_DOT=K._ieee(q),
         HOIST_V=K.DECODE_HOIST_V if hoist_v is None else hoist_v,
         num_warps=num_warps, num_stages=num_stages or LIST_STAGES, **pdl_options(K.DECODE_PDL, q.device),
-        **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q), **merge,
+        **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q),
     )
     if partials_only:
         return mid_o, mid_lse
-    if not fuse:
-        out, lse = K.merge_splits(mid_o, mid_lse, q.dtype, K.MERGE_BLOCK_D)
+    out, lse = K.merge_splits(mid_o, mid_lse, q.dtype, K.MERGE_BLOCK_D)
     kept = kept_rows.reshape(B, Hkv, ns).sum(-1, dtype=torch.int32) if count_kept else None
     return out, lse, kept
