@@ -68,7 +68,11 @@ PREFILL_STEADY_TILES = (128, 8, 2, 128)
 # fused merge: the last split program of each (sequence, KV head) merges the partials itself (atomic ticket):
 # one launch fewer, but measured slower on the H100 in every config (its one program reads all partials: at the
 # default tiles 26.4 vs 16.7 us at 32K, 56.6 vs 37.6 us at 128K; squeezed_decode_h100_v2.json, decode_sweep),
-# so off. Wider cluster ranges per program (64-256) and several blocks per program were slower too (v2, v3).
+# so off. Wider cluster ranges per program (64-256) and several blocks per program were slower too (v2, v3). A
+# sliced form (the last M programs of each KV head to finish, M up to 16, merge D / M dims each, waiting for the
+# rest of their group; in the block and the listed kernels) was correct but slower at every M: best 23.51 vs 18.91 us
+# at 32K (block), 46.09 vs 40.11 us at 128K (listed), same run (squeezed_probe_merge_h100_v1.json, commit 990ee99,
+# reverted): the merge launch with PDL costs less than the merging programs' L2 round trips at the kernel's tail.
 DECODE_FUSED_MERGE = False
 # Programmatic dependent launch for the decode path's kernels (centroid scores, split attention, merge: Hopper+,
 # `lmsqueeze.kernels.pdl`): each kernel's programs are scheduled while the previous one finishes. H100, same run,
