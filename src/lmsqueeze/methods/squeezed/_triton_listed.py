@@ -25,7 +25,13 @@ import triton
 import triton.language as tl
 
 from lmsqueeze.kernels._triton_decode import _group_query, _pdl_prologue, _store_partial
-from lmsqueeze.methods.squeezed._triton_kernels import _attend_local, _kv_heads, _log_z, _softmax_rows
+from lmsqueeze.methods.squeezed._triton_kernels import (
+    _attend_local,
+    _globaltimer,
+    _kv_heads,
+    _log_z,
+    _softmax_rows,
+)
 
 
 @triton.jit
@@ -67,10 +73,17 @@ def _listed_decode_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, PDL: tl.constexpr = False,
-    HOIST_V: tl.constexpr = False,
+    HOIST_V: tl.constexpr = False, Trace=None, TRACE: tl.constexpr = False,
 ):
+    # TRACE: Trace [splits * B * Hkv, 6] int64 gets per program (start, after the dependency wait, counts read,
+    # first entries read, end: %globaltimer ns; rows attended), program (split, pid_bh) at row split * B*Hkv + pid_bh
+    # (profiling only; CUDA).
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
+    tp = Trace
+    if TRACE:
+        tp = Trace + (split * tl.num_programs(0) + pid_bh).to(tl.int64) * 6
+        tl.store(tp, _globaltimer(split))
     b = pid_bh // HKV
     hkv = pid_bh % HKV
     offs_n = tl.arange(0, BLOCK_N)
@@ -81,30 +94,41 @@ def _listed_decode_kernel(
                                       d_mask, stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
                                       scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, HAS_STARTS, IEEE_DOT, HOIST_V)
         _pdl_prologue(PDL)
+        if TRACE:
+            tl.store(tp + 1, _globaltimer(split))
     else:
         _pdl_prologue(PDL)
+        if TRACE:
+            tl.store(tp + 1, _globaltimer(split))
         m_i, l_i, acc = _attend_listed(q, K + hkv.to(tl.int64) * stride_kh, V + hkv.to(tl.int64) * stride_vh, Start,
                                        Size, Count, pid_bh * NS, split - NLOC, NS, P, offs_n, offs_d, d_mask,
                                        stride_kn, stride_vn, scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, BLOCK_E,
-                                       BLOCK_S, BLOCK_NS, IEEE_DOT, HOIST_V)
+                                       BLOCK_S, BLOCK_NS, IEEE_DOT, HOIST_V, tp, TRACE)
     _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, NLOC + P, g_mask, d_mask, offs_d, HKV, G, D)
+    if TRACE:
+        tl.store(tp + 4, _globaltimer(split))
 
 
 @triton.jit
 def _attend_listed(q, k_base, v_base, Start, Size, Count, cnt_base, sp, NS, P, offs_n, offs_d, d_mask, stride_kn,
                    stride_vn, scale_log2, m_i, l_i, acc, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr,
-                   IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr):
+                   IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr, tp=None, TRACE: tl.constexpr = False):
     """Program sp of P over the listed kept clusters of one (sequence, KV head): NS lists, list j's Count[cnt_base
     + j] entries at Start / Size [(cnt_base + j) * BLOCK_S + i]; the program takes the kept clusters of global
     index sp, sp + P, .. and runs the online softmax (m_i, l_i, acc) over their rows in full BLOCK_N tiles.
-    k_base / v_base: this KV head's keys / values."""
+    k_base / v_base: this KV head's keys / values. TRACE: %globaltimer after the counts and after the first entries
+    are read, and the rows attended, to tp[2], tp[3], tp[5] (profiling)."""
     offs_e = tl.arange(0, BLOCK_E)
     offs_j = tl.arange(0, BLOCK_NS)
     n_j = tl.load(Count + cnt_base + offs_j, mask=offs_j < NS, other=0)
     incl = tl.cumsum(n_j, 0)
     n = tl.sum(n_j, 0)
     used = tl.where(n > sp, (n - sp + P - 1) // P, 0)               # clusters dealt to this program
+    if TRACE:
+        tl.store(tp + 2, _globaltimer(n))
+        tl.store(tp + 3, _globaltimer(n))
+        tl.store(tp + 5, 0)
     for e0 in range(0, used, BLOCK_E):
         i = sp + (e0 + offs_e) * P                                    # their global kept indices
         past = incl[None, :] <= i[:, None]                           # [BLOCK_E, BLOCK_NS]: lists before i's
@@ -118,6 +142,10 @@ def _attend_listed(q, k_base, v_base, Start, Size, Count, cnt_base, sp, NS, P, o
         excl = ends - sz
         delta = st - excl
         total = tl.sum(sz, 0)
+        if TRACE:
+            if e0 == 0:
+                tl.store(tp + 3, _globaltimer(total))
+            tl.atomic_add(tp + 5, total.to(tl.int64), sem="relaxed")
         for t0 in range(0, total, BLOCK_N):
             p = t0 + offs_n
             p_mask = p < total
