@@ -77,7 +77,8 @@ def run(N: int, dev, iters: int, log: list) -> list[dict]:
                 torch.cuda.synchronize()
                 sums.append(summarize(trace, bs.HKV, nloc))
             tr = sorted(sums, key=lambda r: r["span_us"])[2]
-            rows.append({"context": N, "programs": P, "mode": mode, "ms": t.median_ms, "trace": tr})
+            rows.append({"method": f"listed_p{P}_{mode}", "context": N, "programs": P, "mode": mode,
+                         "ms": t.median_ms, "trace": tr})
             log.append(f"N={N} P={P} {mode}: {t.median_ms * 1e3:.2f} us, span {tr['span_us']} us, "
                        f"wait done p50 {tr['wait_done_us']['p50']}, counts {tr['counts_read_us']['p50']}, "
                        f"entries {tr['entries_read_us']['p50']}, tiles p50/max {tr['tiles_us']['p50']}/"
