@@ -1,7 +1,8 @@
 """Where the listed Squeezed decode's attention kernel spends its time: per-program %globaltimer traces (start,
 after the dependency wait, counts read, first list entries read, end; rows attended) of one traced replay of the
 whole step (centroid scores + list selection + listed attention + merge, CUDA graph) and of the attention kernel
-alone, for several program counts. Llama-3-8B attention shape, batch 1, fixed context 32K / 128K + 256 local
+alone, for several program counts and list pieces (rows per list entry; 0: one entry per cluster), with the block
+decode's whole step timed in the same run. Llama-3-8B attention shape, batch 1, fixed context 32K / 128K + 256 local
 tokens, 90% sparsity, 5% centroids (bench_squeezed.decode_case).
 
     python benchmarks/scripts/trace_listed_decode.py --out $OUT/squeezed_listed_trace_h100.json
@@ -20,6 +21,9 @@ import bench_squeezed as bs
 
 from lmsqueeze.bench.results import command_line, write_result
 from lmsqueeze.bench.timing import capture_graph, time_cuda
+
+# (programs per KV head, rows per list entry); _v1 (commit 5b5ae9a): programs 64 / 128, one entry per cluster
+VARIANTS = [(128, 0), (128, 32), (128, 16), (96, 32), (64, 32), (192, 32)]
 
 
 def summarize(trace: torch.Tensor, n_bh: int, nloc: int) -> dict:
@@ -45,6 +49,7 @@ def summarize(trace: torch.Tensor, n_bh: int, nloc: int) -> dict:
 
 def run(N: int, dev, iters: int, log: list) -> list[dict]:
     from lmsqueeze.methods.squeezed import kernels as K
+    from lmsqueeze.methods.squeezed import reference as R
     from lmsqueeze.methods.squeezed.listed import select_list_triton, squeezed_decode_listed_triton
 
     sc = 1 / bs.math.sqrt(bs.D)
@@ -52,18 +57,34 @@ def run(N: int, dev, iters: int, log: list) -> list[dict]:
     idx, idxs, ncopy, q, lk, lv, lengths = case.idx, case.idxs, case.ncopy, case.q, case.lk, case.lv, case.lengths
     sel = (64, 4) if N <= 40000 else (256, 8)
     nloc = K.default_local_splits(lk.shape[2])
-    rows = []
-    for P in (64, 128):
+    o_r, _, kept_r = R.squeezed_decode_reference(q, idx.keys, idx.values, idx.offsets,
+                                                 *K.centroid_scores_triton(q, idx.centroids, idx.log_sizes, sc, *sel),
+                                                 idx.log_threshold, lk, lv, lengths, sc)
+
+    def block(ix):
+        s_, e_ = K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, *sel)
+        return K.squeezed_decode_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk, lv, lengths,
+                                        sc, count_kept=False)
+    t = time_cuda(lambda: [block(ix) for ix in idxs], iters=iters, calls_per_iter=ncopy)
+    rows = [{"method": "block_step", "context": N, "ms": t.median_ms,
+             "speedup_vs_sdpa": case.time_sdpa(iters).median_ms / t.median_ms}]
+    log.append(f"N={N} block step {t.median_ms * 1e3:.2f} us, x{rows[0]['speedup_vs_sdpa']:.2f} vs SDPA")
+    print(log[-1], flush=True)
+    for P, piece in VARIANTS:
         trace = torch.zeros((P + nloc) * bs.HKV, 6, dtype=torch.int64, device=dev)
         pre = {id(ix): K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, *sel) for ix in idxs}
-        lists = {id(ix): select_list_triton(*pre[id(ix)], ix.log_threshold, ix.offsets) for ix in idxs}
+        lists = {id(ix): select_list_triton(*pre[id(ix)], ix.log_threshold, ix.offsets, rows=ix.keys.shape[1],
+                                            piece=piece) for ix in idxs}
+        o, _, kk = squeezed_decode_listed_triton(q, idx.keys, idx.values, idx.offsets, *pre[id(idx)],
+                                                 idx.log_threshold, lk, lv, lengths, sc, programs=P, piece=piece)
+        check = {"rel_err_vs_reference": bs.rel(o, o_r), "kept_equal_reference": bool(torch.equal(kk, kept_r))}
         for mode in ("step", "attention_only"):
 
-            def one(ix, traced, mode=mode, P=P, trace=trace, pre=pre, lists=lists):
+            def one(ix, traced, mode=mode, P=P, piece=piece, trace=trace, pre=pre, lists=lists):
                 s_, e_ = (K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, *sel) if mode == "step"
                           else pre[id(ix)])
                 return squeezed_decode_listed_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk,
-                                                     lv, lengths, sc, programs=P, count_kept=False,
+                                                     lv, lengths, sc, programs=P, count_kept=False, piece=piece,
                                                      listed=None if mode == "step" else lists[id(ix)],
                                                      partials_only=mode != "step", trace=trace if traced else None)
             for ix in idxs:
@@ -77,9 +98,10 @@ def run(N: int, dev, iters: int, log: list) -> list[dict]:
                 torch.cuda.synchronize()
                 sums.append(summarize(trace, bs.HKV, nloc))
             tr = sorted(sums, key=lambda r: r["span_us"])[2]
-            rows.append({"method": f"listed_p{P}_{mode}", "context": N, "programs": P, "mode": mode,
-                         "ms": t.median_ms, "trace": tr})
-            log.append(f"N={N} P={P} {mode}: {t.median_ms * 1e3:.2f} us, span {tr['span_us']} us, "
+            rows.append({"method": f"listed_p{P}_piece{piece}_{mode}", "context": N, "programs": P, "piece": piece,
+                         "mode": mode, "ms": t.median_ms, "trace": tr, **check})
+            log.append(f"N={N} P={P} piece={piece} {mode}: {t.median_ms * 1e3:.2f} us, span {tr['span_us']} us, "
+                       f"err {check['rel_err_vs_reference']:.1e} kept_eq {check['kept_equal_reference']}, "
                        f"wait done p50 {tr['wait_done_us']['p50']}, counts {tr['counts_read_us']['p50']}, "
                        f"entries {tr['entries_read_us']['p50']}, tiles p50/max {tr['tiles_us']['p50']}/"
                        f"{tr['tiles_us']['max']}, start max {tr['start_us']['max']}, rows p50/max "

@@ -8,11 +8,13 @@ Here the kept clusters are first listed, then dealt out in turn, so every progra
   `_select_list_kernel`   grid (B*Hkv, NS): chunk j of clusters [j*BLOCK_S, (j+1)*BLOCK_S) of one (sequence, KV
                           head) (cluster C is the observation window, always kept): log Z from the chunk
                           logsumexps, the keep decision of every cluster, and the kept non-empty ones written in
-                          order as (first row, size) to Start / Size [B*Hkv, NS, BLOCK_S]; Count [B*Hkv, NS] =
-                          kept clusters of the chunk, KeptRows [B*Hkv, NS] = their rows.
+                          order as entries (first row, size) to Start / Size [B*Hkv, NS, CAP]: one per cluster, or
+                          (PIECE > 0) ceil(rows / PIECE) per cluster of at most PIECE rows each, so that dealing
+                          out entries deals out rows evenly (cluster sizes vary widely); Count [B*Hkv, NS] =
+                          entries of the chunk, KeptRows [B*Hkv, NS] = their rows.
   `_listed_decode_kernel` grid (B*Hkv, NLOC + P): programs s < NLOC attend the local (user + generated) slots
                           (before the dependency wait, as they need nothing from the selection); program NLOC + s
-                          takes the kept clusters of global index i = s, s + P, s + 2P, .. (the chunk of each from
+                          takes the entries of global index i = s, s + P, s + 2P, .. (the chunk of each from
                           the counts' prefix sums) and runs flash-decoding over their rows packed in full BLOCK_N
                           tiles: position p of the concatenated clusters is row start_e + p - excl_e for the entry
                           e with excl_e <= p < excl_e + size_e (computed in registers).
@@ -38,9 +40,9 @@ from lmsqueeze.methods.squeezed._triton_kernels import (
 def _select_list_kernel(
     Scores, ChunkLse, LogTau, Offsets, Start, Size, Count, KeptRows,
     stride_sb, stride_sh, stride_eb, stride_eh, stride_oh,
-    C, NCH,
+    C, NCH, CAP,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CH: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PIECE: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     _pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
@@ -56,12 +58,22 @@ def _select_list_kernel(
                 mask=g_mask[:, None] & real[None, :], other=float("-inf"))
     a = tl.max(s - z[:, None], 0)
     keep = ((a > tl.load(LogTau + hkv)) | (cids == C)) & inr & (hi > lo)
-    ki = keep.to(tl.int32)
-    dst = (pid_bh * tl.num_programs(1) + j).to(tl.int64) * BLOCK_S + tl.cumsum(ki, 0) - 1
-    tl.store(Start + dst, lo, mask=keep)
-    tl.store(Size + dst, hi - lo, mask=keep)
+    size = hi - lo
+    base = (pid_bh * tl.num_programs(1) + j).to(tl.int64) * CAP
+    if PIECE == 0:   # one entry per kept cluster
+        ki = keep.to(tl.int32)
+        dst = base + tl.cumsum(ki, 0) - 1
+        tl.store(Start + dst, lo, mask=keep)
+        tl.store(Size + dst, size, mask=keep)
+    else:            # a kept cluster of n rows as ceil(n / PIECE) entries of at most PIECE rows
+        ki = tl.where(keep, (size + PIECE - 1) // PIECE, 0)
+        dst = base + tl.cumsum(ki, 0) - ki
+        for k in range(tl.max(ki, 0)):
+            more = k < ki
+            tl.store(Start + dst + k, lo + k * PIECE, mask=more)
+            tl.store(Size + dst + k, tl.minimum(size - k * PIECE, PIECE), mask=more)
     tl.store(Count + pid_bh * tl.num_programs(1) + j, tl.sum(ki, 0))
-    tl.store(KeptRows + pid_bh * tl.num_programs(1) + j, tl.sum(tl.where(keep, hi - lo, 0), 0))
+    tl.store(KeptRows + pid_bh * tl.num_programs(1) + j, tl.sum(tl.where(keep, size, 0), 0))
 
 
 @triton.jit

@@ -40,6 +40,11 @@ LIST_SELECT_BLOCK = 512
 LIST_SELECT_WARPS = 4
 # listed clusters one decode program requests at once (more: several requests)
 LIST_BLOCK_E = 32
+# rows per list entry: kept clusters are listed in pieces of at most this many rows, so that dealing out entries in
+# turn deals out rows evenly. With one entry per cluster the programs' rows varied widely (128K, 128 programs: p50
+# 70, max 314 rows; the slowest program set the kernel's span, 26.4 us with p50 ends at 15.9 us; 32K: p50 26, max
+# 100; H100, benchmarks/results/squeezed_listed_trace_h100_v1.json)
+LIST_PIECE = 32
 
 
 def use_listed(clusters: int) -> bool:
@@ -49,22 +54,29 @@ def use_listed(clusters: int) -> bool:
 
 
 def select_list_triton(scores, chunk_lse, log_tau, offsets, block_s: int | None = None,
-                       num_warps: int | None = None):
+                       num_warps: int | None = None, rows: int | None = None, piece: int | None = None):
     """The kept clusters of each (sequence, KV head), listed per chunk of `block_s` clusters.
 
     scores: [B, Hq, C] float32, chunk_lse: [B, Hq, NCH] (from `centroid_scores`), log_tau: [Hkv], offsets:
-    [Hkv, C + 2] int32. Returns (start, size [B*Hkv, NS, block_s] int32, count [B*Hkv, NS] int32, kept_rows
-    [B*Hkv, NS] int32), NS = ceil((C + 1) / block_s): the kept non-empty clusters of chunk j (cluster C, the
-    observation window, always kept), in order, as (first row, size) in slots [0, count[:, j]); later slots are
-    not written."""
+    [Hkv, C + 2] int32; rows: the keys per KV head (N; with it, clusters are listed in pieces). Returns (start,
+    size [B*Hkv, NS, CAP] int32, count [B*Hkv, NS] int32, kept_rows [B*Hkv, NS] int32), NS = ceil((C + 1) /
+    block_s): the kept non-empty clusters of chunk j (cluster C, the observation window, always kept), in order,
+    as entries (first row, size) in slots [0, count[:, j]); later slots are not written. With `rows`, each cluster
+    is listed as ceil(size / piece) entries of at most `piece` rows (None: LIST_PIECE; CAP = block_s + ceil(rows /
+    piece), a bound from the shapes), so that entries dealt out evenly are rows dealt out evenly; without, one
+    entry per cluster (CAP = block_s)."""
     from lmsqueeze.methods.squeezed._triton_listed import _select_list_kernel
 
     B, Hq, C = scores.shape
     Hkv = offsets.shape[0]
     block_s = _pow2(block_s or min(LIST_SELECT_BLOCK, _pow2(C + 1)))
     ns = -(-(C + 1) // block_s)
+    piece = 0 if rows is None else int(LIST_PIECE if piece is None else piece)
+    if piece < 0:
+        raise LmsqueezeError(f"select_list: piece must be >= 0 rows, got {piece}")
+    cap = block_s + (-(-int(rows) // piece) if piece else 0)
     dev = scores.device
-    start = torch.empty(B * Hkv, ns, block_s, device=dev, dtype=torch.int32)
+    start = torch.empty(B * Hkv, ns, cap, device=dev, dtype=torch.int32)
     size = torch.empty_like(start)
     count = torch.empty(B * Hkv, ns, device=dev, dtype=torch.int32)
     kept_rows = torch.empty_like(count)
@@ -72,8 +84,8 @@ def select_list_triton(scores, chunk_lse, log_tau, offsets, block_s: int | None 
     _select_list_kernel[(B * Hkv, ns)](
         scores, chunk_lse, log_tau, offsets, start, size, count, kept_rows,
         scores.stride(0), scores.stride(1), chunk_lse.stride(0), chunk_lse.stride(1), offsets.stride(0),
-        C, nch,
-        HKV=Hkv, G=Hq // Hkv, BLOCK_G=_pow2(Hq // Hkv), BLOCK_S=block_s, BLOCK_CH=max(2, _pow2(nch)),
+        C, nch, cap,
+        HKV=Hkv, G=Hq // Hkv, BLOCK_G=_pow2(Hq // Hkv), BLOCK_S=block_s, BLOCK_CH=max(2, _pow2(nch)), PIECE=piece,
         num_warps=num_warps or LIST_SELECT_WARPS, **pdl_options(K.DECODE_PDL, dev),
     )
     return start, size, count, kept_rows
@@ -85,12 +97,13 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
                                   select_block: int | None = None, select_warps: int | None = None, block_e: int | None = None,
                                   count_kept: bool = True, partials_only: bool = False, hoist_v: bool | None = None,
                                   maxnreg: int | None = None, listed: tuple | None = None,
-                                  trace: torch.Tensor | None = None):
+                                  trace: torch.Tensor | None = None, piece: int | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid), same contract as
     `kernels.squeezed_decode_triton`: returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 or None
     unless `count_kept`). programs: programs per (sequence, KV head) over the listed clusters (None:
     LIST_PROGRAMS); partials_only: (mid_o, mid_lse) unmerged; listed: `select_list_triton`'s output
-    for these scores (skips the selection launch; profiling). trace: int64 [(NLOC + P) * B * Hkv, 6] or None,
+    for these scores (skips the selection launch; profiling). piece: rows per list entry (None: LIST_PIECE; 0: one
+    entry per cluster). trace: int64 [(NLOC + P) * B * Hkv, 6] or None,
     filled per program with %globaltimer ns (start, after the dependency wait, counts read, first entries read,
     end) and the rows it attended (profiling)."""
     from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel
@@ -104,7 +117,7 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     if P < 1:
         raise LmsqueezeError(f"squeezed_decode_listed: programs must be >= 1, got {P}")
     start, size, count, kept_rows = listed or select_list_triton(scores, chunk_lse, log_tau, offsets, select_block,
-                                                                 select_warps)
+                                                                 select_warps, keys.shape[1], piece)
     ns, block_s = start.shape[1], start.shape[2]
     l_max = local_k.shape[2]
     nloc = local_splits or K.default_local_splits(l_max)
