@@ -11,6 +11,7 @@ tokens, 90% sparsity, 5% centroids (bench_squeezed.decode_case).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from lmsqueeze.bench.results import command_line, write_result
 from lmsqueeze.bench.timing import capture_graph, time_cuda
 
 # (programs per KV head, rows per list entry); _v1 (commit 5b5ae9a): programs 64 / 128, one entry per cluster
-VARIANTS = [(128, 0), (128, 32), (128, 16), (96, 32), (64, 32), (192, 32)]
+# _v2 (commit 4b54c59): pieces 0 / 16 / 32, programs 64-192 (rows per program still p50 70, max 252-270 at 128K: the
+# KV heads keep very different numbers of rows); (programs, rows per entry, balanced over the heads)
+VARIANTS = [(128, 32, False), (128, 32, True), (96, 32, True), (64, 32, True), (160, 32, True), (128, 0, True)]
 
 
 def summarize(trace: torch.Tensor, n_bh: int, nloc: int) -> dict:
@@ -38,13 +41,18 @@ def summarize(trace: torch.Tensor, n_bh: int, nloc: int) -> dict:
     def q(x):
         return {p: round(float(torch.quantile(x, v)), 3) for p, v in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9),
                                                                       ("max", 1.0))} if x.numel() else None
-    c = ~loc
+    c = ~loc & (t[:, 4] > 0) & (t[:, 2] > 0)                         # cluster programs that attended (not idle)
     return {"programs": int(t.shape[0]), "span_us": round(float(end.max()), 3),
             "start_us": q(start[c]), "wait_done_us": q(wait[c]), "end_us": q(end[c]),
             "wait_minus_start_us": q((wait - start)[c]), "counts_read_us": q((cnt - wait)[c]),
             "entries_read_us": q((ent - cnt)[c]), "tiles_us": q((end - ent)[c]),
             "rows": q(rows[c]), "local_end_us": q(end[loc]),
-            "end_vs_rows_corr": round(float(torch.corrcoef(torch.stack([end[c] - ent[c], rows[c]]))[0, 1]), 3)}
+            "end_vs_rows_corr": _corr(end[c] - ent[c], rows[c])}
+
+
+def _corr(x: torch.Tensor, y: torch.Tensor):
+    v = float(torch.corrcoef(torch.stack([x, y]))[0, 1]) if x.numel() > 1 else float("nan")
+    return round(v, 3) if math.isfinite(v) else None
 
 
 def run(N: int, dev, iters: int, log: list) -> list[dict]:
@@ -70,21 +78,22 @@ def run(N: int, dev, iters: int, log: list) -> list[dict]:
              "speedup_vs_sdpa": case.time_sdpa(iters).median_ms / t.median_ms}]
     log.append(f"N={N} block step {t.median_ms * 1e3:.2f} us, x{rows[0]['speedup_vs_sdpa']:.2f} vs SDPA")
     print(log[-1], flush=True)
-    for P, piece in VARIANTS:
+    for P, piece, bal in VARIANTS:
         trace = torch.zeros((P + nloc) * bs.HKV, 6, dtype=torch.int64, device=dev)
         pre = {id(ix): K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, *sel) for ix in idxs}
         lists = {id(ix): select_list_triton(*pre[id(ix)], ix.log_threshold, ix.offsets, rows=ix.keys.shape[1],
                                             piece=piece) for ix in idxs}
+        kwv = {"programs": P, "piece": piece, "balance": bal}
         o, _, kk = squeezed_decode_listed_triton(q, idx.keys, idx.values, idx.offsets, *pre[id(idx)],
-                                                 idx.log_threshold, lk, lv, lengths, sc, programs=P, piece=piece)
+                                                 idx.log_threshold, lk, lv, lengths, sc, **kwv)
         check = {"rel_err_vs_reference": bs.rel(o, o_r), "kept_equal_reference": bool(torch.equal(kk, kept_r))}
         for mode in ("step", "attention_only"):
 
-            def one(ix, traced, mode=mode, P=P, piece=piece, trace=trace, pre=pre, lists=lists):
+            def one(ix, traced, mode=mode, kwv=kwv, trace=trace, pre=pre, lists=lists):
                 s_, e_ = (K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, *sel) if mode == "step"
                           else pre[id(ix)])
                 return squeezed_decode_listed_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk,
-                                                     lv, lengths, sc, programs=P, count_kept=False, piece=piece,
+                                                     lv, lengths, sc, count_kept=False, **kwv,
                                                      listed=None if mode == "step" else lists[id(ix)],
                                                      partials_only=mode != "step", trace=trace if traced else None)
             for ix in idxs:
@@ -98,9 +107,10 @@ def run(N: int, dev, iters: int, log: list) -> list[dict]:
                 torch.cuda.synchronize()
                 sums.append(summarize(trace, bs.HKV, nloc))
             tr = sorted(sums, key=lambda r: r["span_us"])[2]
-            rows.append({"method": f"listed_p{P}_piece{piece}_{mode}", "context": N, "programs": P, "piece": piece,
-                         "mode": mode, "ms": t.median_ms, "trace": tr, **check})
-            log.append(f"N={N} P={P} piece={piece} {mode}: {t.median_ms * 1e3:.2f} us, span {tr['span_us']} us, "
+            rows.append({"method": f"listed_p{P}_piece{piece}_{'balanced' if bal else 'per_head'}_{mode}",
+                         "context": N, **kwv, "mode": mode, "ms": t.median_ms, "trace": tr, **check})
+            log.append(f"N={N} P={P} piece={piece} balance={bal} {mode}: {t.median_ms * 1e3:.2f} us, span "
+                       f"{tr['span_us']} us, "
                        f"err {check['rel_err_vs_reference']:.1e} kept_eq {check['kept_equal_reference']}, "
                        f"wait done p50 {tr['wait_done_us']['p50']}, counts {tr['counts_read_us']['p50']}, "
                        f"entries {tr['entries_read_us']['p50']}, tiles p50/max {tr['tiles_us']['p50']}/"

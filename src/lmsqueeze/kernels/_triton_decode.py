@@ -145,7 +145,7 @@ def _merge_splits_kernel(
     w = tl.exp(lse - m)  # 0 for empty splits
     total = tl.sum(w, 0)
     o = tl.load(MidO + (base + offs_s)[:, None] * D + offs_d[None, :],
-                mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=s_mask[:, None] & d_mask[None, :] & (w > 0)[:, None], other=0.0)  # empty splits: not read
     out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty),
              mask=d_mask)
