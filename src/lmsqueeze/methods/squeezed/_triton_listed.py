@@ -15,10 +15,7 @@ Here the kept clusters are first listed, then dealt out in turn, so every progra
   `_listed_decode_kernel` grid (B*Hkv, NLOC + P): programs s < NLOC attend the local (user + generated) slots
                           (before the dependency wait, as they need nothing from the selection); program NLOC + s
                           takes the entries of global index i = s, s + P, s + 2P, .. (the chunk of each from
-                          the counts' prefix sums). BALANCE: the B*Hkv*P cluster programs are shared out over the
-                          (sequence, KV head) groups in proportion to their kept rows (1 each plus a share, at most
-                          CAP), as the KV heads keep very different numbers of rows; a group's unused partial slots
-                          get lse = -inf and runs flash-decoding over their rows packed in full BLOCK_N
+                          the counts' prefix sums) and runs flash-decoding over their rows packed in full BLOCK_N
                           tiles: position p of the concatenated clusters is row start_e + p - excl_e for the entry
                           e with excl_e <= p < excl_e + size_e (computed in registers).
 Partials (normalised out, lse) are merged by the shared split-merge kernel.
@@ -81,25 +78,23 @@ def _select_list_kernel(
 
 @triton.jit
 def _listed_decode_kernel(
-    Q, K, V, Start, Size, Count, KeptRows, LK, LV, Lengths, Starts, MidO, MidLse,
+    Q, K, V, Start, Size, Count, LK, LV, Lengths, Starts, MidO, MidLse,
     stride_qb, stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
     stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
-    NS, P, NLOC, l_max, scale_log2, CAP,
+    NS, P, NLOC, l_max, scale_log2,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, PDL: tl.constexpr = False,
-    HOIST_V: tl.constexpr = False, BALANCE: tl.constexpr = False, BLOCK_BH: tl.constexpr = 2,
-    BLOCK_CAP: tl.constexpr = 2, Trace=None, TRACE: tl.constexpr = False,
+    HOIST_V: tl.constexpr = False, Trace=None, TRACE: tl.constexpr = False,
 ):
     # TRACE: Trace [splits * B * Hkv, 6] int64 gets per program (start, after the dependency wait, counts read,
     # first entries read, end: %globaltimer ns; rows attended), program (split, pid_bh) at row split * B*Hkv + pid_bh
     # (profiling only; CUDA).
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    nbh = tl.num_programs(0)
     tp = Trace
     if TRACE:
-        tp = Trace + (split * nbh + pid_bh).to(tl.int64) * 6
+        tp = Trace + (split * tl.num_programs(0) + pid_bh).to(tl.int64) * 6
         tl.store(tp, _globaltimer(split))
     b = pid_bh // HKV
     hkv = pid_bh % HKV
@@ -113,49 +108,15 @@ def _listed_decode_kernel(
         _pdl_prologue(PDL)
         if TRACE:
             tl.store(tp + 1, _globaltimer(split))
-        _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, NLOC + CAP, g_mask, d_mask, offs_d, HKV, G, D)
     else:
         _pdl_prologue(PDL)
         if TRACE:
             tl.store(tp + 1, _globaltimer(split))
-        sp = split - NLOC
-        n_p = P
-        run = sp >= 0
-        if BALANCE:
-            # program t of the nbh * P takes rank sp of the n_p programs of group pid_bh, groups getting 1 + a share of
-            # the other programs in proportion to their kept rows (at most CAP each)
-            t = sp * nbh + pid_bh
-            offs_bh = tl.arange(0, BLOCK_BH)
-            offs_j = tl.arange(0, BLOCK_NS)
-            kr = tl.load(KeptRows + offs_bh[:, None] * NS + offs_j[None, :],
-                         mask=(offs_bh < nbh)[:, None] & (offs_j < NS)[None, :], other=0)
-            rows_g = tl.sum(kr, 1).to(tl.int64)
-            tot = tl.maximum(tl.sum(rows_g, 0), 1)
-            share = tl.minimum(1 + ((nbh * P - nbh) * rows_g) // tot, CAP).to(tl.int32)
-            share = tl.where(offs_bh < nbh, share, 0)
-            incl = tl.cumsum(share, 0)
-            grp = tl.sum((incl <= t).to(tl.int32), 0)
-            run = grp < nbh
-            pid_bh = tl.minimum(grp, nbh - 1)
-            sp = t - tl.sum(tl.where(offs_bh < grp, share, 0), 0)
-            n_p = tl.sum(tl.where(offs_bh == pid_bh, share, 0), 0)
-            b = pid_bh // HKV
-            hkv = pid_bh % HKV
-            _offs_g, heads, g_mask, offs_d, d_mask, q, m_i, l_i, acc = _group_query(Q, b, hkv, stride_qb, stride_qh,
-                                                                                     G, D, BLOCK_G, BLOCK_D)
-        if run:
-            m_i, l_i, acc = _attend_listed(q, K + hkv.to(tl.int64) * stride_kh, V + hkv.to(tl.int64) * stride_vh,
-                                           Start, Size, Count, pid_bh * NS, sp, NS, n_p, offs_n, offs_d, d_mask,
-                                           stride_kn, stride_vn, scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N,
-                                           BLOCK_E, BLOCK_S, BLOCK_NS, IEEE_DOT, HOIST_V, tp, TRACE)
-            _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, NLOC + sp, NLOC + CAP, g_mask, d_mask, offs_d, HKV,
-                           G, D)
-            if BALANCE:  # noqa: SIM102 (a constexpr, then a runtime condition)
-                if sp == n_p - 1:  # the group's unused slots: no keys
-                    offs_c = tl.arange(0, BLOCK_CAP)
-                    rb = (b * HKV * G + heads).to(tl.int64) * (NLOC + CAP) + NLOC
-                    tl.store(MidLse + rb[:, None] + offs_c[None, :], float("-inf"),
-                             mask=g_mask[:, None] & ((offs_c >= n_p) & (offs_c < CAP))[None, :])
+        m_i, l_i, acc = _attend_listed(q, K + hkv.to(tl.int64) * stride_kh, V + hkv.to(tl.int64) * stride_vh, Start,
+                                       Size, Count, pid_bh * NS, split - NLOC, NS, P, offs_n, offs_d, d_mask,
+                                       stride_kn, stride_vn, scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, BLOCK_E,
+                                       BLOCK_S, BLOCK_NS, IEEE_DOT, HOIST_V, tp, TRACE)
+    _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, NLOC + P, g_mask, d_mask, offs_d, HKV, G, D)
     if TRACE:
         tl.store(tp + 4, _globaltimer(split))
 

@@ -45,12 +45,10 @@ LIST_BLOCK_E = 32
 # 70, max 314 rows; the slowest program set the kernel's span, 26.4 us with p50 ends at 15.9 us; 32K: p50 26, max
 # 100; H100, benchmarks/results/squeezed_listed_trace_h100_v1.json)
 LIST_PIECE = 32
-# The KV heads keep very different numbers of rows for one query (the threshold is calibrated per head on the
-# observation queries), and with P programs per head the heaviest head set the kernel's span. Balanced: the programs
-# are shared out over the (sequence, KV head) groups in proportion to their kept rows, each group 1 program plus
-# its share, at most LIST_CAP * P (its partial slots). Off until timed.
-LIST_BALANCE = False
-LIST_CAP = 2
+# Sharing the B*Hkv*P programs out over the (sequence, KV head) groups in proportion to their kept rows (the heads
+# keep very different numbers of rows for one query) evened the rows per program (128K: max 153 vs 270, p50 85 vs
+# 70) but not the step (42.34 vs 40.92 us; 32K 23.82 vs 22.29 us): the programs of the second wave start ~15 us in
+# (H100, same run, benchmarks/results/squeezed_listed_trace_h100_v3.json, commit 5ee5bdb; removed).
 
 
 def use_listed(clusters: int) -> bool:
@@ -103,15 +101,13 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
                                   select_block: int | None = None, select_warps: int | None = None, block_e: int | None = None,
                                   count_kept: bool = True, partials_only: bool = False, hoist_v: bool | None = None,
                                   maxnreg: int | None = None, listed: tuple | None = None,
-                                  trace: torch.Tensor | None = None, piece: int | None = None,
-                                  balance: bool | None = None):
+                                  trace: torch.Tensor | None = None, piece: int | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid), same contract as
     `kernels.squeezed_decode_triton`: returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 or None
     unless `count_kept`). programs: programs per (sequence, KV head) over the listed clusters (None:
     LIST_PROGRAMS); partials_only: (mid_o, mid_lse) unmerged; listed: `select_list_triton`'s output
     for these scores (skips the selection launch; profiling). piece: rows per list entry (None: LIST_PIECE; 0: one
-    entry per cluster). balance (None: LIST_BALANCE): the B*Hkv*P programs are shared out over the (sequence, KV
-    head) groups in proportion to their kept rows instead of P each. trace: int64 [(NLOC + P) * B * Hkv, 6] or None,
+    entry per cluster). trace: int64 [(NLOC + P) * B * Hkv, 6] or None,
     filled per program with %globaltimer ns (start, after the dependency wait, counts read, first entries read,
     end) and the rows it attended (profiling)."""
     from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel
@@ -129,18 +125,16 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     ns, block_s = start.shape[1], start.shape[2]
     l_max = local_k.shape[2]
     nloc = local_splits or K.default_local_splits(l_max)
-    balance = (LIST_BALANCE if balance is None else balance) and B * Hkv > 1
-    cap = min(B * Hkv * (P - 1) + 1, LIST_CAP * P) if balance else P   # partial slots per group
-    mid_o = torch.empty(B, Hq, nloc + cap, D, device=q.device, dtype=torch.float32)
-    mid_lse = torch.empty(B, Hq, nloc + cap, device=q.device, dtype=torch.float32)
-    _listed_decode_kernel[(B * Hkv, nloc + P)](
-        q, keys, values, start, size, count, kept_rows, local_k, local_v, lengths,
+    splits = nloc + P
+    mid_o = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
+    mid_lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
+    _listed_decode_kernel[(B * Hkv, splits)](
+        q, keys, values, start, size, count, local_k, local_v, lengths,
         starts if starts is not None else lengths, mid_o, mid_lse,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
         local_v.stride(2),
-        ns, P, nloc, l_max, float(scaling) * K.LOG2E, cap, BALANCE=balance, BLOCK_BH=max(2, _pow2(B * Hkv)),
-        BLOCK_CAP=max(2, _pow2(cap)),
+        ns, P, nloc, l_max, float(scaling) * K.LOG2E,
         HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n or K.DECODE_BLOCK_N,
         BLOCK_E=block_e or LIST_BLOCK_E, BLOCK_S=block_s,
         BLOCK_NS=max(2, _pow2(ns)), HAS_STARTS=starts is not None, IEEE_DOT=K._ieee(q),
