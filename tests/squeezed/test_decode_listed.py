@@ -95,3 +95,22 @@ def test_list_selection_in_pieces(piece, gen):
             assert got == want
             assert int(kept_rows[b * 2 + h].sum()) == sum(n for _, n in want)
 
+
+
+@pytest.mark.parametrize("P,piece,unequal", [(1, 0, False), (3, 2, True), (8, 32, False), (400, 32, True)])
+def test_persistent_listed_decode(P, piece, unequal, gen):
+    """P programs in all, each a contiguous range of all groups' entries (ranges crossing groups, groups with one
+    head keeping every cluster and the other few, more programs than entries at P = 400: the last take nothing),
+    against the reference and the per-group programs."""
+    args = list(_case(2, 2, 4, 64, 83, 5, 37, gen))
+    if unequal:
+        args[6] = torch.tensor([float("-inf"), float(args[6][1]) + 1.0])
+    o_r, lse_r, kept_r = R.squeezed_decode_reference(*args)
+    kw = {"block_e": 4, "block_n": 16, "local_splits": 2, "piece": piece}
+    o, lse, kept = squeezed_decode_listed_triton(*args, persistent=True, programs=P, **kw)
+    if P == 400:
+        n_entries = int(select_list_triton(*args[4:7], args[3], rows=args[1].shape[1], piece=piece)[2].sum())
+        assert n_entries < P
+    assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5 and torch.equal(kept, kept_r)
+    o2, lse2, _ = squeezed_decode_listed_triton(*args, persistent=False, programs=3, **kw)
+    assert _rel(o2, o) < 1e-5 and _rel(lse2, lse) < 1e-5

@@ -5,6 +5,8 @@ synchronisation, grids from shapes only (CUDA-graph capturable)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
@@ -45,6 +47,17 @@ LIST_BLOCK_E = 32
 # 70, max 314 rows; the slowest program set the kernel's span, 26.4 us with p50 ends at 15.9 us; 32K: p50 26, max
 # 100; H100, benchmarks/results/squeezed_listed_trace_h100_v1.json)
 LIST_PIECE = 32
+# persistent form: this many programs in all (LIST_PERSISTENT_PER_SM per SM on CUDA) over all groups' entries
+LIST_PERSISTENT = False
+LIST_PERSISTENT_PER_SM = 2
+
+
+def persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent listed decode: LIST_PERSISTENT_PER_SM per SM on CUDA (outside the interpreter),
+    else 8."""
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return LIST_PERSISTENT_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
 # Sharing the B*Hkv*P programs out over the (sequence, KV head) groups in proportion to their kept rows (the heads
 # keep very different numbers of rows for one query) evened the rows per program (128K: max 153 vs 270, p50 85 vs
 # 70) but not the step (42.34 vs 40.92 us; 32K 23.82 vs 22.29 us): the programs of the second wave start ~15 us in
@@ -101,7 +114,8 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
                                   select_block: int | None = None, select_warps: int | None = None, block_e: int | None = None,
                                   count_kept: bool = True, partials_only: bool = False, hoist_v: bool | None = None,
                                   maxnreg: int | None = None, listed: tuple | None = None,
-                                  trace: torch.Tensor | None = None, piece: int | None = None):
+                                  trace: torch.Tensor | None = None, piece: int | None = None,
+                                  persistent: bool | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid), same contract as
     `kernels.squeezed_decode_triton`: returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 or None
     unless `count_kept`). programs: programs per (sequence, KV head) over the listed clusters (None:
@@ -109,15 +123,18 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     for these scores (skips the selection launch; profiling). piece: rows per list entry (None: LIST_PIECE; 0: one
     entry per cluster). trace: int64 [(NLOC + P) * B * Hkv, 6] or None,
     filled per program with %globaltimer ns (start, after the dependency wait, counts read, first entries read,
-    end) and the rows it attended (profiling)."""
-    from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel
+    end) and the rows it attended (profiling). persistent (None: LIST_PERSISTENT): `programs` programs in all (None:
+    persistent_programs) each take a contiguous range of all groups' entries (`_persistent_decode_kernel`), instead
+    of `programs` per (sequence, KV head) dealt entries in turn."""
+    from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel, _persistent_decode_kernel
 
     B, Hq, D = q.shape
     Hkv = keys.shape[0]
     G = K._check_heads(q, Hkv, keys.shape[-1], "squeezed_decode")
     C = scores.shape[-1]
     K._check_decode_inputs(q, keys, values, offsets, local_k, local_v, C, B, Hkv, D)
-    P = int(programs or LIST_PROGRAMS)
+    persistent = LIST_PERSISTENT if persistent is None else persistent
+    P = int(programs or (persistent_programs(q.device) if persistent else LIST_PROGRAMS))
     if P < 1:
         raise LmsqueezeError(f"squeezed_decode_listed: programs must be >= 1, got {P}")
     start, size, count, kept_rows = listed or select_list_triton(scores, chunk_lse, log_tau, offsets, select_block,
@@ -128,21 +145,37 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
     splits = nloc + P
     mid_o = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
     mid_lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
-    _listed_decode_kernel[(B * Hkv, splits)](
-        q, keys, values, start, size, count, local_k, local_v, lengths,
-        starts if starts is not None else lengths, mid_o, mid_lse,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
-        local_v.stride(2),
-        ns, P, nloc, l_max, float(scaling) * K.LOG2E,
-        HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n or K.DECODE_BLOCK_N,
-        BLOCK_E=block_e or LIST_BLOCK_E, BLOCK_S=block_s,
-        BLOCK_NS=max(2, _pow2(ns)), HAS_STARTS=starts is not None, IEEE_DOT=K._ieee(q),
-        HOIST_V=K.DECODE_HOIST_V if hoist_v is None else hoist_v,
-        num_warps=num_warps, num_stages=num_stages or LIST_STAGES, **pdl_options(K.DECODE_PDL, q.device),
-        **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q),
-        **({"Trace": trace, "TRACE": True} if trace is not None else {}),
-    )
+    if persistent:
+        _persistent_decode_kernel[(P + B * Hkv * nloc,)](
+            q, keys, values, start, size, count, local_k, local_v, lengths,
+            starts if starts is not None else lengths, mid_o, mid_lse,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+            local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
+            local_v.stride(2),
+            ns, P, B * Hkv, nloc, l_max, float(scaling) * K.LOG2E,
+            HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n or K.DECODE_BLOCK_N,
+            BLOCK_E=block_e or LIST_BLOCK_E, BLOCK_S=block_s, BLOCK_NS=max(2, _pow2(ns)),
+            BLOCK_BH=max(2, _pow2(B * Hkv)), BLOCK_HQ=max(2, _pow2(B * Hq)), HAS_STARTS=starts is not None,
+            IEEE_DOT=K._ieee(q), HOIST_V=K.DECODE_HOIST_V if hoist_v is None else hoist_v,
+            num_warps=num_warps, num_stages=num_stages or LIST_STAGES, **pdl_options(K.DECODE_PDL, q.device),
+            **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q),
+        )
+    else:
+        _listed_decode_kernel[(B * Hkv, splits)](
+            q, keys, values, start, size, count, local_k, local_v, lengths,
+            starts if starts is not None else lengths, mid_o, mid_lse,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+            local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
+            local_v.stride(2),
+            ns, P, nloc, l_max, float(scaling) * K.LOG2E,
+            HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n or K.DECODE_BLOCK_N,
+            BLOCK_E=block_e or LIST_BLOCK_E, BLOCK_S=block_s,
+            BLOCK_NS=max(2, _pow2(ns)), HAS_STARTS=starts is not None, IEEE_DOT=K._ieee(q),
+            HOIST_V=K.DECODE_HOIST_V if hoist_v is None else hoist_v,
+            num_warps=num_warps, num_stages=num_stages or LIST_STAGES, **pdl_options(K.DECODE_PDL, q.device),
+            **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q),
+            **({"Trace": trace, "TRACE": True} if trace is not None else {}),
+        )
     if partials_only:
         return mid_o, mid_lse
     out, lse = K.merge_splits(mid_o, mid_lse, q.dtype, K.MERGE_BLOCK_D)
