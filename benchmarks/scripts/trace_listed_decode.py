@@ -28,8 +28,10 @@ from lmsqueeze.bench.timing import capture_graph, time_cuda
 # KV heads keep very different numbers of rows); (programs, rows per entry, balanced over the heads)
 # _v3 (commit 5ee5bdb): programs shared out over the heads by kept rows (removed); now (programs, rows per entry,
 # persistent: programs in all over all groups' entries, not traced)
-VARIANTS = [(128, 32, False), (264, 32, True), (132, 32, True), (396, 32, True), (528, 32, True), (264, 16, True),
-            (264, 0, True)]
+# _v4 (commit 1442a8c): persistent with 132-528 programs, pieces 0 / 16 / 32: no faster (the attention stays at
+# ~1.7 TB/s whatever the programs); now per-head programs with K and V of a row side by side in memory (views
+# into one [Hkv, N, 2, D] tensor) against the separate tensors
+VARIANTS = [(128, 32, False, False), (128, 32, False, True), (96, 32, False, True), (264, 32, True, True)]
 
 
 def summarize(trace: torch.Tensor, n_bh: int, nloc: int) -> dict:
@@ -81,21 +83,23 @@ def run(N: int, dev, iters: int, log: list) -> list[dict]:
     rows = [{"method": "block_step", "context": N, "ms": t.median_ms, "speedup_vs_sdpa": sdpa_ms / t.median_ms}]
     log.append(f"N={N} block step {t.median_ms * 1e3:.2f} us, x{rows[0]['speedup_vs_sdpa']:.2f} vs SDPA")
     print(log[-1], flush=True)
-    for P, piece, pers in VARIANTS:
+    for P, piece, pers, kvi in VARIANTS:
         trace = torch.zeros((P + nloc) * bs.HKV, 6, dtype=torch.int64, device=dev)
         pre = {id(ix): K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, *sel) for ix in idxs}
+        kv = {id(ix): (torch.stack([ix.keys, ix.values], 2).unbind(2) if kvi else (ix.keys, ix.values))
+              for ix in idxs}
         lists = {id(ix): select_list_triton(*pre[id(ix)], ix.log_threshold, ix.offsets, rows=ix.keys.shape[1],
                                             piece=piece) for ix in idxs}
         kwv = {"programs": P, "piece": piece, "persistent": pers}
-        o, _, kk = squeezed_decode_listed_triton(q, idx.keys, idx.values, idx.offsets, *pre[id(idx)],
+        o, _, kk = squeezed_decode_listed_triton(q, *kv[id(idx)], idx.offsets, *pre[id(idx)],
                                                  idx.log_threshold, lk, lv, lengths, sc, **kwv)
         check = {"rel_err_vs_reference": bs.rel(o, o_r), "kept_equal_reference": bool(torch.equal(kk, kept_r))}
         for mode in ("step", "attention_only"):
 
-            def one(ix, traced, mode=mode, kwv=kwv, trace=trace, pre=pre, lists=lists, pers=pers):
+            def one(ix, traced, mode=mode, kwv=kwv, trace=trace, pre=pre, lists=lists, pers=pers, kv=kv):
                 s_, e_ = (K.centroid_scores_triton(q, ix.centroids, ix.log_sizes, sc, *sel) if mode == "step"
                           else pre[id(ix)])
-                return squeezed_decode_listed_triton(q, ix.keys, ix.values, ix.offsets, s_, e_, ix.log_threshold, lk,
+                return squeezed_decode_listed_triton(q, *kv[id(ix)], ix.offsets, s_, e_, ix.log_threshold, lk,
                                                      lv, lengths, sc, count_kept=False, **kwv,
                                                      listed=None if mode == "step" else lists[id(ix)],
                                                      partials_only=mode != "step",
@@ -104,9 +108,10 @@ def run(N: int, dev, iters: int, log: list) -> list[dict]:
                 one(ix, False)
             t = time_cuda(lambda one=one: [one(ix, False) for ix in idxs], iters=iters, calls_per_iter=ncopy)
             if pers:
-                rows.append({"method": f"listed_persistent_p{P}_piece{piece}_{mode}", "context": N, **kwv,
+                rows.append({"method": f"listed_persistent_p{P}_piece{piece}{'_kv_interleaved' if kvi else ''}_{mode}",
+                             "context": N, **kwv,
                              "mode": mode, "ms": t.median_ms, "speedup_vs_sdpa": sdpa_ms / t.median_ms, **check})
-                log.append(f"N={N} persistent P={P} piece={piece} {mode}: {t.median_ms * 1e3:.2f} us "
+                log.append(f"N={N} persistent P={P} piece={piece} kvi={kvi} {mode}: {t.median_ms * 1e3:.2f} us "
                            f"x{sdpa_ms / t.median_ms:.2f}, err {check['rel_err_vs_reference']:.1e} kept_eq "
                            f"{check['kept_equal_reference']}")
                 print(log[-1], flush=True)
@@ -119,9 +124,9 @@ def run(N: int, dev, iters: int, log: list) -> list[dict]:
                 torch.cuda.synchronize()
                 sums.append(summarize(trace, bs.HKV, nloc))
             tr = sorted(sums, key=lambda r: r["span_us"])[2]
-            rows.append({"method": f"listed_p{P}_piece{piece}_per_head_{mode}",
+            rows.append({"method": f"listed_p{P}_piece{piece}_per_head{'_kv_interleaved' if kvi else ''}_{mode}",
                          "context": N, **kwv, "mode": mode, "ms": t.median_ms, "trace": tr, **check})
-            log.append(f"N={N} P={P} piece={piece} {mode}: {t.median_ms * 1e3:.2f} us, span "
+            log.append(f"N={N} P={P} piece={piece} kvi={kvi} {mode}: {t.median_ms * 1e3:.2f} us, span "
                        f"{tr['span_us']} us, "
                        f"err {check['rel_err_vs_reference']:.1e} kept_eq {check['kept_equal_reference']}, "
                        f"wait done p50 {tr['wait_done_us']['p50']}, counts {tr['counts_read_us']['p50']}, "
