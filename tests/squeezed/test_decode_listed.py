@@ -17,14 +17,13 @@ from test_decode_fused_merge import _case, _rel
 from lmsqueeze.methods.squeezed.listed import select_list_triton, squeezed_decode_listed_triton
 
 
-@pytest.mark.parametrize("G,D,P,block_s,block_e,block_n,piece", [(1, 64, 3, 32, 4, 16, 0), (4, 128, 5, 16, 32, 16, 2),
-                                                                  (3, 64, 16, 64, 2, 32, 3), (4, 64, 1, 128, 8, 16, 32)])
-def test_listed_decode_matches_reference(G, D, P, block_s, block_e, block_n, piece, gen):
-    """piece 2 / 3: clusters of up to 5 keys (and the 5-row observation window) listed in several entries."""
+@pytest.mark.parametrize("G,D,P,block_s,block_e,block_n", [(1, 64, 3, 32, 4, 16), (4, 128, 5, 16, 32, 16),
+                                                            (3, 64, 16, 64, 2, 32), (4, 64, 1, 128, 8, 16)])
+def test_listed_decode_matches_reference(G, D, P, block_s, block_e, block_n, gen):
     args = _case(2, 2, G, D, 83, 5, 37, gen)
     o_r, lse_r, kept_r = R.squeezed_decode_reference(*args)
     o, lse, kept = squeezed_decode_listed_triton(*args, programs=P, select_block=block_s, block_e=block_e,
-                                                 block_n=block_n, local_splits=2, piece=piece)
+                                                 block_n=block_n, local_splits=2)
     assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
     assert torch.equal(kept, kept_r) and (kept < args[1].shape[1]).all()       # really sparse
 
@@ -70,47 +69,3 @@ def test_list_selection_contents_and_stale_slots(gen):
         o, lse, _ = squeezed_decode_listed_triton(*args, programs=4, block_e=4, block_n=16, local_splits=2,
                                                   listed=(st2, sz2, count, kept_rows))
         assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5
-
-
-@pytest.mark.parametrize("piece", [1, 2, 4])
-def test_list_selection_in_pieces(piece, gen):
-    """With rows given, each kept cluster is listed as consecutive entries of at most `piece` rows that cover
-    exactly its rows, clusters in order; the counts are the entries."""
-    args = _case(2, 2, 4, 64, 83, 5, 37, gen)
-    keys, offs, s, e, tau = args[1], args[3], args[4], args[5], args[6]
-    start, size, count, kept_rows = select_list_triton(s, e, tau, offs, 16, rows=keys.shape[1], piece=piece)
-    assert start.shape[2] == 16 + -(-keys.shape[1] // piece)
-    keep = R.cluster_keep(s, e, tau, 4)
-    keep = torch.cat([keep, torch.ones_like(keep[..., :1])], -1)                          # + observation window
-    sizes = (offs[:, 1:] - offs[:, :-1]).long()
-    for b in range(2):
-        for h in range(2):
-            want = []
-            for c in range(84):
-                if keep[b, h, c] and sizes[h, c] > 0:
-                    lo, n = int(offs[h, c]), int(sizes[h, c])
-                    want += [(lo + k, min(piece, n - k)) for k in range(0, n, piece)]
-            got = [(int(start[b * 2 + h, j, i]), int(size[b * 2 + h, j, i])) for j in range(start.shape[1])
-                   for i in range(int(count[b * 2 + h, j]))]
-            assert got == want
-            assert int(kept_rows[b * 2 + h].sum()) == sum(n for _, n in want)
-
-
-
-@pytest.mark.parametrize("P,piece,unequal", [(1, 0, False), (3, 2, True), (8, 32, False), (400, 32, True)])
-def test_persistent_listed_decode(P, piece, unequal, gen):
-    """P programs in all, each a contiguous range of all groups' entries (ranges crossing groups, groups with one
-    head keeping every cluster and the other few, more programs than entries at P = 400: the last take nothing),
-    against the reference and the per-group programs."""
-    args = list(_case(2, 2, 4, 64, 83, 5, 37, gen))
-    if unequal:
-        args[6] = torch.tensor([float("-inf"), float(args[6][1]) + 1.0])
-    o_r, lse_r, kept_r = R.squeezed_decode_reference(*args)
-    kw = {"block_e": 4, "block_n": 16, "local_splits": 2, "piece": piece}
-    o, lse, kept = squeezed_decode_listed_triton(*args, persistent=True, programs=P, **kw)
-    if P == 400:
-        n_entries = int(select_list_triton(*args[4:7], args[3], rows=args[1].shape[1], piece=piece)[2].sum())
-        assert n_entries < P
-    assert _rel(o, o_r) < 1e-5 and _rel(lse, lse_r) < 1e-5 and torch.equal(kept, kept_r)
-    o2, lse2, _ = squeezed_decode_listed_triton(*args, persistent=False, programs=3, **kw)
-    assert _rel(o2, o) < 1e-5 and _rel(lse2, lse) < 1e-5

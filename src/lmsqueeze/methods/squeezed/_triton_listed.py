@@ -8,21 +8,14 @@ Here the kept clusters are first listed, then dealt out in turn, so every progra
   `_select_list_kernel`   grid (B*Hkv, NS): chunk j of clusters [j*BLOCK_S, (j+1)*BLOCK_S) of one (sequence, KV
                           head) (cluster C is the observation window, always kept): log Z from the chunk
                           logsumexps, the keep decision of every cluster, and the kept non-empty ones written in
-                          order as entries (first row, size) to Start / Size [B*Hkv, NS, CAP]: one per cluster, or
-                          (PIECE > 0) ceil(rows / PIECE) per cluster of at most PIECE rows each, so that dealing
-                          out entries deals out rows evenly (cluster sizes vary widely); Count [B*Hkv, NS] =
-                          entries of the chunk, KeptRows [B*Hkv, NS] = their rows.
+                          order as (first row, size) to Start / Size [B*Hkv, NS, BLOCK_S]; Count [B*Hkv, NS] =
+                          kept clusters of the chunk, KeptRows [B*Hkv, NS] = their rows.
   `_listed_decode_kernel` grid (B*Hkv, NLOC + P): programs s < NLOC attend the local (user + generated) slots
                           (before the dependency wait, as they need nothing from the selection); program NLOC + s
-                          takes the entries of global index i = s, s + P, s + 2P, .. (the chunk of each from
+                          takes the kept clusters of global index i = s, s + P, s + 2P, .. (the chunk of each from
                           the counts' prefix sums) and runs flash-decoding over their rows packed in full BLOCK_N
                           tiles: position p of the concatenated clusters is row start_e + p - excl_e for the entry
                           e with excl_e <= p < excl_e + size_e (computed in registers).
-  `_persistent_decode_kernel` grid (T + B*Hkv*NLOC): program t < T takes the contiguous range [t*E/T,
-                          (t+1)*E/T) of all groups' E list entries (entries of at most PIECE rows, so rows
-                          even out across programs and across the KV heads, which keep very different numbers of
-                          rows), one online softmax and one partial (slot t) per group the range crosses; slot t
-                          of the other groups is marked empty (lse = -inf). Programs T.. attend the local slots.
 Partials (normalised out, lse) are merged by the shared split-merge kernel.
 """
 
@@ -45,9 +38,9 @@ from lmsqueeze.methods.squeezed._triton_kernels import (
 def _select_list_kernel(
     Scores, ChunkLse, LogTau, Offsets, Start, Size, Count, KeptRows,
     stride_sb, stride_sh, stride_eb, stride_eh, stride_oh,
-    C, NCH, CAP,
+    C, NCH,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_CH: tl.constexpr,
-    PIECE: tl.constexpr = 0, PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     _pdl_prologue(PDL)
     pid_bh = tl.program_id(0)
@@ -63,22 +56,12 @@ def _select_list_kernel(
                 mask=g_mask[:, None] & real[None, :], other=float("-inf"))
     a = tl.max(s - z[:, None], 0)
     keep = ((a > tl.load(LogTau + hkv)) | (cids == C)) & inr & (hi > lo)
-    size = hi - lo
-    base = (pid_bh * tl.num_programs(1) + j).to(tl.int64) * CAP
-    if PIECE == 0:   # one entry per kept cluster
-        ki = keep.to(tl.int32)
-        dst = base + tl.cumsum(ki, 0) - 1
-        tl.store(Start + dst, lo, mask=keep)
-        tl.store(Size + dst, size, mask=keep)
-    else:            # a kept cluster of n rows as ceil(n / PIECE) entries of at most PIECE rows
-        ki = tl.where(keep, (size + PIECE - 1) // PIECE, 0)
-        dst = base + tl.cumsum(ki, 0) - ki
-        for k in range(tl.max(ki, 0)):
-            more = k < ki
-            tl.store(Start + dst + k, lo + k * PIECE, mask=more)
-            tl.store(Size + dst + k, tl.minimum(size - k * PIECE, PIECE), mask=more)
+    ki = keep.to(tl.int32)
+    dst = (pid_bh * tl.num_programs(1) + j).to(tl.int64) * BLOCK_S + tl.cumsum(ki, 0) - 1
+    tl.store(Start + dst, lo, mask=keep)
+    tl.store(Size + dst, hi - lo, mask=keep)
     tl.store(Count + pid_bh * tl.num_programs(1) + j, tl.sum(ki, 0))
-    tl.store(KeptRows + pid_bh * tl.num_programs(1) + j, tl.sum(tl.where(keep, size, 0), 0))
+    tl.store(KeptRows + pid_bh * tl.num_programs(1) + j, tl.sum(tl.where(keep, hi - lo, 0), 0))
 
 
 @triton.jit
@@ -130,20 +113,18 @@ def _listed_decode_kernel(
 def _attend_listed(q, k_base, v_base, Start, Size, Count, cnt_base, sp, NS, P, offs_n, offs_d, d_mask, stride_kn,
                    stride_vn, scale_log2, m_i, l_i, acc, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr,
-                   IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr, tp=None, TRACE: tl.constexpr = False,
-                   stop=1073741824):
+                   IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr, tp=None, TRACE: tl.constexpr = False):
     """Program sp of P over the listed kept clusters of one (sequence, KV head): NS lists, list j's Count[cnt_base
     + j] entries at Start / Size [(cnt_base + j) * BLOCK_S + i]; the program takes the kept clusters of global
     index sp, sp + P, .. and runs the online softmax (m_i, l_i, acc) over their rows in full BLOCK_N tiles.
-    k_base / v_base: this KV head's keys / values; stop: only entries of index < stop. TRACE: %globaltimer after the counts and after the first entries
+    k_base / v_base: this KV head's keys / values. TRACE: %globaltimer after the counts and after the first entries
     are read, and the rows attended, to tp[2], tp[3], tp[5] (profiling)."""
     offs_e = tl.arange(0, BLOCK_E)
     offs_j = tl.arange(0, BLOCK_NS)
     n_j = tl.load(Count + cnt_base + offs_j, mask=offs_j < NS, other=0)
     incl = tl.cumsum(n_j, 0)
     n = tl.sum(n_j, 0)
-    n_end = tl.minimum(n, stop)                                      # entries [0, stop) only
-    used = tl.where(n_end > sp, (n_end - sp + P - 1) // P, 0)       # entries dealt to this program
+    used = tl.where(n > sp, (n - sp + P - 1) // P, 0)               # clusters dealt to this program
     if TRACE:
         tl.store(tp + 2, _globaltimer(n))
         tl.store(tp + 3, _globaltimer(n))
@@ -173,62 +154,3 @@ def _attend_listed(q, k_base, v_base, Start, Size, Count, cnt_base, sp, NS, P, o
             m_i, l_i, acc = _softmax_rows(q, k_base, v_base, rows, p_mask, stride_kn, stride_vn, offs_d, d_mask,
                                           scale_log2, m_i, l_i, acc, D, BLOCK_D, IEEE_DOT, HOIST_V)
     return m_i, l_i, acc
-
-
-@triton.jit
-def _persistent_decode_kernel(
-    Q, K, V, Start, Size, Count, LK, LV, Lengths, Starts, MidO, MidLse,
-    stride_qb, stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
-    stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh, stride_lvs,
-    NS, T, NBH, NLOC, l_max, scale_log2,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr, BLOCK_BH: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, PDL: tl.constexpr = False, HOIST_V: tl.constexpr = False,
-):
-    pid = tl.program_id(0)
-    S = T + NLOC
-    offs_n = tl.arange(0, BLOCK_N)
-    if pid >= T:                     # local slots of group (pid - T) // NLOC, before the dependency wait
-        g = (pid - T) // NLOC
-        b = g // HKV
-        hkv = g % HKV
-        _o, heads, g_mask, offs_d, d_mask, q, m_i, l_i, acc = _group_query(Q, b, hkv, stride_qb, stride_qh, G, D,
-                                                                            BLOCK_G, BLOCK_D)
-        m_i, l_i, acc = _attend_local(q, LK, LV, Lengths, Starts, b, hkv, (pid - T) % NLOC, NLOC, l_max, offs_n,
-                                      offs_d, d_mask, stride_lkb, stride_lkh, stride_lks, stride_lvb, stride_lvh,
-                                      stride_lvs, scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, HAS_STARTS,
-                                      IEEE_DOT, HOIST_V)
-        _pdl_prologue(PDL)
-        _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, T + (pid - T) % NLOC, S, g_mask, d_mask, offs_d, HKV,
-                       G, D)
-    else:
-        _pdl_prologue(PDL)
-        offs_hq = tl.arange(0, BLOCK_HQ)             # slot pid of every query head: empty unless written below
-        tl.store(MidLse + offs_hq.to(tl.int64) * S + pid, float("-inf"), mask=offs_hq < NBH * G)
-        tl.debug_barrier()
-        offs_bh = tl.arange(0, BLOCK_BH)
-        offs_j = tl.arange(0, BLOCK_NS)
-        cnt = tl.load(Count + offs_bh[:, None] * NS + offs_j[None, :],
-                      mask=(offs_bh < NBH)[:, None] & (offs_j < NS)[None, :], other=0)
-        n_g = tl.sum(cnt, 1)                         # entries per (sequence, KV head)
-        incl_g = tl.cumsum(n_g, 0)
-        total = tl.sum(n_g, 0)
-        per = (total + T - 1) // T                   # entries per program: [pid*per, (pid+1)*per) of all groups'
-        e = pid * per
-        e1 = tl.minimum(e + per, total)
-        while e < e1:                                # one segment per group the range crosses
-            g = tl.sum((incl_g <= e).to(tl.int32), 0)
-            g_end = tl.sum(tl.where(offs_bh == g, incl_g, 0), 0)
-            g_lo = g_end - tl.sum(tl.where(offs_bh == g, n_g, 0), 0)
-            seg_end = tl.minimum(e1, g_end)
-            b = g // HKV
-            hkv = g % HKV
-            _o, heads, g_mask, offs_d, d_mask, q, m_i, l_i, acc = _group_query(Q, b, hkv, stride_qb, stride_qh, G,
-                                                                                D, BLOCK_G, BLOCK_D)
-            m_i, l_i, acc = _attend_listed(q, K + hkv.to(tl.int64) * stride_kh, V + hkv.to(tl.int64) * stride_vh,
-                                           Start, Size, Count, g * NS, e - g_lo, NS, 1, offs_n, offs_d, d_mask,
-                                           stride_kn, stride_vn, scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N,
-                                           BLOCK_E, BLOCK_S, BLOCK_NS, IEEE_DOT, HOIST_V, stop=seg_end - g_lo)
-            _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, pid, S, g_mask, d_mask, offs_d, HKV, G, D)
-            e = seg_end

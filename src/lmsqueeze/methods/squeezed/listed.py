@@ -5,8 +5,6 @@ synchronisation, grids from shapes only (CUDA-graph capturable)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from lmsqueeze.errors import LmsqueezeError
@@ -33,6 +31,14 @@ LIST_MIN_CLUSTERS = 4096
 # meeting at two atomic barriers) was correct (kept rows equal, graph = eager) but slower: 50.2-56.1 vs 40.28 us at
 # 128K, 22.1-38.5 vs 18.96 us (block) at 32K; its three phases as three launches 47.2 / 22.5 us
 # (squeezed_probe_fused_h100_v2.json, commit 5576d24; _v1 at 0207afa has the one-launch rows only): removed.
+# Per-program traces (trace_listed_decode.py; squeezed_listed_trace_h100_v1-v5.json, H100): at 128K the programs'
+# rows vary from p50 70 to max 270-314, as the KV heads keep very different numbers of rows, and the slowest set the
+# span. Evened out, the step did not move: clusters listed in pieces of at most 16 / 32 rows (39.97 vs 39.94 us, _v2,
+# commit 4b54c59), programs shared out over the heads by kept rows (42.34 vs 40.92 us, _v3, 5ee5bdb), a persistent
+# form with 132-528 programs each taking a contiguous range of all heads' entries (42.66-49.57 vs 40.14 us, _v4 /
+# _v5, 1442a8c), K and V of a row side by side in memory (40.06 vs 40.01 us, _v5, ce76a8e). Whatever the split,
+# the gathered tiles come in at ~1.7 TB/s (26 us for 43 MB at 128K), so the work is bandwidth-bound at the rate of
+# this access pattern (clusters of ~20 rows: ~5 KB runs of K and of V), not bound by its distribution. All removed.
 # programs per (sequence, KV head) over the listed clusters: 128 (64: 48.03, 256: 43.60 us at 128K, same run), and
 # software-pipelining stages 3 (2: 42.05 us)
 LIST_PROGRAMS = 128
@@ -42,26 +48,6 @@ LIST_SELECT_BLOCK = 512
 LIST_SELECT_WARPS = 4
 # listed clusters one decode program requests at once (more: several requests)
 LIST_BLOCK_E = 32
-# rows per list entry: kept clusters are listed in pieces of at most this many rows, so that dealing out entries in
-# turn deals out rows evenly. With one entry per cluster the programs' rows varied widely (128K, 128 programs: p50
-# 70, max 314 rows; the slowest program set the kernel's span, 26.4 us with p50 ends at 15.9 us; 32K: p50 26, max
-# 100; H100, benchmarks/results/squeezed_listed_trace_h100_v1.json)
-LIST_PIECE = 32
-# persistent form: this many programs in all (LIST_PERSISTENT_PER_SM per SM on CUDA) over all groups' entries
-LIST_PERSISTENT = False
-LIST_PERSISTENT_PER_SM = 2
-
-
-def persistent_programs(device: torch.device) -> int:
-    """Programs of the persistent listed decode: LIST_PERSISTENT_PER_SM per SM on CUDA (outside the interpreter),
-    else 8."""
-    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return LIST_PERSISTENT_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
-# Sharing the B*Hkv*P programs out over the (sequence, KV head) groups in proportion to their kept rows (the heads
-# keep very different numbers of rows for one query) evened the rows per program (128K: max 153 vs 270, p50 85 vs
-# 70) but not the step (42.34 vs 40.92 us; 32K 23.82 vs 22.29 us): the programs of the second wave start ~15 us in
-# (H100, same run, benchmarks/results/squeezed_listed_trace_h100_v3.json, commit 5ee5bdb; removed).
 
 
 def use_listed(clusters: int) -> bool:
@@ -71,29 +57,22 @@ def use_listed(clusters: int) -> bool:
 
 
 def select_list_triton(scores, chunk_lse, log_tau, offsets, block_s: int | None = None,
-                       num_warps: int | None = None, rows: int | None = None, piece: int | None = None):
+                       num_warps: int | None = None):
     """The kept clusters of each (sequence, KV head), listed per chunk of `block_s` clusters.
 
     scores: [B, Hq, C] float32, chunk_lse: [B, Hq, NCH] (from `centroid_scores`), log_tau: [Hkv], offsets:
-    [Hkv, C + 2] int32; rows: the keys per KV head (N; with it, clusters are listed in pieces). Returns (start,
-    size [B*Hkv, NS, CAP] int32, count [B*Hkv, NS] int32, kept_rows [B*Hkv, NS] int32), NS = ceil((C + 1) /
-    block_s): the kept non-empty clusters of chunk j (cluster C, the observation window, always kept), in order,
-    as entries (first row, size) in slots [0, count[:, j]); later slots are not written. With `rows`, each cluster
-    is listed as ceil(size / piece) entries of at most `piece` rows (None: LIST_PIECE; CAP = block_s + ceil(rows /
-    piece), a bound from the shapes), so that entries dealt out evenly are rows dealt out evenly; without, one
-    entry per cluster (CAP = block_s)."""
+    [Hkv, C + 2] int32. Returns (start, size [B*Hkv, NS, block_s] int32, count [B*Hkv, NS] int32, kept_rows
+    [B*Hkv, NS] int32), NS = ceil((C + 1) / block_s): the kept non-empty clusters of chunk j (cluster C, the
+    observation window, always kept), in order, as (first row, size) in slots [0, count[:, j]); later slots are
+    not written."""
     from lmsqueeze.methods.squeezed._triton_listed import _select_list_kernel
 
     B, Hq, C = scores.shape
     Hkv = offsets.shape[0]
     block_s = _pow2(block_s or min(LIST_SELECT_BLOCK, _pow2(C + 1)))
     ns = -(-(C + 1) // block_s)
-    piece = 0 if rows is None else int(LIST_PIECE if piece is None else piece)
-    if piece < 0:
-        raise LmsqueezeError(f"select_list: piece must be >= 0 rows, got {piece}")
-    cap = block_s + (-(-int(rows) // piece) if piece else 0)
     dev = scores.device
-    start = torch.empty(B * Hkv, ns, cap, device=dev, dtype=torch.int32)
+    start = torch.empty(B * Hkv, ns, block_s, device=dev, dtype=torch.int32)
     size = torch.empty_like(start)
     count = torch.empty(B * Hkv, ns, device=dev, dtype=torch.int32)
     kept_rows = torch.empty_like(count)
@@ -101,8 +80,8 @@ def select_list_triton(scores, chunk_lse, log_tau, offsets, block_s: int | None 
     _select_list_kernel[(B * Hkv, ns)](
         scores, chunk_lse, log_tau, offsets, start, size, count, kept_rows,
         scores.stride(0), scores.stride(1), chunk_lse.stride(0), chunk_lse.stride(1), offsets.stride(0),
-        C, nch, cap,
-        HKV=Hkv, G=Hq // Hkv, BLOCK_G=_pow2(Hq // Hkv), BLOCK_S=block_s, BLOCK_CH=max(2, _pow2(nch)), PIECE=piece,
+        C, nch,
+        HKV=Hkv, G=Hq // Hkv, BLOCK_G=_pow2(Hq // Hkv), BLOCK_S=block_s, BLOCK_CH=max(2, _pow2(nch)),
         num_warps=num_warps or LIST_SELECT_WARPS, **pdl_options(K.DECODE_PDL, dev),
     )
     return start, size, count, kept_rows
@@ -114,68 +93,47 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
                                   select_block: int | None = None, select_warps: int | None = None, block_e: int | None = None,
                                   count_kept: bool = True, partials_only: bool = False, hoist_v: bool | None = None,
                                   maxnreg: int | None = None, listed: tuple | None = None,
-                                  trace: torch.Tensor | None = None, piece: int | None = None,
-                                  persistent: bool | None = None):
+                                  trace: torch.Tensor | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid), same contract as
     `kernels.squeezed_decode_triton`: returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 or None
     unless `count_kept`). programs: programs per (sequence, KV head) over the listed clusters (None:
     LIST_PROGRAMS); partials_only: (mid_o, mid_lse) unmerged; listed: `select_list_triton`'s output
-    for these scores (skips the selection launch; profiling). piece: rows per list entry (None: LIST_PIECE; 0: one
-    entry per cluster). trace: int64 [(NLOC + P) * B * Hkv, 6] or None,
+    for these scores (skips the selection launch; profiling). trace: int64 [(NLOC + P) * B * Hkv, 6] or None,
     filled per program with %globaltimer ns (start, after the dependency wait, counts read, first entries read,
-    end) and the rows it attended (profiling). persistent (None: LIST_PERSISTENT): `programs` programs in all (None:
-    persistent_programs) each take a contiguous range of all groups' entries (`_persistent_decode_kernel`), instead
-    of `programs` per (sequence, KV head) dealt entries in turn."""
-    from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel, _persistent_decode_kernel
+    end) and the rows it attended (profiling)."""
+    from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel
 
     B, Hq, D = q.shape
     Hkv = keys.shape[0]
     G = K._check_heads(q, Hkv, keys.shape[-1], "squeezed_decode")
     C = scores.shape[-1]
     K._check_decode_inputs(q, keys, values, offsets, local_k, local_v, C, B, Hkv, D)
-    persistent = LIST_PERSISTENT if persistent is None else persistent
-    P = int(programs or (persistent_programs(q.device) if persistent else LIST_PROGRAMS))
+    P = int(programs or LIST_PROGRAMS)
     if P < 1:
         raise LmsqueezeError(f"squeezed_decode_listed: programs must be >= 1, got {P}")
     start, size, count, kept_rows = listed or select_list_triton(scores, chunk_lse, log_tau, offsets, select_block,
-                                                                 select_warps, keys.shape[1], piece)
+                                                                 select_warps)
     ns, block_s = start.shape[1], start.shape[2]
     l_max = local_k.shape[2]
     nloc = local_splits or K.default_local_splits(l_max)
     splits = nloc + P
     mid_o = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
     mid_lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
-    if persistent:
-        _persistent_decode_kernel[(P + B * Hkv * nloc,)](
-            q, keys, values, start, size, count, local_k, local_v, lengths,
-            starts if starts is not None else lengths, mid_o, mid_lse,
-            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-            local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
-            local_v.stride(2),
-            ns, P, B * Hkv, nloc, l_max, float(scaling) * K.LOG2E,
-            HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n or K.DECODE_BLOCK_N,
-            BLOCK_E=block_e or LIST_BLOCK_E, BLOCK_S=block_s, BLOCK_NS=max(2, _pow2(ns)),
-            BLOCK_BH=max(2, _pow2(B * Hkv)), BLOCK_HQ=max(2, _pow2(B * Hq)), HAS_STARTS=starts is not None,
-            IEEE_DOT=K._ieee(q), HOIST_V=K.DECODE_HOIST_V if hoist_v is None else hoist_v,
-            num_warps=num_warps, num_stages=num_stages or LIST_STAGES, **pdl_options(K.DECODE_PDL, q.device),
-            **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q),
-        )
-    else:
-        _listed_decode_kernel[(B * Hkv, splits)](
-            q, keys, values, start, size, count, local_k, local_v, lengths,
-            starts if starts is not None else lengths, mid_o, mid_lse,
-            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-            local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
-            local_v.stride(2),
-            ns, P, nloc, l_max, float(scaling) * K.LOG2E,
-            HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n or K.DECODE_BLOCK_N,
-            BLOCK_E=block_e or LIST_BLOCK_E, BLOCK_S=block_s,
-            BLOCK_NS=max(2, _pow2(ns)), HAS_STARTS=starts is not None, IEEE_DOT=K._ieee(q),
-            HOIST_V=K.DECODE_HOIST_V if hoist_v is None else hoist_v,
-            num_warps=num_warps, num_stages=num_stages or LIST_STAGES, **pdl_options(K.DECODE_PDL, q.device),
-            **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q),
-            **({"Trace": trace, "TRACE": True} if trace is not None else {}),
-        )
+    _listed_decode_kernel[(B * Hkv, splits)](
+        q, keys, values, start, size, count, local_k, local_v, lengths,
+        starts if starts is not None else lengths, mid_o, mid_lse,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        local_k.stride(0), local_k.stride(1), local_k.stride(2), local_v.stride(0), local_v.stride(1),
+        local_v.stride(2),
+        ns, P, nloc, l_max, float(scaling) * K.LOG2E,
+        HKV=Hkv, G=G, D=D, BLOCK_G=max(16, _pow2(G)), BLOCK_D=_pow2(D), BLOCK_N=block_n or K.DECODE_BLOCK_N,
+        BLOCK_E=block_e or LIST_BLOCK_E, BLOCK_S=block_s,
+        BLOCK_NS=max(2, _pow2(ns)), HAS_STARTS=starts is not None, IEEE_DOT=K._ieee(q),
+        HOIST_V=K.DECODE_HOIST_V if hoist_v is None else hoist_v,
+        num_warps=num_warps, num_stages=num_stages or LIST_STAGES, **pdl_options(K.DECODE_PDL, q.device),
+        **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q),
+        **({"Trace": trace, "TRACE": True} if trace is not None else {}),
+    )
     if partials_only:
         return mid_o, mid_lse
     out, lse = K.merge_splits(mid_o, mid_lse, q.dtype, K.MERGE_BLOCK_D)
