@@ -317,6 +317,16 @@ def clone_index(idx):
                                        if isinstance(getattr(idx, f.name), torch.Tensor)})
 
 
+def probe_parser(doc: str, iters: int) -> argparse.ArgumentParser:
+    """The decode probes' command line (probe_listed_decode.py, sweep_squeezed_decode.py, trace_listed_decode.py):
+    --out JSON, --contexts (comma-separated), --iters."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--iters", type=int, default=iters)
+    return ap
+
+
 def decode_case(N: int, dev) -> types.SimpleNamespace:
     """The decode probes' inputs at context N (trace_squeezed_decode.py, probe_listed_decode.py): the synthetic
     context (keys, values), its flat index (stats) and rotation copies (idxs, ncopy of them, so graph replays do not

@@ -9,7 +9,6 @@ bench_squeezed.py. Each variant is checked against the reference (output, kept r
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -140,10 +139,7 @@ def probe(N: int, dev, iters: int, log: list) -> tuple[list[dict], dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--contexts", default="32768,131072")
-    ap.add_argument("--iters", type=int, default=50)
+    ap = bs.probe_parser(__doc__, 50)
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows, extra, log = [], {}, []

@@ -13,7 +13,6 @@ all against dense fp16 SDPA in the same run:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 import time
@@ -136,10 +135,7 @@ def sweep(N: int, dev, iters: int, deadline: float, log: list, scores: bool = Tr
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--contexts", default="32768,131072")
-    ap.add_argument("--iters", type=int, default=40)
+    ap = bs.probe_parser(__doc__, 40)
     ap.add_argument("--max-seconds", type=float, default=480)
     ap.add_argument("--no-scores", action="store_true", help="skip the scoring sweep")
     args = ap.parse_args()

@@ -9,7 +9,6 @@ tokens, 90% sparsity, 5% centroids (bench_squeezed.decode_case).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -89,10 +88,7 @@ def run(N: int, dev, iters: int, log: list) -> list[dict]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--contexts", default="32768,131072")
-    ap.add_argument("--iters", type=int, default=30)
+    ap = bs.probe_parser(__doc__, 30)
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows, log = [], []
