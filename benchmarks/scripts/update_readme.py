@@ -111,7 +111,7 @@ def render() -> str:
          ("ms", "ms", ".4f"), ("dense ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: r.get("batch") == 1)
     lines += rows_table(
-        "squeezed_decode_h100_v9.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
+        "squeezed_decode_h100_v10.json", "Squeezed Attention decode vs dense SDPA (32/8 heads, D=128, H100)",
         [("context", "context", "d"), ("batch", "batch", "d"), ("method", "method", ""), ("ms", "ms", ".4f"),
          ("baseline ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f")],
         keep=lambda r: "ms" in r and not r["method"].startswith("prefill"))
