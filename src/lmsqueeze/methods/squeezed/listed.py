@@ -16,7 +16,7 @@ from lmsqueeze.methods.squeezed.kernels import _pow2
 # step in a CUDA graph, same run (H100, Llama-3-8B attention shape, 90%, benchmarks/results/
 # squeezed_probe_listed_h100_v4.json): 128K (6550 clusters) 39.89 us vs 43.10 us for the block decode; 32K (1635)
 # 21.29-24.82 us vs 19.11 us. Parts at 128K: list selection 3.8 us, listed attention 25.95 us vs 31.81 us for the
-# block decode's attention (the per-program rows even out). The crossover between 1635 and 6550 clusters was not
+# block decode's attention (clusters dealt out evenly within each KV head). The crossover between 1635 and 6550 clusters was not
 # measured; 4096 sits between them.
 LIST_MIN_CLUSTERS = 4096
 # Where the listed decode's time goes (128K, H100, Nsight Compute: benchmarks/results/squeezed_ncu_h100_v1.txt, ncu
@@ -27,8 +27,9 @@ LIST_MIN_CLUSTERS = 4096
 # (27.32 vs 26.17 us), nor were 2 or 8 warps, other tiles, stages, program counts or register caps that fit 6-8
 # programs per SM (squeezed_sweep_h100_v1.json, _v2.json, _v3.json). Stall sampling (squeezed_ncu_listed_stalls_h100_v1
 # .txt): of 11.4 cycles per issued instruction, 4.1 wait on global memory, 2.1 on shared memory, 1.4 on fixed
-# latencies, 1.1 on barriers; 0.63 of 4.36 resident warps per scheduler are eligible. A one-launch form (scores, keep decision, listing and attention in one kernel, the programs of a KV head
-# meeting at two atomic barriers) was correct (kept rows equal, graph = eager) but slower: 50.2-56.1 vs 40.28 us at
+# latencies, 1.1 on barriers; 0.63 of 4.36 resident warps per scheduler are eligible. A one-launch form (scores,
+# keep decision, listing and attention in one kernel, the programs of a KV head meeting at two atomic barriers) was
+# correct (kept rows equal, graph = eager) but slower: 50.2-56.1 vs 40.28 us at
 # 128K, 22.1-38.5 vs 18.96 us (block) at 32K; its three phases as three launches 47.2 / 22.5 us
 # (squeezed_probe_fused_h100_v2.json, commit 5576d24; _v1 at 0207afa has the one-launch rows only): removed.
 # Per-program traces (trace_listed_decode.py; squeezed_listed_trace_h100_v1-v5.json, H100): at 128K the programs'
