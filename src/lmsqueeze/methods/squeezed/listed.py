@@ -16,8 +16,8 @@ from lmsqueeze.methods.squeezed.kernels import _pow2
 # step in a CUDA graph, same run (H100, Llama-3-8B attention shape, 90%, benchmarks/results/
 # squeezed_probe_listed_h100_v4.json): 128K (6550 clusters) 39.89 us vs 43.10 us for the block decode; 32K (1635)
 # 21.29-24.82 us vs 19.11 us. Parts at 128K: list selection 3.8 us, listed attention 25.95 us vs 31.81 us for the
-# block decode's attention (clusters dealt out evenly within each KV head). The crossover between 1635 and 6550 clusters was not
-# measured; 4096 sits between them.
+# block decode's attention (clusters dealt out evenly within each KV head). The crossover between 1635 and 6550
+# clusters was not measured; 4096 sits between them.
 LIST_MIN_CLUSTERS = 4096
 # Where the listed decode's time goes (128K, H100, Nsight Compute: benchmarks/results/squeezed_ncu_h100_v1.txt, ncu
 # driver benchmarks/scripts/ncu_squeezed_decode.py): the attention kernel alone 27.7 us at 1.69 TB/s, 1040 programs
