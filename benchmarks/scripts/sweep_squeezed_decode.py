@@ -32,11 +32,10 @@ from lmsqueeze.bench.timing import time_cuda
 # beat the defaults by more than noise (int8 centroids: see kernels.py). This grid (_v3) caps the registers so that
 # more programs fit on an SM (96 now: 5 per SM; 80: 6, 64: 8; 2 stages keep shared memory from limiting first):
 # no faster either (128K listed attention 26.58-27.42 vs 26.17 us in _v2; whole step 40.25 vs 40.26 us at defaults).
-# _v4 (this grid): the local (user + generated) slots over 2-16 programs per KV head
-BLOCK_GRID = [{"num_warps": 4, "num_stages": 2, "sub_splits": u, "block_n": 32, "local_splits": ls}
-              for u, ls in itertools.product((1, 2), (2, 4, 8, 16))]
-LISTED_GRID = [{"programs": p, "num_warps": 4, "num_stages": 3, "block_n": 32, "local_splits": ls}
-               for p, ls in itertools.product((64, 96, 128), (2, 4, 8, 16))]
+# _v4 (commit cbe1c7e): the local (user + generated) slots over 2-16 programs per KV head: no change. _v5 (this
+# grid): K / V tiles loaded evict-first (`stream`)
+BLOCK_GRID = [{"stream": st, "sub_splits": u} for st in (False, True) for u in (1, 2)]
+LISTED_GRID = [{"stream": st, "programs": p} for st in (False, True) for p in (96, 128)]
 SCORE_GRID = [(64, 4), (128, 4), (256, 4), (256, 8), (512, 8)]
 
 
