@@ -13,7 +13,6 @@ all against dense fp16 SDPA in the same run:
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 from pathlib import Path
