@@ -58,18 +58,17 @@ def _add_pv(acc, alpha, pr, v, IEEE_DOT: tl.constexpr):
 
 @triton.jit
 def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IEEE_DOT: tl.constexpr,
-                  HOIST_V: tl.constexpr = False, STREAM: tl.constexpr = False):
+                  HOIST_V: tl.constexpr = False):
     """One online-softmax step (log2 domain) over a tile of keys and values.
 
     q: [BLOCK_M, BLOCK_D]; k_ptrs, v_ptrs, kv_mask: [BLOCK_N, BLOCK_D]; vis: which (query, key) pairs count,
     [BLOCK_M or 1, BLOCK_N]; m_i, l_i: [BLOCK_M]; acc: [BLOCK_M, BLOCK_D] fp32. Returns (m_i, l_i, acc);
     a row with no visible key so far keeps m_i = -inf, l_i = 0, acc = 0. HOIST_V: the V tile is requested with
-    the K tile (both in flight at once) instead of after the scores. STREAM: K and V loads marked evict-first in L2
-    (read once).
+    the K tile (both in flight at once) instead of after the scores.
     """
-    k = _load_kv(k_ptrs, kv_mask, STREAM)
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     if HOIST_V:
-        v = _load_kv(v_ptrs, kv_mask, STREAM)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     qk = _dot(q, tl.trans(k), IEEE_DOT)
     qk = tl.where(vis, qk * scale_log2, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -78,16 +77,8 @@ def _softmax_tile(q, k_ptrs, v_ptrs, kv_mask, vis, scale_log2, m_i, l_i, acc, IE
     pr = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(pr, 1)
     if not HOIST_V:
-        v = _load_kv(v_ptrs, kv_mask, STREAM)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     return m_new, l_i, _add_pv(acc, alpha, pr, v, IEEE_DOT)
-
-
-@triton.jit
-def _load_kv(ptrs, mask, STREAM: tl.constexpr):
-    """A K or V tile (0 where masked), marked evict-first in L2 when STREAM."""
-    if STREAM:
-        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
-    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -106,8 +97,7 @@ def _softmax_tile_full(q, k_ptrs, v_ptrs, scale_log2, m_i, l_i, acc, IEEE_DOT: t
 
 @triton.jit
 def _softmax_rows(q, k_base, v_base, rows, r_mask, stride_kn, stride_vn, offs_d, d_mask, scale_log2, m_i, l_i, acc,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr = False,
-                  STREAM: tl.constexpr = False):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr = False):
     """`_softmax_tile` over the key / value rows `rows` [BLOCK_N] (r_mask: which exist) of k_base / v_base, every
     existing row visible to every query row; no head-dim mask when BLOCK_D == D (keeps the loads 16-byte
     vectorised)."""
@@ -117,7 +107,7 @@ def _softmax_rows(q, k_base, v_base, rows, r_mask, stride_kn, stride_vn, offs_d,
         kv_mask = r_mask[:, None] & d_mask[None, :]
     return _softmax_tile(q, k_base + rows[:, None] * stride_kn + offs_d[None, :],
                          v_base + rows[:, None] * stride_vn + offs_d[None, :], kv_mask, r_mask[None, :],
-                         scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V, STREAM)
+                         scale_log2, m_i, l_i, acc, IEEE_DOT, HOIST_V)
 
 
 @triton.jit
@@ -265,7 +255,6 @@ def _squeezed_decode_kernel(
     FUSE_MERGE: tl.constexpr = False, BLOCK_GM: tl.constexpr = 2, BLOCK_S: tl.constexpr = 8,
     NSPP=0, BPP: tl.constexpr = 1, PDL: tl.constexpr = False, EARLY: tl.constexpr = False,
     LOCAL_FIRST: tl.constexpr = False, HOIST_V: tl.constexpr = False, Trace=None, TRACE: tl.constexpr = False,
-    STREAM: tl.constexpr = False,
 ):
     # EARLY (with PDL): everything that does not read the scores kernel's output (q, offsets, log tau, and the
     # whole local-slot attention) runs before the grid-dependency wait, i.e. while the scores kernel finishes.
@@ -329,8 +318,7 @@ def _squeezed_decode_kernel(
                     p_mask = p < total
                     rows = _kept_rows(base, p, ends, us)                 # int32: N * D < 2**31
                     m_i, l_i, acc = _softmax_rows(q, k_base, v_base, rows, p_mask, stride_kn, stride_vn, offs_d,
-                                                  d_mask, scale_log2, m_i, l_i, acc, D, BLOCK_D, IEEE_DOT, HOIST_V,
-                                                  STREAM)
+                                                  d_mask, scale_log2, m_i, l_i, acc, D, BLOCK_D, IEEE_DOT, HOIST_V)
                 if sub == 0:
                     tl.store(Kept + pid_bh * NSP + cb, total)
     else:

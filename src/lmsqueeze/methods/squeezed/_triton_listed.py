@@ -73,7 +73,7 @@ def _listed_decode_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr, HAS_STARTS: tl.constexpr, IEEE_DOT: tl.constexpr, PDL: tl.constexpr = False,
-    HOIST_V: tl.constexpr = False, Trace=None, TRACE: tl.constexpr = False, STREAM: tl.constexpr = False,
+    HOIST_V: tl.constexpr = False, Trace=None, TRACE: tl.constexpr = False,
 ):
     # TRACE: Trace [splits * B * Hkv, 6] int64 gets per program (start, after the dependency wait, counts read,
     # first entries read, end: %globaltimer ns; rows attended), program (split, pid_bh) at row split * B*Hkv + pid_bh
@@ -103,7 +103,7 @@ def _listed_decode_kernel(
         m_i, l_i, acc = _attend_listed(q, K + hkv.to(tl.int64) * stride_kh, V + hkv.to(tl.int64) * stride_vh, Start,
                                        Size, Count, pid_bh * NS, split - NLOC, NS, P, offs_n, offs_d, d_mask,
                                        stride_kn, stride_vn, scale_log2, m_i, l_i, acc, D, BLOCK_D, BLOCK_N, BLOCK_E,
-                                       BLOCK_S, BLOCK_NS, IEEE_DOT, HOIST_V, tp, TRACE, STREAM)
+                                       BLOCK_S, BLOCK_NS, IEEE_DOT, HOIST_V, tp, TRACE)
     _store_partial(MidO, MidLse, m_i, l_i, acc, b, heads, split, NLOC + P, g_mask, d_mask, offs_d, HKV, G, D)
     if TRACE:
         tl.store(tp + 4, _globaltimer(split))
@@ -113,8 +113,7 @@ def _listed_decode_kernel(
 def _attend_listed(q, k_base, v_base, Start, Size, Count, cnt_base, sp, NS, P, offs_n, offs_d, d_mask, stride_kn,
                    stride_vn, scale_log2, m_i, l_i, acc, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_NS: tl.constexpr,
-                   IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr, tp=None, TRACE: tl.constexpr = False,
-                   STREAM: tl.constexpr = False):
+                   IEEE_DOT: tl.constexpr, HOIST_V: tl.constexpr, tp=None, TRACE: tl.constexpr = False):
     """Program sp of P over the listed kept clusters of one (sequence, KV head): NS lists, list j's Count[cnt_base
     + j] entries at Start / Size [(cnt_base + j) * BLOCK_S + i]; the program takes the kept clusters of global
     index sp, sp + P, .. and runs the online softmax (m_i, l_i, acc) over their rows in full BLOCK_N tiles.
@@ -153,5 +152,5 @@ def _attend_listed(q, k_base, v_base, Start, Size, Count, cnt_base, sp, NS, P, o
             hit = (excl[None, :] <= p[:, None]) & (p[:, None] < ends[None, :])
             rows = p + tl.sum(tl.where(hit, delta[None, :], 0), 1)   # int32: N * D < 2**31
             m_i, l_i, acc = _softmax_rows(q, k_base, v_base, rows, p_mask, stride_kn, stride_vn, offs_d, d_mask,
-                                          scale_log2, m_i, l_i, acc, D, BLOCK_D, IEEE_DOT, HOIST_V, STREAM)
+                                          scale_log2, m_i, l_i, acc, D, BLOCK_D, IEEE_DOT, HOIST_V)
     return m_i, l_i, acc

@@ -91,8 +91,9 @@ DECODE_EARLY = True
 DECODE_LOCAL_FIRST = True
 DECODE_HOIST_V = False
 DECODE_MAXNREG = 96
-# K / V tiles of the fixed context loaded evict-first in L2 (each is read once per step): off until timed
-DECODE_STREAM = False
+# (K / V tiles loaded evict-first in L2, each being read once per step, changed nothing: 128K whole step 40.23 vs
+# 40.35 us listed, 42.82 vs 42.65 us block; 32K 19.34 vs 19.39 us; same run, squeezed_sweep_h100_v5.json, commit
+# b7d9d16; removed.)
 _LAST_KERNEL: dict = {}  # the last compiled decode attention kernel (profiling: registers, spills)
 _TICKETS: dict = {}
 # A decode tile loop that requested the next tile's K and V before this tile's math (two tiles in flight; the
@@ -242,8 +243,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
                            merge_block_d: int | None = MERGE_BLOCK_D, partials_only: bool = False,
                            fused_merge: bool | None = None, blocks_per_program: int | None = None,
                            early: bool | None = None, local_first: bool | None = None, hoist_v: bool | None = None,
-                           trace: torch.Tensor | None = None, maxnreg: int | None = DECODE_MAXNREG,
-                           stream: bool | None = None):
+                           trace: torch.Tensor | None = None, maxnreg: int | None = DECODE_MAXNREG):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid): returns (out, lse, kept); kept is
     None unless `count_kept` (its sum is one more launch in the decode step). sub_splits: programs per block
     of clusters (each takes every sub_splits-th tile of the block's kept rows); None: `default_sub_splits`.
@@ -255,8 +255,7 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
     q and log Z loaded once, fewer partials to merge. early / local_first / hoist_v (None: DECODE_EARLY /
     DECODE_LOCAL_FIRST / DECODE_HOIST_V): see the kernel. trace: int64 [splits * B * Hkv, 4] or None, filled
     with each program's (start, after the dependency wait, end) %globaltimer ns and kept rows (profiling).
-    maxnreg: register cap per thread (CUDA; None: the compiler's choice). stream (None: DECODE_STREAM): the fixed
-    context's K / V tiles loaded evict-first (read once per step)."""
+    maxnreg: register cap per thread (CUDA; None: the compiler's choice)."""
     from lmsqueeze.methods.squeezed._triton_kernels import _squeezed_decode_kernel
 
     B, Hq, D = q.shape
@@ -297,7 +296,6 @@ def squeezed_decode_triton(q, keys, values, offsets, scores, chunk_lse, log_tau,
         EARLY=DECODE_EARLY if early is None else early,
         LOCAL_FIRST=DECODE_LOCAL_FIRST if local_first is None else local_first,
         HOIST_V=DECODE_HOIST_V if hoist_v is None else hoist_v, Trace=trace, TRACE=trace is not None,
-        STREAM=DECODE_STREAM if stream is None else stream,
         num_warps=num_warps, num_stages=num_stages, **pdl_options(DECODE_PDL, q.device), **_regs(maxnreg, q),
     )
     _LAST_KERNEL["decode"] = kernel

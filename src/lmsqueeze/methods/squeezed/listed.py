@@ -94,15 +94,14 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
                                   select_block: int | None = None, select_warps: int | None = None, block_e: int | None = None,
                                   count_kept: bool = True, partials_only: bool = False, hoist_v: bool | None = None,
                                   maxnreg: int | None = None, listed: tuple | None = None,
-                                  trace: torch.Tensor | None = None, stream: bool | None = None):
+                                  trace: torch.Tensor | None = None):
     """Kernel form of `squeezed_decode_reference` (no window / local_valid), same contract as
     `kernels.squeezed_decode_triton`: returns (out [B, Hq, D], lse [B, Hq] float32, kept [B, Hkv] int32 or None
     unless `count_kept`). programs: programs per (sequence, KV head) over the listed clusters (None:
     LIST_PROGRAMS); partials_only: (mid_o, mid_lse) unmerged; listed: `select_list_triton`'s output
     for these scores (skips the selection launch; profiling). trace: int64 [(NLOC + P) * B * Hkv, 6] or None,
     filled per program with %globaltimer ns (start, after the dependency wait, counts read, first entries read,
-    end) and the rows it attended (profiling). stream (None: kernels.DECODE_STREAM): K / V tiles loaded
-    evict-first."""
+    end) and the rows it attended (profiling)."""
     from lmsqueeze.methods.squeezed._triton_listed import _listed_decode_kernel
 
     B, Hq, D = q.shape
@@ -135,7 +134,6 @@ def squeezed_decode_listed_triton(q, keys, values, offsets, scores, chunk_lse, l
         num_warps=num_warps, num_stages=num_stages or LIST_STAGES, **pdl_options(K.DECODE_PDL, q.device),
         **K._regs(K.DECODE_MAXNREG if maxnreg is None else maxnreg, q),
         **({"Trace": trace, "TRACE": True} if trace is not None else {}),
-        STREAM=K.DECODE_STREAM if stream is None else stream,
     )
     if partials_only:
         return mid_o, mid_lse
