@@ -32,9 +32,10 @@ from lmsqueeze.bench.timing import time_cuda
 # more programs fit on an SM (96 now: 5 per SM; 80: 6, 64: 8; 2 stages keep shared memory from limiting first):
 # no faster either (128K listed attention 26.58-27.42 vs 26.17 us in _v2; whole step 40.25 vs 40.26 us at defaults).
 # _v4 (commit cbe1c7e): the local (user + generated) slots over 2-16 programs per KV head: no change. _v5 (this
-# grid): K / V tiles loaded evict-first (`stream`)
-BLOCK_GRID = [{"stream": st, "sub_splits": u} for st in (False, True) for u in (1, 2)]
-LISTED_GRID = [{"stream": st, "programs": p} for st in (False, True) for p in (96, 128)]
+# grid at commit b7d9d16): K / V tiles loaded evict-first: no change, removed. This grid: programs / sub-splits
+# with 2 or 4 local-slot programs
+BLOCK_GRID = [{"sub_splits": u, "local_splits": ls} for u in (1, 2) for ls in (2, 4)]
+LISTED_GRID = [{"programs": p, "local_splits": ls} for p in (96, 128) for ls in (2, 4)]
 SCORE_GRID = [(64, 4), (128, 4), (256, 4), (256, 8), (512, 8)]
 
 
