@@ -28,8 +28,8 @@ from lmsqueeze.bench.timing import time_cuda
 # _v1 (commit 57d107c) swept warps 2/4, stages 1-3, sub-splits 1/2, tile rows 16/32 (block) and programs 64/96/128,
 # warps 2/4, stages 2/3, tile rows 16/32/64 (listed), and timed int8 centroids (one float32 scale each) in the
 # scoring kernel; _v2 (commit bec4d37) added 8 warps, list entries per request and cluster block sizes: no config
-# beat the defaults by more than noise (int8 centroids: see kernels.py). This grid (_v3) caps the registers so that
-# more programs fit on an SM (96 now: 5 per SM; 80: 6, 64: 8; 2 stages keep shared memory from limiting first):
+# beat the defaults by more than noise (int8 centroids: see kernels.py). _v3 (commit 8d2dd46) capped the registers
+# so that more programs fit on an SM (96 now: 5 per SM; 80: 6, 64: 8; 2 stages keep shared memory from limiting first):
 # no faster either (128K listed attention 26.58-27.42 vs 26.17 us in _v2; whole step 40.25 vs 40.26 us at defaults).
 # _v4 (commit cbe1c7e): the local (user + generated) slots over 2-16 programs per KV head: no change. _v5 (this
 # grid at commit b7d9d16): K / V tiles loaded evict-first: no change, removed. This grid: programs / sub-splits
